@@ -1,0 +1,94 @@
+"""Build Kaldi dirs from an official AISHELL-1 download.
+
+Input tree (the official ``data_aishell``, speaker tarballs extracted)::
+
+    data_aishell/wav/{train,dev,test}/<speaker>/<utt>.wav
+    data_aishell/transcript/aishell_transcript_v0.8.txt
+
+Output: ``<out>/aishell_{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}``,
+sorted by utterance id. As in the standard Kaldi recipe, utterances without a
+transcript are dropped and the speaker is the directory the wav lies in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import atomic
+from .errors import ComflpError, exit_on_error
+from .logs import setup_logging
+from .paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+TRANSCRIPT = Path("transcript") / "aishell_transcript_v0.8.txt"
+SPLITS = ("train", "dev", "test")
+
+
+def read_transcripts(path: Path) -> dict[str, str]:
+    """``utt word word ...`` lines -> {utt: "word word ..."}; blank transcripts are skipped."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        utt, _, text = line.strip().partition(" ")
+        text = " ".join(text.split())
+        if utt and text:
+            out[utt] = text
+    return out
+
+
+def prepare(corpus_root: str | Path, out_dir: str | Path = REPO_ROOT / "AISHELL1") -> dict[str, int]:
+    """Write the three Kaldi dirs; returns the number of utterances kept per split."""
+    root = Path(corpus_root)
+    if not root.is_dir():
+        raise ComflpError(f"AISHELL-1 root not found: {root}")
+    transcript = root / TRANSCRIPT
+    if not transcript.is_file():
+        raise ComflpError(f"transcript not found: {transcript} (expected the official data_aishell tree)")
+    texts = read_transcripts(transcript)
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        wav_dir = root / "wav" / split
+        if not wav_dir.is_dir():
+            raise ComflpError(f"audio dir not found: {wav_dir}")
+        wavs = sorted(wav_dir.glob("*/*.wav"))
+        if not wavs:
+            tars = list(wav_dir.glob("*.tar.gz"))
+            hint = f" ({len(tars)} speaker tarballs found: extract them first)" if tars else ""
+            raise ComflpError(f"no wav files under {wav_dir}/<speaker>/{hint}")
+        rows = [(w.stem, w.resolve(), w.parent.name) for w in wavs if w.stem in texts]
+        dropped = len(wavs) - len(rows)
+        kaldi = Path(out_dir) / f"aishell_{split}"
+        atomic.write_text(kaldi / "wav.scp", "".join(f"{u} {p}\n" for u, p, _ in rows))
+        atomic.write_text(kaldi / "text", "".join(f"{u} {texts[u]}\n" for u, _, _ in rows))
+        atomic.write_text(kaldi / "utt2spk", "".join(f"{u} {s}\n" for u, _, s in rows))
+        spk2utt: dict[str, list[str]] = {}
+        for u, _, s in rows:
+            spk2utt.setdefault(s, []).append(u)
+        atomic.write_text(kaldi / "spk2utt", "".join(f"{s} {' '.join(us)}\n" for s, us in sorted(spk2utt.items())))
+        counts[split] = len(rows)
+        log.info("%s: %d utterances (%d without transcript dropped) -> %s", split, len(rows), dropped, kaldi)
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python AISHELL1/prepare_aishell.py",
+                                description="Build AISHELL-1 Kaldi dirs (wav.scp, text, utt2spk, spk2utt) "
+                                            "from the official corpus tree.")
+    p.add_argument("corpus_root", type=Path, help="the official data_aishell dir (wav/ and transcript/ inside)")
+    p.add_argument("--output", type=Path, default=REPO_ROOT / "AISHELL1",
+                   help="where aishell_{train,dev,test}/ are written (default: %(default)s)")
+    return p
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    counts = prepare(args.corpus_root, args.output)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

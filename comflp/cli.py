@@ -1,0 +1,110 @@
+"""``comflp`` command line: ``comflp <command> [options]``; ``comflp <command> --help`` explains each."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ComflpError, exit_on_error
+from .paths import DEMO_MODEL_DIR
+
+# name -> (module with main(argv), one-line summary); modules load lazily so --help is instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("comflp.cli", "describe a CTC model: family, layers, parameters, sizes (--json)"),
+    "prune": ("comflp.cli", "remove layers (--layers or a strategy file) and save an HF-format model"),
+    "corpus": ("comflp.demo_corpus", "generate the embedded synthetic Mandarin corpus"),
+    "prepare-aishell": ("comflp.aishell", "build Kaldi dirs from an official AISHELL-1 download"),
+    "test": ("comflp.test_asr", "decode a corpus: CER/WER, real-time factor, parameters"),
+    "demo": ("comflp.pipeline", "run the pipeline on the embedded default, as resumable stages"),
+}
+
+
+def _overview() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [__doc__.strip(), "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Every command uses the embedded demo model and corpus unless --model / --data_dir say otherwise."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    if module.__name__ == __name__:
+        {"info": info_main, "prune": prune_main}[name](rest)
+    else:
+        module.main(rest)
+
+
+def info_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="comflp info", description="Describe a CTC speech model.")
+    p.add_argument("model", nargs="?", default=str(DEMO_MODEL_DIR),
+                   help="local model dir or hub id (default: the embedded demo model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+@exit_on_error
+def info_main(argv: list[str] | None = None) -> None:
+    from .model import load_model, model_info
+
+    args = info_parser().parse_args(argv)
+    info = model_info(load_model(args.model))
+    if args.json:
+        print(json.dumps(info.to_dict()))
+    else:
+        for key, value in info.to_dict().items():
+            print(f"{key:>15}: {value:,}" if isinstance(value, int) else f"{key:>15}: {value}")
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="comflp prune",
+        description="Remove transformer layers from a CTC model and save it in HuggingFace format "
+                    "(config + model.safetensors + processor files); plain transformers loads the result.")
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="source model dir or hub id (default: the demo model)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", help="1-based layers to remove, e.g. 1,3,5 or 2-4")
+    which.add_argument("--strategy", type=Path, help="strategy JSON written by the search")
+    p.add_argument("--rank", type=int, default=1, help="with --strategy: which candidate, 1 = best (default: %(default)s)")
+    p.add_argument("--output", type=Path, required=True, help="output dir (replaced atomically if it exists)")
+    p.add_argument("--fp16", action="store_true", help="store weights as float16")
+    return p
+
+
+@exit_on_error
+def prune_main(argv: list[str] | None = None) -> None:
+    from .model import load_model, num_layers, prune, save_model
+    from .strategy import StrategyFile, parse_layers
+
+    args = prune_parser().parse_args(argv)
+    loaded = load_model(args.model)
+    total = num_layers(loaded.model)
+    if args.strategy is not None:
+        strategy = StrategyFile.load(args.strategy)
+        if strategy.num_layers != total:
+            raise ComflpError(f"{args.strategy} is for a {strategy.num_layers}-layer model but {args.model} "
+                              f"has {total} layers")
+        layers = strategy.pick(args.rank).pruned
+    else:
+        layers = parse_layers(args.layers)
+    pruned = prune(loaded.model, layers)
+    save_model(pruned, args.output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+               dtype=torch.float16 if args.fp16 else None)
+    print(f"pruned layers {sorted(layers)} of {total}: {num_layers(pruned)} layers left, saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

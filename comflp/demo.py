@@ -1,0 +1,195 @@
+"""Recipe for the embedded demo model ``models/demo-12l``.
+
+``python -m comflp.demo train`` trains a small 12-layer wav2vec2-style CTC
+model from scratch on the embedded synthetic corpus (generated if missing);
+``python -m comflp.demo card`` measures it and writes its model card with the
+pruning table. Both are deterministic from their seed on a given machine and
+torch build.
+
+Recipe (found to leave the blank plateau reliably on 2 CPU cores): Zipf
+text, group-norm conv features, AdamW lr 5e-4 (betas 0.9/0.98, wd 0.01),
+linear warm-up then cosine decay, length-sorted batches of <= 16 s of padded
+audio, gradient clipping at 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
+                          get_cosine_schedule_with_warmup)
+
+from . import atomic
+from .data import length_sorted_batches, load_audio, read_corpus_dir
+from .decode import transcribe
+from .errors import ComflpError, exit_on_error
+from .logs import setup_logging
+from .model import save_model
+from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, EXP_DIR, demo_split
+
+log = logging.getLogger("comflp.demo")
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "|")
+
+
+def demo_config(vocab_size: int) -> Wav2Vec2Config:
+    """The demo architecture: wav2vec2 with stable layer norm, 12 x 144-wide layers (~3.4M parameters)."""
+    return Wav2Vec2Config(
+        vocab_size=vocab_size, pad_token_id=0, num_hidden_layers=12, hidden_size=144, num_attention_heads=4,
+        intermediate_size=576, conv_dim=(64, 64, 128, 128, 128, 128, 128), feat_extract_norm="group",
+        do_stable_layer_norm=True, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
+        hidden_dropout=0.05, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, ctc_loss_reduction="mean", ctc_zero_infinity=True,
+    )
+
+
+def build_processor(vocab: str, out_dir: Path) -> tuple[Wav2Vec2FeatureExtractor, Wav2Vec2CTCTokenizer]:
+    """Character tokenizer (``<pad>`` is the CTC blank) and a 16 kHz feature extractor."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = list(SPECIAL_TOKENS) + [c for c in vocab if c not in SPECIAL_TOKENS]
+    vocab_file = out_dir / "vocab.json"
+    atomic.write_json(vocab_file, {t: i for i, t in enumerate(tokens)})
+    tok = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|",
+                               bos_token=None, eos_token=None)
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=True)
+    return fe, tok
+
+
+def _save_state(path: Path, model, optimizer, scheduler, step: int, best: float) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(path / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    with atomic.atomic_path(path / "optimizer.pt") as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
+    atomic.write_json(path / "state.json", {"step": step, "best_dev_cer": best})
+
+
+def train(args: argparse.Namespace) -> None:
+    exp = Path(args.exp_dir)
+    setup_logging(exp / "train.log")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train_utts = read_corpus_dir(demo_split("train") if args.train_data_dir is None else args.train_data_dir)
+    dev_utts = read_corpus_dir(demo_split("dev") if args.dev_data_dir is None else args.dev_data_dir)
+    vocab = "".join(sorted({c for u in train_utts for c in u.text if not c.isspace()}))
+    fe, tok = build_processor(vocab, exp / "processor")
+    model = Wav2Vec2ForCTC(demo_config(len(tok)))
+    log.info("model: %d parameters, vocab %d", sum(p.numel() for p in model.parameters()), len(tok))
+
+    waves = {u.utt_id: load_audio(u.path, 16000, utt_id=u.utt_id) for u in tqdm(train_utts, desc="loading audio")}
+    labels = {u.utt_id: tok(u.text.replace(" ", "")).input_ids for u in train_utts}
+    batches = length_sorted_batches(train_utts, max_seconds=args.max_seconds)
+    log.info("%d train utterances in %d batches of <= %.0f s", len(train_utts), len(batches), args.max_seconds)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
+    step, best = 0, math.inf
+    state_dir = exp / "last"
+    if args.resume and (state_dir / "state.json").exists():
+        model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
+        opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        st = json.loads((state_dir / "state.json").read_text())
+        step, best = st["step"], st["best_dev_cer"]
+        log.info("resumed at step %d", step)
+
+    metrics_file = exp / "metrics.jsonl"
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
+    model.train()
+    t0 = time.time()
+    running = []
+    while step < args.steps:
+        epoch, pos = divmod(step, len(batches))
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(batches))
+        group = batches[order[pos]]
+        feats = fe([waves[u.utt_id] for u in group], sampling_rate=16000, padding=True,
+                   return_attention_mask=True, return_tensors="pt")
+        lab = [labels[u.utt_id] for u in group]
+        target = torch.full((len(lab), max(map(len, lab))), -100, dtype=torch.long)
+        for i, ids in enumerate(lab):
+            target[i, : len(ids)] = torch.tensor(ids)
+        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout depends on the step only: resumable
+        loss = model(feats["input_values"], attention_mask=feats["attention_mask"], labels=target).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            model.eval()
+            dev = transcribe(model, fe, tok, dev_utts, batch_size=32).score("char")
+            model.train()
+            row = {"step": step, "epoch": epoch, "train_loss": float(np.mean(running)), "dev_cer": dev.rate,
+                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            running = []
+            with open(metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("step %d  loss %.3f  dev CER %.2f%%", step, row["train_loss"], 100 * dev.rate)
+            if dev.rate < best:
+                best = dev.rate
+                save_model(model, exp / "best", feature_extractor=fe, tokenizer=tok)
+            _save_state(state_dir, model, optimizer, scheduler, step, best)
+    bar.close()
+    best_dir = exp / "best"
+    from .model import load_model
+
+    final = load_model(best_dir)
+    save_model(final.model, args.output, feature_extractor=final.feature_extractor, tokenizer=final.tokenizer,
+               dtype=torch.float16)
+    log.info("best dev CER %.2f%%; shipped fp16 model to %s", 100 * best, args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m comflp.demo", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the demo model from scratch on the embedded corpus")
+    t.add_argument("--output", type=Path, default=DEMO_MODEL_DIR, help="where the shipped fp16 model goes (default: %(default)s)")
+    t.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo-12l-train",
+                   help="log, metrics.jsonl, best and last checkpoints (default: %(default)s)")
+    t.add_argument("--train_data_dir", type=Path, default=None, help=f"default: {DEMO_CORPUS_DIR}/train")
+    t.add_argument("--dev_data_dir", type=Path, default=None, help=f"default: {DEMO_CORPUS_DIR}/dev")
+    t.add_argument("--steps", type=int, default=9000, help="optimizer steps (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--warmup", type=int, default=300, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--max_seconds", type=float, default=16.0, help="padded audio seconds per batch (default: %(default)s)")
+    t.add_argument("--eval_every", type=int, default=500, help="steps between dev evaluations (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue from <exp_dir>/last if present")
+    c = sub.add_parser("card", help="measure the shipped model and write its model card (README.md)")
+    c.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="model dir (default: %(default)s)")
+    c.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo-12l-train", help="training exp dir (default: %(default)s)")
+    c.add_argument("--batch_size", type=int, default=32, help="decoding batch size (default: %(default)s)")
+    return p
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        if args.steps <= args.warmup:
+            raise ComflpError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+        train(args)
+    else:
+        from .model_card import write_card
+
+        write_card(args.model, args.exp_dir, batch_size=args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

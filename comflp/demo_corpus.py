@@ -1,0 +1,263 @@
+"""The embedded synthetic Mandarin corpus ("mini-AISHELL").
+
+Sentences of 4-10 characters are drawn Zipf-weighted from a vocabulary of
+Mandarin characters with pairwise distinct espeak-ng pronunciations (random
+text over homophones would be unlearnable), spoken by espeak-ng's ``cmn``
+voice under disjoint synthetic speakers (voice variant, pitch, range, rate),
+with per-utterance prosody jitter, silence trimming, random gain and white
+noise at 15-35 dB SNR, resampled to 16 kHz mono 16-bit PCM.
+
+Output: Kaldi dirs ``{out}/{train,dev,test}/`` (``wav.scp``, ``text``,
+``utt2spk``, ``spk2utt``) with utterance ids in AISHELL-1's style
+(``SYN000S0001W0001``) and audio under ``{out}/wav/<split>/<speaker>/``.
+``wav.scp`` paths are relative to the Kaldi dir so the tree can be moved.
+
+Everything is a function of the seed (and the pinned espeakng-loader
+version): the same seed writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+
+from .errors import ComflpError, exit_on_error
+from .paths import DEMO_CORPUS_DIR
+from .tts import Espeak, Voice
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+SPLITS = ("train", "dev", "test")
+
+# Frequent Mandarin characters, most frequent first; the homophone filter
+# keeps the first character of each pronunciation.
+COMMON_CHARS = (
+    "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小"
+    "么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样"
+    "现分将外但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最间新什打便"
+    "位因重被走电四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市眼体别处总才场"
+    "师书比住员九笑性通目华报立马命张活难神数件安表原车白应路期叫死常提感金何更反合放做系计或司利受光王果亲界"
+    "及今京务制解各任至清物台象记边共风战干接它许八特觉望直服毛林题建南度统色字请交爱让认算论百吃义科怎元社术"
+    "结六功指思非流每青管夫连远资队跟带花快条院变联言权往展该领传近留红治决周保达办运武半候七必城父强步完革深"
+    "区即求品士转空甚众技轻程告江语英基派满式李息写呢识极令黄德收脸钱党倒未持取设始版双历越史商千片容研像找友"
+    "孩站广改议形委早房音火际则首单据导影失拿网香似斯专石若兵弟谁校读志飞观争究包组造落视济喜离虽坏兴切支注母"
+    "格装依易帮病哪河乐午雪晚鱼鸟猫狗羊牛米茶酒汤饭菜糖盐油蛋果树草叶云雨冰春夏秋冬晨夜灯窗桌椅杯碗船桥湖岛沙"
+    "村街楼店票钟表笔纸布衣鞋帽包伞球歌舞画琴棋诗梦福寿喝睡醒跑跳坐躺唱哭买卖借还送寄洗穿脱开关冷热酸甜苦辣香"
+    "臭软硬胖瘦高矮宽窄厚薄早迟忙闲新旧老少"
+)
+
+VOICE_VARIANTS = (
+    "f1", "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8",
+    "Andy", "Annie", "anika", "belinda", "david", "ed", "Gene", "linda", "max",
+)
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Sizes and randomness of the synthetic corpus."""
+
+    seed: int = 20230801
+    num_train: int = 2400
+    num_dev: int = 200
+    num_test: int = 200
+    speakers_train: int = 16
+    speakers_dev: int = 3
+    speakers_test: int = 3
+    vocab_size: int = 300
+    zipf_exponent: float = 0.7
+    min_chars: int = 4
+    max_chars: int = 10
+    snr_db: tuple[float, float] = (15.0, 35.0)
+
+
+def distinct_pronunciations(chars: str, espeak: Espeak | None = None) -> list[str]:
+    """Keep the first character of each distinct espeak-ng pronunciation.
+
+    Characters espeak spells out letter by letter or leaves silent (an empty
+    or multi-syllable phoneme string) are dropped too.
+    """
+    espeak = espeak or Espeak.get()
+    seen: set[str] = set()
+    kept: list[str] = []
+    for ch in dict.fromkeys(chars):  # ordered de-duplication
+        ph = espeak.phonemes(ch)
+        if not ph or " " in ph or ph in seen:
+            continue
+        seen.add(ph)
+        kept.append(ch)
+    return kept
+
+
+def _speakers(cfg: CorpusConfig, rng: np.random.Generator) -> dict[str, list[tuple[str, Voice]]]:
+    counts = {"train": cfg.speakers_train, "dev": cfg.speakers_dev, "test": cfg.speakers_test}
+    speakers: dict[str, list[tuple[str, Voice]]] = {}
+    index = 0
+    for split in SPLITS:
+        speakers[split] = []
+        for _ in range(counts[split]):
+            index += 1
+            variant = VOICE_VARIANTS[(index - 1) % len(VOICE_VARIANTS)]
+            voice = Voice(
+                name=f"cmn+{variant}",
+                rate=int(rng.integers(140, 200)),
+                pitch=int(rng.integers(25, 75)),
+                range=int(rng.integers(25, 85)),
+            )
+            speakers[split].append((f"S{index:04d}", voice))
+    return speakers
+
+
+def _trim_silence(wave: np.ndarray, sample_rate: int, *, threshold: float = 0.02, margin_s: float = 0.05) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(wave) > threshold * max(np.abs(wave).max(), 1e-9))
+    if loud.size == 0:
+        return wave
+    margin = int(margin_s * sample_rate)
+    return wave[max(loud[0] - margin, 0): loud[-1] + margin + 1]
+
+
+def synthesize_utterance(text: str, voice: Voice, rng: np.random.Generator, cfg: CorpusConfig,
+                         espeak: Espeak | None = None) -> np.ndarray:
+    """One noisy 16 kHz float32 utterance of ``text`` by ``voice`` with jitter from ``rng``."""
+    espeak = espeak or Espeak.get()
+    jittered = Voice(
+        name=voice.name,
+        rate=int(np.clip(voice.rate + rng.integers(-15, 16), 80, 260)),
+        pitch=int(np.clip(voice.pitch + rng.integers(-6, 7), 0, 100)),
+        range=int(np.clip(voice.range + rng.integers(-8, 9), 0, 100)),
+    )
+    raw = espeak.synth(text, jittered).astype(np.float32) / 32768.0
+    raw = _trim_silence(raw, espeak.sample_rate)
+    wave = soxr.resample(raw, espeak.sample_rate, SAMPLE_RATE).astype(np.float32)
+    wave *= rng.uniform(0.25, 0.9) / max(float(np.abs(wave).max()), 1e-6)
+    snr = rng.uniform(*cfg.snr_db)
+    noise_rms = np.sqrt(np.mean(wave**2)) / (10 ** (snr / 20))
+    wave = wave + rng.standard_normal(wave.shape).astype(np.float32) * noise_rms
+    return np.clip(wave, -1.0, 1.0)
+
+
+def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progress: bool = True) -> Path:
+    """Write the corpus to ``out_dir`` atomically (built in a temp dir, then renamed).
+
+    Returns ``out_dir``. An existing ``out_dir`` is replaced.
+    """
+    out_dir = Path(out_dir)
+    espeak = Espeak.get()
+    vocab = distinct_pronunciations(COMMON_CHARS, espeak)
+    if len(vocab) < cfg.vocab_size:
+        raise ComflpError(f"only {len(vocab)} characters with distinct pronunciations; vocab_size={cfg.vocab_size} too large")
+    vocab = vocab[: cfg.vocab_size]
+    weights = 1.0 / np.arange(1, len(vocab) + 1) ** cfg.zipf_exponent
+    weights /= weights.sum()
+
+    master = np.random.default_rng(cfg.seed)
+    speakers = _speakers(cfg, master)
+    sizes = {"train": cfg.num_train, "dev": cfg.num_dev, "test": cfg.num_test}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for split_index, split in enumerate(SPLITS):
+            kaldi = tmp_root / split
+            kaldi.mkdir(parents=True)
+            rows: list[tuple[str, str, str, str]] = []  # utt, relative wav, text, speaker
+            spk_list = speakers[split]
+            counters = {spk: 0 for spk, _ in spk_list}
+            bar = tqdm(range(sizes[split]), desc=f"synthesising {split}", disable=not progress, unit="utt")
+            for i in bar:
+                rng = np.random.default_rng([cfg.seed, split_index, i])
+                spk, voice = spk_list[i % len(spk_list)]
+                counters[spk] += 1
+                n_chars = int(rng.integers(cfg.min_chars, cfg.max_chars + 1))
+                text = "".join(rng.choice(vocab, size=n_chars, p=weights))
+                utt = f"SYN000{spk}W{counters[spk]:04d}"
+                wave = synthesize_utterance(text, voice, rng, cfg, espeak)
+                rel = Path("..") / "wav" / split / spk / f"{utt}.wav"
+                wav_path = kaldi / rel
+                wav_path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(wav_path, wave, SAMPLE_RATE, subtype="PCM_16")
+                rows.append((utt, rel.as_posix(), text, spk))
+            rows.sort()
+            _write_kaldi(kaldi, rows)
+        manifest = {
+            "config": asdict(cfg),
+            "espeakng_loader": metadata.version("espeakng-loader"),
+            "vocab": "".join(vocab),
+            "speakers": {split: {spk: asdict(v) for spk, v in spk_list} for split, spk_list in speakers.items()},
+        }
+        (tmp_root / "corpus.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp_root.rename(out_dir)
+    finally:
+        if tmp_root.exists():
+            shutil.rmtree(tmp_root)
+    return out_dir
+
+
+def _write_kaldi(kaldi: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    (kaldi / "wav.scp").write_text("".join(f"{u} {w}\n" for u, w, _, _ in rows), encoding="utf-8")
+    (kaldi / "text").write_text("".join(f"{u} {t}\n" for u, _, t, _ in rows), encoding="utf-8")
+    (kaldi / "utt2spk").write_text("".join(f"{u} {s}\n" for u, _, _, s in rows), encoding="utf-8")
+    spk2utt: dict[str, list[str]] = {}
+    for u, _, _, s in rows:
+        spk2utt.setdefault(s, []).append(u)
+    (kaldi / "spk2utt").write_text("".join(f"{s} {' '.join(us)}\n" for s, us in sorted(spk2utt.items())), encoding="utf-8")
+
+
+def ensure_demo_corpus(data_dir: str | Path) -> None:
+    """Generate the embedded corpus if ``data_dir`` is one of its missing splits.
+
+    Any other missing directory is left alone (the data reader names it).
+    """
+    data_dir = Path(data_dir).resolve()
+    root = DEMO_CORPUS_DIR.resolve()
+    if data_dir.parent == root and data_dir.name in SPLITS and not (data_dir / "wav.scp").exists():
+        log.info("embedded corpus missing at %s: generating it (about half a minute)", root)
+        generate(root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = CorpusConfig()
+    p = argparse.ArgumentParser(
+        prog="comflp corpus",
+        description="Generate the embedded synthetic Mandarin corpus (AISHELL-1 layout, Kaldi dirs).",
+    )
+    p.add_argument("--output", type=Path, default=DEMO_CORPUS_DIR,
+                   help="root dir; train/dev/test Kaldi dirs are written below it (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed; the same seed gives identical files (default: %(default)s)")
+    p.add_argument("--num_train", type=int, default=d.num_train, help="train utterances (default: %(default)s)")
+    p.add_argument("--num_dev", type=int, default=d.num_dev, help="dev utterances (default: %(default)s)")
+    p.add_argument("--num_test", type=int, default=d.num_test, help="test utterances (default: %(default)s)")
+    p.add_argument("--speakers", type=int, nargs=3, metavar=("TRAIN", "DEV", "TEST"),
+                   default=(d.speakers_train, d.speakers_dev, d.speakers_test),
+                   help="disjoint speakers per split (default: %(default)s)")
+    p.add_argument("--vocab_size", type=int, default=d.vocab_size, help="characters in the vocabulary (default: %(default)s)")
+    return p
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if min(args.num_train, args.num_dev, args.num_test) < 1 or min(args.speakers) < 1:
+        raise ComflpError("every split needs at least one utterance and one speaker")
+    cfg = CorpusConfig(seed=args.seed, num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test,
+                       speakers_train=args.speakers[0], speakers_dev=args.speakers[1], speakers_test=args.speakers[2],
+                       vocab_size=args.vocab_size)
+    out = generate(args.output, cfg)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

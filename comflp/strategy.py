@@ -1,0 +1,145 @@
+"""Pruning strategies: pruned layers <-> contiguous blocks, and the strategy JSON.
+
+A strategy prunes a set of 1-based layers; its maximal runs of consecutive
+layers are blocks ``[start, end]`` (inclusive). The strategy file, written by
+search and read by pruning and fine-tuning, is::
+
+    {"num_layers": 12,
+     "candidates": [{"pruned": [1, 3, 4], "blocks": [[1, 1], [3, 4]], "score": 0.97, "cer": 0.15}, ...]}
+
+best first; ``cer`` appears once a candidate has been verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import atomic
+from .errors import ComflpError
+
+
+def to_blocks(pruned: Iterable[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive layers.
+
+    >>> to_blocks([1, 3, 4, 7])
+    [(1, 1), (3, 4), (7, 7)]
+    """
+    blocks: list[tuple[int, int]] = []
+    for layer in sorted(pruned):
+        if blocks and layer == blocks[-1][1] + 1:
+            blocks[-1] = (blocks[-1][0], layer)
+        else:
+            blocks.append((layer, layer))
+    return blocks
+
+
+def from_blocks(blocks: Iterable[Sequence[int]]) -> list[int]:
+    """Layers covered by inclusive ``[start, end]`` blocks.
+
+    >>> from_blocks([[1, 1], [3, 4]])
+    [1, 3, 4]
+    """
+    return sorted({layer for start, end in blocks for layer in range(start, end + 1)})
+
+
+def validate(pruned: Iterable[int], num_layers: int) -> list[int]:
+    """Sorted unique layers; ComflpError unless all lie in 1..num_layers and 0 < K < num_layers."""
+    pruned = list(pruned)
+    if len(set(pruned)) != len(pruned):
+        raise ComflpError(f"pruned layers {pruned} contain duplicates")
+    bad = [p for p in pruned if not 1 <= p <= num_layers]
+    if bad:
+        raise ComflpError(f"layer(s) {bad} outside the model's layers 1..{num_layers}")
+    if not 0 < len(pruned) < num_layers:
+        raise ComflpError(f"cannot prune {len(pruned)} of {num_layers} layers: need 0 < K < {num_layers}")
+    return sorted(pruned)
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"1,3,5"`` or ``"1-3,7"`` -> [1, 2, 3, 7] (order and duplicates kept for validation)."""
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                layers.extend(range(int(a), int(b) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise ComflpError(f"cannot parse layer list {text!r}: use comma-separated numbers such as 1,3,5 or 2-4") from None
+    if not layers:
+        raise ComflpError("empty layer list")
+    return layers
+
+
+@dataclass
+class Candidate:
+    """One strategy: pruned layers (1-based, sorted), its coarse score and, once verified, its error rate."""
+
+    pruned: list[int]
+    score: float | None = None
+    cer: float | None = None
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        return to_blocks(self.pruned)
+
+    def to_dict(self) -> dict:
+        d: dict = {"pruned": list(self.pruned), "blocks": [list(b) for b in self.blocks]}
+        if self.score is not None:
+            d["score"] = float(self.score)
+        if self.cer is not None:
+            d["cer"] = float(self.cer)
+        return d
+
+
+@dataclass
+class StrategyFile:
+    """A ranked list of candidates for a model of ``num_layers`` layers (best first)."""
+
+    num_layers: int
+    candidates: list[Candidate] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"num_layers": self.num_layers, "candidates": [c.to_dict() for c in self.candidates]}
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic.write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StrategyFile":
+        path = Path(path)
+        if not path.is_file():
+            raise ComflpError(f"strategy file not found: {path}")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            num_layers = int(raw["num_layers"])
+            cands = []
+            for i, c in enumerate(raw["candidates"]):
+                pruned = [int(x) for x in c["pruned"]] if "pruned" in c else from_blocks(c["blocks"])
+                validate(pruned, num_layers)
+                cands.append(Candidate(sorted(pruned), c.get("score"), c.get("cer")))
+        except ComflpError as err:
+            raise ComflpError(f"{path}: candidate {i + 1}: {err}") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ComflpError(f"{path} is not a strategy file ({type(err).__name__}: {err})") from None
+        if not cands:
+            raise ComflpError(f"{path} holds no candidates")
+        return cls(num_layers, cands, raw.get("meta", {}))
+
+    def pick(self, rank: int) -> Candidate:
+        """The 1-based ``rank``-th candidate."""
+        if not 1 <= rank <= len(self.candidates):
+            raise ComflpError(f"--rank {rank} out of range: the strategy file has {len(self.candidates)} candidate(s)")
+        return self.candidates[rank - 1]

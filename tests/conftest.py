@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random CTC models of each family, a processor, and tiny corpora."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, Wav2Vec2Config,
+                          Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, WavLMConfig, WavLMForCTC)
+
+TINY_VOCAB = ["<pad>", "<unk>", "|", "你", "好", "世", "界", "我", "们", "是", "的", "人"]
+
+_TINY = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48,
+             conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+             num_conv_pos_embedding_groups=2, vocab_size=len(TINY_VOCAB), pad_token_id=0,
+             hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+             final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
+
+FAMILIES = {
+    "wav2vec2": (Wav2Vec2Config, Wav2Vec2ForCTC, {"do_stable_layer_norm": False}),
+    "wav2vec2-stable": (Wav2Vec2Config, Wav2Vec2ForCTC, {"do_stable_layer_norm": True, "feat_extract_norm": "layer"}),
+    "hubert": (HubertConfig, HubertForCTC, {}),
+    "wavlm": (WavLMConfig, WavLMForCTC, {"num_buckets": 16, "max_bucket_distance": 40}),
+    "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioForCTC, {}),
+}
+
+
+def tiny_model(family: str = "wav2vec2", seed: int = 0, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**_TINY, **extra, **overrides})).eval()
+
+
+def tiny_processor(tmp: Path):
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(TINY_VOCAB)}, ensure_ascii=False))
+    tok = Wav2Vec2CTCTokenizer(str(tmp / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                               word_delimiter_token="|", bos_token=None, eos_token=None)
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=True)
+    return fe, tok
+
+
+def save_plain(model, out: Path, tmp: Path) -> Path:
+    """Save like a user of plain transformers would: save_pretrained + processor files."""
+    fe, tok = tiny_processor(tmp)
+    model.save_pretrained(out)
+    fe.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    return save_plain(tiny_model("wav2vec2"), tmp_path / "tiny", tmp_path / "proc")
+
+
+def write_wav(path: Path, seconds: float, sr: int = 16000, channels: int = 1, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    wave = 0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.01 * rng.standard_normal(n)
+    if channels > 1:
+        wave = np.stack([wave] * channels, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, wave, sr, subtype="PCM_16")
+    return path
+
+
+def make_corpus(root: Path, n: int = 6, texts: list[str] | None = None) -> Path:
+    """A Kaldi dir of ``n`` short tone files with relative paths."""
+    root.mkdir(parents=True, exist_ok=True)
+    texts = texts or ["你好世界", "我们是人", "你好", "世界的人", "我是你", "好的"] * (n // 6 + 1)
+    scp, txt = [], []
+    for i in range(n):
+        utt = f"U{i:03d}"
+        write_wav(root / "wav" / f"{utt}.wav", 0.5 + 0.1 * i, seed=i)
+        scp.append(f"{utt} wav/{utt}.wav\n")
+        txt.append(f"{utt} {texts[i]}\n")
+    (root / "wav.scp").write_text("".join(scp), encoding="utf-8")
+    (root / "text").write_text("".join(txt), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "corpus")
