@@ -150,53 +150,21 @@ def synthesize_utterance(text: str, voice: Voice, rng: np.random.Generator, cfg:
 def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progress: bool = True) -> Path:
     """Write the corpus to ``out_dir`` atomically (built in a temp dir, then renamed).
 
-    Returns ``out_dir``. An existing ``out_dir`` is replaced.
+    Returns ``out_dir``. An existing ``out_dir`` is replaced. Synthesis runs
+    in a freshly spawned process: espeak-ng carries state from one utterance
+    to the next (output lengths drift by a sample) that even
+    ``espeak_Terminate`` does not reset, so only a fresh library gives the
+    same bytes for the same seed.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     out_dir = Path(out_dir)
-    espeak = Espeak.get()
-    vocab = distinct_pronunciations(COMMON_CHARS, espeak)
-    if len(vocab) < cfg.vocab_size:
-        raise ComflpError(f"only {len(vocab)} characters with distinct pronunciations; vocab_size={cfg.vocab_size} too large")
-    vocab = vocab[: cfg.vocab_size]
-    weights = 1.0 / np.arange(1, len(vocab) + 1) ** cfg.zipf_exponent
-    weights /= weights.sum()
-
-    master = np.random.default_rng(cfg.seed)
-    speakers = _speakers(cfg, master)
-    sizes = {"train": cfg.num_train, "dev": cfg.num_dev, "test": cfg.num_test}
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        for split_index, split in enumerate(SPLITS):
-            kaldi = tmp_root / split
-            kaldi.mkdir(parents=True)
-            rows: list[tuple[str, str, str, str]] = []  # utt, relative wav, text, speaker
-            spk_list = speakers[split]
-            counters = {spk: 0 for spk, _ in spk_list}
-            bar = tqdm(range(sizes[split]), desc=f"synthesising {split}", disable=not progress, unit="utt")
-            for i in bar:
-                rng = np.random.default_rng([cfg.seed, split_index, i])
-                spk, voice = spk_list[i % len(spk_list)]
-                counters[spk] += 1
-                n_chars = int(rng.integers(cfg.min_chars, cfg.max_chars + 1))
-                text = "".join(rng.choice(vocab, size=n_chars, p=weights))
-                utt = f"SYN000{spk}W{counters[spk]:04d}"
-                wave = synthesize_utterance(text, voice, rng, cfg, espeak)
-                rel = Path("..") / "wav" / split / spk / f"{utt}.wav"
-                wav_path = kaldi / rel
-                wav_path.parent.mkdir(parents=True, exist_ok=True)
-                sf.write(wav_path, wave, SAMPLE_RATE, subtype="PCM_16")
-                rows.append((utt, rel.as_posix(), text, spk))
-            rows.sort()
-            _write_kaldi(kaldi, rows)
-        manifest = {
-            "config": asdict(cfg),
-            "espeakng_loader": metadata.version("espeakng-loader"),
-            "vocab": "".join(vocab),
-            "speakers": {split: {spk: asdict(v) for spk, v in spk_list} for split, spk_list in speakers.items()},
-        }
-        (tmp_root / "corpus.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(_synthesize_corpus, tmp_root, cfg, progress).result()
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp_root.rename(out_dir)
@@ -204,6 +172,46 @@ def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progres
         if tmp_root.exists():
             shutil.rmtree(tmp_root)
     return out_dir
+
+
+def _synthesize_corpus(root: Path, cfg: CorpusConfig, progress: bool) -> None:
+    espeak = Espeak.get()
+    vocab = distinct_pronunciations(COMMON_CHARS, espeak)
+    if len(vocab) < cfg.vocab_size:
+        raise ComflpError(f"only {len(vocab)} characters with distinct pronunciations; vocab_size={cfg.vocab_size} too large")
+    vocab = vocab[: cfg.vocab_size]
+    weights = 1.0 / np.arange(1, len(vocab) + 1) ** cfg.zipf_exponent
+    weights /= weights.sum()
+    speakers = _speakers(cfg, np.random.default_rng(cfg.seed))
+    sizes = {"train": cfg.num_train, "dev": cfg.num_dev, "test": cfg.num_test}
+    for split_index, split in enumerate(SPLITS):
+        kaldi = root / split
+        kaldi.mkdir(parents=True)
+        rows: list[tuple[str, str, str, str]] = []  # utt, relative wav, text, speaker
+        spk_list = speakers[split]
+        counters = {spk: 0 for spk, _ in spk_list}
+        for i in tqdm(range(sizes[split]), desc=f"synthesising {split}", disable=not progress, unit="utt"):
+            rng = np.random.default_rng([cfg.seed, split_index, i])
+            spk, voice = spk_list[i % len(spk_list)]
+            counters[spk] += 1
+            n_chars = int(rng.integers(cfg.min_chars, cfg.max_chars + 1))
+            text = "".join(rng.choice(vocab, size=n_chars, p=weights))
+            utt = f"SYN000{spk}W{counters[spk]:04d}"
+            wave = synthesize_utterance(text, voice, rng, cfg, espeak)
+            rel = Path("..") / "wav" / split / spk / f"{utt}.wav"
+            wav_path = kaldi / rel
+            wav_path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(wav_path, wave, SAMPLE_RATE, subtype="PCM_16")
+            rows.append((utt, rel.as_posix(), text, spk))
+        rows.sort()
+        _write_kaldi(kaldi, rows)
+    manifest = {
+        "config": asdict(cfg),
+        "espeakng_loader": metadata.version("espeakng-loader"),
+        "vocab": "".join(vocab),
+        "speakers": {split: {spk: asdict(v) for spk, v in spk_list} for split, spk_list in speakers.items()},
+    }
+    (root / "corpus.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_kaldi(kaldi: Path, rows: list[tuple[str, str, str, str]]) -> None:

@@ -169,15 +169,13 @@ def _select_layers(model: PreTrainedModel, kept: Sequence[int]):
     model.config.num_hidden_layers = len(kept)
     moved = None
     first_attn = getattr(old_layers[0], "attention", None)
-    if kept and kept[0] != 0 and getattr(first_attn, "has_relative_position_bias", False):
+    if kept and kept[0] != 0 and hasattr(first_attn, "rel_attn_embed"):
         moved = encoder.layers[0].attention
-        moved.has_relative_position_bias = True
         moved.rel_attn_embed = first_attn.rel_attn_embed
 
     def undo() -> None:
         if moved is not None:
             del moved.rel_attn_embed
-            moved.has_relative_position_bias = False
         encoder.layers = old_layers
         model.config.num_hidden_layers = old_count
 

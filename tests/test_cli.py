@@ -1,0 +1,73 @@
+"""The command line as a user runs it: subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCTC
+
+from comflp.strategy import Candidate, StrategyFile
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comflp", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands() -> None:
+    out = run("--help")
+    assert out.returncode == 0 and "info" in out.stdout and "prune" in out.stdout
+    sub = run("prune", "--help")
+    assert sub.returncode == 0 and "--strategy" in sub.stdout and "--rank" in sub.stdout
+
+
+def test_info_json_on_plain_transformers_model(tiny_model_dir: Path) -> None:
+    out = run("info", str(tiny_model_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["num_layers"] == 6 and info["family"] == "wav2vec2" and info["hidden_size"] == 32
+    assert info["vocab_size"] == 12
+    assert info["num_parameters"] == sum(p.numel() for p in AutoModelForCTC.from_pretrained(tiny_model_dir).parameters())
+
+
+def test_prune_by_layers_then_plain_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = run("prune", "--model", str(tiny_model_dir), "--layers", "2,4-5", "--output", str(tmp_path / "p"))
+    assert out.returncode == 0, out.stderr
+    model = AutoModelForCTC.from_pretrained(tmp_path / "p")
+    assert model.config.num_hidden_layers == 3
+    full = AutoModelForCTC.from_pretrained(tiny_model_dir)
+    kept = [0, 2, 5]
+    for new_i, old_i in enumerate(kept):
+        assert torch.equal(model.wav2vec2.encoder.layers[new_i].feed_forward.output_dense.weight,
+                           full.wav2vec2.encoder.layers[old_i].feed_forward.output_dense.weight)
+    assert json.loads(run("info", str(tmp_path / "p"), "--json").stdout)["num_layers"] == 3
+
+
+def test_prune_by_strategy_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
+    StrategyFile(6, [Candidate([1, 2]), Candidate([6])]).save(tmp_path / "s.json")
+    out = run("prune", "--model", str(tiny_model_dir), "--strategy", str(tmp_path / "s.json"), "--rank", "2",
+              "--output", str(tmp_path / "p"))
+    assert out.returncode == 0, out.stderr
+    assert AutoModelForCTC.from_pretrained(tmp_path / "p").config.num_hidden_layers == 5
+
+
+def _one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def test_prune_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    assert "need 0 < K < 6" in _one_line_error(run("prune", "--model", str(tiny_model_dir), "--layers", "1-6",
+                                                   "--output", str(tmp_path / "p")))
+    StrategyFile(12, [Candidate([1, 2])]).save(tmp_path / "s12.json")
+    msg = _one_line_error(run("prune", "--model", str(tiny_model_dir), "--strategy", str(tmp_path / "s12.json"),
+                              "--output", str(tmp_path / "p")))
+    assert "12-layer" in msg and "6 layers" in msg
+    assert "model not found" in _one_line_error(run("info", str(tmp_path / "nothing" / "here")))
+    assert not (tmp_path / "p").exists()

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCTC, Wav2Vec2Config
+
+from comflp.errors import ComflpError
+from comflp.model import (ExtendedWav2Vec2ForCTC, count_parameters, encoder_layers, has_layernorm_head, load_model,
+                          model_info, num_layers, prune, save_model, skip_layers)
+
+from conftest import FAMILIES, save_plain, tiny_model, tiny_processor
+
+PRUNED = [1, 3, 4]
+
+
+def _inputs(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4000, generator=g)
+
+
+def _identity_skipped_logits(model, pruned: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Independent reference: the unmodified model with the pruned layers' outputs replaced by their inputs."""
+    handles = []
+    for i, layer in enumerate(encoder_layers(model), start=1):
+        if i in pruned:
+            def hook(module, args, kwargs, output):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return model(x).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pruned_logits_equal_layer_skipped_logits(family: str) -> None:
+    model = tiny_model(family)
+    x = _inputs()
+    reference = _identity_skipped_logits(model, PRUNED, x)
+    pruned = prune(model, PRUNED)
+    with torch.no_grad():
+        got = pruned(x).logits
+        with skip_layers(model, PRUNED):
+            switched_off = model(x).logits
+        full_after = model(x).logits
+    assert num_layers(pruned) == 3 and pruned.config.num_hidden_layers == 3
+    assert num_layers(model) == 6 and model.config.num_hidden_layers == 6  # source untouched
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(switched_off, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full_after, _identity_skipped_logits(model, [], x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_saved_pruned_model_loads_with_plain_transformers(family: str, tmp_path: Path) -> None:
+    src = save_plain(tiny_model(family), tmp_path / "src", tmp_path / "proc")
+    loaded = load_model(src)
+    pruned = prune(loaded.model, PRUNED)
+    out = save_model(pruned, tmp_path / "pruned", feature_extractor=loaded.feature_extractor,
+                     tokenizer=loaded.tokenizer)
+    reloaded, info = AutoModelForCTC.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == [] or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert reloaded.config.num_hidden_layers == 3
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "vocab.json"} <= {p.name for p in out.iterdir()}
+    x = _inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(x).logits, pruned(x).logits, rtol=0, atol=1e-6)
+
+
+def test_stable_layer_norm_encoder_keeps_final_layer_norm() -> None:
+    model = tiny_model("wav2vec2-stable")
+    pruned = prune(model, [2, 5])
+    assert torch.equal(pruned.wav2vec2.encoder.layer_norm.weight, model.wav2vec2.encoder.layer_norm.weight)
+
+
+def test_paper_parameter_counts() -> None:
+    config = Wav2Vec2Config(vocab_size=4233)  # wav2vec2-base
+    with torch.device("meta"):
+        model = ExtendedWav2Vec2ForCTC(config)
+    assert count_parameters(model) == 97_628_425
+    assert count_parameters(prune(model, [1, 3, 5, 7, 9, 11])) == 55_101_193
+
+
+def test_layernorm_head_detected_and_reloaded(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = tiny_model().config
+    model = ExtendedWav2Vec2ForCTC(config).eval()
+    # The paper's checkpoint: LayerNorm head weights under a plain Wav2Vec2ForCTC config.
+    config.architectures = ["Wav2Vec2ForCTC"]
+    src = save_plain(model, tmp_path / "src", tmp_path / "proc")
+    assert has_layernorm_head(str(src))
+    loaded = load_model(src)
+    assert isinstance(loaded.model, ExtendedWav2Vec2ForCTC)
+    assert model_info(loaded).head == "layernorm+linear"
+    pruned = prune(loaded.model, [2, 3])
+    out = save_model(pruned, tmp_path / "pruned", feature_extractor=loaded.feature_extractor)
+    reloaded, info = ExtendedWav2Vec2ForCTC.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(x).logits, pruned(x).logits, rtol=0, atol=1e-6)
+
+
+def test_plain_model_is_not_mistaken_for_layernorm_head(tiny_model_dir: Path) -> None:
+    assert not has_layernorm_head(str(tiny_model_dir))
+    assert type(load_model(tiny_model_dir).model).__name__ == "Wav2Vec2ForCTC"
+
+
+def test_model_without_tokenizer_loads_for_measuring(tmp_path: Path) -> None:
+    fe, _ = tiny_processor(tmp_path / "proc")
+    tiny_model().save_pretrained(tmp_path / "m")
+    fe.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.tokenizer is None
+    with pytest.raises(ComflpError, match="no tokenizer"):
+        load_model(tmp_path / "m", need_tokenizer=True)
+
+
+@pytest.mark.parametrize("pruned, message", [
+    ([0, 2], "outside"), ([7], "outside"), ([2, 2], "duplicates"), ([1, 2, 3, 4, 5, 6], "need 0 < K < 6"),
+])
+def test_bad_pruning_requests(pruned: list[int], message: str) -> None:
+    with pytest.raises(ComflpError, match=message):
+        prune(tiny_model(), pruned)
+
+
+def test_missing_model_dir_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(ComflpError, match="model not found"):
+        load_model(tmp_path / "no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ComflpError, match="cannot load model config"):
+        load_model(tmp_path / "empty")
+
+
+def test_save_is_atomic_and_replaces(tmp_path: Path) -> None:
+    model = tiny_model()
+    out = save_model(model, tmp_path / "m")
+    save_model(prune(model, [1]), out)
+    assert AutoModelForCTC.from_pretrained(out).config.num_hidden_layers == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
