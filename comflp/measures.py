@@ -1,0 +1,299 @@
+"""Correlation measures between hidden states, pairwise and for all layer pairs at once.
+
+Conventions. Inside comflp a set of activations is a tensor ``[samples, features]``
+(N x D, torch's convention); the paper-compatible wrappers in ``DC.py`` and
+``SVCCA.py`` take the paper's ``[neurons, samples]`` and transpose. A *stack* is
+``[layers, samples, features]``: hidden states 0..L of the same samples. Every
+all-pairs function returns an ``[L+1, L+1]`` float64 matrix that is symmetric
+with unit diagonal (a similarity: higher = more alike), so the search can use
+any of them.
+
+Measures:
+
+- **DC** (distance correlation, Szekely et al.), the paper's: rows are
+  L2-normalised, ``a_ij = sqrt(||x_i - x_j||^2 + 1e-12)``, double-centred
+  ``A = a - row mean - column mean + grand mean``; the biased estimator is
+  ``dCor^2 = <A,B> / sqrt(<A,A><B,B> + 1e-9)`` with ``<A,B> = sum(A*B)/N^2``.
+  The unbiased one U-centres instead (zero diagonal, ``1/(N-2)`` row/column
+  terms, ``1/((N-1)(N-2))`` grand term) and divides by ``N(N-3)``; it needs N > 3.
+- **SVCCA** (Raghu et al.): centre; keep the top singular directions whose
+  singular values (not their squares) first sum to more than ``thre`` of the
+  total; the entry is the mean canonical correlation between the two reduced sets.
+- **PWCCA** (Morcos et al.): canonical correlations of the full sets, weighted by
+  how much of the first set's (centred) neurons each canonical variate accounts
+  for, ``alpha_i = sum_j |<h_i, x_j>|``.
+- **Linear CKA** (Kornblith et al.): ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``
+  (biased HSIC); the unbiased variant uses the unbiased HSIC estimator of Song
+  et al. on Gram matrices.
+- **cosine**: mean over samples of ``cos(x_n, y_n)``; ShortGPT's block influence
+  is ``1 - cosine``.
+- **angular**: ``1 - mean_n arccos(cos(x_n, y_n)) / pi``, one minus the angular
+  distance of Gromov et al., so that it is a similarity like the others.
+
+A constant or all-zero layer never yields NaN: denominators carry an epsilon
+and degenerate covariances are pseudo-inverted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DC_DIST_EPS = 1e-12  # inside the square root of the distance, as the paper
+DC_DENOM_EPS = 1e-9  # inside the square root of the denominator, as the paper
+_EIG_RTOL = 1e-10  # eigenvalues below this fraction of the largest count as zero
+
+
+# ----------------------------------------------------------------------------------------------
+# distance correlation
+
+
+def distance_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances with the paper's epsilon.
+
+    x: [..., N, D] -> [..., N, N], ``sqrt(||x_i - x_j||^2 + 1e-12)``.
+    """
+    sq = (x.unsqueeze(-2) - x.unsqueeze(-3)).pow(2).sum(-1)
+    return torch.sqrt(sq + DC_DIST_EPS)
+
+
+def double_centre(a: torch.Tensor) -> torch.Tensor:
+    """Biased double centring: ``a - mean over rows - mean over columns + grand mean``. a: [..., N, N]."""
+    return a - a.mean(-2, keepdim=True) - a.mean(-1, keepdim=True) + a.mean((-2, -1), keepdim=True)
+
+
+def u_centre(a: torch.Tensor) -> torch.Tensor:
+    """U-centring (Szekely & Rizzo 2014), zero diagonal. a: [..., N, N], N > 3."""
+    n = a.shape[-1]
+    if n <= 3:
+        raise ValueError(f"the unbiased estimator needs more than 3 samples, got {n}")
+    row = a.sum(-1, keepdim=True) / (n - 2)
+    col = a.sum(-2, keepdim=True) / (n - 2)
+    grand = a.sum((-2, -1), keepdim=True) / ((n - 1) * (n - 2))
+    out = a - row - col + grand
+    return out * (1 - torch.eye(n, dtype=a.dtype, device=a.device))
+
+
+def _centred_distances(stack: torch.Tensor, unbiased: bool) -> tuple[torch.Tensor, float]:
+    """stack [L, N, D] -> (centred distance matrices flattened [L, N*N], inner-product scale)."""
+    x = torch.nn.functional.normalize(stack.to(torch.float64), dim=-1)
+    a = distance_matrix(x)
+    n = a.shape[-1]
+    if unbiased:
+        return u_centre(a).flatten(1), 1.0 / (n * (n - 3))
+    return double_centre(a).flatten(1), 1.0 / (n * n)
+
+
+def dc_matrix(stack: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
+    """All-pairs squared distance correlation of one batch.
+
+    stack: [L, N, D] (L layers of the same N samples, e.g. mean-pooled states).
+    Returns [L, L] float64: ``<A_i,A_j> / sqrt(<A_i,A_i><A_j,A_j> + 1e-9)`` with
+    every layer's centred distance matrix stacked so all pairs come from one
+    matrix product.
+    """
+    c, scale = _centred_distances(stack, unbiased)
+    gram = (c @ c.T) * scale
+    d = torch.diagonal(gram)
+    out = gram / torch.sqrt(torch.outer(d, d) + DC_DENOM_EPS)
+    if unbiased:
+        out = out.clamp(min=-1.0, max=1.0)
+    out.fill_diagonal_(1.0)
+    return out
+
+
+def distance_correlation(x: torch.Tensor, y: torch.Tensor, *, unbiased: bool = False) -> float:
+    """Squared distance correlation of two sets x [N, Dx], y [N, Dy] (rows L2-normalised first)."""
+    a, scale = _centred_distances(x[None], unbiased)
+    b, _ = _centred_distances(y[None], unbiased)
+    ab, aa, bb = (a * b).sum() * scale, (a * a).sum() * scale, (b * b).sum() * scale
+    return float(ab / torch.sqrt(aa * bb + DC_DENOM_EPS))
+
+
+# ----------------------------------------------------------------------------------------------
+# covariance-based measures (SVCCA, PWCCA, CKA): computed from [D, D] blocks so they can be streamed
+
+
+def _sym_eig(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh(c)
+    vals = vals.clamp(min=0)
+    return vals.flip(0), vecs.flip(1)  # descending
+
+
+def _inv_sqrt(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C^{-1/2} restricted to C's range, C^{1/2}) by eigendecomposition; null directions are dropped."""
+    if c.numel() == 0:
+        return c, c
+    vals, vecs = _sym_eig(c)
+    keep = vals > _EIG_RTOL * max(float(vals[0]), 1e-300)
+    v, s = vecs[:, keep], vals[keep].sqrt()
+    return v / s, v * s  # [D, r] each: x -> x @ (v/s) whitens, (v*s)(v*s)^T = C
+
+
+def canonical_correlations(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> torch.Tensor:
+    """Canonical correlations from covariance blocks.
+
+    c11: [D1, D1], c12: [D1, D2], c22: [D2, D2] (centred second moments of
+    x and y over the same samples). Returns the singular values of
+    ``C11^{-1/2} C12 C22^{-1/2}`` (pseudo-inverse square roots), descending,
+    clipped to [0, 1]; empty if either side has no variance.
+    """
+    w1, _ = _inv_sqrt(c11)
+    w2, _ = _inv_sqrt(c22)
+    if w1.shape[1] == 0 or w2.shape[1] == 0:
+        return torch.zeros(0, dtype=c11.dtype, device=c11.device)
+    return torch.linalg.svdvals(w1.T @ c12 @ w2).clamp(0.0, 1.0)
+
+
+def svcca_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor, *, thre: float = 0.99) -> torch.Tensor:
+    """SVCCA correlations from covariance blocks (see :func:`canonical_correlations` for shapes).
+
+    The SVD of centred activations X [D, N] has singular values sqrt(eig(X X^T)),
+    and the reduced set is U_k^T X, whose covariances are U_k^T C U_k; so the
+    reduction and the CCA need only C11, C12, C22.
+    """
+    u1 = _svd_reduction(c11, thre)
+    u2 = _svd_reduction(c22, thre)
+    return canonical_correlations(u1.T @ c11 @ u1, u1.T @ c12 @ u2, u2.T @ c22 @ u2)
+
+
+def _svd_reduction(c: torch.Tensor, thre: float) -> torch.Tensor:
+    """Top singular directions [D, k] whose singular values first sum past ``thre`` of the total."""
+    vals, vecs = _sym_eig(c)
+    s = vals.sqrt()
+    total = float(s.sum())
+    if total <= 0:
+        return vecs[:, :0]
+    frac = torch.cumsum(s, 0) / total
+    k = int(torch.searchsorted(frac, torch.tensor(thre, dtype=frac.dtype, device=frac.device), right=True)) + 1
+    return vecs[:, : min(k, len(s))]
+
+
+def pwcca_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> float:
+    """Projection-weighted CCA, weighted by the first set.
+
+    With whitening W1 = C11^{-1/2} and SVD ``W1^T C12 W2 = U S V^T``, the
+    canonical variates of x are h = U^T W1^T Xc (orthonormal rows), and
+    ``<h_i, xc_j> = (U^T W1^T C11)_ij`` where ``W1^T C11 = Λ^{1/2} V^T`` for
+    ``C11 = V Λ V^T``; alpha_i = sum_j |<h_i, xc_j>|, the result is ``sum alpha_i rho_i / sum alpha_i``.
+    """
+    w1, r1 = _inv_sqrt(c11)
+    w2, _ = _inv_sqrt(c22)
+    if w1.shape[1] == 0 or w2.shape[1] == 0:
+        return 0.0
+    u, rho, _ = torch.linalg.svd(w1.T @ c12 @ w2, full_matrices=False)
+    alpha = (u.T @ r1.T).abs().sum(1)  # r1 = V sqrt(Λ): W1^T C11 = sqrt(Λ) V^T = r1^T
+    rho = rho.clamp(0.0, 1.0)
+    return float((alpha * rho).sum() / alpha.sum().clamp(min=1e-300))
+
+
+def cka_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> float:
+    """Linear CKA (biased HSIC): ``||C12||_F^2 / (||C11||_F ||C22||_F)``; 0 when a side is constant."""
+    den = torch.linalg.matrix_norm(c11) * torch.linalg.matrix_norm(c22)
+    if float(den) <= 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(c12) ** 2 / den)
+
+
+def covariance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Centred second moment ``Xc^T Yc`` of x [N, Dx], y [N, Dy] (no 1/N: the measures are scale-free)."""
+    y = x if y is None else y
+    x = x.to(torch.float64)
+    y = y.to(torch.float64)
+    return (x - x.mean(0)).T @ (y - y.mean(0))
+
+
+def svcca(x: torch.Tensor, y: torch.Tensor, *, thre: float = 0.99) -> torch.Tensor:
+    """SVCCA correlations of x [N, Dx] and y [N, Dy] (samples in rows)."""
+    return svcca_from_cov(covariance(x), covariance(x, y), covariance(y), thre=thre)
+
+
+def pwcca(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PWCCA of x [N, Dx] and y [N, Dy], weighted by x."""
+    return pwcca_from_cov(covariance(x), covariance(x, y), covariance(y))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (biased HSIC) of x [N, Dx] and y [N, Dy]."""
+    return cka_from_cov(covariance(x), covariance(x, y), covariance(y))
+
+
+def _unbiased_hsic_gram(k: torch.Tensor) -> torch.Tensor:
+    n = k.shape[-1]
+    return k * (1 - torch.eye(n, dtype=k.dtype, device=k.device))
+
+
+def cka_unbiased_matrix(stack: torch.Tensor) -> torch.Tensor:
+    """All-pairs linear CKA with the unbiased HSIC estimator (Song et al. 2012) on one batch.
+
+    stack: [L, N, D], N > 3. With K~ the Gram matrix with zeroed diagonal,
+    ``HSIC_u(K, L) = [tr(K~L~) + 1^T K~ 1 1^T L~ 1 / ((N-1)(N-2)) - 2/(N-2) 1^T K~ L~ 1] / (N(N-3))``.
+    """
+    n = stack.shape[1]
+    if n <= 3:
+        raise ValueError(f"unbiased CKA needs more than 3 samples, got {n}")
+    x = stack.to(torch.float64)
+    k = _unbiased_hsic_gram(x @ x.transpose(1, 2))  # [L, N, N]
+    flat = k.flatten(1)
+    tr = flat @ flat.T
+    sums = k.sum((1, 2))
+    rows = k.sum(2)  # [L, N]
+    hsic = (tr + torch.outer(sums, sums) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows @ rows.T)) / (n * (n - 3))
+    d = torch.diagonal(hsic).clamp(min=0)
+    out = hsic / torch.sqrt(torch.outer(d, d)).clamp(min=1e-300)
+    out[torch.outer(d, d) <= 0] = 0.0
+    out.fill_diagonal_(1.0)
+    return out
+
+
+def cosine_sums(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair sums over samples of cos and of arccos/pi. stack: [L, N, D] -> ([L, L], [L, L])."""
+    u = torch.nn.functional.normalize(stack.to(torch.float64), dim=-1)
+    cos = torch.einsum("ind,jnd->ijn", u, u).clamp(-1.0, 1.0)
+    return cos.sum(-1), (torch.arccos(cos) / math.pi).sum(-1)
+
+
+def cosine_matrix(stack: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of matched samples for all layer pairs. stack: [L, N, D] -> [L, L]."""
+    s, _ = cosine_sums(stack)
+    out = s / stack.shape[1]
+    out.fill_diagonal_(1.0)
+    return out
+
+
+def angular_matrix(stack: torch.Tensor) -> torch.Tensor:
+    """One minus the mean angular distance of matched samples. stack: [L, N, D] -> [L, L]."""
+    _, a = cosine_sums(stack)
+    out = 1.0 - a / stack.shape[1]
+    out.fill_diagonal_(1.0)
+    return out
+
+
+def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: float = 0.99) -> torch.Tensor:
+    """All-pairs SVCCA / PWCCA / CKA matrix from the covariance of the concatenated layers.
+
+    cov: [sum(dims), sum(dims)], the centred second moment of all layers'
+    features side by side; dims: the feature width of each layer.
+    PWCCA is weighted by the earlier layer of each pair and mirrored.
+    """
+    offsets = [0]
+    for d in dims:
+        offsets.append(offsets[-1] + d)
+    blocks = [slice(offsets[i], offsets[i + 1]) for i in range(len(dims))]
+    n = len(dims)
+    out = torch.eye(n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            c11, c12, c22 = cov[blocks[i], blocks[i]], cov[blocks[i], blocks[j]], cov[blocks[j], blocks[j]]
+            if measure == "svcca":
+                rho = svcca_from_cov(c11, c12, c22, thre=thre)
+                value = float(rho.mean()) if rho.numel() else 0.0
+            elif measure == "pwcca":
+                value = pwcca_from_cov(c11, c12, c22)
+            elif measure == "cka":
+                value = cka_from_cov(c11, c12, c22)
+            else:
+                raise ValueError(f"not a covariance measure: {measure}")
+            out[i, j] = out[j, i] = value
+    return out

@@ -1,0 +1,161 @@
+"""Measures against independent references: dcor, closed forms, and a QR-based CCA written here."""
+
+from __future__ import annotations
+
+import dcor
+import numpy as np
+import pytest
+import torch
+
+from comflp.measures import (angular_matrix, cka_unbiased_matrix, cosine_matrix, covariance, dc_matrix,
+                             distance_correlation, linear_cka, matrix_from_cov, pwcca, svcca)
+
+
+def _stack(layers: int = 4, n: int = 24, d: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g, dtype=torch.float64)
+    out = [base]
+    for _ in range(layers - 1):
+        out.append(torch.tanh(out[-1] @ torch.randn(d, d, generator=g, dtype=torch.float64) * 0.7)
+                   + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    return torch.stack(out)
+
+
+def _unit_rows(x: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(x, dim=-1).numpy()
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_dc_equals_dcor(unbiased: bool) -> None:
+    stack = _stack()
+    m = dc_matrix(stack, unbiased=unbiased)
+    ref_fn = dcor.u_distance_correlation_sqr if unbiased else dcor.distance_correlation_sqr
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                ref = ref_fn(_unit_rows(stack[i]), _unit_rows(stack[j]))
+                assert m[i, j] == pytest.approx(ref, abs=2e-6)
+                assert distance_correlation(stack[i], stack[j], unbiased=unbiased) == pytest.approx(ref, abs=2e-6)
+
+
+def test_biased_dc_is_inflated_on_batches_of_four() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    assert dc_matrix(torch.stack([x, y]))[0, 1] > 0.5  # independent data, yet high
+    big = torch.randn(2, 400, 8, generator=g, dtype=torch.float64)
+    assert abs(float(dc_matrix(big, unbiased=True)[0, 1])) < 0.05
+
+
+def test_cka_equals_closed_form() -> None:
+    x, y = _stack(2, n=30, d=5, seed=2)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    # Gram-matrix form (Kornblith et al. eq. 2 via centred kernels)
+    hsic = lambda k, l: torch.trace(k @ l)  # noqa: E731
+    kx, ky = xc @ xc.T, yc @ yc.T
+    ref = hsic(kx, ky) / torch.sqrt(hsic(kx, kx) * hsic(ky, ky))
+    assert linear_cka(x, y) == pytest.approx(float(ref), rel=1e-10)
+
+
+def test_unbiased_cka_equals_song_estimator_written_out() -> None:
+    stack = _stack(2, n=12, d=4, seed=3)
+    n = 12
+
+    def hsic_u(k, l):
+        k = k.clone().fill_diagonal_(0)
+        l = l.clone().fill_diagonal_(0)
+        one = torch.ones(n, dtype=torch.float64)
+        return (torch.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+
+    kx, ky = stack[0] @ stack[0].T, stack[1] @ stack[1].T
+    ref = hsic_u(kx, ky) / torch.sqrt(hsic_u(kx, kx) * hsic_u(ky, ky))
+    assert cka_unbiased_matrix(stack)[0, 1] == pytest.approx(float(ref), rel=1e-10)
+
+
+def _qr_cca(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Canonical correlations as the cosines of principal angles: SVD of Qx^T Qy (samples in rows)."""
+    qx, _ = np.linalg.qr(x - x.mean(0))
+    qy, _ = np.linalg.qr(y - y.mean(0))
+    return np.linalg.svd(qx.T @ qy, compute_uv=False)
+
+
+def _reduce(x: np.ndarray, thre: float) -> np.ndarray:
+    """The paper's SVD reduction on [samples, features]: keep top directions whose s first sum past thre."""
+    xc = x - x.mean(0)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    k = int(np.searchsorted(np.cumsum(s) / s.sum(), thre, side="right")) + 1
+    return u[:, :k] * s[:k]
+
+
+@pytest.mark.parametrize("thre", [0.5, 0.9, 0.99])
+def test_svcca_equals_independent_cca(thre: float) -> None:
+    x, y = _stack(2, n=60, d=8, seed=4)
+    ref = _qr_cca(_reduce(x.numpy(), thre), _reduce(y.numpy(), thre))
+    got = svcca(x, y, thre=thre).numpy()
+    np.testing.assert_allclose(np.sort(got), np.sort(ref)[-len(got):], atol=1e-8)
+    assert len(got) == min(_reduce(x.numpy(), thre).shape[1], _reduce(y.numpy(), thre).shape[1])
+
+
+def test_pwcca_equals_independent_computation() -> None:
+    x, y = _stack(2, n=80, d=5, seed=5)
+    xn, yn = x.numpy() - x.numpy().mean(0), y.numpy() - y.numpy().mean(0)
+    qx, _ = np.linalg.qr(xn)
+    qy, _ = np.linalg.qr(yn)
+    u, rho, _ = np.linalg.svd(qx.T @ qy)
+    h = qx @ u  # canonical variates of x, orthonormal columns [N, k]
+    alpha = np.abs(h.T @ xn).sum(1)
+    assert pwcca(x, y) == pytest.approx(float((alpha * rho).sum() / alpha.sum()), rel=1e-8)
+
+
+def test_cosine_and_angular() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    stack = torch.stack([x, y])
+    assert cosine_matrix(stack)[0, 1] == pytest.approx((np.sqrt(0.5) - 1.0) / 2)
+    assert angular_matrix(stack)[0, 1] == pytest.approx(1 - (0.25 + 1.0) / 2)
+
+
+def _all_matrices(stack: torch.Tensor) -> dict[str, torch.Tensor]:
+    flat = stack.permute(1, 0, 2).reshape(stack.shape[1], -1)
+    cov = covariance(flat)
+    dims = [stack.shape[2]] * stack.shape[0]
+    return {
+        "dc": dc_matrix(stack), "dc_unbiased": dc_matrix(stack, unbiased=True),
+        "cka": matrix_from_cov(cov, dims, "cka"), "svcca": matrix_from_cov(cov, dims, "svcca"),
+        "pwcca": matrix_from_cov(cov, dims, "pwcca"), "cka_unbiased": cka_unbiased_matrix(stack),
+        "cosine": cosine_matrix(stack), "angular": angular_matrix(stack),
+    }
+
+
+def test_symmetric_unit_diagonal_and_pairwise_agreement() -> None:
+    stack = _stack(5, n=40, d=6, seed=6)
+    mats = _all_matrices(stack)
+    for name, m in mats.items():
+        assert torch.allclose(m, m.T), name
+        assert torch.all(torch.diagonal(m) == 1.0), name
+        assert torch.isfinite(m).all(), name
+    assert mats["cka"][1, 3] == pytest.approx(linear_cka(stack[1], stack[3]), rel=1e-10)
+    assert mats["svcca"][0, 2] == pytest.approx(float(svcca(stack[0], stack[2]).mean()), rel=1e-10)
+    assert mats["pwcca"][0, 2] == pytest.approx(pwcca(stack[0], stack[2]), rel=1e-10)
+
+
+def test_invariance_to_rotation_and_isotropic_scaling() -> None:
+    stack = _stack(3, n=30, d=6, seed=7)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8)))
+    moved = stack.clone()
+    moved[1] = 3.7 * stack[1] @ q
+    before, after = _all_matrices(stack), _all_matrices(moved)
+    for name in ("dc", "dc_unbiased", "cka", "cka_unbiased", "svcca"):
+        torch.testing.assert_close(after[name], before[name], rtol=1e-7, atol=1e-7, msg=name)
+    # PWCCA weights canonical variates by L1 sums over neurons: scale-free, but the neuron basis matters.
+    scaled = stack.clone()
+    scaled[1] = 3.7 * stack[1]
+    torch.testing.assert_close(_all_matrices(scaled)["pwcca"], before["pwcca"], rtol=1e-7, atol=1e-7)
+
+
+def test_constant_or_zero_layer_is_finite() -> None:
+    stack = _stack(4, n=20, d=5, seed=9)
+    stack[1] = 0.0
+    stack[2] = 2.5
+    for name, m in _all_matrices(stack).items():
+        assert torch.isfinite(m).all(), name
