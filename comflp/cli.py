@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("comflp.cli", "remove layers (--layers or a strategy file) and save an HF-format model"),
     "corpus": ("comflp.demo_corpus", "generate the embedded synthetic Mandarin corpus"),
     "prepare-aishell": ("comflp.aishell", "build Kaldi dirs from an official AISHELL-1 download"),
+    "measure": ("comflp.analysis", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
     "test": ("comflp.test_asr", "decode a corpus: CER/WER, real-time factor, parameters"),
     "demo": ("comflp.pipeline", "run the pipeline on the embedded default, as resumable stages"),
 }

@@ -1,0 +1,220 @@
+"""Measure layer-by-layer correlation matrices of a model: ``comflp measure``, ``dc_analysis.py``,
+``svcca_analysis.py``.
+
+Multi-process: ``accelerate launch --num_processes N [--cpu] dc_analysis.py ...`` shards the
+batches over processes and all-reduces the statistics; only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import atomic
+from .data import read_corpus_dir
+from .errors import ComflpError, exit_on_error
+from .hidden import ALL_MEASURES, MeasureSettings, collect
+from .logs import setup_logging
+from .model import load_model, num_layers
+from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
+
+log = logging.getLogger("comflp.measure")
+
+
+def dc_dump_name(mode: str, batch_size: int, iter_num: int, accum_batch: int = 1) -> str:
+    """The paper's DC file name: ``dc_mat_{mode}_bs{bs*accum}_iter{iter}.npy``."""
+    return f"dc_mat_{mode}_bs{batch_size * accum_batch}_iter{iter_num}.npy"
+
+
+def svcca_dump_name(batch_size: int, iter_num: int, mode: str, thre: float) -> str:
+    """The paper's SVCCA file name: ``cca_mat_{bs*iter}{mode}_svthre{thre}.npy``."""
+    return f"cca_mat_{batch_size * iter_num}{mode}_svthre{thre}.npy"
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_num: int) -> None:
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
+    p.add_argument("--data_dir", type=Path, default=demo_split("train"),
+                   help="Kaldi dir to measure on; transcripts not needed (default: the embedded corpus's train split)")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="utterances per batch (default: %(default)s)")
+    p.add_argument("--iter_num", type=int, default=iter_num, help="number of batches (default: %(default)s)")
+    p.add_argument("--accum_batch", type=int, default=1,
+                   help="micro-batches joined into one batch for per-batch measures (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="selects the utterances; same seed, same matrix (default: %(default)s)")
+    p.add_argument("--use_pretrained", type=int, choices=[0, 1], default=1,
+                   help="1: the model's trained weights; 0: a random initialisation of its config, a control (default: %(default)s)")
+    p.add_argument("--num_layers", type=int, default=None, help="expected number of layers; checked against the model")
+    p.add_argument("--pool_padding", action="store_true",
+                   help="average padded frames into the pooled vectors as the paper did (default: padding ignored)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dump_dir", type=Path, default=DUMP_DIR, help="where matrices go (default: %(default)s)")
+    p.add_argument("--figure_dir", type=Path, default=FIGURE_DIR, help="where heatmaps go (default: %(default)s)")
+    p.add_argument("--no_plot", action="store_true", help="skip the heatmap PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _accelerator():
+    """An accelerate.Accelerator when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        return Accelerator()
+    return None
+
+
+def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, np.ndarray], dict] | None:
+    """Load, measure, return (matrices, metadata) on process 0 (None on the others)."""
+    settings.validate()
+    accelerator = _accelerator()
+    is_main = accelerator is None or accelerator.is_main_process
+    setup_logging(Path(args.dump_dir) / "measure.log" if is_main else None)
+    device = accelerator.device if accelerator else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    utts = read_corpus_dir(args.data_dir, require_text=False)
+    loaded = load_model(args.model, device=device)
+    model = loaded.model
+    if args.num_layers is not None and args.num_layers != num_layers(model):
+        raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {num_layers(model)} layers")
+    if not args.use_pretrained:
+        torch.manual_seed(settings.seed)
+        model = type(model)(model.config).eval().to(device)
+    start = time.perf_counter()
+    matrices, stats = collect(model, loaded.feature_extractor, utts, settings, accelerator=accelerator,
+                              progress=not args.quiet)
+    if not is_main:
+        return None
+    meta = {
+        "model": str(args.model), "data_dir": str(args.data_dir), "num_layers": num_layers(model),
+        "use_pretrained": bool(args.use_pretrained), "settings": {**settings.__dict__, "measures": list(settings.measures)},
+        "num_utterances": stats.num_utterances, "num_frames": stats.num_frames, "num_batches": stats.num_batches,
+        "processes": accelerator.num_processes if accelerator else 1, "seconds": round(time.perf_counter() - start, 3),
+    }
+    log.info("measured %s on %d utterances (%d frames) in %.1f s", ",".join(settings.measures),
+             stats.num_utterances, stats.num_frames, meta["seconds"])
+    return {k: v.numpy() for k, v in matrices.items()}, meta
+
+
+def _plot(matrix: np.ndarray, args: argparse.Namespace, stem: str, title: str) -> None:
+    if args.no_plot:
+        return
+    from .plots import heatmap
+
+    path = heatmap(matrix, Path(args.figure_dir) / f"{stem}.png", title=title)
+    log.info("heatmap -> %s", path)
+
+
+def _write_paper_matrix(matrix: np.ndarray, meta: dict, args: argparse.Namespace, name: str, title: str) -> Path:
+    path = Path(args.dump_dir) / name
+    atomic.save_npy(path, matrix)
+    atomic.write_json(path.with_suffix(".json"), meta)
+    log.info("matrix -> %s", path)
+    _plot(matrix, args, path.stem, title)
+    return path
+
+
+def dc_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python dc_analysis.py",
+                                description="Distance-correlation matrix of hidden states 0..L (the paper's DC). "
+                                            "Writes dump/dc_mat_{mode}_bs{bs*accum}_iter{iter}.npy and a heatmap.")
+    add_common_arguments(p, batch_size=4, iter_num=10)
+    p.add_argument("--mode", choices=["mean", "seq"], default="mean",
+                   help="mean: time-pooled vectors (paper); seq: frame sequences cut to the batch's shortest and "
+                        "flattened (default: %(default)s)")
+    p.add_argument("--unbiased", action="store_true",
+                   help="U-centred (unbiased) estimator; the biased one is inflated on small batches. "
+                        "The file name gets a _unbiased suffix")
+    return p
+
+
+@exit_on_error
+def dc_main(argv: list[str] | None = None) -> None:
+    args = dc_parser().parse_args(argv)
+    measure = "dc_unbiased" if args.unbiased else "dc"
+    settings = MeasureSettings(measures=(measure,), batch_size=args.batch_size, iter_num=args.iter_num,
+                               accum_batch=args.accum_batch, dc_mode=args.mode, seed=args.seed,
+                               pool_padding=args.pool_padding)
+    result = run(args, settings)
+    if result is None:
+        return
+    matrices, meta = result
+    name = dc_dump_name(args.mode, args.batch_size, args.iter_num, args.accum_batch)
+    if args.unbiased:
+        name = name.replace(".npy", "_unbiased.npy")
+    path = _write_paper_matrix(matrices[measure], meta, args, name, f"DC ({args.mode}, {measure})")
+    print(path)
+
+
+def svcca_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python svcca_analysis.py",
+                                description="SVCCA matrix of hidden states 0..L (the paper's SVCCA), streamed. "
+                                            "Writes dump/cca_mat_{bs*iter}{mode}_svthre{thre}.npy and a heatmap.")
+    add_common_arguments(p, batch_size=32, iter_num=300)
+    p.add_argument("--thre", type=float, default=0.99,
+                   help="keep top singular directions whose singular values sum past this fraction (default: %(default)s)")
+    p.add_argument("--mode", choices=["U", "T"], default="U",
+                   help="U: one time-pooled vector per utterance; T: every frame a sample (default: %(default)s)")
+    return p
+
+
+@exit_on_error
+def svcca_main(argv: list[str] | None = None) -> None:
+    args = svcca_parser().parse_args(argv)
+    settings = MeasureSettings(measures=("svcca",), batch_size=args.batch_size, iter_num=args.iter_num,
+                               accum_batch=args.accum_batch, sample_mode=args.mode, thre=args.thre, seed=args.seed,
+                               pool_padding=args.pool_padding)
+    result = run(args, settings)
+    if result is None:
+        return
+    matrices, meta = result
+    name = svcca_dump_name(args.batch_size, args.iter_num, args.mode, args.thre)
+    path = _write_paper_matrix(matrices["svcca"], meta, args, name, f"SVCCA ({args.mode}, thre {args.thre})")
+    print(path)
+
+
+def measure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="comflp measure",
+                                description="Several correlation matrices from one streamed pass, saved together "
+                                            "in one .npz with the settings. Measures: " + ", ".join(ALL_MEASURES))
+    add_common_arguments(p, batch_size=8, iter_num=25)
+    p.add_argument("--measures", default="dc,svcca,cka", help="comma-separated (default: %(default)s)")
+    p.add_argument("--mode", choices=["mean", "seq"], default="mean", help="DC/unbiased-CKA vectors (default: %(default)s)")
+    p.add_argument("--svcca_mode", choices=["U", "T"], default="U",
+                   help="samples of svcca/pwcca/cka/cosine/angular: utterances or frames (default: %(default)s)")
+    p.add_argument("--thre", type=float, default=0.99, help="SVCCA threshold (default: %(default)s)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="the .npz (default: <dump_dir>/measures_bs{bs}_iter{iter}_{svcca_mode}.npz)")
+    return p
+
+
+@exit_on_error
+def measure_main(argv: list[str] | None = None) -> None:
+    args = measure_parser().parse_args(argv)
+    names = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    settings = MeasureSettings(measures=names, batch_size=args.batch_size, iter_num=args.iter_num,
+                               accum_batch=args.accum_batch, dc_mode=args.mode, sample_mode=args.svcca_mode,
+                               thre=args.thre, seed=args.seed, pool_padding=args.pool_padding)
+    result = run(args, settings)
+    if result is None:
+        return
+    matrices, meta = result
+    out = args.output or Path(args.dump_dir) / f"measures_bs{args.batch_size}_iter{args.iter_num}_{args.svcca_mode}.npz"
+    atomic.save_npz(out, settings=np.array(json.dumps(meta)), **matrices)
+    for name, m in matrices.items():
+        _plot(m, args, f"{Path(out).stem}_{name}", name)
+    log.info("matrices %s -> %s", ",".join(matrices), out)
+    print(out)
+
+
+def load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a ``comflp measure`` file: (matrices by name, metadata)."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["settings"]))
+        return {k: z[k] for k in z.files if k != "settings"}, meta
+
+
+main = measure_main

@@ -1,0 +1,75 @@
+"""Figures for papers: correlation heatmaps, score-vs-CER scatter, training curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .atomic import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str = "", annotate: bool = True) -> Path:
+    """Heatmap of an (L+1) x (L+1) layer-by-layer matrix; axes are hidden-state indices 0..L."""
+    n = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(0.45 * n + 2.5, 0.45 * n + 1.8))
+    im = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(np.nanmin(matrix))), vmax=1.0)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("hidden state")
+    ax.set_ylabel("hidden state")
+    if title:
+        ax.set_title(title)
+    if annotate and n <= 16:
+        for i in range(n):
+            for j in range(n):
+                v = matrix[i, j]
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def scatter(x: list[float], y: list[float], path: str | os.PathLike, *, xlabel: str, ylabel: str,
+            title: str = "") -> Path:
+    """Scatter plot with a least-squares line (e.g. coarse score vs CER of candidates)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.scatter(x, y, s=18)
+    if len(x) > 1 and np.ptp(x) > 0:
+        k, b = np.polyfit(x, y, 1)
+        xs = np.linspace(min(x), max(x), 10)
+        ax.plot(xs, k * xs + b, "--", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def curves(series: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike, *, xlabel: str,
+           ylabel: str, title: str = "") -> Path:
+    """Line plot of named (x, y) series, e.g. dev CER per epoch."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
