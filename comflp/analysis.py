@@ -1,8 +1,10 @@
 """Measure layer-by-layer correlation matrices of a model: ``comflp measure``, ``dc_analysis.py``,
 ``svcca_analysis.py``.
 
-Multi-process: ``accelerate launch --num_processes N [--cpu] dc_analysis.py ...`` shards the
-batches over processes and all-reduces the statistics; only process 0 writes files.
+Multi-process: ``accelerate launch --multi_gpu --num_processes N dc_analysis.py ...`` (GPUs, or
+gloo on a CPU-only machine) shards the batches over processes and all-reduces the statistics;
+only process 0 writes files. (accelerate 1.x starts several ``--cpu`` processes only through MPI,
+``--mpirun_hostfile``; without it ``--cpu --num_processes 2`` runs a single process.)
 """
 
 from __future__ import annotations
@@ -60,11 +62,16 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
 
 
 def _accelerator():
-    """An accelerate.Accelerator when launched with several processes, else None."""
+    """An accelerate.Accelerator when launched with several processes, else None.
+
+    Without CUDA the processes talk over gloo on the CPU: ``cpu=True`` is what
+    makes accelerate treat a torchrun-style launch (``accelerate launch
+    --multi_gpu``) on a CPU-only machine as MULTI_CPU rather than one process.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
 
-        return Accelerator()
+        return Accelerator(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "True")
     return None
 
 

@@ -1,0 +1,142 @@
+"""Capture and streamed statistics: streamed == in-memory, 2 processes == 1, the paper's DC recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dcor
+import numpy as np
+import pytest
+import torch
+
+from comflp import measures as M
+from comflp.analysis import load_npz
+from comflp.data import collate, frame_mask, read_corpus_dir
+from comflp.hidden import MeasureSettings, capture_layer_states, collect, select_utterances
+
+from conftest import make_corpus, save_plain, tiny_model, tiny_processor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hidden")
+    corpus = make_corpus(tmp / "corpus", n=12)
+    model = tiny_model("wav2vec2")
+    model_dir = save_plain(model, tmp / "model", tmp / "proc")
+    fe, _ = tiny_processor(tmp / "proc")
+    return model, fe, read_corpus_dir(corpus), corpus, model_dir
+
+
+def _in_memory(model, fe, utts, settings):
+    """All states of the selected utterances, batch by batch, kept in memory."""
+    chosen = select_utterances(utts, settings)
+    pooled, frames, per_batch = [], [], []
+    with torch.no_grad(), capture_layer_states(model) as states:
+        for i in range(0, len(chosen), settings.batch_size):
+            batch = collate(chosen[i: i + settings.batch_size], fe)
+            model(batch.input_values, attention_mask=batch.attention_mask)
+            mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
+            st = torch.stack(states).to(torch.float64)  # [L, B, T, D]
+            w = mask[None, :, :, None].to(torch.float64)
+            p = (st * w).sum(2) / w.sum(2)
+            pooled.append(p)
+            per_batch.append(p)
+            frames.append(st[:, mask])  # [L, n, D]
+    return torch.cat(pooled, 1), torch.cat(frames, 1), per_batch
+
+
+@pytest.mark.parametrize("mode", ["U", "T"])
+def test_streamed_equals_in_memory(setup, mode: str) -> None:
+    model, fe, utts, _, _ = setup
+    settings = MeasureSettings(measures=("svcca", "pwcca", "cka", "cosine", "angular"), batch_size=3, iter_num=4,
+                               sample_mode=mode, thre=0.99)
+    got, stats = collect(model, fe, utts, settings, progress=False)
+    pooled, frames, _ = _in_memory(model, fe, utts, settings)
+    samples = pooled if mode == "U" else frames
+    assert stats.count == samples.shape[1]
+    n = samples.shape[0]
+    for i in range(n):
+        for j in range(i + 1, n):
+            x, y = samples[i], samples[j]
+            assert got["svcca"][i, j] == pytest.approx(float(M.svcca(x, y, thre=0.99).mean()), abs=1e-9)
+            assert got["pwcca"][i, j] == pytest.approx(M.pwcca(x, y), abs=1e-9)
+            assert got["cka"][i, j] == pytest.approx(M.linear_cka(x, y), abs=1e-9)
+    torch.testing.assert_close(got["cosine"], M.cosine_matrix(samples), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got["angular"], M.angular_matrix(samples), rtol=0, atol=1e-12)
+
+
+def test_dc_is_the_mean_over_batches_of_dcor_on_pooled_normalised_vectors(setup) -> None:
+    model, fe, utts, _, _ = setup
+    settings = MeasureSettings(measures=("dc", "dc_unbiased"), batch_size=4, iter_num=3)
+    got, stats = collect(model, fe, utts, settings, progress=False)
+    assert stats.num_batches == 3
+    _, _, per_batch = _in_memory(model, fe, utts, settings)
+    unit = [torch.nn.functional.normalize(p, dim=-1).numpy() for p in per_batch]
+    ref = np.mean([dcor.distance_correlation_sqr(u[2], u[6]) for u in unit])
+    ref_u = np.mean([dcor.u_distance_correlation_sqr(u[2], u[6]) for u in unit])
+    assert got["dc"][2, 6] == pytest.approx(ref, abs=1e-6)
+    # the paper's epsilons (1e-12 in the distance, 1e-9 in the denominator) weigh more on 4 samples
+    assert got["dc_unbiased"][2, 6] == pytest.approx(ref_u, abs=1e-5)
+
+
+def test_same_seed_same_matrix_other_seed_other_sample(setup) -> None:
+    model, fe, utts, _, _ = setup
+    s = MeasureSettings(measures=("dc",), batch_size=2, iter_num=3, seed=5)
+    a, _ = collect(model, fe, utts, s, progress=False)
+    b, _ = collect(model, fe, utts, s, progress=False)
+    assert torch.equal(a["dc"], b["dc"])
+    other = MeasureSettings(measures=("dc",), batch_size=2, iter_num=3, seed=6)
+    assert select_utterances(utts, s) != select_utterances(utts, other)
+
+
+def test_padding_is_ignored_unless_asked(setup) -> None:
+    model, fe, utts, _, _ = setup
+    base = dict(measures=("cosine",), batch_size=4, iter_num=2)
+    masked, _ = collect(model, fe, utts, MeasureSettings(**base), progress=False)
+    paper, _ = collect(model, fe, utts, MeasureSettings(**base, pool_padding=True), progress=False)
+    assert not torch.allclose(masked["cosine"], paper["cosine"])
+
+
+def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_two_processes_equal_one(setup, tmp_path: Path) -> None:
+    _, _, _, corpus, model_dir = setup
+    args = ["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "2", "--iter_num", "4",
+            "--measures", "dc,svcca,cka,cosine", "--svcca_mode", "T", "--no_plot", "--quiet"]
+    one = _run([sys.executable, "-m", "comflp", "measure", *args, "--dump_dir", str(tmp_path / "one"),
+                "--output", str(tmp_path / "one.npz")])
+    assert one.returncode == 0, one.stderr
+    accelerate = Path(sys.executable).parent / "accelerate"
+    # accelerate's torchrun route; on a CPU-only machine comflp makes it gloo on the CPU
+    two = _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "comflp", "measure", *args,
+                "--dump_dir", str(tmp_path / "two"), "--output", str(tmp_path / "two.npz")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, meta1 = load_npz(tmp_path / "one.npz")
+    m2, meta2 = load_npz(tmp_path / "two.npz")
+    assert meta2["processes"] == 2 and meta1["processes"] == 1
+    assert meta1["num_frames"] == meta2["num_frames"] and meta1["num_utterances"] == meta2["num_utterances"] == 8
+    for name in m1:
+        np.testing.assert_allclose(m2[name], m1[name], rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_measure_npz_records_settings(setup, tmp_path: Path) -> None:
+    _, _, _, corpus, model_dir = setup
+    out = _run([sys.executable, "-m", "comflp", "measure", "--model", str(model_dir), "--data_dir", str(corpus),
+                "--batch_size", "4", "--iter_num", "2", "--measures", "dc,pwcca,angular", "--dump_dir",
+                str(tmp_path), "--figure_dir", str(tmp_path), "--quiet"])
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])
+    mats, meta = load_npz(path)
+    assert set(mats) == {"dc", "pwcca", "angular"} and mats["dc"].shape == (7, 7)
+    assert meta["settings"]["batch_size"] == 4 and meta["num_utterances"] == 8
+    assert {p.name for p in tmp_path.glob("*.png")} == {f"{path.stem}_{m}.png" for m in mats}
