@@ -1,0 +1,229 @@
+"""Fine search: the real error rate of candidate strategies on a small labelled subset.
+
+The subset is the first ``num_batches x batch_size`` utterances of the corpus
+in ``wav.scp`` order (the paper's unshuffled loader), decoded in length-sorted
+batches of ``batch_size``.
+
+No pruned model is built and no weight is copied: the original model runs with
+layers switched off (its layer list replaced by the kept modules). Candidates
+share computation: each batch's feature-encoder output is computed once, and
+the output of every layer application is cached under the kept-layer prefix
+that produced it, so candidates whose kept sequences share a prefix (a trie
+over kept sequences) reuse it. Candidates are visited in lexicographic order
+of their kept sequences and the cache holds only the current trie path, so
+memory stays at one path of hidden states per batch. The logits are those of
+the separately built pruned model, bit for bit.
+
+GLP (greedy layer pruning, the paper's slow baseline) removes one layer per
+step, each time the one whose removal gives the lowest error rate, on the
+same engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import AudioBatch, Utterance, collate, frame_mask, iter_batches, length_sorted_batches
+from .errors import ComflpError
+from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
+from .model import LoadedModel, base_model, encoder_layers, prune, run_layers
+from .strategy import Candidate, validate
+
+log = logging.getLogger(__name__)
+
+
+def verify_subset(utts: Sequence[Utterance], num_batches: int, batch_size: int) -> list[Utterance]:
+    """The first ``num_batches x batch_size`` utterances in corpus order (all if fewer)."""
+    if num_batches < 1 or batch_size < 1:
+        raise ComflpError("--test_num_batch and --verify_batch_size must be positive")
+    return list(utts[: num_batches * batch_size])
+
+
+class _CachedLayer(nn.Module):
+    """Runs ``layer`` unless its output for this trie prefix is cached."""
+
+    def __init__(self, layer: nn.Module, key: tuple[int, ...], cache: dict, counter: list[int]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.key = key
+        self.cache = cache
+        self.counter = counter
+
+    def forward(self, *args, **kwargs):
+        out = self.cache.get(self.key)
+        if out is None:
+            out = self.layer(*args, **kwargs)
+            self.cache[self.key] = out
+            self.counter[0] += 1
+        return out
+
+
+class _CachedModule(nn.Module):
+    """Returns a fixed output (the batch's feature-encoder result) without running ``module``."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+@dataclass
+class FineSearchStats:
+    """Work done: layer forward calls made, and what building each candidate separately would make."""
+
+    layer_applications: int = 0
+    naive_layer_applications: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class FineSearch:
+    """Evaluate many pruning strategies of one model on one labelled subset."""
+
+    loaded: LoadedModel
+    utts: Sequence[Utterance]
+    batch_size: int = 32
+    unit: Unit | None = None
+    progress: bool = True
+    stats: FineSearchStats = field(default_factory=FineSearchStats)
+    hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
+
+    def __post_init__(self) -> None:
+        if self.loaded.tokenizer is None:
+            raise ComflpError(f"{self.loaded.source} has no tokenizer: fine search needs one to decode")
+        if any(u.text is None for u in self.utts):
+            raise ComflpError("fine search needs transcripts (a text file in the verify data dir)")
+        self.unit = self.unit or guess_unit([u.text for u in self.utts])
+        self.device = next(self.loaded.model.parameters()).device
+        groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
+        self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
+        self.num_layers = len(encoder_layers(self.loaded.model))
+
+    @torch.inference_mode()
+    def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
+        """Error rate of each pruned set (1-based layers), in the order given."""
+        sets = [validate(p, self.num_layers) if p else [] for p in pruned_sets]
+        kept = [tuple(i for i in range(self.num_layers) if i + 1 not in set(p)) for p in sets]
+        order = sorted(range(len(sets)), key=lambda i: kept[i])  # DFS order of the trie
+        model = self.loaded.model
+        base = base_model(model)
+        hyps: list[dict[str, str]] = [{} for _ in sets]
+        start = time.perf_counter()
+        counter = [0]
+        total = len(self._batches) * len(sets)
+        bar = tqdm(total=total, desc="fine search", unit="cand-batch", disable=not self.progress)
+        for batch in self._batches:
+            batch = batch.to(self.device)
+            features = base.feature_extractor(batch.input_values)
+            cache: dict[tuple[int, ...], object] = {}
+            original_fe = base.feature_extractor
+            base.feature_extractor = _CachedModule(features)
+            try:
+                for i in order:
+                    seq = kept[i]
+                    for key in [k for k in cache if seq[: len(k)] != k]:
+                        del cache[key]  # leave the trie path
+                    with run_layers(model, seq):
+                        encoder = base.encoder
+                        selected = encoder.layers
+                        encoder.layers = nn.ModuleList(
+                            [_CachedLayer(layer, seq[: j + 1], cache, counter) for j, layer in enumerate(selected)])
+                        try:
+                            logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
+                        finally:
+                            encoder.layers = selected
+                    mask = frame_mask(model, batch.attention_mask, logits.shape[1])
+                    texts = greedy_decode(logits, self.loaded.tokenizer, mask.sum(-1))
+                    hyps[i].update(zip(batch.utt_ids, texts))
+                    bar.update(1)
+            finally:
+                base.feature_extractor = original_fe
+        bar.close()
+        self.stats.layer_applications += counter[0]
+        self.stats.naive_layer_applications += len(self._batches) * sum(len(k) for k in kept)
+        self.stats.seconds += time.perf_counter() - start
+        refs = [u.text for u in self.utts]
+        self.hypotheses = [[h[u.utt_id] for u in self.utts] for h in hyps]
+        return [error_rate(refs, h, unit=self.unit) for h in self.hypotheses]
+
+
+def evaluate_separately(loaded: LoadedModel, utts: Sequence[Utterance], pruned_sets: Sequence[Sequence[int]], *,
+                        batch_size: int = 32, unit: Unit | None = None) -> tuple[list[ErrorRate], list[list[str]]]:
+    """The naive reference: build each pruned model (weights copied) and decode the subset with it.
+
+    Returns the error rates and the hypotheses (in ``utts`` order) of each set.
+    """
+    unit = unit or guess_unit([u.text for u in utts])
+    out, all_hyps = [], []
+    for pruned in pruned_sets:
+        model = prune(loaded.model, pruned) if pruned else loaded.model
+        hyps: dict[str, str] = {}
+        with torch.inference_mode():
+            for batch in iter_batches(utts, loaded.feature_extractor, batch_size=batch_size):
+                batch = batch.to(next(model.parameters()).device)
+                logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
+                mask = frame_mask(model, batch.attention_mask, logits.shape[1])
+                hyps.update(zip(batch.utt_ids, greedy_decode(logits, loaded.tokenizer, mask.sum(-1))))
+        all_hyps.append([hyps[u.utt_id] for u in utts])
+        out.append(error_rate([u.text for u in utts], all_hyps[-1], unit=unit))
+    return out, all_hyps
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Candidates with their error rates (input order), the best one, and score-vs-CER correlation."""
+
+    candidates: list[Candidate]
+    best: Candidate
+    pearson: float | None
+
+
+def verify(fine: FineSearch, candidates: Sequence[Candidate]) -> VerifyReport:
+    """Measure every candidate; the best is the lowest error rate (ties: the earlier candidate)."""
+    rates = fine.evaluate([c.pruned for c in candidates])
+    measured = [Candidate(list(c.pruned), c.score, r.rate) for c, r in zip(candidates, rates)]
+    best = min(measured, key=lambda c: c.cer)
+    scores = [c.score for c in measured]
+    pearson = None
+    if len(measured) > 2 and None not in scores and np.std(scores) > 0 and np.std([c.cer for c in measured]) > 0:
+        pearson = float(np.corrcoef(scores, [c.cer for c in measured])[0, 1])
+    return VerifyReport(measured, best, pearson)
+
+
+@dataclass(frozen=True)
+class GLPResult:
+    """Greedy layer pruning: the set after each step with its error rate."""
+
+    path: list[Candidate]
+    seconds: float
+    evaluations: int
+
+
+def greedy_layer_pruning(fine: FineSearch, k: int, *, progress: bool = True) -> GLPResult:
+    """The paper's baseline: K steps, each removing the layer whose removal gives the lowest error rate."""
+    if not 0 < k < fine.num_layers:
+        raise ComflpError(f"cannot prune {k} of {fine.num_layers} layers: need 0 < K < {fine.num_layers}")
+    start = time.perf_counter()
+    pruned: list[int] = []
+    path: list[Candidate] = []
+    evaluations = 0
+    for step in range(1, k + 1):
+        remaining = [x for x in range(1, fine.num_layers + 1) if x not in pruned]
+        trials = [sorted(pruned + [x]) for x in remaining]
+        rates = fine.evaluate(trials)
+        evaluations += len(trials)
+        best = int(np.argmin([r.rate for r in rates]))  # ties: the lowest layer
+        pruned = trials[best]
+        path.append(Candidate(pruned, None, rates[best].rate))
+        log.info("GLP step %d: prune %s -> CER %.2f%%", step, pruned, 100 * rates[best].rate)
+    return GLPResult(path, time.perf_counter() - start, evaluations)
