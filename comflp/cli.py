@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("comflp.demo_corpus", "generate the embedded synthetic Mandarin corpus"),
     "prepare-aishell": ("comflp.aishell", "build Kaldi dirs from an official AISHELL-1 download"),
     "measure": ("comflp.analysis", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
+    "search": ("comflp.search_cli", "coarse search on a matrix + fine search (CER) of the candidates"),
+    "glp": ("comflp.search_cli", "greedy layer pruning by CER (the slow baseline)"),
     "test": ("comflp.test_asr", "decode a corpus: CER/WER, real-time factor, parameters"),
     "demo": ("comflp.pipeline", "run the pipeline on the embedded default, as resumable stages"),
 }
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(COMMANDS[name][0])
     if module.__name__ == __name__:
         {"info": info_main, "prune": prune_main}[name](rest)
+    elif name == "glp":
+        module.glp_main(rest)
     else:
         module.main(rest)
 

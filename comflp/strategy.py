@@ -115,7 +115,13 @@ class StrategyFile:
         return d
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic.write_json(path, self.to_dict())
+        """Write atomically, one candidate per line (diff- and grep-friendly)."""
+        d = self.to_dict()
+        lines = [f'{{"num_layers": {d["num_layers"]},', ' "candidates": [']
+        lines += [f"  {json.dumps(c)}," for c in d["candidates"]]
+        lines[-1] = lines[-1].rstrip(",")
+        meta = f',\n "meta": {json.dumps(d["meta"], ensure_ascii=False)}' if "meta" in d else ""
+        atomic.write_text(path, "\n".join(lines) + f"\n ]{meta}\n}}\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StrategyFile":

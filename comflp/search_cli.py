@@ -1,0 +1,230 @@
+"""Coarse + fine search front-ends: ``comflp search`` / ``search_strategy/search_prune_then_verify_mix.py``
+and ``comflp glp`` / ``search_strategy/wer_based_greedy_search.py``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .analysis import dc_dump_name, load_npz, svcca_dump_name
+from .data import read_corpus_dir
+from .errors import ComflpError, exit_on_error
+from .logs import setup_logging
+from .paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
+from .search import SEARCH_MODES, check_matrix, search
+from .strategy import Candidate, StrategyFile
+
+log = logging.getLogger("comflp.search")
+
+MEASURES = ("dc", "svcca", "dc_unbiased", "pwcca", "cka", "cka_unbiased", "cosine", "angular", "rand")
+LOG_DIR = REPO_ROOT / "search_strategy" / "log"
+
+
+def str2bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y", "t"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
+    p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
+                   help="labelled Kaldi dir for fine search (default: the embedded corpus's dev split; "
+                        "the paper verified on its test set)")
+    p.add_argument("--test_num_batch", type=int, default=10,
+                   help="batches in the fine-search subset (default: %(default)s)")
+    p.add_argument("--verify_batch_size", type=int, default=32,
+                   help="utterances per batch; the subset is the first test_num_batch x verify_batch_size "
+                        "utterances in wav.scp order (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--log_dir", type=Path, default=LOG_DIR, help="where the paper-style log goes (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def search_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python search_strategy/search_prune_then_verify_mix.py",
+        description="Coarse search on a correlation matrix, then fine search (CER of the top candidates on a "
+                    "labelled subset). Writes a strategy JSON, best first.")
+    p.add_argument("--num_layers", type=int, default=12, help="layers of the model (default: %(default)s)")
+    p.add_argument("--num_clip_layers", type=int, default=6, help="K, layers to prune (default: %(default)s)")
+    p.add_argument("--search_mode", choices=SEARCH_MODES, default="exhaustive", help="(default: %(default)s)")
+    p.add_argument("--select_measure", choices=MEASURES, default="dc",
+                   help="which matrix scores the strategies; rand draws random strategies, scored on the DC matrix "
+                        "(default: %(default)s)")
+    p.add_argument("--topk_num", type=int, default=10, help="candidates kept by exhaustive/exact/rand (default: %(default)s)")
+    p.add_argument("--beam_size", type=int, default=10, help="beam width (default: %(default)s)")
+    p.add_argument("--coarse_search_only", type=str2bool, default=False, help="skip the fine search (default: %(default)s)")
+    p.add_argument("--verify_wer", type=str2bool, default=True, help="measure CER/WER of the candidates (default: %(default)s)")
+    p.add_argument("--bs", type=int, default=32, help="batch size in the DC/SVCCA dump name (default: %(default)s)")
+    p.add_argument("--iter", type=int, default=10, help="iterations in the DC/SVCCA dump name (default: %(default)s)")
+    p.add_argument("--mode", default="mean", help="DC mode in the dump name (default: %(default)s)")
+    p.add_argument("--svcca_mode", default="U", help="SVCCA mode in the dump name (default: %(default)s)")
+    p.add_argument("--thre", type=float, default=0.99, help="SVCCA threshold in the dump name (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the rand baseline (default: %(default)s)")
+    p.add_argument("--measure_file", type=Path, default=None,
+                   help="use this matrix (.npy, or .npz from `comflp measure`: the --select_measure entry) "
+                        "instead of the dump file the paper's flags name")
+    p.add_argument("--output", type=Path, default=None,
+                   help="strategy JSON (default: exp/search/clip{L}to{L-K}_{measure}_{mode}.json)")
+    add_verify_arguments(p)
+    return p
+
+
+def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, Path]:
+    """The matrix the flags name, found as the paper does (dump/ under the repository root)."""
+    measure = "dc" if args.select_measure == "rand" else args.select_measure
+    if args.measure_file is not None:
+        path = Path(args.measure_file)
+        if not path.is_file():
+            raise ComflpError(f"--measure_file not found: {path}")
+        if path.suffix == ".npz":
+            mats, _ = load_npz(path)
+            if measure not in mats:
+                raise ComflpError(f"{path} holds {', '.join(sorted(mats))}, not {measure}")
+            return mats[measure], path
+        try:
+            return np.load(path, allow_pickle=False), path
+        except ValueError as err:
+            raise ComflpError(f"cannot read {path} as a matrix: {err}") from None
+    if measure == "dc":
+        path = DUMP_DIR / dc_dump_name(args.mode, args.bs, args.iter)
+        flags = f"--select_measure {args.select_measure} --mode {args.mode} --bs {args.bs} --iter {args.iter}"
+        make = f"python dc_analysis.py --batch_size {args.bs} --iter_num {args.iter} --mode {args.mode}"
+    elif measure == "svcca":
+        path = DUMP_DIR / svcca_dump_name(args.bs, args.iter, args.svcca_mode, args.thre)
+        flags = f"--select_measure svcca --bs {args.bs} --iter {args.iter} --svcca_mode {args.svcca_mode} --thre {args.thre}"
+        make = (f"python svcca_analysis.py --batch_size {args.bs} --iter_num {args.iter} --mode {args.svcca_mode} "
+                f"--thre {args.thre}")
+    else:
+        raise ComflpError(f"--select_measure {measure} has no paper dump name: pass --measure_file "
+                          f"(e.g. the .npz of `comflp measure --measures {measure}`)")
+    if not path.is_file():
+        raise ComflpError(f"matrix file not found: {path} (named by {flags}); make it with `{make}` "
+                          f"or pass --measure_file")
+    return np.load(path, allow_pickle=False), path
+
+
+def _paper_log_name(args: argparse.Namespace) -> str:
+    L, K = args.num_layers, args.num_clip_layers
+    stem = f"clip{L}to{L - K}_search_then_verify"
+    if args.select_measure == "svcca":
+        return f"{stem}_SVCCA_thre{args.thre}_{args.bs * args.iter}{args.svcca_mode}_{args.search_mode}.log"
+    if args.select_measure == "rand":
+        return f"{stem}_RANDmix.log"
+    if args.select_measure == "dc":
+        return f"{stem}_bs{args.bs}_iter{args.iter}_{args.search_mode}.log"
+    return f"{stem}_{args.select_measure}_{args.search_mode}.log"
+
+
+def _table(cands: list[Candidate]) -> str:
+    rows = [f"{'rank':>4}  {'score':>10}  {'CER':>8}  blocks"]
+    for i, c in enumerate(cands, 1):
+        cer = f"{100 * c.cer:7.2f}%" if c.cer is not None else f"{'-':>8}"
+        sc = f"{c.score:10.6f}" if c.score is not None else f"{'-':>10}"
+        rows.append(f"{i:>4}  {sc}  {cer}  {[list(b) for b in c.blocks]}")
+    return "\n".join(rows)
+
+
+def _device(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fine_search(args: argparse.Namespace):
+    from .model import load_model, num_layers
+    from .verify import FineSearch, verify_subset
+
+    loaded = load_model(args.model, device=_device(args), need_tokenizer=True)
+    if num_layers(loaded.model) != args.num_layers:
+        raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {num_layers(loaded.model)} layers")
+    utts = verify_subset(read_corpus_dir(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
+    return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet)
+
+
+@exit_on_error
+def search_main(argv: list[str] | None = None) -> StrategyFile:
+    args = search_parser().parse_args(argv)
+    L, K = args.num_layers, args.num_clip_layers
+    setup_logging(Path(args.log_dir) / _paper_log_name(args))
+    raw, matrix_path = locate_matrix(args)
+    matrix = check_matrix(raw, L, name=str(matrix_path))
+    log.info("Layer pruning %d of %d layers; %s search on %s", K, L, args.search_mode, matrix_path)
+    mode = "rand" if args.select_measure == "rand" else args.search_mode
+    start = time.perf_counter()
+    result = search(matrix, K, mode, top_n=args.topk_num, beam_size=args.beam_size, seed=args.seed)
+    coarse_s = time.perf_counter() - start
+    if result.path:
+        for i, step in enumerate(result.path, 1):
+            log.info("prune %d layer,  prior_clipped_layers: %s", i, [list(b) for b in Candidate(step).blocks])
+    cands = result.candidates[:1] if mode == "greedy" else result.candidates
+    for i, c in enumerate(cands, 1):
+        log.info("%d-th layer prunning (%s_measure: %r): %s", i, args.select_measure, c.score,
+                 [list(b) for b in c.blocks])
+    meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
+            "coarse_seconds": coarse_s, "num_clip_layers": K}
+    if not args.coarse_search_only and args.verify_wer:
+        from .verify import verify
+
+        fine = _fine_search(args)
+        log.info("--- fine search on %d utterances of %s", len(fine.utts), args.verify_data_dir)
+        report = verify(fine, cands)
+        for c in report.candidates:
+            log.info("For %s: clipped wer : %r%%", [list(b) for b in c.blocks], 100 * c.cer)
+        log.info("WERs: %s", [c.cer for c in report.candidates])
+        if report.pearson is not None:
+            log.info("correlation between wer and correlation measure: %r", report.pearson)
+        order = sorted(range(len(report.candidates)), key=lambda i: (report.candidates[i].cer, i))
+        cands = [report.candidates[i] for i in order]
+        meta.update(pearson=report.pearson, fine_seconds=fine.stats.seconds, verify_data_dir=str(args.verify_data_dir),
+                    verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,
+                    naive_layer_applications=fine.stats.naive_layer_applications, model=str(args.model))
+    out = args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_{args.select_measure}_{mode}.json"
+    strategy = StrategyFile(L, cands, meta)
+    strategy.save(out)
+    print(_table(cands))
+    print(f"strategy file: {out}")
+    return strategy
+
+
+def glp_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python search_strategy/wer_based_greedy_search.py",
+                                description="Greedy layer pruning by CER/WER (GLP), the paper's slow baseline: "
+                                            "each step removes the layer whose removal costs least on the subset.")
+    p.add_argument("--num_layers", type=int, default=12, help="layers of the model (default: %(default)s)")
+    p.add_argument("--num_clip_layers", type=int, default=6, help="K, layers to prune (default: %(default)s)")
+    p.add_argument("--output", type=Path, default=None, help="strategy JSON (default: exp/search/clip{L}to{L-K}_glp.json)")
+    add_verify_arguments(p)
+    return p
+
+
+@exit_on_error
+def glp_main(argv: list[str] | None = None) -> StrategyFile:
+    from .verify import greedy_layer_pruning
+
+    args = glp_parser().parse_args(argv)
+    L, K = args.num_layers, args.num_clip_layers
+    if not 0 < K < L:
+        raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
+    setup_logging(Path(args.log_dir) / f"WER_greedy_clip{L}to{L - K}.log")
+    fine = _fine_search(args)
+    result = greedy_layer_pruning(fine, K, progress=not args.quiet)
+    final = result.path[-1]
+    meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
+            "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),
+            "verify_utterances": len(fine.utts), "model": str(args.model)}
+    out = args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_glp.json"
+    strategy = StrategyFile(L, [final], meta)
+    strategy.save(out)
+    print(_table(result.path))
+    print(f"strategy file: {out}")
+    return strategy
+
+
+main = search_main

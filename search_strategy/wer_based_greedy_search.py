@@ -1,0 +1,6 @@
+"""Paper-compatible front-end: greedy layer pruning by CER/WER (the GLP baseline). See ``--help``."""
+
+from comflp.search_cli import glp_main
+
+if __name__ == "__main__":
+    glp_main()
