@@ -1,0 +1,145 @@
+"""``make demo`` / ``comflp demo``: the CoMFLP pipeline on the embedded default, as numbered stages.
+
+Stages (icefall style: each one is skipped when its outputs are complete, so
+a re-run resumes; ``--stage`` / ``--stop_stage`` select a range, ``--force``
+re-runs them); every file goes under ``--exp_dir``:
+
+  0  corpus   generate the embedded corpus if missing
+  1  measure  DC (paper recipe) and SVCCA (mode T) matrices + heatmaps
+  2  search   exhaustive coarse search 12 -> 6 on DC, fine search (CER) on the dev split
+  3  prune    save the best candidate as an HF model
+  4  test     full vs pruned model on the test split: CER, parameters, real-time factor
+  5  heal     fine-tune, average, re-test: not built yet (fine-tuning is a later issue)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from .errors import exit_on_error
+from .logs import setup_logging
+from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+
+log = logging.getLogger("comflp.demo")
+
+STAGES = ("corpus", "measure", "search", "prune", "test", "heal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="comflp demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo", help="all outputs (default: %(default)s)")
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model to prune (default: the demo model)")
+    p.add_argument("--num_clip_layers", type=int, default=6, help="layers to prune (default: %(default)s)")
+    p.add_argument("--stage", type=int, default=0, help="first stage to run (default: %(default)s)")
+    p.add_argument("--stop_stage", type=int, default=len(STAGES) - 1, help="last stage to run (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="re-run the selected stages even if done")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def _done(exp: Path, stage: int) -> Path:
+    return exp / ".done" / f"{stage}-{STAGES[stage]}"
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    exp: Path = args.exp_dir
+    exp.mkdir(parents=True, exist_ok=True)
+    setup_logging(exp / "demo.log")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    paths = {
+        "dump": exp / "dump", "figure": exp / "figure", "strategy": exp / "search.json",
+        "pruned": exp / f"pruned-{args.num_clip_layers}", "test_full": exp / "test_full", "test_pruned": exp / "test_pruned",
+    }
+    for stage in range(args.stage, args.stop_stage + 1):
+        marker = _done(exp, stage)
+        if marker.exists() and not args.force:
+            log.info("stage %d (%s): done earlier, skipped", stage, STAGES[stage])
+            continue
+        log.info("stage %d (%s)", stage, STAGES[stage])
+        start = time.perf_counter()
+        ran = _run_stage(stage, args, paths)
+        if ran:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{time.perf_counter() - start:.1f} s\n")
+    _summary(paths, time.perf_counter() - t0)
+
+
+def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> bool:
+    common = ["--model", str(args.model)]
+    if stage == 0:
+        from .demo_corpus import ensure_demo_corpus
+
+        for split in ("train", "dev", "test"):
+            ensure_demo_corpus(demo_split(split))
+    elif stage == 1:
+        from .analysis import dc_main, svcca_main
+
+        where = ["--dump_dir", str(paths["dump"]), "--figure_dir", str(paths["figure"])]
+        dc_main([*common, *where, "--batch_size", "4", "--iter_num", "10"])
+        svcca_main([*common, *where, "--batch_size", "8", "--iter_num", "4", "--mode", "T", "--thre", "0.99"])
+    elif stage == 2:
+        from .search_cli import search_main
+
+        search_main([*common, "--num_layers", "12", "--num_clip_layers", str(args.num_clip_layers),
+                     "--search_mode", "exhaustive", "--measure_file",
+                     str(paths["dump"] / "dc_mat_mean_bs4_iter10.npy"), "--topk_num", "10",
+                     "--output", str(paths["strategy"]), "--log_dir", str(Path(args.exp_dir) / "log")])
+        _scatter(paths)
+    elif stage == 3:
+        from .cli import prune_main
+
+        prune_main(["--model", str(args.model), "--strategy", str(paths["strategy"]), "--rank", "1",
+                    "--output", str(paths["pruned"])])
+    elif stage == 4:
+        from .test_asr import main as test_main
+
+        test_main(["--model", str(args.model), "--output_dir", str(paths["test_full"])])
+        test_main(["--model", str(paths["pruned"]), "--output_dir", str(paths["test_pruned"])])
+    elif stage == 5:
+        log.info("stage 5 (heal): fine-tuning, checkpoint averaging and the healed test are not built yet; "
+                 "the pruned model before healing is in %s", paths["pruned"])
+        return False
+    return True
+
+
+def _scatter(paths: dict[str, Path]) -> None:
+    from .plots import scatter
+
+    raw = json.loads(paths["strategy"].read_text(encoding="utf-8"))
+    cands = [c for c in raw["candidates"] if "cer" in c]
+    if cands:
+        scatter([c["score"] for c in cands], [100 * c["cer"] for c in cands], paths["figure"] / "score_vs_cer.png",
+                xlabel="coarse score (DC)", ylabel="CER on dev subset (%)", title="Fine search: candidates")
+
+
+def _summary(paths: dict[str, Path], seconds: float) -> None:
+    rows = []
+    for name, key in (("full model", "test_full"), ("pruned, before healing", "test_pruned")):
+        f = paths[key] / "test_asr.json"
+        if f.exists():
+            r = json.loads(f.read_text())
+            rows.append((name, r["num_layers"], r["num_parameters"], 100 * r["error_rate"], r["rtf"]))
+    if not rows:
+        return
+    lines = ["", f"{'model':<24} {'layers':>6} {'parameters':>12} {'test CER':>9} {'RTF':>8}"]
+    lines += [f"{n:<24} {l:>6} {p:>12,} {c:>8.2f}% {rtf:>8.4f}" for n, l, p, c, rtf in rows]
+    if len(rows) == 2:
+        lines.append(f"decode speed-up of the pruned model: {rows[0][4] / rows[1][4]:.2f}x")
+    s = paths["strategy"]
+    if s.exists():
+        best = json.loads(s.read_text())["candidates"][0]
+        lines.append(f"pruned layers {best['pruned']} (blocks {best['blocks']}), chosen by fine search")
+    lines.append(f"demo finished in {seconds:.0f} s; outputs under {paths['strategy'].parent}")
+    print("\n".join(lines))

@@ -1,0 +1,79 @@
+"""The search front-ends as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from comflp.strategy import StrategyFile
+
+from conftest import make_corpus, save_plain, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "search_strategy" / "search_prune_then_verify_mix.py"
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def run(script: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=cwd or REPO)
+
+
+def _error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    return out.stderr.strip().splitlines()[-1]
+
+
+def test_coarse_only_on_paper_matrix_from_any_directory(tmp_path: Path) -> None:
+    out = run(SCRIPT, "--num_layers", "12", "--num_clip_layers", "6", "--search_mode", "exact",
+              "--measure_file", str(REFERENCE / "dc_mat_mean_bs32_iter10.npy"), "--coarse_search_only", "true",
+              "--output", str(tmp_path / "s.json"), "--log_dir", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    s = StrategyFile.load(tmp_path / "s.json")
+    assert s.num_layers == 12 and s.pick(1).pruned == [1, 3, 4, 7, 9, 11] and len(s.candidates) == 10
+    assert "0.971010" in out.stdout  # the ranked table
+    assert any(p.suffix == ".log" for p in tmp_path.iterdir())
+
+
+def test_errors(tmp_path: Path) -> None:
+    ref = str(REFERENCE / "dc_mat_mean_bs32_iter10.npy")
+    common = ["--coarse_search_only", "true", "--log_dir", str(tmp_path), "--output", str(tmp_path / "s.json")]
+    msg = _error(run(SCRIPT, "--num_layers", "12", "--num_clip_layers", "12", "--measure_file", ref, *common))
+    assert "need 0 < K < 12" in msg
+    msg = _error(run(SCRIPT, "--num_layers", "24", "--num_clip_layers", "6", "--measure_file", ref, *common))
+    assert "13x13 but a 24-layer model needs 25x25" in msg
+    bad = np.load(ref).astype(np.float64)
+    bad[3, 4] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    assert "NaN" in _error(run(SCRIPT, "--measure_file", str(tmp_path / "nan.npy"), *common))
+    msg = _error(run(SCRIPT, "--bs", "7", "--iter", "3", *common))
+    assert "dc_mat_mean_bs7_iter3.npy" in msg and "--bs 7 --iter 3" in msg
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_fine_search_and_glp_on_a_model(tmp_path: Path) -> None:
+    model_dir = save_plain(tiny_model("wav2vec2", seed=2), tmp_path / "m", tmp_path / "proc")
+    corpus = make_corpus(tmp_path / "corpus", n=6)
+    rng = np.random.default_rng(0)
+    a = rng.random((7, 7))
+    np.save(tmp_path / "m.npy", (a + a.T) / 2)
+    common = ["--model", str(model_dir), "--verify_data_dir", str(corpus), "--num_layers", "6",
+              "--num_clip_layers", "2", "--test_num_batch", "2", "--verify_batch_size", "2",
+              "--log_dir", str(tmp_path), "--quiet"]
+    out = run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"), "--topk_num", "4",
+              "--output", str(tmp_path / "s.json"))
+    assert out.returncode == 0, out.stderr
+    raw = json.loads((tmp_path / "s.json").read_text())
+    cers = [c["cer"] for c in raw["candidates"]]
+    assert len(cers) == 4 and cers == sorted(cers)
+    assert raw["meta"]["verify_utterances"] == 4
+    glp = run(REPO / "search_strategy" / "wer_based_greedy_search.py", *common, "--output", str(tmp_path / "g.json"))
+    assert glp.returncode == 0, glp.stderr
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert len(g["candidates"][0]["pruned"]) == 2 and len(g["meta"]["path"]) == 2
+    wrong = run(SCRIPT, *[c if c != "6" else "5" for c in common], "--measure_file", str(tmp_path / "m.npy"))
+    assert "7x7 but a 5-layer model" in _error(wrong)
