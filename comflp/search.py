@@ -147,18 +147,8 @@ def beam(matrix: np.ndarray, k: int, beam_size: int = 10) -> SearchResult:
     path: list[list[int]] = []
     top_scores = np.zeros(1)
     for _ in range(k):
-        cand_parent, cand_layer, cand_score, cand_hash = [], [], [], []
-        for p, mask in enumerate(beams):
-            layers = np.flatnonzero(~mask[1:-1]) + 1
-            s, h = _extend_scores(m, mask, layers), hashes[p] ^ zobrist[layers]
-            cand_parent.append(np.full(len(layers), p))
-            cand_layer.append(layers)
-            cand_score.append(s)
-            cand_hash.append(h)
-        parent = np.concatenate(cand_parent)
-        layer = np.concatenate(cand_layer)
-        scores = np.concatenate(cand_score)
-        hs = np.concatenate(cand_hash)
+        parent, layer, scores = _extend_scores(m, beams)
+        hs = np.array(hashes, dtype=np.int64)[parent] ^ zobrist[layer]
         _, first = np.unique(hs, return_index=True)
         keep = np.sort(first)  # first occurrence of each set, in generation order
         parent, layer, scores, hs = parent[keep], layer[keep], scores[keep], hs[keep]
@@ -179,33 +169,41 @@ def greedy(matrix: np.ndarray, k: int) -> SearchResult:
     return beam(matrix, k, beam_size=1)
 
 
-def _extend_scores(m: np.ndarray, mask: np.ndarray, layers: np.ndarray) -> np.ndarray:
-    """Scores of ``mask`` plus each layer in ``layers`` (mask: [L+2] bool with sentinels)."""
-    pruned = np.flatnonzero(mask)
-    blocks = to_blocks(pruned.tolist())
-    nb = len(blocks)
-    starts = np.array([a for a, _ in blocks], dtype=np.int64)
-    ends = np.array([b for _, b in blocks], dtype=np.int64)
-    w = m[starts - 1, ends] if nb else np.zeros(0)
-    j = np.searchsorted(ends, layers)  # blocks strictly before x: ends < x
-    left = mask[layers - 1]
-    right = mask[layers + 1]
-    prefix = np.where(left, j - 1, j)  # unchanged leading blocks
-    suffix = np.where(right, j + 1, j)  # first unchanged trailing block
-    new_start = np.where(left, starts[np.clip(j - 1, 0, max(nb - 1, 0))] if nb else layers, layers)
-    new_end = np.where(right, ends[np.clip(j, 0, max(nb - 1, 0))] if nb else layers, layers)
-    v = m[new_start - 1, new_end]
-    width = nb + 1
-    t = np.arange(width)[None, :]
-    p, q = prefix[:, None], suffix[:, None]
-    src = np.where(t < p, t, t - p - 1 + q)
-    valid_tail = (t > p) & (src < nb)
-    row = np.where(t < p, w[np.clip(src, 0, max(nb - 1, 0))] if nb else 0.0, 0.0)
-    row = np.where(t == p, v[:, None], row)
-    if nb:
-        row = np.where(valid_tail, w[np.clip(src, 0, nb - 1)], row)
-    count = prefix + 1 + (nb - suffix)
-    return np.cumsum(row, axis=1)[:, -1] / count
+def _extend_scores(m: np.ndarray, beams: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every one-layer extension of every beam, scored: (parent index, added layer, score).
+
+    beams: masks [L+2] with kept sentinels at 0 and L+1. Candidates come in the
+    paper's order (beam by beam, layers ascending). Each new set's block
+    weights are laid out left to right (the parent's blocks with the one that
+    the new layer creates, extends or merges) and summed with a sequential
+    cumsum, so scores are bit-equal to :func:`score`.
+    """
+    parents, layers, scores = [], [], []
+    for r, mask in enumerate(beams):
+        layer = np.flatnonzero(~mask[1:-1]) + 1
+        blocks = to_blocks(np.flatnonzero(mask).tolist())
+        n = len(blocks)
+        starts = np.array([a for a, _ in blocks], dtype=np.int64)
+        ends = np.array([e for _, e in blocks], dtype=np.int64)
+        w = np.zeros(n + 1)  # w[n] = 0 pads the rows
+        w[:n] = m[starts - 1, ends]
+        j = np.searchsorted(ends, layer)  # blocks entirely before the new layer
+        left, right = mask[layer - 1], mask[layer + 1]
+        prefix = j - left  # unchanged leading blocks
+        suffix = j + right  # first unchanged trailing block
+        new_start = np.where(left, starts[np.maximum(j - 1, 0)] if n else layer, layer)
+        new_end = np.where(right, ends[np.minimum(j, max(n - 1, 0))] if n else layer, layer)
+        t = np.arange(n + 1)[None, :]
+        p = prefix[:, None]
+        src = np.where(t < p, t, t - p - 1 + suffix[:, None])
+        np.minimum(src, n, out=src)
+        row = w[src]
+        row[t == p] = m[new_start - 1, new_end]
+        count = prefix + 1 + (n - suffix)
+        parents.append(np.full(len(layer), r))
+        layers.append(layer)
+        scores.append(np.cumsum(row, axis=1)[:, -1] / count)
+    return np.concatenate(parents), np.concatenate(layers), np.concatenate(scores)
 
 
 def random_search(matrix: np.ndarray, k: int, top_n: int = 10, *, seed: int = 42) -> SearchResult:
@@ -261,7 +259,7 @@ def _nbest_dp(m: np.ndarray, k: int, lam: float, width: int) -> list[tuple[float
         r_ids = [np.broadcast_to(np.arange(width), (k + 1, width))]
         # option 2: block [a, i-1] for a = 1..i-1, from F[a-1][c - len]
         if i >= 2:
-            a = np.arange(1, i)
+            a = np.arange(max(1, i - k), i)  # a block holds at most k layers
             length = i - a  # pruned layers in the block
             w = m[a - 1, i - 1] - lam
             c = np.arange(k + 1)
@@ -275,7 +273,12 @@ def _nbest_dp(m: np.ndarray, k: int, lam: float, width: int) -> list[tuple[float
         allv = np.concatenate(vals, axis=1)
         alla = np.concatenate(a_ids, axis=1)
         allr = np.concatenate(r_ids, axis=1)
-        order = np.argsort(-allv, axis=1, kind="stable")[:, :width]
+        if allv.shape[1] > width:
+            part = np.argpartition(-allv, width - 1, axis=1)[:, :width]
+            sub = np.take_along_axis(allv, part, axis=1)
+            order = np.take_along_axis(part, np.argsort(-sub, axis=1, kind="stable"), axis=1)
+        else:
+            order = np.argsort(-allv, axis=1, kind="stable")
         F[i] = np.take_along_axis(allv, order, axis=1)
         src_a[i] = np.take_along_axis(alla, order, axis=1)
         src_r[i] = np.take_along_axis(allr, order, axis=1)
