@@ -72,12 +72,18 @@ def capture_layer_states(model) -> Iterator[list[torch.Tensor]]:
 
 
 def pool(states: Sequence[torch.Tensor], mask: torch.Tensor, *, pool_padding: bool = False) -> torch.Tensor:
-    """Mean over time of each layer's states: L x [B, T, D], mask [B, T] -> [L, B, D] float64."""
-    stack = torch.stack([s.to(torch.float64) for s in states])
+    """Mean over time of each layer's states: L x [B, T, D], mask [B, T] -> [L, B, D] float64.
+
+    The weighted sum runs as a batched matrix product in the states' own dtype
+    (the precision the model computed them in), then widens to float64.
+    """
     if pool_padding:
-        return stack.mean(2)
-    w = mask.to(torch.float64)[None, :, :, None]
-    return (stack * w).sum(2) / w.sum(2).clamp(min=1.0)
+        weights = torch.full(mask.shape, 1.0 / mask.shape[1], dtype=states[0].dtype, device=mask.device)
+    else:
+        m = mask.to(states[0].dtype)
+        weights = m / m.sum(1, keepdim=True).clamp(min=1.0)
+    w = weights[:, None, :]  # [B, 1, T]
+    return torch.stack([torch.bmm(w, s).squeeze(1) for s in states]).to(torch.float64)
 
 
 def flatten_sequences(states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -162,13 +168,17 @@ def _add(current: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value if current is None else current + value
 
 
-def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSettings) -> None:
-    """Add one micro-batch's per-sample statistics (streamed and cosine measures)."""
+def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSettings,
+           pooled: torch.Tensor | None = None) -> None:
+    """Add one micro-batch's per-sample statistics (streamed and cosine measures).
+
+    ``pooled`` ([L, B, D], from :func:`pool`) saves pooling twice in mode U.
+    """
     want = set(settings.measures)
     if not want & set(STREAMED + PER_SAMPLE):
         return
     if settings.sample_mode == "U":
-        samples = pool(states, mask, pool_padding=settings.pool_padding)  # [L, N, D]
+        samples = pooled if pooled is not None else pool(states, mask, pool_padding=settings.pool_padding)
     else:
         keep = mask.reshape(-1).bool()
         samples = torch.stack([s.reshape(-1, s.shape[-1])[keep].to(torch.float64) for s in states])
@@ -177,7 +187,10 @@ def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, se
     if want & set(STREAMED):
         flat = samples.permute(1, 0, 2).reshape(samples.shape[1], -1)  # [N, F]
         stats.first = _add(stats.first, flat.sum(0))
-        stats.second = _add(stats.second, flat.T @ flat)
+        if stats.second is None:
+            stats.second = flat.T @ flat
+        else:
+            stats.second.addmm_(flat.T, flat)
     if want & set(PER_SAMPLE):
         cos, ang = M.cosine_sums(samples)
         stats.cos_sum = _add(stats.cos_sum, cos)
@@ -260,11 +273,9 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
                 mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
                 stats.num_utterances += mask.shape[0]
                 stats.num_frames += int(mask.sum())
-                if settings.dc_mode == "seq":
-                    vectors.append(flatten_sequences(states, mask))
-                else:
-                    vectors.append(pool(states, mask, pool_padding=settings.pool_padding))
-                update(stats, states, mask, settings)
+                pooled = pool(states, mask, pool_padding=settings.pool_padding)
+                vectors.append(flatten_sequences(states, mask) if settings.dc_mode == "seq" else pooled)
+                update(stats, states, mask, settings, pooled)
             if set(PER_BATCH) & set(settings.measures):
                 if settings.dc_mode == "seq":
                     width = min(v.shape[-1] for v in vectors)

@@ -180,6 +180,10 @@ def pwcca_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> f
     """
     w1, r1 = _inv_sqrt(c11)
     w2, _ = _inv_sqrt(c22)
+    return _pwcca_whitened(w1, r1, w2, c12)
+
+
+def _pwcca_whitened(w1: torch.Tensor, r1: torch.Tensor, w2: torch.Tensor, c12: torch.Tensor) -> float:
     if w1.shape[1] == 0 or w2.shape[1] == 0:
         return 0.0
     u, rho, _ = torch.linalg.svd(w1.T @ c12 @ w2, full_matrices=False)
@@ -276,24 +280,41 @@ def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: f
     cov: [sum(dims), sum(dims)], the centred second moment of all layers'
     features side by side; dims: the feature width of each layer.
     PWCCA is weighted by the earlier layer of each pair and mirrored.
+    Per-layer decompositions (SVD reduction, whitening) are computed once,
+    so a pair costs one small SVD.
     """
     offsets = [0]
     for d in dims:
         offsets.append(offsets[-1] + d)
-    blocks = [slice(offsets[i], offsets[i + 1]) for i in range(len(dims))]
+    blk = [slice(offsets[i], offsets[i + 1]) for i in range(len(dims))]
     n = len(dims)
     out = torch.eye(n, dtype=torch.float64)
+    if measure == "cka":
+        norms = [torch.linalg.matrix_norm(cov[b, b]) for b in blk]
+    elif measure == "svcca":
+        # reduce each layer, then whiten the reduced set: W_i = U_i (U_i^T C U_i)^{-1/2}
+        whiten = []
+        for b in blk:
+            u = _svd_reduction(cov[b, b], thre)
+            w, _ = _inv_sqrt(u.T @ cov[b, b] @ u)
+            whiten.append(u @ w)
+    elif measure == "pwcca":
+        roots = [_inv_sqrt(cov[b, b]) for b in blk]
+    else:
+        raise ValueError(f"not a covariance measure: {measure}")
     for i in range(n):
         for j in range(i + 1, n):
-            c11, c12, c22 = cov[blocks[i], blocks[i]], cov[blocks[i], blocks[j]], cov[blocks[j], blocks[j]]
-            if measure == "svcca":
-                rho = svcca_from_cov(c11, c12, c22, thre=thre)
-                value = float(rho.mean()) if rho.numel() else 0.0
-            elif measure == "pwcca":
-                value = pwcca_from_cov(c11, c12, c22)
-            elif measure == "cka":
-                value = cka_from_cov(c11, c12, c22)
+            c12 = cov[blk[i], blk[j]]
+            if measure == "cka":
+                den = norms[i] * norms[j]
+                value = float(torch.linalg.matrix_norm(c12) ** 2 / den) if float(den) > 0 else 0.0
+            elif measure == "svcca":
+                if whiten[i].shape[1] == 0 or whiten[j].shape[1] == 0:
+                    value = 0.0
+                else:
+                    value = float(torch.linalg.svdvals(whiten[i].T @ c12 @ whiten[j]).clamp(0.0, 1.0).mean())
             else:
-                raise ValueError(f"not a covariance measure: {measure}")
+                (w1, r1), (w2, _) = roots[i], roots[j]
+                value = _pwcca_whitened(w1, r1, w2, c12)
             out[i, j] = out[j, i] = value
     return out

@@ -16,7 +16,7 @@ import torch
 from comflp import measures as M
 from comflp.analysis import load_npz
 from comflp.data import collate, frame_mask, read_corpus_dir
-from comflp.hidden import MeasureSettings, capture_layer_states, collect, select_utterances
+from comflp.hidden import MeasureSettings, capture_layer_states, collect, pool, select_utterances
 
 from conftest import make_corpus, save_plain, tiny_model, tiny_processor
 
@@ -44,7 +44,8 @@ def _in_memory(model, fe, utts, settings):
             mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
             st = torch.stack(states).to(torch.float64)  # [L, B, T, D]
             w = mask[None, :, :, None].to(torch.float64)
-            p = (st * w).sum(2) / w.sum(2)
+            p = pool(states, mask)  # pools in the model's float32; the statistics on top are float64
+            torch.testing.assert_close(p, (st * w).sum(2) / w.sum(2), rtol=1e-5, atol=1e-6)
             pooled.append(p)
             per_batch.append(p)
             frames.append(st[:, mask])  # [L, n, D]
