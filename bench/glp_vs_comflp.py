@@ -1,0 +1,79 @@
+"""Whole CoMFLP search (measure + coarse + fine) vs greedy layer pruning by CER (GLP), one run.
+
+    python bench/glp_vs_comflp.py [--model DIR] [--num_clip_layers 6]
+
+Both search on the same fine-search subset (first 10 x 32 utterances of the dev split)
+with the same shared-prefix engine; their picks are then scored on the test split.
+Goal: CoMFLP >= 8x faster, its pick's test CER within 10% (relative) of GLP's.
+Writes bench/results/glp_vs_comflp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from comflp.atomic import write_json
+from comflp.data import read_corpus_dir
+from comflp.hidden import MeasureSettings, collect
+from comflp.model import load_model
+from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
+from comflp.search import exhaustive
+from comflp.verify import FineSearch, greedy_layer_pruning, verify, verify_subset
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR))
+    p.add_argument("--num_clip_layers", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "glp_vs_comflp.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    k = args.num_clip_layers
+    loaded = load_model(args.model, need_tokenizer=True)
+    train = read_corpus_dir(demo_split("train"), require_text=False)
+    subset = verify_subset(read_corpus_dir(demo_split("dev")), 10, 32)
+    fine = FineSearch(loaded, subset, batch_size=32, progress=False)  # audio loaded once, outside both timers
+
+    t = time.perf_counter()
+    matrices, _ = collect(loaded.model, loaded.feature_extractor, train,
+                          MeasureSettings(measures=("dc",), batch_size=4, iter_num=10), progress=False)
+    measure_s = time.perf_counter() - t
+    coarse = exhaustive(matrices["dc"].numpy(), k, 10).candidates
+    coarse_s = time.perf_counter() - t - measure_s
+    report = verify(fine, coarse)
+    comflp_s = time.perf_counter() - t
+    comflp_pick = report.best
+
+    t = time.perf_counter()
+    glp = greedy_layer_pruning(fine, k, progress=False)
+    glp_s = time.perf_counter() - t
+    glp_pick = glp.path[-1]
+
+    test = FineSearch(loaded, read_corpus_dir(demo_split("test")), batch_size=32, progress=False)
+    comflp_test, glp_test = (r.rate for r in test.evaluate([comflp_pick.pruned, glp_pick.pruned]))
+    speedup = glp_s / comflp_s
+    rel = (comflp_test - glp_test) / glp_test if glp_test > 0 else 0.0
+    print(f"{'':<8} {'seconds':>8} {'pick':<28} {'dev-subset CER':>15} {'test CER':>9}")
+    print(f"{'CoMFLP':<8} {comflp_s:>8.2f} {str(comflp_pick.pruned):<28} {100 * comflp_pick.cer:>14.2f}% {100 * comflp_test:>8.2f}%")
+    print(f"{'GLP':<8} {glp_s:>8.2f} {str(glp_pick.pruned):<28} {100 * glp_pick.cer:>14.2f}% {100 * glp_test:>8.2f}%")
+    print(f"CoMFLP: measure {measure_s:.2f} s + coarse {coarse_s * 1000:.1f} ms + fine {comflp_s - measure_s - coarse_s:.2f} s")
+    print(f"speed-up {speedup:.1f}x (goal >= 8); test CER of CoMFLP's pick vs GLP's: {100 * rel:+.1f}% relative "
+          f"(goal within 10%)")
+    write_json(args.output, {
+        "model": str(args.model), "k": k, "comflp_seconds": comflp_s, "measure_seconds": measure_s,
+        "coarse_seconds": coarse_s, "glp_seconds": glp_s, "speedup": speedup, "glp_evaluations": glp.evaluations,
+        "comflp_pick": comflp_pick.pruned, "glp_pick": glp_pick.pruned, "comflp_subset_cer": comflp_pick.cer,
+        "glp_subset_cer": glp_pick.cer, "comflp_test_cer": comflp_test, "glp_test_cer": glp_test,
+        "relative_cer_difference": rel, "pearson_score_cer": report.pearson, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine()})
+
+
+if __name__ == "__main__":
+    main()
