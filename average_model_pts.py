@@ -1,6 +1,6 @@
-"""Paper-compatible front-end (not built yet: it says so and exits 2)."""
+"""Paper-compatible front-end: average fine-tuning checkpoints. See ``--help``."""
 
-from comflp.not_built import refuse
+from comflp.average import main
 
 if __name__ == "__main__":
-    refuse("average_model_pts.py")
+    main()

@@ -1,6 +1,6 @@
-"""Paper-compatible front-end (not built yet: it says so and exits 2)."""
+"""Paper-compatible front-end: fine-tune a pruned model (optionally with distillation). See ``--help``."""
 
-from comflp.not_built import refuse
+from comflp.finetune import main
 
 if __name__ == "__main__":
-    refuse("clip_finetune_train.py")
+    main()

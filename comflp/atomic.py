@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,3 +54,38 @@ def save_npy(target: str | os.PathLike, array: np.ndarray) -> None:
 def save_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_path(target, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp dir beside ``target``; on success it replaces ``target`` whole.
+
+    The old dir is renamed aside first and removed last, so at every instant
+    either the old or the new complete dir exists (``<target>.old`` after a
+    crash between the two renames; :func:`recover_dir` puts it back).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = target.with_name(f".{target.name}.old")
+    try:
+        yield tmp
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def recover_dir(target: str | os.PathLike) -> Path:
+    """``target``, restored from the aside copy if a crash hit between the renames of :func:`atomic_dir`."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.exists():
+        old.rename(target)
+    return target

@@ -13,8 +13,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -24,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, PreTrainedModel
 from transformers import Wav2Vec2ForCTC
 
+from .atomic import atomic_dir
 from .errors import ComflpError
 from .paths import DEMO_MODEL_DIR
 from .strategy import validate as validate_strategy
@@ -244,23 +243,11 @@ def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_ex
     place; an existing ``out_dir`` is replaced only once the new one is whole.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         to_save = model if dtype is None else copy.deepcopy(model).to(dtype)
         to_save.save_pretrained(tmp)
         if feature_extractor is not None:
             feature_extractor.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .average import AVERAGED_MODEL
 from .data import read_corpus_dir
 from .decode import transcribe
 from .errors import exit_on_error
@@ -23,7 +24,6 @@ from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
 log = logging.getLogger("comflp.test")
 
-AVERAGED_MODEL = "model_avg"  # where averaging puts its model inside an exp dir
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,141 @@
+"""Fine-tuning: resume after SIGKILL, 2 processes == 1, distillation, averaging, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comflp.average import average_state_dicts
+from comflp.finetune import distillation_loss
+from comflp.strategy import Candidate, StrategyFile
+
+from conftest import make_corpus, save_plain, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    model = save_plain(tiny_model("wav2vec2-stable", seed=1), tmp / "model", tmp / "proc")
+    corpus = make_corpus(tmp / "corpus", n=12)
+    return model, corpus
+
+
+def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--layers", "2,4", "--batch_size", "2", "--grad_accum", "2", "--epochs", "2",
+            "--lr", "1e-3", "--test_num_batch", "1", "--valid_batch_size", "4", "--train_data_dir", str(corpus),
+            "--valid_data_dir", str(corpus), "--output_dir", str(out), "--threads", "1", "--quiet", *extra]
+
+
+def _train(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(REPO / "clip_finetune_train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_resume_after_sigkill_gives_identical_weights(setup, tmp_path: Path) -> None:
+    model, corpus = setup
+    ref = _train(_args(model, corpus, tmp_path / "ref", "--checkpoint_every", "1"))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO / "clip_finetune_train.py"),
+                             *_args(model, corpus, out, "--checkpoint_every", "1")],
+                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    position = out / "last" / "position.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if position.exists() and json.loads(position.read_text())["update"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(position.read_text())["update"]
+    assert 2 <= killed_at < 6 and not (out / "final").exists()  # killed before the end (6 updates)
+    resumed = _train(_args(model, corpus, out, "--checkpoint_every", "1"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "----EPOCH: 2, Test wer :" in (out / "train.log").read_text()
+
+
+def test_two_processes_match_one(setup, tmp_path: Path) -> None:
+    model, corpus = setup
+    one = _train(_args(model, corpus, tmp_path / "one", "--epochs", "1"))
+    assert one.returncode == 0, one.stderr
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = _train(_args(model, corpus, tmp_path / "two", "--epochs", "1"), launcher=accelerate)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    start = load_file(str(model / "model.safetensors"))
+    assert not torch.equal(a["lm_head.weight"], start["lm_head.weight"])  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_distillation_loss_is_zero_for_identical_logits() -> None:
+    logits = torch.randn(2, 7, 12)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    assert float(distillation_loss(logits, logits.clone(), mask, temperature=2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(logits, torch.randn(2, 7, 12), mask)) > 0.01
+    mask[:, 5:] = False  # padded frames do not count
+    noisy = logits.clone()
+    noisy[:, 5:] += 10 * torch.randn(2, 2, 12)
+    assert float(distillation_loss(logits, noisy, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_average_known_tensors(tmp_path: Path) -> None:
+    sds = [{"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([1.0], dtype=torch.float16), "n": torch.tensor(3)},
+           {"w": torch.tensor([3.0, 6.0]), "h": torch.tensor([2.0], dtype=torch.float16), "n": torch.tensor(7)}]
+    avg = average_state_dicts(sds)
+    assert torch.equal(avg["w"], torch.tensor([2.0, 4.0]))
+    assert avg["h"].dtype == torch.float16 and float(avg["h"]) == 1.5
+    assert int(avg["n"]) == 7  # integer buffers: the newest
+    exp = tmp_path / "exp"
+    for e, sd in enumerate(sds, 1):
+        (exp / f"epoch{e}").mkdir(parents=True)
+        save_file(sd, str(exp / f"epoch{e}" / "model.safetensors"))
+        (exp / f"epoch{e}" / "config.json").write_text("{}")
+    (exp / "metrics.jsonl").write_text('{"epoch": 1, "valid_cer": 0.2}\n{"epoch": 2, "valid_cer": 0.3}\n')
+    out = subprocess.run([sys.executable, str(REPO / "average_model_pts.py"), "--exp_dir", str(exp), "--num", "2",
+                          "--mode", "last"], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    got = load_file(str(exp / "model_avg" / "model.safetensors"))
+    assert torch.equal(got["w"], torch.tensor([2.0, 4.0])) and (exp / "model_avg" / "config.json").exists()
+    best = subprocess.run([sys.executable, str(REPO / "average_model_pts.py"), "--exp_dir", str(exp), "--num", "1"],
+                          capture_output=True, text=True, env=ENV)
+    assert best.returncode == 0 and json.loads((exp / "model_avg" / "averaged_epochs.json").read_text())["epochs"] == [1]
+    missing = subprocess.run([sys.executable, str(REPO / "average_model_pts.py"), "--exp_dir", str(exp),
+                              "--last_epoch", "3", "--num", "2", "--mode", "last"], capture_output=True, text=True, env=ENV)
+    assert missing.returncode == 2 and "epoch 3 not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_bad_inputs(setup, tmp_path: Path) -> None:
+    model, corpus = setup
+    StrategyFile(12, [Candidate([1, 2])]).save(tmp_path / "s12.json")
+    args = _args(model, corpus, tmp_path / "x")
+    i = args.index("--layers")
+    wrong_depth = _train(args[:i] + ["--strategy", str(tmp_path / "s12.json")] + args[i + 2:])
+    assert wrong_depth.returncode == 2 and "12-layer" in wrong_depth.stderr and "Traceback" not in wrong_depth.stderr
+    missing = _train(_args(model, corpus, tmp_path / "y", "--resume_epoch", "5"))
+    assert missing.returncode == 2 and "epoch5" in missing.stderr and "not found" in missing.stderr
+    clip = _train(_args(model, corpus, tmp_path / "z", "--num_clip_layers", "3"))
+    assert clip.returncode == 2 and "--num_clip_layers 3" in clip.stderr
