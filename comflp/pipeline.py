@@ -9,7 +9,12 @@ re-runs them); every file goes under ``--exp_dir``:
   2  search   exhaustive coarse search 12 -> 6 on DC, fine search (CER) on the dev split
   3  prune    save the best candidate as an HF model
   4  test     full vs pruned model on the test split: CER, parameters, real-time factor
-  5  heal     fine-tune, average, re-test: not built yet (fine-tuning is a later issue)
+  5  finetune heal the pruned model with CTC + distillation from the full model (a few epochs)
+  6  average  average the best epochs by validation CER
+  7  retest   the healed model on the test split
+
+It ends with a summary table and PNGs under <exp_dir>/figure/: the correlation
+heatmaps, the candidates' score vs CER, and the healing curve.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
 log = logging.getLogger("comflp.demo")
 
-STAGES = ("corpus", "measure", "search", "prune", "test", "heal")
+STAGES = ("corpus", "measure", "search", "prune", "test", "finetune", "average", "retest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop_stage", type=int, default=len(STAGES) - 1, help="last stage to run (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if done")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--ft_epochs", type=int, default=3, help="fine-tuning epochs (default: %(default)s)")
+    p.add_argument("--ft_max_train_utts", type=int, default=600,
+                   help="fine-tune on the first N training utterances, to keep the demo short (default: %(default)s)")
+    p.add_argument("--ft_batch_size", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--ft_lr", type=float, default=3e-4,
+                   help="the paper's 2e-5 suits a large pretrained model; the small demo model heals faster "
+                        "with more (default: %(default)s)")
+    p.add_argument("--avg_num", type=int, default=2, help="epochs averaged (default: %(default)s)")
     return p
 
 
@@ -61,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = {
         "dump": exp / "dump", "figure": exp / "figure", "strategy": exp / "search.json",
         "pruned": exp / f"pruned-{args.num_clip_layers}", "test_full": exp / "test_full", "test_pruned": exp / "test_pruned",
+        "finetune": exp / "finetune", "test_healed": exp / "test_healed",
     }
     for stage in range(args.stage, args.stop_stage + 1):
         marker = _done(exp, stage)
@@ -108,9 +122,31 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         test_main(["--model", str(args.model), "--output_dir", str(paths["test_full"])])
         test_main(["--model", str(paths["pruned"]), "--output_dir", str(paths["test_pruned"])])
     elif stage == 5:
-        log.info("stage 5 (heal): fine-tuning, checkpoint averaging and the healed test are not built yet; "
-                 "the pruned model before healing is in %s", paths["pruned"])
-        return False
+        import shutil
+
+        from .finetune import main as finetune_main
+
+        if args.force and paths["finetune"].exists():
+            shutil.rmtree(paths["finetune"])  # a forced re-run starts afresh; otherwise resume from last/
+
+        finetune_main([*common, "--strategy", str(paths["strategy"]), "--rank", "1",
+                       "--output_dir", str(paths["finetune"]), "--epochs", str(args.ft_epochs),
+                       "--max_train_utts", str(args.ft_max_train_utts), "--batch_size", str(args.ft_batch_size),
+                       "--grad_accum", "1", "--lr", str(args.ft_lr), "--distill", "--test_num_batch", "4",
+                       "--valid_batch_size", "50", "--resume_epoch", "-1"])
+        _healing_curve(paths)
+    elif stage == 6:
+        from .average import main as average_main
+
+        average_main(["--exp_dir", str(paths["finetune"]), "--num", str(min(args.avg_num, args.ft_epochs)),
+                      "--mode", "valid"])
+    elif stage == 7:
+        from .test_asr import main as test_main
+
+        test_main(["--output_dir", str(paths["finetune"])])
+        out = paths["test_healed"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "test_asr.json").write_text((paths["finetune"] / "test_asr.json").read_text())
     return True
 
 
@@ -124,9 +160,19 @@ def _scatter(paths: dict[str, Path]) -> None:
                 xlabel="coarse score (DC)", ylabel="CER on dev subset (%)", title="Fine search: candidates")
 
 
+def _healing_curve(paths: dict[str, Path]) -> None:
+    from .plots import curves
+
+    rows = [json.loads(line) for line in (paths["finetune"] / "metrics.jsonl").read_text().splitlines() if line]
+    curves({"dev CER": ([r["epoch"] for r in rows], [100 * r["valid_cer"] for r in rows])},
+           paths["figure"] / "healing_curve.png", xlabel="fine-tuning epoch", ylabel="dev CER (%)",
+           title="Healing the pruned model")
+
+
 def _summary(paths: dict[str, Path], seconds: float) -> None:
     rows = []
-    for name, key in (("full model", "test_full"), ("pruned, before healing", "test_pruned")):
+    for name, key in (("full model", "test_full"), ("pruned, before healing", "test_pruned"),
+                      ("pruned, after healing", "test_healed")):
         f = paths[key] / "test_asr.json"
         if f.exists():
             r = json.loads(f.read_text())
@@ -135,7 +181,7 @@ def _summary(paths: dict[str, Path], seconds: float) -> None:
         return
     lines = ["", f"{'model':<24} {'layers':>6} {'parameters':>12} {'test CER':>9} {'RTF':>8}"]
     lines += [f"{n:<24} {l:>6} {p:>12,} {c:>8.2f}% {rtf:>8.4f}" for n, l, p, c, rtf in rows]
-    if len(rows) == 2:
+    if len(rows) >= 2:
         lines.append(f"decode speed-up of the pruned model: {rows[0][4] / rows[1][4]:.2f}x")
     s = paths["strategy"]
     if s.exists():
