@@ -6,7 +6,7 @@ re-runs them); every file goes under ``--exp_dir``:
 
   0  corpus   generate the embedded corpus if missing
   1  measure  DC (paper recipe) and SVCCA (mode T) matrices + heatmaps
-  2  search   exhaustive coarse search 12 -> 6 on DC, fine search (CER) on the dev split
+  2  search   exhaustive coarse search L -> L-K on DC, fine search (CER) on the dev split
   3  prune    save the best candidate as an HF model
   4  test     full vs pruned model on the test split: CER, parameters, real-time factor
   5  finetune heal the pruned model with CTC + distillation from the full model (a few epochs)
@@ -104,11 +104,14 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         dc_main([*common, *where, "--batch_size", "4", "--iter_num", "10"])
         svcca_main([*common, *where, "--batch_size", "8", "--iter_num", "4", "--mode", "T", "--thre", "0.99"])
     elif stage == 2:
+        import numpy as np
+
         from .search_cli import search_main
 
-        search_main([*common, "--num_layers", "12", "--num_clip_layers", str(args.num_clip_layers),
-                     "--search_mode", "exhaustive", "--measure_file",
-                     str(paths["dump"] / "dc_mat_mean_bs4_iter10.npy"), "--topk_num", "10",
+        matrix = paths["dump"] / "dc_mat_mean_bs4_iter10.npy"
+        layers = np.load(matrix, mmap_mode="r").shape[0] - 1
+        search_main([*common, "--num_layers", str(layers), "--num_clip_layers", str(args.num_clip_layers),
+                     "--search_mode", "exhaustive", "--measure_file", str(matrix), "--topk_num", "10",
                      "--output", str(paths["strategy"]), "--log_dir", str(Path(args.exp_dir) / "log")])
         _scatter(paths)
     elif stage == 3:
