@@ -20,7 +20,7 @@ from comflp.atomic import write_json
 from comflp.search import beam, exact, exhaustive
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT.parent / "shared" / "reference" / "dc_mat_mean_bs32_iter10.npy"
+REFERENCE = ROOT / "tests" / "data" / "paper" / "dc_mat_mean_bs32_iter10.npy"
 
 
 def best_of(fn, repeat: int) -> float:

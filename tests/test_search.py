@@ -11,7 +11,7 @@ import pytest
 from comflp.errors import ComflpError
 from comflp.search import beam, check_matrix, exact, exhaustive, greedy, random_search, score, score_masks
 
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "paper"
 
 
 def brute_scores(m: np.ndarray, k: int) -> list[tuple[tuple[int, ...], float]]:

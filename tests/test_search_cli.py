@@ -15,7 +15,7 @@ from conftest import make_corpus, save_plain, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "search_strategy" / "search_prune_then_verify_mix.py"
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = REPO / "tests" / "data" / "paper"
 
 
 def run(script: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
