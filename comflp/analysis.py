@@ -82,8 +82,8 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     is_main = accelerator is None or accelerator.is_main_process
     setup_logging(Path(args.dump_dir) / "measure.log" if is_main else None)
     device = accelerator.device if accelerator else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    utts = read_corpus_dir(args.data_dir, require_text=False)
     loaded = load_model(args.model, device=device)
+    utts = read_corpus_dir(args.data_dir, require_text=False)
     model = loaded.model
     if args.num_layers is not None and args.num_layers != num_layers(model):
         raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {num_layers(model)} layers")

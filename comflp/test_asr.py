@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         model_src = str(avg) if avg is not None and avg.is_dir() else str(DEMO_MODEL_DIR)
     out_dir = args.output_dir or EXP_DIR / f"test_{Path(model_src).name}"
     setup_logging(out_dir / "test_asr.log")
-    utts = read_corpus_dir(args.data_dir)
     loaded = load_model(model_src, device=args.device, need_tokenizer=True)
+    utts = read_corpus_dir(args.data_dir)
     result = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=args.batch_size,
                         device=args.device, progress=True)
     unit = guess_unit([u.text for u in utts]) if args.unit == "auto" else args.unit
