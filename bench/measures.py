@@ -19,7 +19,7 @@ import torch
 
 from comflp.atomic import write_json
 from comflp.data import collate, frame_mask, read_corpus_dir
-from comflp.hidden import (ALL_MEASURES, PER_BATCH, MeasureSettings, Statistics, capture_layer_states, finalize, pool,
+from comflp.hidden import (ALL_MEASURES, MeasureSettings, Statistics, capture_layer_states, finalize, pool,
                            select_utterances, update, update_per_batch)
 from comflp.model import load_model, num_layers
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split

@@ -9,7 +9,6 @@ Each timing is the best of --repeat runs; exhaustive is timed beside exact on 12
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ComflpError, exit_on_error
+from .errors import exit_on_error
 from .paths import DEMO_MODEL_DIR
 
 # name -> (module with main(argv), one-line summary); modules load lazily so --help is instant.
@@ -94,19 +94,12 @@ def prune_parser() -> argparse.ArgumentParser:
 @exit_on_error
 def prune_main(argv: list[str] | None = None) -> None:
     from .model import load_model, num_layers, prune, save_model
-    from .strategy import StrategyFile, parse_layers
+    from .strategy import resolve_pruned
 
     args = prune_parser().parse_args(argv)
     loaded = load_model(args.model)
     total = num_layers(loaded.model)
-    if args.strategy is not None:
-        strategy = StrategyFile.load(args.strategy)
-        if strategy.num_layers != total:
-            raise ComflpError(f"{args.strategy} is for a {strategy.num_layers}-layer model but {args.model} "
-                              f"has {total} layers")
-        layers = strategy.pick(args.rank).pruned
-    else:
-        layers = parse_layers(args.layers)
+    layers = resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model)
     pruned = prune(loaded.model, layers)
     save_model(pruned, args.output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                dtype=torch.float16 if args.fp16 else None)

@@ -45,7 +45,7 @@ from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
 from .model import LoadedModel, encoder_layers, load_model, prune, save_model
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
-from .strategy import StrategyFile, parse_layers, validate
+from .strategy import resolve_pruned
 from .verify import verify_subset
 
 log = logging.getLogger("comflp.finetune")
@@ -121,16 +121,7 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
     total = len(encoder_layers(source.model))
     if args.num_layers is not None and args.num_layers != total:
         raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {total} layers")
-    if args.strategy is not None:
-        strategy = StrategyFile.load(args.strategy)
-        if strategy.num_layers != total:
-            raise ComflpError(f"{args.strategy} is for a {strategy.num_layers}-layer model but {args.model} "
-                              f"has {total} layers")
-        pruned = strategy.pick(args.rank).pruned
-    elif args.layers is not None:
-        pruned = validate(parse_layers(args.layers), total)
-    else:
-        raise ComflpError("say which layers to prune: --strategy FILE [--rank N] or --layers 1,3,5")
+    pruned = resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model)
     if args.num_clip_layers is not None and args.num_clip_layers != len(pruned):
         raise ComflpError(f"--num_clip_layers {args.num_clip_layers} but the strategy prunes {len(pruned)} layers")
     student = prune(source.model, pruned)

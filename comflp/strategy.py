@@ -149,3 +149,21 @@ class StrategyFile:
         if not 1 <= rank <= len(self.candidates):
             raise ComflpError(f"--rank {rank} out of range: the strategy file has {len(self.candidates)} candidate(s)")
         return self.candidates[rank - 1]
+
+
+def resolve_pruned(num_layers: int, *, strategy: str | os.PathLike | None = None, rank: int = 1,
+                   layers: str | None = None, model_name: str = "the model") -> list[int]:
+    """The layers to prune, from a strategy file (``--strategy``/``--rank``) or a list (``--layers``).
+
+    Checks the strategy was searched for a model of ``num_layers`` layers and
+    that the set is valid for it.
+    """
+    if strategy is not None:
+        sf = StrategyFile.load(strategy)
+        if sf.num_layers != num_layers:
+            raise ComflpError(f"{strategy} is for a {sf.num_layers}-layer model but {model_name} "
+                              f"has {num_layers} layers")
+        return sf.pick(rank).pruned
+    if layers is not None:
+        return validate(parse_layers(layers), num_layers)
+    raise ComflpError("say which layers to prune: --strategy FILE [--rank N] or --layers 1,3,5")

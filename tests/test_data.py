@@ -10,7 +10,7 @@ import torch
 from comflp.data import collate, frame_mask, length_sorted_batches, load_audio, read_corpus_dir
 from comflp.errors import ComflpError
 
-from conftest import make_corpus, tiny_model, tiny_processor, write_wav
+from conftest import tiny_model, tiny_processor, write_wav
 
 
 def test_reads_in_wav_scp_order_with_relative_paths(corpus: Path) -> None:

@@ -12,7 +12,7 @@ from comflp.model import load_model
 from comflp.strategy import Candidate
 from comflp.verify import FineSearch, evaluate_separately, greedy_layer_pruning, verify, verify_subset
 
-from conftest import FAMILIES, make_corpus, save_plain, tiny_model
+from conftest import make_corpus, save_plain, tiny_model
 
 
 @pytest.fixture(scope="module")
