@@ -95,8 +95,8 @@ python -m comflp.demo card       # this card, results.json, training_curve.png
 AdamW (lr 5e-4, betas 0.9/0.98, weight decay 0.01), 300 warm-up steps then cosine decay over
 8,000 steps, length-sorted batches of at most 16 s of padded audio, gradient clipping at 5,
 hidden dropout 0.05, no SpecAugment; the best dev checkpoint is shipped. Deterministic from the
-seed on a given machine and torch build (thread count changes float rounding). This model was
-trained with 2 CPU threads for the first 500 steps and 1 thread after a resume.
+seed on a given machine and torch build (the thread count changes float rounding); this model
+was trained with 2 CPU threads in about 53 minutes.
 
 Dev CER during training (curve in `training_curve.png`):
 
