@@ -19,7 +19,9 @@ import torch
 from transformers import Wav2Vec2Config
 
 from comflp.atomic import write_json
-from comflp.data import collate, frame_mask, length_sorted_batches, read_corpus_dir
+from comflp.data import collate, length_sorted_batches
+from comflp.model import frame_mask
+from comflp.options import read_corpus
 from comflp.metrics import greedy_decode
 from comflp.model import ExtendedWav2Vec2ForCTC, load_model, prune
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
@@ -74,7 +76,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     layers = parse_layers(args.layers)
     loaded = load_model(args.model, need_tokenizer=True)
-    utts = read_corpus_dir(args.data_dir)
+    utts = read_corpus(args.data_dir)
     batches = [collate(g, loaded.feature_extractor) for g in length_sorted_batches(utts, batch_size=args.batch_size)]
     results = {}
     full = throughput(loaded.model, batches, loaded.tokenizer, args.repeat)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from comflp.atomic import write_json
-from comflp.data import read_corpus_dir
+from comflp.options import read_corpus
 from comflp.hidden import MeasureSettings, collect
 from comflp.model import load_model
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
@@ -37,8 +37,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     k = args.num_clip_layers
     loaded = load_model(args.model, need_tokenizer=True)
-    train = read_corpus_dir(demo_split("train"), require_text=False)
-    subset = verify_subset(read_corpus_dir(demo_split("dev")), 10, 32)
+    train = read_corpus(demo_split("train"), require_text=False)
+    subset = verify_subset(read_corpus(demo_split("dev")), 10, 32)
     fine = FineSearch(loaded, subset, batch_size=32, progress=False)  # audio loaded once, outside both timers
 
     t = time.perf_counter()
@@ -56,7 +56,7 @@ def main() -> None:
     glp_s = time.perf_counter() - t
     glp_pick = glp.path[-1]
 
-    test = FineSearch(loaded, read_corpus_dir(demo_split("test")), batch_size=32, progress=False)
+    test = FineSearch(loaded, read_corpus(demo_split("test")), batch_size=32, progress=False)
     comflp_test, glp_test = (r.rate for r in test.evaluate([comflp_pick.pruned, glp_pick.pruned]))
     speedup = glp_s / comflp_s
     rel = (comflp_test - glp_test) / glp_test if glp_test > 0 else 0.0

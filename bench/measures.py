@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from comflp.atomic import write_json
-from comflp.data import collate, frame_mask, read_corpus_dir
+from comflp.data import collate
+from comflp.model import frame_mask
+from comflp.options import read_corpus
 from comflp.hidden import (ALL_MEASURES, MeasureSettings, Statistics, capture_layer_states, finalize, pool,
                            select_utterances, update, update_per_batch)
 from comflp.model import load_model, num_layers
@@ -41,7 +43,7 @@ def main() -> None:
     model = loaded.model
     settings = MeasureSettings(measures=ALL_MEASURES, batch_size=args.batch_size, iter_num=args.iter_num,
                                sample_mode=args.mode)
-    utts = select_utterances(read_corpus_dir(args.data_dir, require_text=False), settings)
+    utts = select_utterances(read_corpus(args.data_dir, require_text=False), settings)
     batches = [collate(utts[i: i + args.batch_size], loaded.feature_extractor)
                for i in range(0, len(utts), args.batch_size)]
     stats = Statistics(num_layers=num_layers(model) + 1)

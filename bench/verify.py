@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from comflp.atomic import write_json
-from comflp.data import read_corpus_dir
+from comflp.options import read_corpus
 from comflp.hidden import MeasureSettings, collect
 from comflp.model import load_model
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
@@ -38,10 +38,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, need_tokenizer=True)
-    matrices, _ = collect(loaded.model, loaded.feature_extractor, read_corpus_dir(args.measure_data_dir, require_text=False),
+    matrices, _ = collect(loaded.model, loaded.feature_extractor, read_corpus(args.measure_data_dir, require_text=False),
                           MeasureSettings(measures=("dc",), batch_size=4, iter_num=10), progress=False)
     sets = [c.pruned for c in exhaustive(matrices["dc"].numpy(), 6, 10).candidates]
-    utts = verify_subset(read_corpus_dir(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
+    utts = verify_subset(read_corpus(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
 
     t = time.perf_counter()
     fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=False)

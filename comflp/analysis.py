@@ -19,34 +19,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic
-from .data import read_corpus_dir
+from .artifacts import claim_file, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
 from .hidden import ALL_MEASURES, MeasureSettings, collect
 from .logs import setup_logging
 from .model import load_model, num_layers
+from .options import (add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
+                      resolve_device)
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
 
 log = logging.getLogger("comflp.measure")
-
-
-def dc_dump_name(mode: str, batch_size: int, iter_num: int, accum_batch: int = 1) -> str:
-    """The paper's DC file name: ``dc_mat_{mode}_bs{bs*accum}_iter{iter}.npy``."""
-    return f"dc_mat_{mode}_bs{batch_size * accum_batch}_iter{iter_num}.npy"
-
-
-def svcca_dump_name(batch_size: int, iter_num: int, mode: str, thre: float) -> str:
-    """The paper's SVCCA file name: ``cca_mat_{bs*iter}{mode}_svthre{thre}.npy``."""
-    return f"cca_mat_{batch_size * iter_num}{mode}_svthre{thre}.npy"
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_num: int) -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
     p.add_argument("--data_dir", type=Path, default=demo_split("train"),
                    help="Kaldi dir to measure on; transcripts not needed (default: the embedded corpus's train split)")
-    p.add_argument("--batch_size", type=int, default=batch_size, help="utterances per batch (default: %(default)s)")
-    p.add_argument("--iter_num", type=int, default=iter_num, help="number of batches (default: %(default)s)")
-    p.add_argument("--accum_batch", type=int, default=1,
+    p.add_argument("--batch_size", type=positive_int, default=batch_size,
+                   help="utterances per batch; per-batch measures (DC) are defined on batches of this size "
+                        "(default: %(default)s)")
+    p.add_argument("--iter_num", type=positive_int, default=iter_num, help="number of batches (default: %(default)s)")
+    p.add_argument("--accum_batch", type=positive_int, default=1,
                    help="micro-batches joined into one batch for per-batch measures (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="selects the utterances; same seed, same matrix (default: %(default)s)")
     p.add_argument("--use_pretrained", type=int, choices=[0, 1], default=1,
@@ -54,7 +47,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     p.add_argument("--num_layers", type=int, default=None, help="expected number of layers; checked against the model")
     p.add_argument("--pool_padding", action="store_true",
                    help="average padded frames into the pooled vectors as the paper did (default: padding ignored)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_pad_audio(p)
+    add_device(p)
+    add_overwrite(p, "matrix file or heatmap")
     p.add_argument("--dump_dir", type=Path, default=DUMP_DIR, help="where matrices go (default: %(default)s)")
     p.add_argument("--figure_dir", type=Path, default=FIGURE_DIR, help="where heatmaps go (default: %(default)s)")
     p.add_argument("--no_plot", action="store_true", help="skip the heatmap PNGs")
@@ -81,12 +76,11 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     accelerator = _accelerator()
     is_main = accelerator is None or accelerator.is_main_process
     setup_logging(Path(args.dump_dir) / "measure.log" if is_main else None)
-    device = accelerator.device if accelerator else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = accelerator.device if accelerator else resolve_device(args.device)
     loaded = load_model(args.model, device=device)
-    utts = read_corpus_dir(args.data_dir, require_text=False)
+    utts = read_corpus(args.data_dir, require_text=False)
     model = loaded.model
-    if args.num_layers is not None and args.num_layers != num_layers(model):
-        raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {num_layers(model)} layers")
+    check_num_layers(args.num_layers, num_layers(model), args.model)
     if not args.use_pretrained:
         torch.manual_seed(settings.seed)
         model = type(model)(model.config).eval().to(device)
@@ -96,7 +90,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     if not is_main:
         return None
     meta = {
-        "model": str(args.model), "data_dir": str(args.data_dir), "num_layers": num_layers(model),
+        "model": _model_id(args.model), "data_dir": str(args.data_dir), "num_layers": num_layers(model),
         "use_pretrained": bool(args.use_pretrained), "settings": {**settings.__dict__, "measures": list(settings.measures)},
         "num_utterances": stats.num_utterances, "num_frames": stats.num_frames, "num_batches": stats.num_batches,
         "processes": accelerator.num_processes if accelerator else 1, "seconds": round(time.perf_counter() - start, 3),
@@ -106,22 +100,38 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     return {k: v.numpy() for k, v in matrices.items()}, meta
 
 
-def _plot(matrix: np.ndarray, args: argparse.Namespace, stem: str, title: str) -> None:
+def _model_id(model: str) -> str:
+    """A local model as its absolute path (so a matrix names the model whatever the cwd), a hub id as is."""
+    return str(Path(model).resolve()) if Path(model).exists() else str(model)
+
+
+def _heatmap_paths(args: argparse.Namespace, stems: list[str]) -> list[Path]:
     if args.no_plot:
-        return
+        return []
+    return [claim_file(Path(args.figure_dir) / f"{stem}.png", overwrite=args.overwrite, flag="--figure_dir")
+            for stem in stems]
+
+
+def _plot(matrix: np.ndarray, path: Path, title: str) -> None:
     from .plots import heatmap
 
-    path = heatmap(matrix, Path(args.figure_dir) / f"{stem}.png", title=title)
+    heatmap(matrix, path, title=title)
     log.info("heatmap -> %s", path)
 
 
 def _write_paper_matrix(matrix: np.ndarray, meta: dict, args: argparse.Namespace, name: str, title: str) -> Path:
-    path = Path(args.dump_dir) / name
-    atomic.save_npy(path, matrix)
-    atomic.write_json(path.with_suffix(".json"), meta)
+    path = save_matrix(Path(args.dump_dir) / name, matrix, meta, overwrite=args.overwrite)
     log.info("matrix -> %s", path)
-    _plot(matrix, args, path.stem, title)
+    for png in _heatmap_paths(args, [path.stem]):
+        _plot(matrix, png, title)
     return path
+
+
+def _check_outputs(args: argparse.Namespace, outputs: list[Path]) -> None:
+    """Refuse before measuring (minutes of work) if an output may not be written."""
+    for out in outputs:
+        claim_file(out, overwrite=args.overwrite)
+    _heatmap_paths(args, [Path(o).stem for o in outputs])
 
 
 def dc_parser() -> argparse.ArgumentParser:
@@ -144,14 +154,13 @@ def dc_main(argv: list[str] | None = None) -> None:
     measure = "dc_unbiased" if args.unbiased else "dc"
     settings = MeasureSettings(measures=(measure,), batch_size=args.batch_size, iter_num=args.iter_num,
                                accum_batch=args.accum_batch, dc_mode=args.mode, seed=args.seed,
-                               pool_padding=args.pool_padding)
+                               pool_padding=args.pool_padding, pad_audio=args.pad_audio)
+    name = dc_dump_name(args.mode, args.batch_size, args.iter_num, args.accum_batch, unbiased=args.unbiased)
+    _check_outputs(args, [Path(args.dump_dir) / name])
     result = run(args, settings)
     if result is None:
         return
     matrices, meta = result
-    name = dc_dump_name(args.mode, args.batch_size, args.iter_num, args.accum_batch)
-    if args.unbiased:
-        name = name.replace(".npy", "_unbiased.npy")
     path = _write_paper_matrix(matrices[measure], meta, args, name, f"DC ({args.mode}, {measure})")
     print(path)
 
@@ -173,12 +182,13 @@ def svcca_main(argv: list[str] | None = None) -> None:
     args = svcca_parser().parse_args(argv)
     settings = MeasureSettings(measures=("svcca",), batch_size=args.batch_size, iter_num=args.iter_num,
                                accum_batch=args.accum_batch, sample_mode=args.mode, thre=args.thre, seed=args.seed,
-                               pool_padding=args.pool_padding)
+                               pool_padding=args.pool_padding, pad_audio=args.pad_audio)
+    name = svcca_dump_name(args.batch_size, args.iter_num, args.mode, args.thre)
+    _check_outputs(args, [Path(args.dump_dir) / name])
     result = run(args, settings)
     if result is None:
         return
     matrices, meta = result
-    name = svcca_dump_name(args.batch_size, args.iter_num, args.mode, args.thre)
     path = _write_paper_matrix(matrices["svcca"], meta, args, name, f"SVCCA ({args.mode}, thre {args.thre})")
     print(path)
 
@@ -202,26 +212,32 @@ def measure_parser() -> argparse.ArgumentParser:
 def measure_main(argv: list[str] | None = None) -> None:
     args = measure_parser().parse_args(argv)
     names = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    if not names:
+        raise ComflpError(f"--measures {args.measures!r} names no measure; choose from {', '.join(ALL_MEASURES)}")
+    if len(set(names)) != len(names):
+        raise ComflpError(f"--measures {args.measures!r} names a measure twice")
     settings = MeasureSettings(measures=names, batch_size=args.batch_size, iter_num=args.iter_num,
                                accum_batch=args.accum_batch, dc_mode=args.mode, sample_mode=args.svcca_mode,
-                               thre=args.thre, seed=args.seed, pool_padding=args.pool_padding)
+                               thre=args.thre, seed=args.seed, pool_padding=args.pool_padding,
+                               pad_audio=args.pad_audio)
+    settings.validate()
+    out = Path(args.output or Path(args.dump_dir) / measures_name(args.batch_size, args.iter_num, args.svcca_mode))
+    claim_file(out, overwrite=args.overwrite)
+    pngs = _heatmap_paths(args, [f"{out.stem}_{name}" for name in names])
     result = run(args, settings)
     if result is None:
         return
     matrices, meta = result
-    out = args.output or Path(args.dump_dir) / f"measures_bs{args.batch_size}_iter{args.iter_num}_{args.svcca_mode}.npz"
-    atomic.save_npz(out, settings=np.array(json.dumps(meta)), **matrices)
-    for name, m in matrices.items():
-        _plot(m, args, f"{Path(out).stem}_{name}", name)
+    save_matrices(out, matrices, meta, overwrite=args.overwrite)
+    for (name, m), png in zip(matrices.items(), pngs):
+        _plot(m, png, name)
     log.info("matrices %s -> %s", ",".join(matrices), out)
     print(out)
 
 
 def load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """Read a ``comflp measure`` file: (matrices by name, metadata)."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["settings"]))
-        return {k: z[k] for k in z.files if k != "settings"}, meta
+    return load_matrices(path)
 
 
 main = measure_main

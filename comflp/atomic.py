@@ -63,21 +63,39 @@ def save_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
 
 
+def _usual_permissions(root: Path) -> None:
+    """Give every file and dir under ``root`` the permissions the umask implies.
+
+    mkstemp/mkdtemp, and some writers (safetensors), create 0600/0700 entries.
+    """
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.comflp-old")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp dir beside ``target``; on success it replaces ``target`` whole.
 
     The old dir is renamed aside first and removed last, so at every instant
-    either the old or the new complete dir exists (``<target>.old`` after a
-    crash between the two renames; :func:`recover_dir` puts it back).
+    either the old or the new complete dir exists (``.<target>.comflp-old``
+    after a crash between the two renames; :func:`recover_dir` puts it back).
+    Whether ``target`` may be replaced at all is decided by the caller
+    (:mod:`comflp.artifacts`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-    old = target.with_name(f".{target.name}.old")
+    old = _aside(target)
     try:
         yield tmp
+        _usual_permissions(tmp)
         if old.exists():
             shutil.rmtree(old)
         if target.exists():
@@ -93,7 +111,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 def recover_dir(target: str | os.PathLike) -> Path:
     """``target``, restored from the aside copy if a crash hit between the renames of :func:`atomic_dir`."""
     target = Path(target)
-    old = target.with_name(f".{target.name}.old")
+    old = _aside(target)
     if not target.exists() and old.exists():
         old.rename(target)
     return target

@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import atomic
+from .artifacts import ExperimentDir, claim_dir, write_dir
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
+from .options import add_overwrite, positive_int
 
 log = logging.getLogger("comflp.average")
-
-AVERAGED_MODEL = "model_avg"
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -48,7 +47,7 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str,
     return out
 
 
-def select_epochs(exp_dir: Path, *, last_epoch: int, num: int, mode: str) -> list[int]:
+def select_epochs(exp: ExperimentDir, *, last_epoch: int, num: int, mode: str) -> list[int]:
     """``last``: epochs last_epoch-num+1..last_epoch; ``valid``: the num with the best valid CER up to last_epoch."""
     if num < 1:
         raise ComflpError(f"--num must be positive, got {num}")
@@ -57,25 +56,34 @@ def select_epochs(exp_dir: Path, *, last_epoch: int, num: int, mode: str) -> lis
         if epochs[0] < 1:
             raise ComflpError(f"cannot average {num} epochs ending at {last_epoch}")
         return epochs
-    metrics = exp_dir / "metrics.jsonl"
+    metrics = exp.metrics_file
     if not metrics.exists():
         raise ComflpError(f"--mode valid needs {metrics} (written by fine-tuning)")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-    rows = [r for r in rows if r["epoch"] <= last_epoch and r.get("valid_cer") is not None]
+    saved = set(exp.saved_epochs())
+    rows = [r for r in exp.read_metrics()
+            if 1 <= r["epoch"] <= last_epoch and r["epoch"] in saved and isinstance(r.get("valid_cer"), (int, float))]
     if len(rows) < num:
         raise ComflpError(f"{metrics} has {len(rows)} validated epoch(s) up to {last_epoch}; --num {num} asked")
     best = sorted(rows, key=lambda r: (r["valid_cer"], -r["epoch"]))[:num]
     return sorted(r["epoch"] for r in best)
 
 
-def average(exp_dir: Path, epochs: list[int]) -> Path:
-    dirs = [exp_dir / f"epoch{e}" for e in epochs]
+def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for corrupt files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ComflpError(f"cannot read checkpoint {path}: {reason} (corrupt or truncated file?)") from None
+
+
+def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False) -> Path:
+    dirs = [exp.epoch(e) for e in epochs]
     for e, d in zip(epochs, dirs):
         if not (d / "model.safetensors").is_file():
             raise ComflpError(f"checkpoint of epoch {e} not found: {d / 'model.safetensors'}")
-    averaged = average_state_dicts([load_file(str(d / "model.safetensors")) for d in dirs])
-    target = exp_dir / AVERAGED_MODEL
-    with atomic.atomic_dir(target) as tmp:
+    target = claim_dir(exp.averaged, overwrite=overwrite, flag="averaged model")
+    averaged = average_state_dicts([_load_checkpoint(d / "model.safetensors") for d in dirs])
+    with write_dir(target, kind="model", overwrite=overwrite, flag="averaged model") as tmp:
         for f in dirs[-1].iterdir():
             if f.name != "model.safetensors" and f.is_file():
                 shutil.copy2(f, tmp / f.name)
@@ -89,24 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python average_model_pts.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--exp_dir", type=Path, required=True, help="fine-tuning output dir (holds epoch<N>/)")
     p.add_argument("--last_epoch", type=int, default=None, help="newest epoch considered (default: the newest saved)")
-    p.add_argument("--num", type=int, default=5, help="checkpoints to average (default: %(default)s)")
+    p.add_argument("--num", type=positive_int, default=5, help="checkpoints to average (default: %(default)s)")
     p.add_argument("--mode", choices=["valid", "last"], default="valid",
                    help="valid: the best by validation CER; last: the newest (default: %(default)s)")
+    add_overwrite(p, "<exp_dir>/model_avg")
     return p
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    exp: Path = args.exp_dir
-    if not exp.is_dir():
-        raise ComflpError(f"exp dir not found: {exp}")
-    setup_logging(exp / "average.log")
-    saved = sorted(int(d.name[5:]) for d in exp.glob("epoch*") if d.name[5:].isdigit())
+    if not args.exp_dir.is_dir():
+        raise ComflpError(f"exp dir not found: {args.exp_dir}")
+    exp = ExperimentDir(args.exp_dir)
+    setup_logging(exp.root / "average.log")
+    saved = exp.saved_epochs()
     if not saved:
-        raise ComflpError(f"no epoch<N>/ checkpoints in {exp}")
+        raise ComflpError(f"no epoch<N>/ checkpoints in {exp.root}")
     last = args.last_epoch if args.last_epoch is not None else saved[-1]
-    out = average(exp, select_epochs(exp, last_epoch=last, num=args.num, mode=args.mode))
+    epochs = select_epochs(exp, last_epoch=last, num=args.num, mode=args.mode)
+    out = average(exp, epochs, overwrite=args.overwrite)
     print(out)
     return out
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import exit_on_error
+from .options import add_overwrite
 from .paths import DEMO_MODEL_DIR
 
 # name -> (module with main(argv), one-line summary); modules load lazily so --help is instant.
@@ -68,7 +69,7 @@ def info_main(argv: list[str] | None = None) -> None:
     from .model import load_model, model_info
 
     args = info_parser().parse_args(argv)
-    info = model_info(load_model(args.model))
+    info = model_info(load_model(args.model, need_features=False))
     if args.json:
         print(json.dumps(info.to_dict()))
     else:
@@ -86,23 +87,29 @@ def prune_parser() -> argparse.ArgumentParser:
     which.add_argument("--layers", help="1-based layers to remove, e.g. 1,3,5 or 2-4")
     which.add_argument("--strategy", type=Path, help="strategy JSON written by the search")
     p.add_argument("--rank", type=int, default=1, help="with --strategy: which candidate, 1 = best (default: %(default)s)")
-    p.add_argument("--output", type=Path, required=True, help="output dir (replaced atomically if it exists)")
+    p.add_argument("--output", type=Path, required=True,
+                   help="output dir; must not exist, or be empty, or be an earlier comflp output with --overwrite")
+    add_overwrite(p, "output dir")
     p.add_argument("--fp16", action="store_true", help="store weights as float16")
     return p
 
 
 @exit_on_error
 def prune_main(argv: list[str] | None = None) -> None:
-    from .model import load_model, num_layers, prune, save_model
+    from .artifacts import claim_dir
+    from .model import base_model, load_model, num_layers, prune, save_model
     from .strategy import resolve_pruned
 
     args = prune_parser().parse_args(argv)
-    loaded = load_model(args.model)
+    claim_dir(args.output, overwrite=args.overwrite)  # before the slow part
+    loaded = load_model(args.model, need_features=False)
     total = num_layers(loaded.model)
     layers = resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model)
     pruned = prune(loaded.model, layers)
+    if not loaded.has_ctc_head:  # save what the source holds, never a randomly initialised head
+        pruned = base_model(pruned)
     save_model(pruned, args.output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
-               dtype=torch.float16 if args.fp16 else None)
+               dtype=torch.float16 if args.fp16 else None, overwrite=args.overwrite)
     print(f"pruned layers {sorted(layers)} of {total}: {num_layers(pruned)} layers left, saved to {args.output}")
 
 

@@ -38,21 +38,27 @@ class Utterance:
 
 
 def _read_table(path: Path, *, allow_empty_value: bool = False) -> list[tuple[str, str]]:
+    """Kaldi table: ``key value`` per line, split at the first run of spaces or tabs (a UTF-8 BOM is ignored)."""
     rows: list[tuple[str, str]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            key, _, value = line.partition(" ")
-            value = value.strip()
-            if not value and not allow_empty_value:
-                raise ComflpError(f"{path}:{lineno}: utterance {key} has no value")
-            if key in seen:
-                raise ComflpError(f"{path}:{lineno}: utterance id {key} appears twice")
-            seen.add(key)
-            rows.append((key, value))
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as err:
+        line_no = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ComflpError(f"{path}:{line_no}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}); convert the file to UTF-8") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        key, value = parts[0], (parts[1].strip() if len(parts) > 1 else "")
+        if not value and not allow_empty_value:
+            raise ComflpError(f"{path}:{lineno}: utterance {key} has no value")
+        if key in seen:
+            raise ComflpError(f"{path}:{lineno}: utterance id {key} appears twice")
+        seen.add(key)
+        rows.append((key, value))
     return rows
 
 
@@ -78,9 +84,6 @@ def read_corpus_dir(data_dir: str | os.PathLike, *, require_text: bool = True,
     ``text`` but not in ``wav.scp`` or the reverse (count and first few);
     empty transcripts.
     """
-    from .demo_corpus import ensure_demo_corpus
-
-    ensure_demo_corpus(data_dir)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ComflpError(f"corpus dir not found: {data_dir}")
@@ -216,9 +219,3 @@ def iter_batches(utts: Sequence[Utterance], feature_extractor, *, batch_size: in
     """Length-sorted padded batches of ``batch_size`` over exactly ``utts``."""
     for group in length_sorted_batches(utts, batch_size=batch_size):
         yield collate(group, feature_extractor)
-
-
-def frame_mask(model, attention_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """[B, T_samples] sample mask -> [B, num_frames] bool mask of real encoder frames."""
-    lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1)).long()
-    return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]

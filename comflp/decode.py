@@ -9,8 +9,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .data import Utterance, frame_mask, iter_batches
+from .data import AudioBatch, Utterance, iter_batches
 from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
+from .model import forward, frame_mask
 
 
 @dataclass
@@ -28,10 +29,26 @@ class Transcription:
         return error_rate(refs, self.hypotheses, unit=unit or guess_unit(refs))
 
 
+def decode_logits(model, tokenizer, logits: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+    """Greedy CTC transcripts of a batch. logits: [B, F, V]; attention_mask: [B, T_samples]."""
+    mask = frame_mask(model, attention_mask, logits.shape[1])
+    return greedy_decode(logits, tokenizer, mask.sum(-1))
+
+
+def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False) -> list[str]:
+    """Greedy CTC transcripts of one padded batch (batch-invariant unless ``pad_audio``)."""
+    logits = forward(model, batch.input_values, batch.attention_mask, pad_audio=pad_audio).logits
+    return decode_logits(model, tokenizer, logits, batch.attention_mask)
+
+
 @torch.inference_mode()
 def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *, batch_size: int = 16,
-               device: str | torch.device = "cpu", progress: bool = False, desc: str = "decoding") -> Transcription:
-    """Greedy-decode ``utts`` in length-sorted batches; results come back in input order."""
+               device: str | torch.device = "cpu", progress: bool = False, desc: str = "decoding",
+               pad_audio: bool = False) -> Transcription:
+    """Greedy-decode ``utts`` in length-sorted batches; results come back in input order.
+
+    The transcripts do not depend on ``batch_size`` unless ``pad_audio`` (the paper's batching).
+    """
     hyps: dict[str, str] = {}
     audio = 0.0
     elapsed = 0.0
@@ -41,11 +58,46 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):
         batch = batch.to(device)
         start = time.perf_counter()
-        logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
-        mask = frame_mask(model, batch.attention_mask, logits.shape[1])
-        texts = greedy_decode(logits, tokenizer, mask.sum(-1))
+        texts = decode_batch(model, tokenizer, batch, pad_audio=pad_audio)
         elapsed += time.perf_counter() - start
         audio += float(batch.lengths.sum()) / sr
         hyps.update(zip(batch.utt_ids, texts))
     return Transcription([u.utt_id for u in utts], [u.text for u in utts], [hyps[u.utt_id] for u in utts],
                          audio, elapsed)
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """Decoding speed of two models on the same batches, measured as a pair after warm-up."""
+
+    audio_seconds: float
+    first_seconds: float  # best pass of the first model
+    second_seconds: float
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster the second model decodes than the first."""
+        return self.first_seconds / self.second_seconds
+
+
+@torch.inference_mode()
+def compare_speed(first, second, feature_extractor, tokenizer, utts: Sequence[Utterance], *, batch_size: int = 16,
+                  repeats: int = 3, device: str | torch.device = "cpu") -> SpeedComparison:
+    """Time greedy decoding of ``utts`` by two models side by side.
+
+    Audio is loaded once, before timing; each model decodes one batch to warm
+    up, then the two alternate for ``repeats`` full passes and the best pass of
+    each counts, so neither pays the warm-up nor gets a quieter machine.
+    """
+    batches = [b.to(device) for b in iter_batches(utts, feature_extractor, batch_size=batch_size)]
+    audio = sum(float(b.lengths.sum()) for b in batches) / int(feature_extractor.sampling_rate)
+    for model in (first, second):
+        decode_batch(model, tokenizer, batches[0])
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, model in enumerate((first, second)):
+            start = time.perf_counter()
+            for b in batches:
+                decode_batch(model, tokenizer, b)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return SpeedComparison(audio, best[0], best[1])

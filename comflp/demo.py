@@ -29,11 +29,13 @@ from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureE
                           get_cosine_schedule_with_warmup)
 
 from . import atomic
-from .data import length_sorted_batches, load_audio, read_corpus_dir
+from .data import length_sorted_batches, load_audio
+from .options import read_corpus
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .model import save_model
+from .artifacts import ExperimentDir, claim_dir, dir_kind, mark_dir
+from .model import forward, save_model
 from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, EXP_DIR, demo_split
 
 log = logging.getLogger("comflp.demo")
@@ -76,11 +78,16 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, best: float)
 
 def train(args: argparse.Namespace) -> None:
     exp = Path(args.exp_dir)
+    claim_dir(args.output, overwrite=args.overwrite)  # refuse now, not after hours of training
+    if exp.is_dir() and any(exp.iterdir()) and dir_kind(exp) is None:
+        raise ComflpError(f"--exp_dir {exp} exists and was not written by comflp; choose another path")
+    exp.mkdir(parents=True, exist_ok=True)
+    mark_dir(exp, "demo-train")
     setup_logging(exp / "train.log")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train_utts = read_corpus_dir(demo_split("train") if args.train_data_dir is None else args.train_data_dir)
-    dev_utts = read_corpus_dir(demo_split("dev") if args.dev_data_dir is None else args.dev_data_dir)
+    train_utts = read_corpus(demo_split("train") if args.train_data_dir is None else args.train_data_dir)
+    dev_utts = read_corpus(demo_split("dev") if args.dev_data_dir is None else args.dev_data_dir)
     vocab = "".join(sorted({c for u in train_utts for c in u.text if not c.isspace()}))
     fe, tok = build_processor(vocab, exp / "processor")
     model = Wav2Vec2ForCTC(demo_config(len(tok)))
@@ -104,7 +111,6 @@ def train(args: argparse.Namespace) -> None:
         step, best = st["step"], st["best_dev_cer"]
         log.info("resumed at step %d", step)
 
-    metrics_file = exp / "metrics.jsonl"
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
     model.train()
     t0 = time.time()
@@ -120,7 +126,8 @@ def train(args: argparse.Namespace) -> None:
         for i, ids in enumerate(lab):
             target[i, : len(ids)] = torch.tensor(ids)
         torch.manual_seed(args.seed * 1_000_003 + step)  # dropout depends on the step only: resumable
-        loss = model(feats["input_values"], attention_mask=feats["attention_mask"], labels=target).loss
+        loss = forward(model, feats["input_values"], feats["attention_mask"], labels=target,
+                       pad_audio=args.pad_audio).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -137,12 +144,11 @@ def train(args: argparse.Namespace) -> None:
             row = {"step": step, "epoch": epoch, "train_loss": float(np.mean(running)), "dev_cer": dev.rate,
                    "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
             running = []
-            with open(metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            ExperimentDir(exp).write_metrics_row(row, key="step")  # a resumed run replaces, never repeats, rows
             log.info("step %d  loss %.3f  dev CER %.2f%%", step, row["train_loss"], 100 * dev.rate)
             if dev.rate < best:
                 best = dev.rate
-                save_model(model, exp / "best", feature_extractor=fe, tokenizer=tok)
+                save_model(model, exp / "best", feature_extractor=fe, tokenizer=tok, overwrite=True)
             _save_state(state_dir, model, optimizer, scheduler, step, best)
     bar.close()
     best_dir = exp / "best"
@@ -150,6 +156,7 @@ def train(args: argparse.Namespace) -> None:
 
     final = load_model(best_dir)
     save_model(final.model, args.output, feature_extractor=final.feature_extractor, tokenizer=final.tokenizer,
+               overwrite=args.overwrite,
                dtype=torch.float16)
     log.info("best dev CER %.2f%%; shipped fp16 model to %s", 100 * best, args.output)
 
@@ -171,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from <exp_dir>/last if present")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --output model written by comflp")
+    t.add_argument("--pad_audio", action="store_true",
+                   help="train on zero-padded batches through the feature encoder (how demo-12l was trained); "
+                        "default: each utterance's conv features computed unpadded, as comflp decodes")
     c = sub.add_parser("card", help="measure the shipped model and write its model card (README.md)")
     c.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="model dir (default: %(default)s)")
     c.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo-12l-train", help="training exp dir (default: %(default)s)")

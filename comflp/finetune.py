@@ -24,6 +24,7 @@ the default) unless told otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -39,16 +40,21 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import atomic
-from .data import collate, frame_mask, length_sorted_batches, read_corpus_dir
+from .artifacts import ExperimentDir, output_lock
+from .data import collate, length_sorted_batches
+from .options import add_pad_audio, add_threads, apply_threads, positive_float, positive_int, read_corpus, str2bool
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .model import LoadedModel, encoder_layers, load_model, prune, save_model
+from .model import LoadedModel, encoder_layers, forward, frame_mask, load_model, prune, save_model
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 from .strategy import resolve_pruned
 from .verify import verify_subset
 
 log = logging.getLogger("comflp.finetune")
+
+# refuse to fine-tune when more than this share of transcript characters is missing from the vocabulary
+MAX_UNKNOWN_SHARE = 0.10
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
@@ -89,35 +95,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", type=Path, default=None, help="experiment dir (default: exp/clip{L}to{L-K}_ft)")
     p.add_argument("--resume_epoch", type=int, default=-1,
                    help="-1: resume from <output_dir>/last if present; 0: start afresh; N: restart after epoch N "
-                        "from <output_dir>/epoch<N> (default: %(default)s)")
+                        "from <output_dir>/epoch<N>. Only the same experiment (model, layers, data, "
+                        "hyper-parameters, recorded in run.json) is resumed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an existing experiment dir written by comflp, removing its checkpoints")
     p.add_argument("--train_data_dir", type=Path, default=demo_split("train"), help="(default: demo train)")
     p.add_argument("--valid_data_dir", type=Path, default=demo_split("dev"), help="(default: demo dev)")
-    p.add_argument("--max_train_utts", type=int, default=None, help="use only the first N training utterances")
-    p.add_argument("--batch_size", type=int, default=4, help="utterances per micro-batch, all processes together (default: %(default)s)")
-    p.add_argument("--grad_accum", type=int, default=8, help="micro-batches per update (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--max_train_utts", type=positive_int, default=None,
+                   help="use only the first N training utterances (default: all)")
+    p.add_argument("--batch_size", type=positive_int, default=4,
+                   help="utterances per micro-batch, all processes together (default: %(default)s)")
+    p.add_argument("--grad_accum", type=positive_int, default=8, help="micro-batches per update (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (default: %(default)s)")
     p.add_argument("--layerdrop", type=float, default=0.1, help="LayerDrop probability while training (default: %(default)s)")
     p.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient clipping (default: %(default)s)")
-    p.add_argument("--use_scheduler", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+    p.add_argument("--use_scheduler", type=str2bool, default=True,
                    help="linear warm-up (10%% of updates) then linear decay (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=50, help="(default: %(default)s)")
-    p.add_argument("--max_updates", type=int, default=None, help="stop after this many updates in total")
-    p.add_argument("--test_num_batch", type=int, default=10, help="validation batches per epoch (default: %(default)s)")
-    p.add_argument("--valid_batch_size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=50, help="(default: %(default)s)")
+    p.add_argument("--max_updates", type=positive_int, default=None, help="stop after this many updates in total")
+    p.add_argument("--test_num_batch", type=positive_int, default=10, help="validation batches per epoch (default: %(default)s)")
+    p.add_argument("--valid_batch_size", type=positive_int, default=32,
+                   help="validation decoding batch size; the validation subset is the first "
+                        "test_num_batch x valid_batch_size utterances (default: %(default)s)")
     p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the conv feature encoder")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="GPU only (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
     p.add_argument("--distill_weight", type=float, default=0.5, help="w in (1-w) CTC + w KL (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default: %(default)s)")
-    p.add_argument("--checkpoint_every", type=int, default=50, help="updates between resumable checkpoints (default: %(default)s)")
+    p.add_argument("--temperature", type=positive_float, default=2.0,
+                   help="distillation temperature, > 0 (default: %(default)s)")
+    p.add_argument("--checkpoint_every", type=positive_int, default=50,
+                   help="updates between resumable checkpoints (default: %(default)s)")
+    add_pad_audio(p)
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, list[int]]:
-    source = load_model(args.model, need_tokenizer=True)
+    source = load_model(args.model, need_tokenizer=True, need_ctc_head=True)
     total = len(encoder_layers(source.model))
     if args.num_layers is not None and args.num_layers != total:
         raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {total} layers")
@@ -147,8 +163,8 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
 
 
-def _save_last(out: Path, model, optimizer, scheduler, position: dict) -> None:
-    with atomic.atomic_dir(out / "last") as tmp:
+def _save_last(target: Path, model, optimizer, scheduler, position: dict) -> None:
+    with atomic.atomic_dir(target) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -159,8 +175,11 @@ def _save_last(out: Path, model, optimizer, scheduler, position: dict) -> None:
 def train(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
+    if not 0 <= args.distill_weight <= 1:
+        raise ComflpError(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
+    if not 0 <= args.layerdrop < 1:
+        raise ComflpError(f"--layerdrop must be in [0, 1), got {args.layerdrop}")
     use_cpu = not torch.cuda.is_available()
     # LayerDrop and a frozen encoder leave parameters without gradients in some updates
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -171,16 +190,72 @@ def train(args: argparse.Namespace) -> Path:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
     loaded, teacher, pruned = _student_and_teacher(args, accelerator.device)
     total = len(pruned) + len(encoder_layers(loaded.model))
-    out = args.output_dir or EXP_DIR / f"clip{total}to{total - len(pruned)}_ft"
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / "train.log" if accelerator.is_main_process else None)
-    accelerator.wait_for_everyone()
+    out = Path(args.output_dir or EXP_DIR / f"clip{total}to{total - len(pruned)}_ft")
+    afresh = args.overwrite or args.resume_epoch == 0
+    lock = output_lock(out) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        if accelerator.is_main_process:
+            ExperimentDir.open(out, settings=run_settings(args, pruned), kind="finetune", afresh=afresh)
+        accelerator.wait_for_everyone()
+        return _train(args, accelerator, loaded, teacher, ExperimentDir(out))
 
-    train_utts = read_corpus_dir(args.train_data_dir)
+
+def run_settings(args: argparse.Namespace, pruned: list[int]) -> dict:
+    """The settings that define a fine-tuning run: a resumed run must have the same ones."""
+    def where(p):
+        return str(Path(p).resolve()) if Path(p).exists() else str(p)
+
+    keys = ("max_train_utts", "batch_size", "grad_accum", "lr", "layerdrop", "max_grad_norm", "use_scheduler",
+            "epochs", "max_updates", "test_num_batch", "valid_batch_size", "freeze_feature_encoder", "distill",
+            "distill_weight", "temperature", "seed", "pad_audio")
+    return {"model": where(args.model), "pruned": list(pruned), "train_data_dir": where(args.train_data_dir),
+            "valid_data_dir": where(args.valid_data_dir), **{k: getattr(args, k) for k in keys}}
+
+
+def _check_training_data(utts, tokenizer, model, sampling_rate: int) -> list:
+    """Drop utterances too short for one frame per label (CTC needs it), and report unknown characters."""
+    from .data import audio_duration
+    from .model import feature_lengths
+
+    vocab = set(tokenizer.get_vocab())
+    unk = tokenizer.unk_token
+    unknown: dict[str, int] = {}
+    total_chars = 0
+    kept, short = [], []
+    for u in utts:
+        chars = [c for c in u.text if not c.isspace()]
+        total_chars += len(chars)
+        for c in chars:
+            if c not in vocab:
+                unknown[c] = unknown.get(c, 0) + 1
+        samples = int(round(audio_duration(u.path, utt_id=u.utt_id) * sampling_rate))
+        frames = int(feature_lengths(model, torch.tensor([samples]))[0]) if samples > 0 else 0
+        (kept if frames >= max(1, len(chars)) else short).append(u)
+    if short:
+        log.warning("dropped %d training utterance(s) too short for their transcript (fewer frames than "
+                    "characters), e.g. %s", len(short), ", ".join(u.utt_id for u in short[:3]))
+    if unknown:
+        share = sum(unknown.values()) / max(total_chars, 1)
+        examples = ", ".join(f"{c!r} x{n}" for c, n in sorted(unknown.items(), key=lambda kv: -kv[1])[:5])
+        log.warning("%d transcript character(s) (%.1f%%) are not in the vocabulary and train as %s: %s",
+                    sum(unknown.values()), 100 * share, unk, examples)
+        if share > MAX_UNKNOWN_SHARE:
+            raise ComflpError(f"{100 * share:.0f}% of the transcript characters are not in the model's vocabulary "
+                              f"(e.g. {examples}): wrong corpus or wrong model?")
+    if not kept:
+        raise ComflpError("no training utterance is long enough for its transcript")
+    return kept
+
+
+def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir) -> Path:
+    world, rank = accelerator.num_processes, accelerator.process_index
+    out = exp.root
+    setup_logging(out / "train.log" if accelerator.is_main_process else None)
+    train_utts = read_corpus(args.train_data_dir)
     if args.max_train_utts:
         train_utts = train_utts[: args.max_train_utts]
-    valid_utts = verify_subset(read_corpus_dir(args.valid_data_dir), args.test_num_batch, args.valid_batch_size)
+    train_utts = _check_training_data(train_utts, loaded.tokenizer, loaded.model, loaded.sampling_rate)
+    valid_utts = verify_subset(read_corpus(args.valid_data_dir), args.test_num_batch, args.valid_batch_size)
     micro = length_sorted_batches(train_utts, batch_size=args.batch_size)
     updates_per_epoch = math.ceil(len(micro) / args.grad_accum)
     total_updates = updates_per_epoch * args.epochs
@@ -197,8 +272,8 @@ def train(args: argparse.Namespace) -> Path:
 
         scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_updates // 10), total_updates)
 
-    position = {"epoch": 0, "micro": 0, "update": 0}
-    last = atomic.recover_dir(out / "last")
+    position = {"epoch": 0, "micro": 0, "update": 0, "loss_sum": 0.0, "loss_count": 0}
+    last = atomic.recover_dir(exp.last)
     if args.resume_epoch == -1 and (last / "position.json").exists():
         model.load_state_dict(load_file(str(last / "model.safetensors")))
         state = torch.load(last / "trainer_state.pt", weights_only=True)
@@ -209,28 +284,40 @@ def train(args: argparse.Namespace) -> Path:
         position = json.loads((last / "position.json").read_text())
         log.info("resumed from %s at epoch %d, update %d", last, position["epoch"] + 1, position["update"])
     elif args.resume_epoch > 0:
-        ckpt = out / f"epoch{args.resume_epoch}"
+        ckpt = exp.epoch(args.resume_epoch)
         if not (ckpt / "model.safetensors").exists():
             raise ComflpError(f"--resume_epoch {args.resume_epoch}: checkpoint not found: {ckpt}")
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        position = {"epoch": args.resume_epoch, "micro": 0, "update": args.resume_epoch * updates_per_epoch}
+        position = {"epoch": args.resume_epoch, "micro": 0, "update": args.resume_epoch * updates_per_epoch,
+                    "loss_sum": 0.0, "loss_count": 0}
         for _ in range(position["update"]):
             if scheduler is not None:
                 scheduler.step()
         log.info("restarting after epoch %d from %s (optimizer state not kept)", args.resume_epoch, ckpt)
 
+    if accelerator.is_main_process and position["update"] == 0 and not any(
+            r["epoch"] == 0 for r in exp.read_metrics()):
+        # epoch 0: the pruned model before healing, and the unpruned source as the reference
+        source = teacher if teacher is not None else load_model(args.model, need_tokenizer=True).model
+        row = {"epoch": 0, "update": 0, "train_loss": None,
+               "valid_cer": validation_cer(model, loaded, valid_utts, batch_size=args.valid_batch_size,
+                                           device=accelerator.device, pad_audio=args.pad_audio),
+               "source_valid_cer": validation_cer(source, loaded, valid_utts, batch_size=args.valid_batch_size,
+                                                  device=accelerator.device, pad_audio=args.pad_audio),
+               "lr": 0.0, "seconds": 0.0}
+        exp.write_metrics_row(row)
+        log.info("----EPOCH: 0, Test wer : %s%% (pruned, before fine-tuning; unpruned: %s%%)",
+                 100 * row["valid_cer"], 100 * row["source_valid_cer"])
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     device = accelerator.device
-    metrics_file = out / "metrics.jsonl"
     bar = tqdm(total=total_updates, initial=position["update"], desc="fine-tuning", unit="update",
                disable=args.quiet or not accelerator.is_main_process)
     t0 = time.time()
     while position["epoch"] < args.epochs and position["update"] < total_updates:
         epoch = position["epoch"]
         order = np.random.default_rng([args.seed, epoch]).permutation(len(micro))
-        losses = []
         while position["micro"] < len(micro) and position["update"] < total_updates:
             group = order[position["micro"]: position["micro"] + args.grad_accum]
             torch.manual_seed(args.seed * 1_000_003 + position["update"])
@@ -240,18 +327,24 @@ def train(args: argparse.Namespace) -> Path:
                 batch = collate(utts, loaded.feature_extractor).to(device)
                 labels = _labels(loaded.tokenizer, [u.text for u in utts], device)
                 sync = i == len(group) - 1
-                ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+                ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
-                    output = model(batch.input_values, attention_mask=batch.attention_mask, labels=labels)
+                    output = forward(model, batch.input_values, batch.attention_mask, labels=labels,
+                                     pad_audio=args.pad_audio)
                     loss = output.loss
                     if teacher is not None:
                         with torch.no_grad():
-                            t_logits = teacher(batch.input_values, attention_mask=batch.attention_mask).logits
+                            t_logits = forward(teacher, batch.input_values, batch.attention_mask,
+                                               pad_audio=args.pad_audio).logits
                         mask = frame_mask(raw, batch.attention_mask, output.logits.shape[1])
                         kd = distillation_loss(output.logits, t_logits, mask, temperature=args.temperature)
                         loss = (1 - args.distill_weight) * loss + args.distill_weight * kd
+                    if not torch.isfinite(loss.detach()):
+                        raise ComflpError(f"the training loss became {float(loss)} at update {position['update'] + 1}; "
+                                          "nothing was saved from this update (lower --lr or check the data)")
                     accelerator.backward(loss / len(group))
-                losses.append(float(loss.detach()))
+                position["loss_sum"] = position.get("loss_sum", 0.0) + float(loss.detach())
+                position["loss_count"] = position.get("loss_count", 0) + 1
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             if scheduler is not None:
@@ -260,45 +353,47 @@ def train(args: argparse.Namespace) -> Path:
             position["update"] += 1
             bar.update(1)
             if position["update"] % args.checkpoint_every == 0 and accelerator.is_main_process:
-                _save_last(out, raw, optimizer, scheduler, position)
+                _save_last(exp.last, raw, optimizer, scheduler, position)
         if position["micro"] >= len(micro):
-            _end_epoch(args, accelerator, raw, loaded, valid_utts, out, metrics_file, epoch, losses, position,
-                       scheduler, t0)
-            position = {"epoch": epoch + 1, "micro": 0, "update": position["update"]}
+            _end_epoch(args, accelerator, raw, loaded, valid_utts, exp, position, scheduler, t0)
+            position = {"epoch": epoch + 1, "micro": 0, "update": position["update"], "loss_sum": 0.0,
+                        "loss_count": 0}
             if accelerator.is_main_process:
-                _save_last(out, raw, optimizer, scheduler, position)
+                _save_last(exp.last, raw, optimizer, scheduler, position)
     bar.close()
     if accelerator.is_main_process:
-        final = out / "final"
-        save_model(raw, final, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer)
-        _save_last(out, raw, optimizer, scheduler, position)
+        save_model(raw, exp.final, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+                   overwrite=True)
+        _save_last(exp.last, raw, optimizer, scheduler, position)
     accelerator.wait_for_everyone()
     return out
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def validation_cer(model, loaded: LoadedModel, valid_utts, *, batch_size: int, device, pad_audio: bool) -> float:
+    """CER of ``model`` on the validation subset (batch-invariant unless ``pad_audio``)."""
+    was_training = model.training
+    model.eval()
+    cer = transcribe(model, loaded.feature_extractor, loaded.tokenizer, valid_utts, batch_size=batch_size,
+                     device=device, pad_audio=pad_audio).score().rate
+    model.train(was_training)
+    return cer
 
-    def __exit__(self, *exc):
-        return False
 
-
-def _end_epoch(args, accelerator, raw, loaded, valid_utts, out, metrics_file, epoch, losses, position, scheduler, t0):
+def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, position: dict, scheduler, t0) -> None:
     if not accelerator.is_main_process:
         return
-    raw.eval()
-    cer = transcribe(raw, loaded.feature_extractor, loaded.tokenizer, valid_utts, batch_size=args.valid_batch_size,
-                     device=accelerator.device).score().rate
-    raw.train()
-    save_model(raw, out / f"epoch{epoch + 1}", feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer)
-    row = {"epoch": epoch + 1, "update": position["update"], "train_loss": float(np.mean(losses)) if losses else None,
+    epoch = position["epoch"] + 1
+    cer = validation_cer(raw, loaded, valid_utts, batch_size=args.valid_batch_size, device=accelerator.device,
+                         pad_audio=args.pad_audio)
+    save_model(raw, exp.epoch(epoch), feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+               overwrite=True)
+    count = position.get("loss_count", 0)
+    row = {"epoch": epoch, "update": position["update"],
+           "train_loss": position["loss_sum"] / count if count else None,
            "valid_cer": cer, "lr": scheduler.get_last_lr()[0] if scheduler is not None else args.lr,
            "seconds": round(time.time() - t0, 1)}
-    rows = [line for line in (metrics_file.read_text().splitlines() if metrics_file.exists() else [])
-            if line and json.loads(line)["epoch"] != epoch + 1]  # a resumed epoch replaces its row
-    atomic.write_text(metrics_file, "".join(r + "\n" for r in rows + [json.dumps(row)]))
-    log.info("----EPOCH: %d, Test wer : %s%%", epoch + 1, 100 * cer)
+    exp.write_metrics_row(row)
+    log.info("----EPOCH: %d, Test wer : %s%%", epoch, 100 * cer)
 
 
 @exit_on_error

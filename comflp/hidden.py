@@ -19,7 +19,10 @@ One forward pass per batch feeds all measures:
 
 Samples for streamed and cosine measures are utterances (mode ``U``, pooled)
 or frames (mode ``T``). Pooling ignores padded frames; ``pool_padding=True``
-reproduces the paper, which averaged zero-padded frames in.
+reproduces the paper, which averaged zero-padded frames in. Every utterance's
+hidden states are those it has alone (:func:`comflp.model.forward`), so the
+matrices depend on which utterances form a batch only through the per-batch
+measures' definition; ``pad_audio=True`` is the paper's padded batching.
 
 Sharding over processes goes through accelerate: process r takes batches
 r, r + W, r + 2W, ...; sums are all-reduced, so W processes give the
@@ -37,9 +40,9 @@ import torch
 from tqdm import tqdm
 
 from . import measures as M
-from .data import Utterance, collate, frame_mask
+from .data import Utterance, collate
 from .errors import ComflpError
-from .model import encoder_layers
+from .model import encoder_layers, forward, frame_mask
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ class MeasureSettings:
     thre: float = 0.99
     seed: int = 0
     pool_padding: bool = False
+    pad_audio: bool = False  # the paper's batching: padded audio through the feature encoder
 
     def validate(self) -> None:
         unknown = [m for m in self.measures if m not in ALL_MEASURES]
@@ -269,7 +273,7 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
             vectors = []
             for start in range(0, len(group), settings.batch_size):
                 batch = collate(group[start: start + settings.batch_size], feature_extractor).to(device)
-                model(batch.input_values, attention_mask=batch.attention_mask)
+                forward(model, batch.input_values, batch.attention_mask, pad_audio=settings.pad_audio)
                 mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
                 stats.num_utterances += mask.shape[0]
                 stats.num_frames += int(mask.sum())

@@ -22,12 +22,38 @@ from torch import nn
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, PreTrainedModel
 from transformers import Wav2Vec2ForCTC
 
-from .atomic import atomic_dir
+from .artifacts import write_dir
 from .errors import ComflpError
 from .paths import DEMO_MODEL_DIR
 from .strategy import validate as validate_strategy
 
 LAYERNORM_HEAD_KEYS = ("lm_head.0.weight", "lm_head.1.weight")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families; the rest of comflp asks this table, never the family name.
+
+    ``position_conv_layers``: the path (under the base model) of a positional
+    convolution built as a stack of conv layers, whose padded frames must be
+    zeroed between layers for batching to be exact (see :func:`padding_exact`).
+    """
+
+    layers: str = "encoder.layers"
+    depth_field: str = "num_hidden_layers"
+    feature_encoder: str = "feature_extractor"
+    position_conv_layers: str | None = None
+
+
+DEFAULT_FAMILY = Family()
+FAMILIES: dict[str, Family] = {
+    "data2vec-audio": Family(position_conv_layers="encoder.pos_conv_embed.layers"),
+}
+
+
+def family_of(model: PreTrainedModel) -> Family:
+    """The family-table entry of ``model`` (by ``config.model_type``)."""
+    return FAMILIES.get(model.config.model_type, DEFAULT_FAMILY)
 
 
 class ExtendedWav2Vec2ForCTC(Wav2Vec2ForCTC):
@@ -50,9 +76,10 @@ class LoadedModel:
     """A model with its pre/post-processing; ``tokenizer`` is None when the source has none."""
 
     model: PreTrainedModel
-    feature_extractor: object
+    feature_extractor: object | None
     tokenizer: object | None
     source: str
+    has_ctc_head: bool = True
 
     @property
     def sampling_rate(self) -> int:
@@ -94,7 +121,11 @@ def _weight_keys(source: str) -> set[str]:
     if (index := fetch("pytorch_model.bin.index.json")) is not None:
         return set(json.loads(Path(index).read_text())["weight_map"])
     if (binary := fetch("pytorch_model.bin")) is not None:
-        return set(torch.load(binary, map_location="meta", weights_only=True, mmap=True).keys())
+        try:
+            state = torch.load(binary, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped; plain transformers loads it
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        return set(state.keys())
     return set()
 
 
@@ -103,30 +134,77 @@ def has_layernorm_head(source: str) -> bool:
     return set(LAYERNORM_HEAD_KEYS) <= _weight_keys(source)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _weights_error(source: str, err: BaseException) -> ComflpError:
+    """One line for weights that cannot be read: corrupt safetensors, or a pickle the safe loader refuses."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        return ComflpError(f"the weights in {source} are a pickle that the safe loader refuses for safety "
+                           "(torch.load weights_only=True); convert them to safetensors from a trusted copy")
+    return ComflpError(f"cannot read the weights in {source}: {_first_line(err)} (corrupt or truncated file?)")
+
+
+def default_feature_extractor(config) -> object:
+    """The wav2vec2-family feature extractor a model without ``preprocessor_config.json`` most likely used.
+
+    16 kHz, zero padding, per-utterance zero-mean unit-variance normalisation
+    (what every wav2vec2/HuBERT/WavLM/Data2VecAudio CTC checkpoint on the hub uses).
+    """
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=True)
+
+
 def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, need_tokenizer: bool = False) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, need_tokenizer: bool = False,
+               need_features: bool = True, need_ctc_head: bool = False) -> LoadedModel:
     """Load a CTC model, its feature extractor and (if present) its tokenizer.
 
     ``source`` is a local dir or a hub id. The paper's LayerNorm head is
     detected from the weights and built with :class:`ExtendedWav2Vec2ForCTC`.
+    A checkpoint without a CTC head (a pretrained-only ``Wav2Vec2Model``)
+    loads with ``has_ctc_head=False``; ``need_ctc_head`` refuses it.
+    Without ``preprocessor_config.json`` the feature extractor is None when
+    ``need_features`` is False (commands that only touch weights), else the
+    family default with a warning.
     """
+    import logging
+
     source = str(source)
     if not Path(source).exists() and (source.startswith((".", "/")) or source.count("/") > 1):
         raise ComflpError(f"model not found: {source} (neither a local dir nor a hub id)")
     try:
         AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ComflpError(f"cannot load model config from {source}: {str(err).splitlines()[0]}") from None
-    cls = ExtendedWav2Vec2ForCTC if has_layernorm_head(source) else AutoModelForCTC
+        raise ComflpError(f"cannot load model config from {source}: {_first_line(err)}") from None
     try:
-        model = cls.from_pretrained(source, dtype=dtype)
+        cls = ExtendedWav2Vec2ForCTC if has_layernorm_head(source) else AutoModelForCTC
+        model, info = cls.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    except ComflpError:
+        raise
     except (OSError, ValueError) as err:
-        raise ComflpError(f"cannot load CTC model from {source}: {str(err).splitlines()[0]}") from None
+        raise ComflpError(f"cannot load CTC model from {source}: {_first_line(err)}") from None
+    except Exception as err:  # safetensors and pickle raise their own types for bad files
+        raise _weights_error(source, err) from None
+    has_head = not any(k.startswith("lm_head") for k in info.get("missing_keys", ()))
+    if need_ctc_head and not has_head:
+        raise ComflpError(f"{source} has no CTC head (lm_head): it is a pretrained-only model; this command "
+                          "needs a fine-tuned CTC model")
     try:
         fe = AutoFeatureExtractor.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ComflpError(f"{source} has no usable feature extractor (preprocessor_config.json): "
-                          f"{str(err).splitlines()[0]}") from None
+    except (OSError, ValueError):
+        fe = None
+        if need_features:
+            fe = default_feature_extractor(model.config)
+            logging.getLogger(__name__).warning(
+                "%s has no preprocessor_config.json: using the wav2vec2 default feature extractor (16 kHz, "
+                "per-utterance normalisation); save the right one beside the model to silence this", source)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
@@ -135,7 +213,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
         raise ComflpError(f"{source} has no tokenizer (vocab.json); decoding needs one")
     encoder_layers(model)  # fail early on an unsupported architecture
     model.eval().to(device)
-    return LoadedModel(model, fe, tok, source)
+    return LoadedModel(model, fe, tok, source, has_head)
 
 
 def base_model(model: PreTrainedModel) -> nn.Module:
@@ -216,6 +294,115 @@ def prune(model: PreTrainedModel, pruned: Iterable[int]) -> PreTrainedModel:
     return new
 
 
+def feature_lengths(model: PreTrainedModel, sample_lengths: torch.Tensor) -> torch.Tensor:
+    """[B] audio samples -> [B] encoder frames, by the model's own conv arithmetic."""
+    return model._get_feat_extract_output_lengths(sample_lengths).long()
+
+
+def frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """[B, T_samples] sample mask -> [B, num_frames] bool mask of real encoder frames."""
+    lengths = feature_lengths(model, attention_mask.sum(-1))
+    return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
+
+
+class _UnpaddedFeatureEncoder(nn.Module):
+    """The conv feature encoder run on each utterance's real samples, outputs zero-padded in time.
+
+    Group norm in the first conv layer normalises over time, so running it on a
+    zero-padded batch changes every shorter utterance's features; running it
+    per utterance (utterances of equal length together) gives each utterance
+    the features it has alone. input: [B, T] -> [B, C, F_max].
+    """
+
+    def __init__(self, encoder: nn.Module, lengths: Sequence[int]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.lengths = [int(n) for n in lengths]
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(self.lengths):
+            groups.setdefault(n, []).append(i)
+        outputs: dict[int, torch.Tensor] = {}
+        for n, rows in groups.items():
+            out = self.encoder(input_values[rows, :n])
+            outputs.update((i, out[j]) for j, i in enumerate(rows))
+        width = max(o.shape[-1] for o in outputs.values())
+        return torch.stack([nn.functional.pad(outputs[i], (0, width - outputs[i].shape[-1]))
+                            for i in range(len(self.lengths))])
+
+
+class _MaskedFrames(nn.Module):
+    """Runs ``layer`` on [B, D, F] and zeroes the padded frames of its output."""
+
+    def __init__(self, layer: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.mask = mask  # [B, F] bool
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.layer(hidden_states)
+        return out * self.mask[:, None, : out.shape[-1]].to(out.dtype)
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+@contextlib.contextmanager
+def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iterator[PreTrainedModel]:
+    """Within the block, a padded batch gives each utterance what it gives alone.
+
+    Two things read padding in the encoders comflp supports, and both are
+    switched off here: the conv feature encoder (group norm normalises over
+    time; replaced by :class:`_UnpaddedFeatureEncoder`) and, in families whose
+    positional convolution is a stack of conv layers (the family table's
+    ``position_conv_layers``), the padded frames between those layers, which
+    are zeroed as the unpadded convolution's own zero padding would be.
+    Attention itself is masked exactly by the frame attention mask.
+    """
+    inner = getattr(model, "module", model)  # under DDP the HF model is the wrapper's .module
+    base = base_model(inner)
+    family = family_of(inner)
+    original_fe = getattr(base, family.feature_encoder)
+    setattr(base, family.feature_encoder, _UnpaddedFeatureEncoder(original_fe, sample_lengths))
+    conv_stack = _get(base, family.position_conv_layers) if family.position_conv_layers else None
+    original_layers = list(conv_stack) if conv_stack is not None else []
+    if conv_stack is not None:
+        lengths = feature_lengths(inner, torch.as_tensor(list(sample_lengths)))
+        mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        mask = mask.to(next(inner.parameters()).device)
+        for i, layer in enumerate(original_layers):
+            conv_stack[i] = _MaskedFrames(layer, mask)
+    try:
+        yield model
+    finally:
+        setattr(base, family.feature_encoder, original_fe)
+        for i, layer in enumerate(original_layers):
+            conv_stack[i] = layer
+
+
+def forward(model: PreTrainedModel, input_values: torch.Tensor, attention_mask: torch.Tensor, *,
+            pad_audio: bool = False, **kwargs):
+    """The model's forward on a padded batch, with results independent of the batching.
+
+    input_values: [B, T] zero-padded audio; attention_mask: [B, T] (1 = real
+    sample). By default the model runs under :func:`padding_exact`, so every
+    utterance gets (up to float rounding) the output it gets alone.
+    ``pad_audio=True`` is the paper's behaviour: the padded batch goes through
+    the model as is, and group-norm encoders then give results that depend on
+    which utterances share a batch.
+    """
+    if pad_audio:
+        return model(input_values, attention_mask=attention_mask, **kwargs)
+    with padding_exact(model, attention_mask.sum(-1).tolist()):
+        return model(input_values, attention_mask=attention_mask, **kwargs)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -223,11 +410,12 @@ def count_parameters(model: nn.Module) -> int:
 def model_info(loaded: LoadedModel) -> ModelInfo:
     model = loaded.model
     cfg = model.config
-    head = "layernorm+linear" if isinstance(model, ExtendedWav2Vec2ForCTC) else "linear"
+    head = "none" if not loaded.has_ctc_head else (
+        "layernorm+linear" if isinstance(model, ExtendedWav2Vec2ForCTC) else "linear")
     return ModelInfo(
         family=cfg.model_type,
         num_layers=num_layers(model),
-        num_parameters=count_parameters(model),
+        num_parameters=count_parameters(model if loaded.has_ctc_head else base_model(model)),
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
         head=head,
@@ -236,14 +424,15 @@ def model_info(loaded: LoadedModel) -> ModelInfo:
 
 
 def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_extractor=None, tokenizer=None,
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | None = None, overwrite: bool = False, flag: str = "--output") -> Path:
     """Save in HF format (config + model.safetensors + processor files), atomically.
 
     The model is written to a temp dir beside ``out_dir`` and renamed into
-    place; an existing ``out_dir`` is replaced only once the new one is whole.
+    place; an existing ``out_dir`` is replaced only if comflp wrote it and
+    ``overwrite`` is set (:func:`comflp.artifacts.write_dir`).
     """
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with write_dir(out_dir, kind="model", overwrite=overwrite, flag=flag) as tmp:
         to_save = model if dtype is None else copy.deepcopy(model).to(dtype)
         to_save.save_pretrained(tmp)
         if feature_extractor is not None:

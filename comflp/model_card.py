@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from . import atomic
-from .data import read_corpus_dir
+from .options import read_corpus
 from .model import count_parameters, load_model, num_layers
 from .paths import demo_split
 from .verify import FineSearch
@@ -29,7 +29,7 @@ def pruning_table(model_dir: Path, *, batch_size: int = 32) -> dict:
     L = num_layers(loaded.model)
     results: dict = {"num_layers": L, "num_parameters": count_parameters(loaded.model)}
     for split in ("dev", "test"):
-        fine = FineSearch(loaded, read_corpus_dir(demo_split(split)), batch_size=batch_size)
+        fine = FineSearch(loaded, read_corpus(demo_split(split)), batch_size=batch_size)
         sets = [[]] if split == "dev" else [[]] + [[i] for i in range(1, L + 1)] + list(SIX_OF_TWELVE.values())
         rates = [r.rate for r in fine.evaluate(sets)]
         results[f"{split}_cer"] = rates[0]

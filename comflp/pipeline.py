@@ -25,7 +25,8 @@ import logging
 import time
 from pathlib import Path
 
-from .errors import exit_on_error
+from .artifacts import ExperimentDir, dc_dump_name, dir_kind, mark_dir
+from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
@@ -64,7 +65,13 @@ def _done(exp: Path, stage: int) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     exp: Path = args.exp_dir
+    if exp.exists() and not exp.is_dir():
+        raise ComflpError(f"--exp_dir {exp} is a file; a directory is needed here")
+    if exp.is_dir() and any(exp.iterdir()) and dir_kind(exp) is None:
+        raise ComflpError(f"--exp_dir {exp} exists and was not written by comflp; refusing to write into it "
+                          "(choose another path)")
     exp.mkdir(parents=True, exist_ok=True)
+    mark_dir(exp, "demo")
     setup_logging(exp / "demo.log")
     if args.threads:
         import torch
@@ -90,8 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     _summary(paths, time.perf_counter() - t0)
 
 
+DC_BATCH, DC_ITERS = 4, 10  # the paper's DC recipe
+
+
 def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> bool:
+    # every output lives under --exp_dir, which this pipeline owns: a re-run stage replaces its own outputs
     common = ["--model", str(args.model)]
+    again = ["--overwrite"]
     if stage == 0:
         from .demo_corpus import ensure_demo_corpus
 
@@ -101,16 +113,19 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         from .analysis import dc_main, svcca_main
 
         where = ["--dump_dir", str(paths["dump"]), "--figure_dir", str(paths["figure"])]
-        dc_main([*common, *where, "--batch_size", "4", "--iter_num", "10"])
-        svcca_main([*common, *where, "--batch_size", "8", "--iter_num", "4", "--mode", "T", "--thre", "0.99"])
+        dc_main([*common, *where, *again, "--batch_size", str(DC_BATCH), "--iter_num", str(DC_ITERS)])
+        svcca_main([*common, *where, *again, "--batch_size", "8", "--iter_num", "4", "--mode", "T",
+                    "--thre", "0.99"])
     elif stage == 2:
         import numpy as np
 
         from .search_cli import search_main
 
-        matrix = paths["dump"] / "dc_mat_mean_bs4_iter10.npy"
-        layers = np.load(matrix, mmap_mode="r").shape[0] - 1
-        search_main([*common, "--num_layers", str(layers), "--num_clip_layers", str(args.num_clip_layers),
+        from .artifacts import load_matrix
+
+        matrix = paths["dump"] / dc_dump_name("mean", DC_BATCH, DC_ITERS)
+        layers = int(load_matrix(matrix)[1]["num_layers"])
+        search_main([*common, *again, "--num_layers", str(layers), "--num_clip_layers", str(args.num_clip_layers),
                      "--search_mode", "exhaustive", "--measure_file", str(matrix), "--topk_num", "10",
                      "--output", str(paths["strategy"]), "--log_dir", str(Path(args.exp_dir) / "log")])
         _scatter(paths)
@@ -118,21 +133,18 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         from .cli import prune_main
 
         prune_main(["--model", str(args.model), "--strategy", str(paths["strategy"]), "--rank", "1",
-                    "--output", str(paths["pruned"])])
+                    "--output", str(paths["pruned"]), *again])
     elif stage == 4:
         from .test_asr import main as test_main
 
-        test_main(["--model", str(args.model), "--output_dir", str(paths["test_full"])])
-        test_main(["--model", str(paths["pruned"]), "--output_dir", str(paths["test_pruned"])])
+        test_main(["--model", str(args.model), "--output_dir", str(paths["test_full"]), *again])
+        test_main(["--model", str(paths["pruned"]), "--output_dir", str(paths["test_pruned"]), *again])
+        _speed(args, paths)
     elif stage == 5:
-        import shutil
-
         from .finetune import main as finetune_main
 
-        if args.force and paths["finetune"].exists():
-            shutil.rmtree(paths["finetune"])  # a forced re-run starts afresh; otherwise resume from last/
-
-        finetune_main([*common, "--strategy", str(paths["strategy"]), "--rank", "1",
+        # a forced re-run starts afresh; otherwise an interrupted run resumes from last/
+        finetune_main([*common, *(again if args.force else []), "--strategy", str(paths["strategy"]), "--rank", "1",
                        "--output_dir", str(paths["finetune"]), "--epochs", str(args.ft_epochs),
                        "--max_train_utts", str(args.ft_max_train_utts), "--batch_size", str(args.ft_batch_size),
                        "--grad_accum", "1", "--lr", str(args.ft_lr), "--distill", "--test_num_batch", "4",
@@ -142,14 +154,12 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         from .average import main as average_main
 
         average_main(["--exp_dir", str(paths["finetune"]), "--num", str(min(args.avg_num, args.ft_epochs)),
-                      "--mode", "valid"])
+                      "--mode", "valid", *again])
     elif stage == 7:
         from .test_asr import main as test_main
 
-        test_main(["--output_dir", str(paths["finetune"])])
-        out = paths["test_healed"]
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "test_asr.json").write_text((paths["finetune"] / "test_asr.json").read_text())
+        test_main(["--model", str(ExperimentDir(paths["finetune"]).averaged), "--output_dir",
+                   str(paths["test_healed"]), *again])
     return True
 
 
@@ -166,10 +176,29 @@ def _scatter(paths: dict[str, Path]) -> None:
 def _healing_curve(paths: dict[str, Path]) -> None:
     from .plots import curves
 
-    rows = [json.loads(line) for line in (paths["finetune"] / "metrics.jsonl").read_text().splitlines() if line]
-    curves({"dev CER": ([r["epoch"] for r in rows], [100 * r["valid_cer"] for r in rows])},
-           paths["figure"] / "healing_curve.png", xlabel="fine-tuning epoch", ylabel="dev CER (%)",
-           title="Healing the pruned model")
+    rows = ExperimentDir(paths["finetune"]).read_metrics()
+    reference = next((r["source_valid_cer"] for r in rows if r["epoch"] == 0 and "source_valid_cer" in r), None)
+    curves({"pruned model, dev CER": ([r["epoch"] for r in rows], [100 * r["valid_cer"] for r in rows])},
+           paths["figure"] / "healing_curve.png", xlabel="fine-tuning epoch (0 = pruned, before healing)",
+           ylabel="dev CER (%)", title="Healing the pruned model",
+           hlines={"unpruned model": 100 * reference} if reference is not None else None)
+
+
+def _speed(args: argparse.Namespace, paths: dict[str, Path]) -> None:
+    """Decode speed-up of the pruned model, timed as a pair after warm-up on the same test batches."""
+    from . import atomic
+    from .decode import compare_speed
+    from .model import load_model
+    from .options import read_corpus
+
+    full = load_model(args.model, need_tokenizer=True)
+    pruned = load_model(paths["pruned"], need_tokenizer=True)
+    utts = read_corpus(demo_split("test"))[:64]
+    cmp = compare_speed(full.model, pruned.model, full.feature_extractor, full.tokenizer, utts, batch_size=16)
+    atomic.write_json(paths["test_pruned"] / "speed.json",
+                      {"utterances": len(utts), "audio_seconds": cmp.audio_seconds, "full_seconds": cmp.first_seconds,
+                       "pruned_seconds": cmp.second_seconds, "speedup": cmp.speedup})
+    log.info("decode speed-up of the pruned model: %.2fx (paired, after warm-up)", cmp.speedup)
 
 
 def _summary(paths: dict[str, Path], seconds: float) -> None:
@@ -184,8 +213,10 @@ def _summary(paths: dict[str, Path], seconds: float) -> None:
         return
     lines = ["", f"{'model':<24} {'layers':>6} {'parameters':>12} {'test CER':>9} {'RTF':>8}"]
     lines += [f"{n:<24} {l:>6} {p:>12,} {c:>8.2f}% {rtf:>8.4f}" for n, l, p, c, rtf in rows]
-    if len(rows) >= 2:
-        lines.append(f"decode speed-up of the pruned model: {rows[0][4] / rows[1][4]:.2f}x")
+    speed = paths["test_pruned"] / "speed.json"
+    if speed.exists():
+        lines.append(f"decode speed-up of the pruned model: {json.loads(speed.read_text())['speedup']:.2f}x "
+                     "(the two models timed as a pair on the same batches, after warm-up)")
     s = paths["strategy"]
     if s.exists():
         best = json.loads(s.read_text())["candidates"][0]

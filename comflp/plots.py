@@ -17,16 +17,26 @@ from .atomic import atomic_path  # noqa: E402
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=path.suffix) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", metadata={"Software": "comflp"})
     plt.close(fig)
     return path
 
 
 def heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str = "", annotate: bool = True) -> Path:
-    """Heatmap of an (L+1) x (L+1) layer-by-layer matrix; axes are hidden-state indices 0..L."""
+    """Heatmap of an (L+1) x (L+1) layer-by-layer matrix; axes are hidden-state indices 0..L.
+
+    The colour scale spans the off-diagonal values (the diagonal is 1 by
+    definition), so matrices whose entries all lie in, say, 0.96-1.0 still
+    show their structure; the colour bar gives the scale.
+    """
     n = matrix.shape[0]
     fig, ax = plt.subplots(figsize=(0.45 * n + 2.5, 0.45 * n + 1.8))
-    im = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(np.nanmin(matrix))), vmax=1.0)
+    off = matrix[~np.eye(n, dtype=bool)] if n > 1 else matrix.ravel()
+    lo, hi = float(np.nanmin(off)), float(np.nanmax(off))
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    im = ax.imshow(matrix, cmap="viridis", vmin=lo, vmax=hi)
+    threshold = lo + 0.6 * (hi - lo)
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("hidden state")
@@ -38,7 +48,7 @@ def heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str = "", ann
             for j in range(n):
                 v = matrix[i, j]
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.6 else "black")
+                        color="white" if v < threshold else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
 
@@ -61,11 +71,13 @@ def scatter(x: list[float], y: list[float], path: str | os.PathLike, *, xlabel: 
 
 
 def curves(series: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike, *, xlabel: str,
-           ylabel: str, title: str = "") -> Path:
-    """Line plot of named (x, y) series, e.g. dev CER per epoch."""
+           ylabel: str, title: str = "", hlines: dict[str, float] | None = None) -> Path:
+    """Line plot of named (x, y) series, e.g. dev CER per epoch, with optional named reference lines."""
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", ms=3, label=name)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, ls="--", lw=1, color="gray", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

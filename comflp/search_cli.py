@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .analysis import dc_dump_name, load_npz, svcca_dump_name
-from .data import read_corpus_dir
+from .artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
+from .options import (add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
+                      resolve_device, str2bool)
 from .logs import setup_logging
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
 from .search import SEARCH_MODES, check_matrix, search
@@ -25,25 +25,20 @@ MEASURES = ("dc", "svcca", "dc_unbiased", "pwcca", "cka", "cka_unbiased", "cosin
 LOG_DIR = REPO_ROOT / "search_strategy" / "log"
 
 
-def str2bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y", "t"):
-        return True
-    if text.lower() in ("0", "false", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
     p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
                    help="labelled Kaldi dir for fine search (default: the embedded corpus's dev split; "
                         "the paper verified on its test set)")
-    p.add_argument("--test_num_batch", type=int, default=10,
+    p.add_argument("--test_num_batch", type=positive_int, default=10,
                    help="batches in the fine-search subset (default: %(default)s)")
-    p.add_argument("--verify_batch_size", type=int, default=32,
+    p.add_argument("--verify_batch_size", type=positive_int, default=32,
                    help="utterances per batch; the subset is the first test_num_batch x verify_batch_size "
-                        "utterances in wav.scp order (default: %(default)s)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+                        "utterances in wav.scp order; how they are batched does not change the CERs "
+                        "(default: %(default)s)")
+    add_pad_audio(p)
+    add_device(p)
+    add_overwrite(p, "strategy file")
     p.add_argument("--log_dir", type=Path, default=LOG_DIR, help="where the paper-style log goes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -53,18 +48,19 @@ def search_parser() -> argparse.ArgumentParser:
         prog="python search_strategy/search_prune_then_verify_mix.py",
         description="Coarse search on a correlation matrix, then fine search (CER of the top candidates on a "
                     "labelled subset). Writes a strategy JSON, best first.")
-    p.add_argument("--num_layers", type=int, default=12, help="layers of the model (default: %(default)s)")
-    p.add_argument("--num_clip_layers", type=int, default=6, help="K, layers to prune (default: %(default)s)")
+    p.add_argument("--num_layers", type=positive_int, default=12, help="layers of the model (default: %(default)s)")
+    p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers to prune (default: %(default)s)")
     p.add_argument("--search_mode", choices=SEARCH_MODES, default="exhaustive", help="(default: %(default)s)")
     p.add_argument("--select_measure", choices=MEASURES, default="dc",
                    help="which matrix scores the strategies; rand draws random strategies, scored on the DC matrix "
                         "(default: %(default)s)")
-    p.add_argument("--topk_num", type=int, default=10, help="candidates kept by exhaustive/exact/rand (default: %(default)s)")
-    p.add_argument("--beam_size", type=int, default=10, help="beam width (default: %(default)s)")
+    p.add_argument("--topk_num", type=positive_int, default=10,
+                   help="candidates kept by exhaustive/exact/rand (default: %(default)s)")
+    p.add_argument("--beam_size", type=positive_int, default=10, help="beam width (default: %(default)s)")
     p.add_argument("--coarse_search_only", type=str2bool, default=False, help="skip the fine search (default: %(default)s)")
     p.add_argument("--verify_wer", type=str2bool, default=True, help="measure CER/WER of the candidates (default: %(default)s)")
-    p.add_argument("--bs", type=int, default=32, help="batch size in the DC/SVCCA dump name (default: %(default)s)")
-    p.add_argument("--iter", type=int, default=10, help="iterations in the DC/SVCCA dump name (default: %(default)s)")
+    p.add_argument("--bs", type=positive_int, default=32, help="batch size in the DC/SVCCA dump name (default: %(default)s)")
+    p.add_argument("--iter", type=positive_int, default=10, help="iterations in the DC/SVCCA dump name (default: %(default)s)")
     p.add_argument("--mode", default="mean", help="DC mode in the dump name (default: %(default)s)")
     p.add_argument("--svcca_mode", default="U", help="SVCCA mode in the dump name (default: %(default)s)")
     p.add_argument("--thre", type=float, default=0.99, help="SVCCA threshold in the dump name (default: %(default)s)")
@@ -78,22 +74,15 @@ def search_parser() -> argparse.ArgumentParser:
     return p
 
 
-def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, Path]:
-    """The matrix the flags name, found as the paper does (dump/ under the repository root)."""
+def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, dict, Path]:
+    """The matrix the flags name and its metadata, found as the paper does (dump/ under the repository root)."""
     measure = "dc" if args.select_measure == "rand" else args.select_measure
     if args.measure_file is not None:
         path = Path(args.measure_file)
         if not path.is_file():
             raise ComflpError(f"--measure_file not found: {path}")
-        if path.suffix == ".npz":
-            mats, _ = load_npz(path)
-            if measure not in mats:
-                raise ComflpError(f"{path} holds {', '.join(sorted(mats))}, not {measure}")
-            return mats[measure], path
-        try:
-            return np.load(path, allow_pickle=False), path
-        except ValueError as err:
-            raise ComflpError(f"cannot read {path} as a matrix: {err}") from None
+        matrix, meta = load_matrix(path, measure)
+        return matrix, meta, path
     if measure == "dc":
         path = DUMP_DIR / dc_dump_name(args.mode, args.bs, args.iter)
         flags = f"--select_measure {args.select_measure} --mode {args.mode} --bs {args.bs} --iter {args.iter}"
@@ -109,7 +98,8 @@ def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, Path]:
     if not path.is_file():
         raise ComflpError(f"matrix file not found: {path} (named by {flags}); make it with `{make}` "
                           f"or pass --measure_file")
-    return np.load(path, allow_pickle=False), path
+    matrix, meta = load_matrix(path)
+    return matrix, meta, path
 
 
 def _paper_log_name(args: argparse.Namespace) -> str:
@@ -133,19 +123,15 @@ def _table(cands: list[Candidate]) -> str:
     return "\n".join(rows)
 
 
-def _device(args: argparse.Namespace) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _fine_search(args: argparse.Namespace):
     from .model import load_model, num_layers
     from .verify import FineSearch, verify_subset
 
-    loaded = load_model(args.model, device=_device(args), need_tokenizer=True)
-    if num_layers(loaded.model) != args.num_layers:
-        raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {num_layers(loaded.model)} layers")
-    utts = verify_subset(read_corpus_dir(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
-    return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet)
+    loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True)
+    check_num_layers(args.num_layers, num_layers(loaded.model), args.model)
+    utts = verify_subset(read_corpus(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
+    return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
+                      pad_audio=args.pad_audio)
 
 
 @exit_on_error
@@ -153,8 +139,15 @@ def search_main(argv: list[str] | None = None) -> StrategyFile:
     args = search_parser().parse_args(argv)
     L, K = args.num_layers, args.num_clip_layers
     setup_logging(Path(args.log_dir) / _paper_log_name(args))
-    raw, matrix_path = locate_matrix(args)
+    if not 0 < K < L:
+        raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
+    out = Path(args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_{args.select_measure}_"
+               f"{'rand' if args.select_measure == 'rand' else args.search_mode}.json")
+    claim_file(out, overwrite=args.overwrite)
+    raw, matrix_meta, matrix_path = locate_matrix(args)
     matrix = check_matrix(raw, L, name=str(matrix_path))
+    verifying = not args.coarse_search_only and args.verify_wer
+    check_matrix_model(matrix_meta, num_layers=L, model=args.model if verifying else None, where=str(matrix_path))
     log.info("Layer pruning %d of %d layers; %s search on %s", K, L, args.search_mode, matrix_path)
     mode = "rand" if args.select_measure == "rand" else args.search_mode
     start = time.perf_counter()
@@ -169,7 +162,7 @@ def search_main(argv: list[str] | None = None) -> StrategyFile:
                  [list(b) for b in c.blocks])
     meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
             "coarse_seconds": coarse_s, "num_clip_layers": K}
-    if not args.coarse_search_only and args.verify_wer:
+    if verifying:
         from .verify import verify
 
         fine = _fine_search(args)
@@ -185,9 +178,8 @@ def search_main(argv: list[str] | None = None) -> StrategyFile:
         meta.update(pearson=report.pearson, fine_seconds=fine.stats.seconds, verify_data_dir=str(args.verify_data_dir),
                     verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,
                     naive_layer_applications=fine.stats.naive_layer_applications, model=str(args.model))
-    out = args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_{args.select_measure}_{mode}.json"
     strategy = StrategyFile(L, cands, meta)
-    strategy.save(out)
+    strategy.save(out, overwrite=args.overwrite)
     print(_table(cands))
     print(f"strategy file: {out}")
     return strategy
@@ -197,8 +189,8 @@ def glp_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python search_strategy/wer_based_greedy_search.py",
                                 description="Greedy layer pruning by CER/WER (GLP), the paper's slow baseline: "
                                             "each step removes the layer whose removal costs least on the subset.")
-    p.add_argument("--num_layers", type=int, default=12, help="layers of the model (default: %(default)s)")
-    p.add_argument("--num_clip_layers", type=int, default=6, help="K, layers to prune (default: %(default)s)")
+    p.add_argument("--num_layers", type=positive_int, default=12, help="layers of the model (default: %(default)s)")
+    p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers to prune (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="strategy JSON (default: exp/search/clip{L}to{L-K}_glp.json)")
     add_verify_arguments(p)
     return p
@@ -212,6 +204,8 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     L, K = args.num_layers, args.num_clip_layers
     if not 0 < K < L:
         raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
+    out = Path(args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_glp.json")
+    claim_file(out, overwrite=args.overwrite)
     setup_logging(Path(args.log_dir) / f"WER_greedy_clip{L}to{L - K}.log")
     fine = _fine_search(args)
     result = greedy_layer_pruning(fine, K, progress=not args.quiet)
@@ -219,9 +213,8 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
             "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),
             "verify_utterances": len(fine.utts), "model": str(args.model)}
-    out = args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_glp.json"
     strategy = StrategyFile(L, [final], meta)
-    strategy.save(out)
+    strategy.save(out, overwrite=args.overwrite)
     print(_table(result.path))
     print(f"strategy file: {out}")
     return strategy

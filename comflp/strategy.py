@@ -37,13 +37,28 @@ def to_blocks(pruned: Iterable[int]) -> list[tuple[int, int]]:
     return blocks
 
 
+def layer_number(value: object, where: str = "layer") -> int:
+    """A layer number from JSON: an int (not a bool, not 3.0, not "3"); one line otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ComflpError(f"{where} {value!r} is not an integer layer number")
+    return value
+
+
 def from_blocks(blocks: Iterable[Sequence[int]]) -> list[int]:
     """Layers covered by inclusive ``[start, end]`` blocks.
 
     >>> from_blocks([[1, 1], [3, 4]])
     [1, 3, 4]
     """
-    return sorted({layer for start, end in blocks for layer in range(start, end + 1)})
+    layers: set[int] = set()
+    for block in blocks:
+        if len(block) != 2:
+            raise ComflpError(f"block {list(block)} is not [start, end]")
+        start, end = (layer_number(x, "block bound") for x in block)
+        if start > end:
+            raise ComflpError(f"block {[start, end]} is reversed (start > end)")
+        layers.update(range(start, end + 1))
+    return sorted(layers)
 
 
 def validate(pruned: Iterable[int], num_layers: int) -> list[int]:
@@ -68,8 +83,10 @@ def parse_layers(text: str) -> list[int]:
             if not part:
                 continue
             if "-" in part:
-                a, b = part.split("-", 1)
-                layers.extend(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-", 1))
+                if a > b:
+                    raise ComflpError(f"layer range {part!r} is reversed; write it as {b}-{a}")
+                layers.extend(range(a, b + 1))
             else:
                 layers.append(int(part))
     except ValueError:
@@ -114,14 +131,21 @@ class StrategyFile:
             d["meta"] = self.meta
         return d
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically, one candidate per line (diff- and grep-friendly)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write atomically, one candidate per line (diff- and grep-friendly).
+
+        An existing file is replaced only if comflp wrote it and ``overwrite`` is set.
+        """
+        from .artifacts import WRITTEN_BY, claim_file, output_lock
+
+        path = claim_file(path, overwrite=overwrite)
         d = self.to_dict()
-        lines = [f'{{"num_layers": {d["num_layers"]},', ' "candidates": [']
+        lines = [f'{{"written_by": "{WRITTEN_BY}", "num_layers": {d["num_layers"]},', ' "candidates": [']
         lines += [f"  {json.dumps(c)}," for c in d["candidates"]]
         lines[-1] = lines[-1].rstrip(",")
         meta = f',\n "meta": {json.dumps(d["meta"], ensure_ascii=False)}' if "meta" in d else ""
-        atomic.write_text(path, "\n".join(lines) + f"\n ]{meta}\n}}\n")
+        with output_lock(path):
+            atomic.write_text(path, "\n".join(lines) + f"\n ]{meta}\n}}\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StrategyFile":
@@ -133,7 +157,7 @@ class StrategyFile:
             num_layers = int(raw["num_layers"])
             cands = []
             for i, c in enumerate(raw["candidates"]):
-                pruned = [int(x) for x in c["pruned"]] if "pruned" in c else from_blocks(c["blocks"])
+                pruned = ([layer_number(x) for x in c["pruned"]] if "pruned" in c else from_blocks(c["blocks"]))
                 validate(pruned, num_layers)
                 cands.append(Candidate(sorted(pruned), c.get("score"), c.get("cer")))
         except ComflpError as err:

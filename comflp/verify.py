@@ -21,6 +21,7 @@ same engine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,10 +32,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import AudioBatch, Utterance, collate, frame_mask, iter_batches, length_sorted_batches
+from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
+from .decode import decode_batch, decode_logits
 from .errors import ComflpError
-from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
-from .model import LoadedModel, base_model, encoder_layers, prune, run_layers
+from .metrics import ErrorRate, Unit, error_rate, guess_unit
+from .model import LoadedModel, base_model, encoder_layers, padding_exact, prune, run_layers
 from .strategy import Candidate, validate
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ class _CachedLayer(nn.Module):
         return out
 
 
-class _CachedModule(nn.Module):
-    """Returns a fixed output (the batch's feature-encoder result) without running ``module``."""
+class _FixedOutput(nn.Module):
+    """Stands in for the feature encoder: returns the batch's features, computed once."""
 
     def __init__(self, output: torch.Tensor) -> None:
         super().__init__()
@@ -95,6 +97,7 @@ class FineSearch:
     batch_size: int = 32
     unit: Unit | None = None
     progress: bool = True
+    pad_audio: bool = False
     stats: FineSearchStats = field(default_factory=FineSearchStats)
     hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
 
@@ -109,6 +112,35 @@ class FineSearch:
         self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
         self.num_layers = len(encoder_layers(self.loaded.model))
 
+    def _evaluate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
+                        hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
+        """Decode one batch under every kept sequence, walking the trie of kept sequences in DFS order."""
+        model = self.loaded.model
+        base = base_model(model)
+        features = base.feature_extractor(batch.input_values)
+        original_fe = base.feature_extractor
+        base.feature_extractor = _FixedOutput(features)
+        cache: dict[tuple[int, ...], object] = {}
+        try:
+            for i in order:
+                seq = kept[i]
+                for key in [k for k in cache if seq[: len(k)] != k]:
+                    del cache[key]  # leave the trie path
+                with run_layers(model, seq):
+                    encoder = base.encoder
+                    selected = encoder.layers
+                    encoder.layers = nn.ModuleList(
+                        [_CachedLayer(layer, seq[: j + 1], cache, counter) for j, layer in enumerate(selected)])
+                    try:
+                        logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
+                    finally:
+                        encoder.layers = selected
+                texts = decode_logits(model, self.loaded.tokenizer, logits, batch.attention_mask)
+                hyps[i].update(zip(batch.utt_ids, texts))
+                bar.update(1)
+        finally:
+            base.feature_extractor = original_fe
+
     @torch.inference_mode()
     def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
         """Error rate of each pruned set (1-based layers), in the order given."""
@@ -116,7 +148,6 @@ class FineSearch:
         kept = [tuple(i for i in range(self.num_layers) if i + 1 not in set(p)) for p in sets]
         order = sorted(range(len(sets)), key=lambda i: kept[i])  # DFS order of the trie
         model = self.loaded.model
-        base = base_model(model)
         hyps: list[dict[str, str]] = [{} for _ in sets]
         start = time.perf_counter()
         counter = [0]
@@ -124,30 +155,10 @@ class FineSearch:
         bar = tqdm(total=total, desc="fine search", unit="cand-batch", disable=not self.progress)
         for batch in self._batches:
             batch = batch.to(self.device)
-            features = base.feature_extractor(batch.input_values)
-            cache: dict[tuple[int, ...], object] = {}
-            original_fe = base.feature_extractor
-            base.feature_extractor = _CachedModule(features)
-            try:
-                for i in order:
-                    seq = kept[i]
-                    for key in [k for k in cache if seq[: len(k)] != k]:
-                        del cache[key]  # leave the trie path
-                    with run_layers(model, seq):
-                        encoder = base.encoder
-                        selected = encoder.layers
-                        encoder.layers = nn.ModuleList(
-                            [_CachedLayer(layer, seq[: j + 1], cache, counter) for j, layer in enumerate(selected)])
-                        try:
-                            logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
-                        finally:
-                            encoder.layers = selected
-                    mask = frame_mask(model, batch.attention_mask, logits.shape[1])
-                    texts = greedy_decode(logits, self.loaded.tokenizer, mask.sum(-1))
-                    hyps[i].update(zip(batch.utt_ids, texts))
-                    bar.update(1)
-            finally:
-                base.feature_extractor = original_fe
+            exact = (contextlib.nullcontext() if self.pad_audio
+                     else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
+            with exact:
+                self._evaluate_batch(batch, kept, order, hyps, counter, bar)
         bar.close()
         self.stats.layer_applications += counter[0]
         self.stats.naive_layer_applications += len(self._batches) * sum(len(k) for k in kept)
@@ -158,7 +169,7 @@ class FineSearch:
 
 
 def evaluate_separately(loaded: LoadedModel, utts: Sequence[Utterance], pruned_sets: Sequence[Sequence[int]], *,
-                        batch_size: int = 32, unit: Unit | None = None) -> tuple[list[ErrorRate], list[list[str]]]:
+                        batch_size: int = 32, unit: Unit | None = None, pad_audio: bool = False) -> tuple[list[ErrorRate], list[list[str]]]:
     """The naive reference: build each pruned model (weights copied) and decode the subset with it.
 
     Returns the error rates and the hypotheses (in ``utts`` order) of each set.
@@ -171,9 +182,7 @@ def evaluate_separately(loaded: LoadedModel, utts: Sequence[Utterance], pruned_s
         with torch.inference_mode():
             for batch in iter_batches(utts, loaded.feature_extractor, batch_size=batch_size):
                 batch = batch.to(next(model.parameters()).device)
-                logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
-                mask = frame_mask(model, batch.attention_mask, logits.shape[1])
-                hyps.update(zip(batch.utt_ids, greedy_decode(logits, loaded.tokenizer, mask.sum(-1))))
+                hyps.update(zip(batch.utt_ids, decode_batch(model, loaded.tokenizer, batch, pad_audio=pad_audio)))
         all_hyps.append([hyps[u.utt_id] for u in utts])
         out.append(error_rate([u.text for u in utts], all_hyps[-1], unit=unit))
     return out, all_hyps

@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from comflp.data import collate, frame_mask, length_sorted_batches, load_audio, read_corpus_dir
+from comflp.data import collate, length_sorted_batches, load_audio, read_corpus_dir
+from comflp.model import frame_mask
 from comflp.errors import ComflpError
 
 from conftest import tiny_model, tiny_processor, write_wav

@@ -8,6 +8,7 @@ import sys
 
 from transformers import AutoModelForCTC, AutoProcessor
 
+from comflp.options import read_corpus
 from comflp.data import read_corpus_dir
 from comflp.decode import transcribe
 from comflp.paths import DEMO_MODEL_DIR, demo_split
@@ -17,7 +18,7 @@ def test_loads_with_plain_transformers_and_decodes_dev() -> None:
     model, info = AutoModelForCTC.from_pretrained(DEMO_MODEL_DIR, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR)
-    utts = read_corpus_dir(demo_split("dev"))[:20]  # generates the corpus on a fresh clone
+    utts = read_corpus(demo_split("dev"))[:20]  # generates the corpus on a fresh clone
     result = transcribe(model.float().eval(), processor.feature_extractor, processor.tokenizer, utts, batch_size=10)
     assert result.score("char").rate < 0.30
 

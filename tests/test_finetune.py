@@ -72,7 +72,11 @@ def test_resume_after_sigkill_gives_identical_weights(setup, tmp_path: Path) -> 
     for k in a:
         assert torch.equal(a[k], b[k]), k
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]  # epoch 0: the pruned model before fine-tuning
+    assert rows[0]["train_loss"] is None and 0 <= rows[0]["source_valid_cer"] and rows[0]["valid_cer"] >= 0
+    ref_rows = [json.loads(r) for r in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    for a_row, b_row in zip(ref_rows, rows):  # the resumed epoch's loss covers the whole epoch
+        assert a_row["train_loss"] == pytest.approx(b_row["train_loss"]) if a_row["train_loss"] else True
     assert "----EPOCH: 2, Test wer :" in (out / "train.log").read_text()
 
 
@@ -120,8 +124,11 @@ def test_average_known_tensors(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     got = load_file(str(exp / "model_avg" / "model.safetensors"))
     assert torch.equal(got["w"], torch.tensor([2.0, 4.0])) and (exp / "model_avg" / "config.json").exists()
-    best = subprocess.run([sys.executable, str(REPO / "average_model_pts.py"), "--exp_dir", str(exp), "--num", "1"],
-                          capture_output=True, text=True, env=ENV)
+    again = subprocess.run([sys.executable, str(REPO / "average_model_pts.py"), "--exp_dir", str(exp), "--num", "1"],
+                           capture_output=True, text=True, env=ENV)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    best = subprocess.run([sys.executable, str(REPO / "average_model_pts.py"), "--exp_dir", str(exp), "--num", "1",
+                           "--overwrite"], capture_output=True, text=True, env=ENV)
     assert best.returncode == 0 and json.loads((exp / "model_avg" / "averaged_epochs.json").read_text())["epochs"] == [1]
     missing = subprocess.run([sys.executable, str(REPO / "average_model_pts.py"), "--exp_dir", str(exp),
                               "--last_epoch", "3", "--num", "2", "--mode", "last"], capture_output=True, text=True, env=ENV)

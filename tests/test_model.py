@@ -140,6 +140,8 @@ def test_missing_model_dir_is_one_clear_line(tmp_path: Path) -> None:
 def test_save_is_atomic_and_replaces(tmp_path: Path) -> None:
     model = tiny_model()
     out = save_model(model, tmp_path / "m")
-    save_model(prune(model, [1]), out)
+    with pytest.raises(ComflpError, match="--overwrite"):
+        save_model(prune(model, [1]), out)
+    save_model(prune(model, [1]), out, overwrite=True)
     assert AutoModelForCTC.from_pretrained(out).config.num_hidden_layers == 5
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["m"]

@@ -1,0 +1,400 @@
+"""Who owns what on disk: comflp's outputs, their ownership marks, locks and the matrix files.
+
+Rules every command follows (the checks live here, nowhere else):
+
+- A path that does not exist, or an empty directory, may be written.
+- A path comflp wrote earlier is replaced only with ``--overwrite``.
+- A path comflp did not write is never replaced, with or without ``--overwrite``.
+- Two processes writing one output: the second stops with one line (a
+  non-blocking ``fcntl`` lock on a hidden file beside the output).
+
+How comflp recognises its own outputs: a directory holds the mark file
+``.comflp.json`` (``{"written_by": "comflp", "kind": ...}``); a JSON file has
+a top-level ``"written_by": "comflp"``; an ``.npz`` holds a ``settings`` entry
+whose JSON says so; an ``.npy`` matrix has its sidecar ``.json``; a PNG carries
+``Software: comflp`` in its text chunk. Files inside a marked directory are
+comflp's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import atomic
+from .errors import ComflpError
+
+WRITTEN_BY = "comflp"
+DIR_MARK = ".comflp.json"
+
+
+def mark_dir(path: str | os.PathLike, kind: str) -> None:
+    """Mark a directory as a comflp output of ``kind`` (model, experiment, test, ...)."""
+    atomic.write_json(Path(path) / DIR_MARK, {"written_by": WRITTEN_BY, "kind": kind})
+
+
+def dir_kind(path: str | os.PathLike) -> str | None:
+    """The kind recorded in a directory's mark, or None if comflp did not mark it."""
+    try:
+        raw = json.loads((Path(path) / DIR_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw.get("kind") if isinstance(raw, dict) and raw.get("written_by") == WRITTEN_BY else None
+
+
+def _inside_marked_dir(path: Path) -> bool:
+    return dir_kind(path.parent) is not None
+
+
+def _json_is_ours(path: Path) -> bool:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("written_by") == WRITTEN_BY
+
+
+def _npz_is_ours(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "settings" in z.files and json.loads(str(z["settings"])).get("written_by") == WRITTEN_BY
+    except Exception:  # a corrupt or foreign file is simply not ours
+        return False
+
+
+def _png_is_ours(path: Path) -> bool:
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError:
+        return False
+    return b"Software\x00" + WRITTEN_BY.encode() in head
+
+
+def file_is_ours(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file comflp wrote (see the module docstring for how it tells)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if _inside_marked_dir(path):
+        return True
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _json_is_ours(path)
+    if suffix == ".npz":
+        return _npz_is_ours(path)
+    if suffix == ".npy":
+        return _json_is_ours(path.with_suffix(".json"))
+    if suffix == ".png":
+        return _png_is_ours(path)
+    return False
+
+
+def claim_file(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output") -> Path:
+    """Check that comflp may write the file ``path``; one line naming the path if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise ComflpError(f"{flag} {path} is a directory; a file path is needed here")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ComflpError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    if not path.exists():
+        return path
+    if not file_is_ours(path):
+        raise ComflpError(f"{flag} {path} exists and was not written by comflp; refusing to replace it "
+                          "(choose another path)")
+    if not overwrite:
+        raise ComflpError(f"{flag} {path} exists (an earlier comflp output); pass --overwrite to replace it")
+    return path
+
+
+def claim_dir(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output") -> Path:
+    """Check that comflp may (re)create the directory ``path``; one line naming the path if not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ComflpError(f"{flag} {path} is a file; a directory is needed here")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ComflpError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    if dir_kind(path) is None:
+        raise ComflpError(f"{flag} {path} exists and was not written by comflp; refusing to replace it "
+                          "(choose another path)")
+    if not overwrite:
+        raise ComflpError(f"{flag} {path} exists (an earlier comflp output); pass --overwrite to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on output ``path`` for the block; a second holder gets one line.
+
+    The lock is a non-blocking ``flock`` on ``.<name>.lock`` beside the output,
+    released by the kernel if the process dies, so a killed run never leaves a
+    stale lock behind.
+    """
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = path.parent / f".{path.name}.lock"
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ComflpError(f"another comflp process is writing {path} (lock {lock_file}); "
+                              "wait for it to finish or choose another output") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def write_dir(path: str | os.PathLike, *, kind: str, overwrite: bool, flag: str = "--output") -> Iterator[Path]:
+    """Claim, lock and atomically (re)write the output directory ``path``; yields the temp dir to fill."""
+    path = claim_dir(path, overwrite=overwrite, flag=flag)
+    with output_lock(path), atomic.atomic_dir(path) as tmp:
+        yield tmp
+        mark_dir(tmp, kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# the matrix files: paper-style .npy + sidecar .json, or one .npz of several measures
+
+
+def dc_dump_name(mode: str, batch_size: int, iter_num: int, accum_batch: int = 1, *, unbiased: bool = False) -> str:
+    """The paper's DC file name: ``dc_mat_{mode}_bs{bs*accum}_iter{iter}.npy``."""
+    return f"dc_mat_{mode}_bs{batch_size * accum_batch}_iter{iter_num}{'_unbiased' if unbiased else ''}.npy"
+
+
+def svcca_dump_name(batch_size: int, iter_num: int, mode: str, thre: float) -> str:
+    """The paper's SVCCA file name: ``cca_mat_{bs*iter}{mode}_svthre{thre}.npy``."""
+    return f"cca_mat_{batch_size * iter_num}{mode}_svthre{thre}.npy"
+
+
+def measures_name(batch_size: int, iter_num: int, sample_mode: str) -> str:
+    """The default ``comflp measure`` file name."""
+    return f"measures_bs{batch_size}_iter{iter_num}_{sample_mode}.npz"
+
+
+def save_matrix(path: str | os.PathLike, matrix: np.ndarray, meta: dict, *, overwrite: bool) -> Path:
+    """Write a paper-style ``.npy`` matrix and its sidecar ``.json`` (metadata, ownership)."""
+    path = claim_file(path, overwrite=overwrite)
+    with output_lock(path):
+        atomic.write_json(path.with_suffix(".json"), {"written_by": WRITTEN_BY, **meta})
+        atomic.save_npy(path, matrix)
+    return path
+
+
+def save_matrices(path: str | os.PathLike, matrices: dict[str, np.ndarray], meta: dict, *, overwrite: bool) -> Path:
+    """Write several named matrices and their metadata to one ``.npz``."""
+    path = claim_file(path, overwrite=overwrite)
+    with output_lock(path):
+        atomic.save_npz(path, settings=np.array(json.dumps({"written_by": WRITTEN_BY, **meta})), **matrices)
+    return path
+
+
+def _check_real_matrix(m: np.ndarray, where: str) -> np.ndarray:
+    if m.dtype.kind not in "fiu" or m.dtype == bool:
+        raise ComflpError(f"{where} holds a {m.dtype} array; a real-valued (float) matrix is needed")
+    if m.dtype.kind != "f":
+        raise ComflpError(f"{where} holds an integer matrix ({m.dtype}); correlation matrices are float")
+    return m.astype(np.float64)
+
+
+def load_matrices(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a ``.npz`` of ``comflp measure``: (matrices by name, metadata); one line if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ComflpError(f"matrix file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "settings" not in z.files:
+                raise ComflpError(f"{path} has no 'settings' entry: not a file written by `comflp measure`")
+            meta = json.loads(str(z["settings"]))
+            mats = {k: _check_real_matrix(z[k], f"{path}:{k}") for k in z.files if k != "settings"}
+    except ComflpError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise ComflpError(f"cannot read {path} as an .npz of matrices: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if not mats:
+        raise ComflpError(f"{path} holds no matrices")
+    return mats, meta
+
+
+def load_matrix(path: str | os.PathLike, measure: str | None = None) -> tuple[np.ndarray, dict]:
+    """One matrix and its metadata from a paper ``.npy`` (sidecar optional) or a ``.npz`` (entry ``measure``)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        mats, meta = load_matrices(path)
+        if measure not in mats:
+            raise ComflpError(f"{path} holds {', '.join(sorted(mats))}, not {measure}")
+        return mats[measure], meta
+    if not path.is_file():
+        raise ComflpError(f"matrix file not found: {path}")
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ComflpError(f"cannot read {path} as a matrix (.npy): {reason}") from None
+    if not isinstance(matrix, np.ndarray):
+        raise ComflpError(f"{path} is not a single .npy matrix")
+    meta: dict = {}
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except ValueError:
+            meta = {}
+    return _check_real_matrix(matrix, str(path)), meta
+
+
+def check_matrix_model(meta: dict, *, num_layers: int, model: str | None, where: str) -> None:
+    """A matrix measured on another model cannot rank this one's layers: compare recorded depth and model."""
+    recorded = meta.get("num_layers")
+    if recorded is not None and int(recorded) != num_layers:
+        raise ComflpError(f"{where} was measured on a {recorded}-layer model ({meta.get('model', '?')}); "
+                          f"this model has {num_layers} layers")
+    if model is not None and meta.get("model") not in (None, model):
+        same = Path(str(meta["model"])).resolve() == Path(model).resolve() if Path(model).exists() else False
+        if not same:
+            raise ComflpError(f"{where} was measured on {meta['model']}, not {model}; measure this model "
+                              "or pass the matching --model")
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment dir of fine-tuning, averaging and testing
+
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LAST = "last"
+FINAL = "final"
+AVERAGED = "model_avg"
+TEST_REPORT = "test_asr.json"
+_EPOCH_PREFIX = "epoch"
+
+
+class ExperimentDir:
+    """The layout of a fine-tuning experiment, known here only.
+
+    ``run.json`` (the settings that define the run), ``metrics.jsonl`` (one
+    row per epoch), ``epoch<N>/`` (HF checkpoints), ``last/`` (resumable
+    state), ``final/``, ``model_avg/`` (averaged) and the test report.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def epoch(self, n: int) -> Path:
+        return self.root / f"{_EPOCH_PREFIX}{n}"
+
+    @property
+    def last(self) -> Path:
+        return self.root / LAST
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL
+
+    @property
+    def averaged(self) -> Path:
+        return self.root / AVERAGED
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def test_report(self) -> Path:
+        return self.root / TEST_REPORT
+
+    def saved_epochs(self) -> list[int]:
+        """Epochs with a complete HF checkpoint, ascending."""
+        out = []
+        for d in self.root.glob(f"{_EPOCH_PREFIX}*"):
+            suffix = d.name[len(_EPOCH_PREFIX):]
+            if suffix.isdigit() and (d / "model.safetensors").is_file():
+                out.append(int(suffix))
+        return sorted(out)
+
+    def read_metrics(self, key: str = "epoch") -> list[dict]:
+        """The rows of ``metrics.jsonl`` (each with an integer ``key``); one line naming the file and line if one is corrupt."""
+        if not self.metrics_file.exists():
+            return []
+        rows = []
+        for i, line in enumerate(self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get(key), int):
+                    raise ValueError(f"no integer {key!r}")
+            except ValueError as err:
+                raise ComflpError(f"{self.metrics_file}:{i}: corrupt metrics row ({str(err).splitlines()[0]})") from None
+            rows.append(row)
+        return rows
+
+    def write_metrics_row(self, row: dict, key: str = "epoch") -> None:
+        """Add the row of one epoch (or ``key``), replacing an earlier row of it (a resumed run), atomically."""
+        rows = [r for r in self.read_metrics(key) if r[key] != row[key]] + [row]
+        rows.sort(key=lambda r: r[key])
+        atomic.write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def settings(self) -> dict | None:
+        try:
+            raw = json.loads((self.root / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return raw.get("settings") if isinstance(raw, dict) else None
+
+    def _clear(self) -> None:
+        import shutil
+
+        for entry in self.root.iterdir():
+            name = entry.name
+            ours = (name in (LAST, FINAL, AVERAGED, METRICS_FILE, RUN_FILE, TEST_REPORT, "hyp.txt")
+                    or (name.startswith(_EPOCH_PREFIX) and name[len(_EPOCH_PREFIX):].isdigit()))
+            if ours:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, settings: dict, kind: str, afresh: bool,
+             flag: str = "--output_dir") -> "ExperimentDir":
+        """Create or reopen an experiment dir for a run with ``settings``.
+
+        Reopening continues only the same experiment: if the recorded settings
+        differ, one line names the differing settings, unless ``afresh`` (then
+        comflp's own entries are removed and the run starts over; nothing else
+        in the dir is touched). A non-empty dir comflp did not write is refused.
+        """
+        exp = cls(root)
+        if exp.root.exists() and not exp.root.is_dir():
+            raise ComflpError(f"{flag} {exp.root} is a file; a directory is needed here")
+        if exp.root.is_dir() and any(exp.root.iterdir()) and dir_kind(exp.root) is None:
+            raise ComflpError(f"{flag} {exp.root} exists and was not written by comflp; refusing to write into it "
+                              "(choose another path)")
+        recorded = exp.settings() if exp.root.is_dir() else None
+        if recorded is not None and not afresh:
+            changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+            if changed:
+                diffs = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:4])
+                more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+                raise ComflpError(f"{exp.root} holds another experiment ({diffs}{more}); pass --overwrite or "
+                                  f"--resume_epoch 0 to start afresh there, or choose another {flag}")
+        exp.root.mkdir(parents=True, exist_ok=True)
+        if afresh:
+            exp._clear()
+        mark_dir(exp.root, kind)
+        atomic.write_json(exp.root / RUN_FILE, {"written_by": WRITTEN_BY, "settings": settings})
+        return exp

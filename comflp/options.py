@@ -1,0 +1,115 @@
+"""Command-line options shared by several commands, defined once.
+
+Each ``add_*`` function adds one flag (or a small group) to a parser, with the
+same name, type check and help text in every command; the ``resolve_*``
+functions turn the parsed value into what the library takes, raising
+:class:`~comflp.errors.ComflpError` with one line on bad values.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .errors import ComflpError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def str2bool(text: str) -> bool:
+    """argparse type for the paper's ``--flag true|false`` options; anything else is an error."""
+    if text.lower() in ("1", "true", "yes", "y", "t"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device named by ``--device`` (None: cuda if available, else cpu); one line if unusable."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ComflpError(f"--device {name!r} is not a torch device (try cpu or cuda)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ComflpError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ComflpError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ComflpError(f"--device {name}: {device.type} is not available on this machine")
+    return device
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def add_pad_audio(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pad_audio", action="store_true",
+                   help="the paper's batching: zero-padded audio goes through the conv feature encoder as a batch, "
+                        "so with group norm (wav2vec2-base and the demo model) results change with the batch size. "
+                        "Default: each utterance's features are computed unpadded and the transformer is batched "
+                        "with an attention mask, so results do not depend on the batch size")
+
+
+def add_overwrite(p: argparse.ArgumentParser, what: str = "output") -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing {what} written earlier by comflp (a path comflp did not write is "
+                        "never replaced)")
+
+
+def check_num_layers(expected: int | None, actual: int, model_name: str) -> None:
+    """The ``--num_layers`` check: one line when the flag and the model disagree."""
+    if expected is not None and expected != actual:
+        raise ComflpError(f"--num_layers {expected} but {model_name} has {actual} layers")
+
+
+def read_corpus(data_dir, *, require_text: bool = True):
+    """Read a corpus dir named on the command line; the embedded corpus is generated first if it is missing.
+
+    Generating the demo corpus is a command-line convenience for the default
+    data dirs; the data layer itself only reads.
+    """
+    from .data import read_corpus_dir
+    from .demo_corpus import ensure_demo_corpus
+
+    ensure_demo_corpus(data_dir)
+    return read_corpus_dir(data_dir, require_text=require_text)
