@@ -68,8 +68,8 @@ def test_streamed_equals_in_memory(setup, mode: str) -> None:
             assert got["svcca"][i, j] == pytest.approx(float(M.svcca(x, y, thre=0.99).mean()), abs=1e-6)
             assert got["pwcca"][i, j] == pytest.approx(M.pwcca(x, y), abs=1e-6)
             assert got["cka"][i, j] == pytest.approx(M.linear_cka(x, y), abs=1e-6)
-    torch.testing.assert_close(got["cosine"], M.cosine_matrix(samples), rtol=0, atol=1e-9)
-    torch.testing.assert_close(got["angular"], M.angular_matrix(samples), rtol=0, atol=1e-9)
+    torch.testing.assert_close(got["cosine"], M.cosine_matrix(samples), rtol=0, atol=1e-7)
+    torch.testing.assert_close(got["angular"], M.angular_matrix(samples), rtol=0, atol=1e-7)  # arccos is steep near 1
 
 
 def test_dc_is_the_mean_over_batches_of_dcor_on_pooled_normalised_vectors(setup) -> None:
