@@ -40,7 +40,12 @@ def SVCCA(acts1: np.ndarray, acts2: np.ndarray, thre: float | None = 0.99, sv_nu
 
 
 def PWCCA(acts1: np.ndarray, acts2: np.ndarray) -> float:
-    """Projection-weighted CCA of acts1 [D1, N] and acts2 [D2, N], weighted by acts1."""
+    """google/svcca's ``pwcca.compute_pwcca(acts1, acts2, epsilon=1e-10)[0]`` for acts [neurons, samples].
+
+    Weighted by the side with fewer (non-constant) neurons, acts1 on a tie;
+    see :func:`comflp.measures.pwcca_from_moments` for the maths and the one
+    place where it corrects google's code (its smaller-acts2 branch reads acts1).
+    """
     return _m.pwcca(_samples_first(acts1), _samples_first(acts2))
 
 

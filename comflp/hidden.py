@@ -223,7 +223,11 @@ def finalize(stats: Statistics, settings: MeasureSettings) -> dict[str, torch.Te
         elif name in STREAMED:
             mean = stats.first / stats.count
             cov = stats.second - stats.count * torch.outer(mean, mean)
-            out[name] = M.matrix_from_cov(cov, stats.dims, name, thre=settings.thre)
+            if name == "pwcca" and stats.count < max(stats.dims):
+                raise ComflpError(f"pwcca needs at least as many samples as features per layer: {stats.count} "
+                                  f"sample(s) < {max(stats.dims)} features; measure more utterances or use "
+                                  "--svcca_mode T (frames as samples)")
+            out[name] = M.matrix_from_cov(cov, stats.dims, name, thre=settings.thre, mean=mean, count=stats.count)
         else:
             s = stats.cos_sum if name == "cosine" else stats.ang_sum
             m = s / stats.count if name == "cosine" else 1.0 - s / stats.count

@@ -19,9 +19,11 @@ Measures:
 - **SVCCA** (Raghu et al.): centre; keep the top singular directions whose
   singular values (not their squares) first sum to more than ``thre`` of the
   total; the entry is the mean canonical correlation between the two reduced sets.
-- **PWCCA** (Morcos et al.): canonical correlations of the full sets, weighted by
-  how much of the first set's (centred) neurons each canonical variate accounts
-  for, ``alpha_i = sum_j |<h_i, x_j>|``.
+- **PWCCA** (Morcos et al.), exactly google/svcca's ``pwcca.compute_pwcca(acts1,
+  acts2, epsilon=1e-10)[0]``, which the paper's SVCCA.py wraps: canonical
+  correlations of the full sets, weighted by how much of the smaller side's
+  (uncentred) activations each of its canonical directions accounts for (see
+  :func:`pwcca_from_moments`).
 - **Linear CKA** (Kornblith et al.): ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``
   (biased HSIC); the unbiased variant uses the unbiased HSIC estimator of Song
   et al. on Gram matrices.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 DC_DIST_EPS = 1e-12  # inside the square root of the distance, as the paper
@@ -75,9 +78,11 @@ def u_centre(a: torch.Tensor) -> torch.Tensor:
     return out * (1 - torch.eye(n, dtype=a.dtype, device=a.device))
 
 
-def _centred_distances(stack: torch.Tensor, unbiased: bool) -> tuple[torch.Tensor, float]:
+def _centred_distances(stack: torch.Tensor, unbiased: bool, normalize_rows: bool = True) -> tuple[torch.Tensor, float]:
     """stack [L, N, D] -> (centred distance matrices flattened [L, N*N], inner-product scale)."""
-    x = torch.nn.functional.normalize(stack.to(torch.float64), dim=-1)
+    x = stack.to(torch.float64)
+    if normalize_rows:
+        x = torch.nn.functional.normalize(x, dim=-1)
     a = distance_matrix(x)
     n = a.shape[-1]
     if unbiased:
@@ -103,10 +108,15 @@ def dc_matrix(stack: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
     return out
 
 
-def distance_correlation(x: torch.Tensor, y: torch.Tensor, *, unbiased: bool = False) -> float:
-    """Squared distance correlation of two sets x [N, Dx], y [N, Dy] (rows L2-normalised first)."""
-    a, scale = _centred_distances(x[None], unbiased)
-    b, _ = _centred_distances(y[None], unbiased)
+def distance_correlation(x: torch.Tensor, y: torch.Tensor, *, unbiased: bool = False,
+                         normalize_rows: bool = True) -> float:
+    """Squared distance correlation of two sets x [N, Dx], y [N, Dy].
+
+    Rows are L2-normalised first unless ``normalize_rows=False`` (the paper's
+    pairwise ``Distance_Correlation``, whose normalisation is commented out).
+    """
+    a, scale = _centred_distances(x[None], unbiased, normalize_rows)
+    b, _ = _centred_distances(y[None], unbiased, normalize_rows)
     ab, aa, bb = (a * b).sum() * scale, (a * a).sum() * scale, (b * b).sum() * scale
     return float(ab / torch.sqrt(aa * bb + DC_DENOM_EPS))
 
@@ -170,26 +180,74 @@ def _svd_reduction(c: torch.Tensor, thre: float) -> torch.Tensor:
     return vecs[:, : min(k, len(s))]
 
 
-def pwcca_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> float:
-    """Projection-weighted CCA, weighted by the first set.
+PWCCA_EPSILON = 1e-10  # the paper's SVCCA.py calls compute_pwcca(acts1, acts2, epsilon=1e-10)
 
-    With whitening W1 = C11^{-1/2} and SVD ``W1^T C12 W2 = U S V^T``, the
-    canonical variates of x are h = U^T W1^T Xc (orthonormal rows), and
-    ``<h_i, xc_j> = (U^T W1^T C11)_ij`` where ``W1^T C11 = Λ^{1/2} V^T`` for
-    ``C11 = V Λ V^T``; alpha_i = sum_j |<h_i, xc_j>|, the result is ``sum alpha_i rho_i / sum alpha_i``.
+
+def _google_sqrt(a: np.ndarray) -> np.ndarray:
+    """google/svcca's ``positivedef_matrix_sqrt``: V diag(sqrt(w)) V^T from eigh (w clipped at 0, not NaN)."""
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def pwcca_from_moments(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor, mean1: torch.Tensor,
+                       mean2: torch.Tensor, n: int, *, epsilon: float = PWCCA_EPSILON) -> float:
+    """google/svcca's PWCCA from the first and second moments of two sets of activations.
+
+    c11 [D1, D1], c12 [D1, D2], c22 [D2, D2]: centred second moments (sums
+    over the n samples; any common scale); mean1 [D1], mean2 [D2]: the
+    neurons' means. The maths of ``pwcca.compute_pwcca(acts1, acts2, epsilon)``
+    with ``acts`` [neurons, n]:
+
+    1. Scale ``S11 = C11 / max|C11|``, ``S22 = C22 / max|C22|``,
+       ``S12 = C12 / sqrt(max|C11| max|C22|)``; keep neurons with
+       ``diag(S) >= epsilon``; add ``epsilon I`` to S11 and S22.
+    2. ``W = sqrtm(pinv(S))`` for each side; ``U s V = svd(W11 S12 W22)``.
+    3. The side with fewer kept neurons (x on a tie) gives the directions
+       ``dirns = U^T (X - m) + m`` (y: ``V (Y - m) + m``), ``P`` = Q of
+       ``qr(dirns^T)``, weights ``w_i = sum_j |(P^T X^T)_ij|`` with X not
+       centred, normalised to sum 1; the result is ``sum_i w_i s_i``.
+
+    Google's branch for a smaller y side reads ``acts1`` where ``acts2`` is
+    meant; here the y side uses its own activations (the evident intent).
+
+    Everything above follows from moments: ``dirns X^T = U^T C + n m m^T``
+    and ``dirns dirns^T = U^T C U + n m m^T = L L^T`` (Cholesky), so
+    ``P^T X^T = L^{-1} dirns X^T`` (QR's sign choices only flip rows, which
+    the absolute value ignores). Needs n >= the smaller side's kept neurons,
+    as google's does.
     """
-    w1, r1 = _inv_sqrt(c11)
-    w2, _ = _inv_sqrt(c22)
-    return _pwcca_whitened(w1, r1, w2, c12)
-
-
-def _pwcca_whitened(w1: torch.Tensor, r1: torch.Tensor, w2: torch.Tensor, c12: torch.Tensor) -> float:
-    if w1.shape[1] == 0 or w2.shape[1] == 0:
+    c11, c12, c22 = (np.asarray(t.detach().cpu().double().numpy() if torch.is_tensor(t) else t, dtype=np.float64)
+                     for t in (c11, c12, c22))
+    mean1, mean2 = (np.asarray(t.detach().cpu().double().numpy() if torch.is_tensor(t) else t, dtype=np.float64)
+                    for t in (mean1, mean2))
+    xmax, ymax = np.max(np.abs(c11)), np.max(np.abs(c22))
+    if xmax <= 0 or ymax <= 0:
         return 0.0
-    u, rho, _ = torch.linalg.svd(w1.T @ c12 @ w2, full_matrices=False)
-    alpha = (u.T @ r1.T).abs().sum(1)  # r1 = V sqrt(Λ): W1^T C11 = sqrt(Λ) V^T = r1^T
-    rho = rho.clamp(0.0, 1.0)
-    return float((alpha * rho).sum() / alpha.sum().clamp(min=1e-300))
+    s11, s22, s12 = c11 / xmax, c22 / ymax, c12 / np.sqrt(xmax * ymax)
+    kx, ky = np.abs(np.diag(s11)) >= epsilon, np.abs(np.diag(s22)) >= epsilon
+    if not kx.any() or not ky.any():
+        return 0.0
+    s11 = s11[np.ix_(kx, kx)] + epsilon * np.eye(kx.sum())
+    s22 = s22[np.ix_(ky, ky)] + epsilon * np.eye(ky.sum())
+    s12 = s12[np.ix_(kx, ky)]
+    u, s, vh = np.linalg.svd(_google_sqrt(np.linalg.pinv(s11)) @ s12 @ _google_sqrt(np.linalg.pinv(s22)))
+    s = np.abs(s)
+    if kx.sum() <= ky.sum():
+        coef, cov, mean = u.T, c11[np.ix_(kx, kx)], mean1[kx]
+    else:
+        coef, cov, mean = vh, c22[np.ix_(ky, ky)], mean2[ky]
+    if n < len(mean):
+        raise ValueError(f"PWCCA needs at least as many samples as neurons ({n} samples, {len(mean)} neurons)")
+    nmm = n * np.outer(mean, mean)
+    gram = coef @ cov @ coef.T + nmm
+    try:
+        low = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        raise ValueError("PWCCA: the canonical directions are linearly dependent (too few distinct samples)") from None
+    proj = np.linalg.solve(low, coef @ cov + nmm)  # P^T X^T, [k, k]
+    weights = np.abs(proj).sum(1)
+    weights = weights / weights.sum()
+    return float(np.sum(weights * s))
 
 
 def cka_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> float:
@@ -213,9 +271,11 @@ def svcca(x: torch.Tensor, y: torch.Tensor, *, thre: float = 0.99) -> torch.Tens
     return svcca_from_cov(covariance(x), covariance(x, y), covariance(y), thre=thre)
 
 
-def pwcca(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PWCCA of x [N, Dx] and y [N, Dy], weighted by x."""
-    return pwcca_from_cov(covariance(x), covariance(x, y), covariance(y))
+def pwcca(x: torch.Tensor, y: torch.Tensor, *, epsilon: float = PWCCA_EPSILON) -> float:
+    """google/svcca's PWCCA of x [N, Dx] and y [N, Dy] (samples in rows); see :func:`pwcca_from_moments`."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    return pwcca_from_moments(covariance(x), covariance(x, y), covariance(y), x.mean(0), y.mean(0), x.shape[0],
+                              epsilon=epsilon)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -274,12 +334,15 @@ def angular_matrix(stack: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: float = 0.99) -> torch.Tensor:
+def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: float = 0.99,
+                    mean: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
     """All-pairs SVCCA / PWCCA / CKA matrix from the covariance of the concatenated layers.
 
     cov: [sum(dims), sum(dims)], the centred second moment of all layers'
-    features side by side; dims: the feature width of each layer.
-    PWCCA is weighted by the earlier layer of each pair and mirrored.
+    features side by side; dims: the feature width of each layer. PWCCA also
+    needs the features' ``mean`` [sum(dims)] and the sample ``count``; entry
+    (i, j), i < j, is ``pwcca(layer i, layer j)`` (layer i weights on a tie
+    of kept neurons), mirrored.
     Per-layer decompositions (SVD reduction, whitening) are computed once,
     so a pair costs one small SVD.
     """
@@ -299,7 +362,8 @@ def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: f
             w, _ = _inv_sqrt(u.T @ cov[b, b] @ u)
             whiten.append(u @ w)
     elif measure == "pwcca":
-        roots = [_inv_sqrt(cov[b, b]) for b in blk]
+        if mean is None or count is None:
+            raise ValueError("pwcca needs the features' mean and the sample count")
     else:
         raise ValueError(f"not a covariance measure: {measure}")
     for i in range(n):
@@ -314,7 +378,7 @@ def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: f
                 else:
                     value = float(torch.linalg.svdvals(whiten[i].T @ c12 @ whiten[j]).clamp(0.0, 1.0).mean())
             else:
-                (w1, r1), (w2, _) = roots[i], roots[j]
-                value = _pwcca_whitened(w1, r1, w2, c12)
+                value = pwcca_from_moments(cov[blk[i], blk[i]], c12, cov[blk[j], blk[j]], mean[blk[i]],
+                                           mean[blk[j]], count)
             out[i, j] = out[j, i] = value
     return out

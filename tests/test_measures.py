@@ -96,15 +96,61 @@ def test_svcca_equals_independent_cca(thre: float) -> None:
     assert len(got) == min(_reduce(x.numpy(), thre).shape[1], _reduce(y.numpy(), thre).shape[1])
 
 
-def test_pwcca_equals_independent_computation() -> None:
-    x, y = _stack(2, n=80, d=5, seed=5)
-    xn, yn = x.numpy() - x.numpy().mean(0), y.numpy() - y.numpy().mean(0)
-    qx, _ = np.linalg.qr(xn)
-    qy, _ = np.linalg.qr(yn)
-    u, rho, _ = np.linalg.svd(qx.T @ qy)
-    h = qx @ u  # canonical variates of x, orthonormal columns [N, k]
-    alpha = np.abs(h.T @ xn).sum(1)
-    assert pwcca(x, y) == pytest.approx(float((alpha * rho).sum() / alpha.sum()), rel=1e-8)
+def google_pwcca(acts1: np.ndarray, acts2: np.ndarray, epsilon: float = 1e-10) -> float:
+    """A direct re-statement of google/svcca's ``pwcca.compute_pwcca(acts1, acts2, epsilon)[0]``.
+
+    acts: [neurons, samples]. Step by step as cca_core.get_cca_similarity and
+    pwcca.compute_pwcca do it (np.cov, max-abs rescaling, remove_small, pinv +
+    eigh square roots, full SVD, QR of the directions), except that the branch
+    for a smaller acts2 side uses acts2 (google's reads acts1 there).
+    """
+    numx = acts1.shape[0]
+    cov = np.cov(acts1, acts2)
+    sxx, sxy, syy = cov[:numx, :numx], cov[:numx, numx:], cov[numx:, numx:]
+    xmax, ymax = np.max(np.abs(sxx)), np.max(np.abs(syy))
+    sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
+    x_idxs, y_idxs = np.abs(np.diagonal(sxx)) >= epsilon, np.abs(np.diagonal(syy)) >= epsilon
+    sxx = sxx[x_idxs][:, x_idxs] + epsilon * np.eye(x_idxs.sum())
+    syy = syy[y_idxs][:, y_idxs] + epsilon * np.eye(y_idxs.sum())
+    sxy = sxy[x_idxs][:, y_idxs]
+
+    def sqrtm(a):
+        w, v = np.linalg.eigh(a)
+        return np.dot(v, np.dot(np.diag(np.sqrt(w)), np.conj(v).T))
+
+    u, s, v = np.linalg.svd(np.dot(sqrtm(np.linalg.pinv(sxx)), np.dot(sxy, sqrtm(np.linalg.pinv(syy)))))
+    s = np.abs(s)
+    means1, means2 = np.mean(acts1, axis=1, keepdims=True), np.mean(acts2, axis=1, keepdims=True)
+    if np.sum(x_idxs) <= np.sum(y_idxs):
+        dirns = np.dot(u.T, acts1[x_idxs] - means1[x_idxs]) + means1[x_idxs]
+        acts, idxs = acts1, x_idxs
+    else:
+        dirns = np.dot(v, acts2[y_idxs] - means2[y_idxs]) + means2[y_idxs]
+        acts, idxs = acts2, y_idxs
+    P, _ = np.linalg.qr(dirns.T)
+    weights = np.sum(np.abs(np.dot(P.T, acts[idxs].T)), axis=1)
+    weights = weights / np.sum(weights)
+    return float(np.sum(weights * s))
+
+
+@pytest.mark.parametrize("dx,dy", [(5, 5), (4, 7), (7, 4)])
+def test_pwcca_equals_googles_definition(dx: int, dy: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(120, 3, generator=g, dtype=torch.float64)
+    # correlated sets with non-zero neuron means (google's weights use uncentred activations)
+    x = base @ torch.randn(3, dx, generator=g, dtype=torch.float64) + 0.3 * torch.randn(120, dx, generator=g,
+                                                                                        dtype=torch.float64) + 2.0
+    y = base @ torch.randn(3, dy, generator=g, dtype=torch.float64) + 0.3 * torch.randn(120, dy, generator=g,
+                                                                                        dtype=torch.float64) - 1.0
+    ref = google_pwcca(x.numpy().T, y.numpy().T)
+    assert pwcca(x, y) == pytest.approx(ref, abs=1e-9)
+    assert 0.0 < ref <= 1.0
+
+
+def test_pwcca_refuses_fewer_samples_than_neurons() -> None:
+    x, y = _stack(2, n=4, d=6, seed=5)
+    with pytest.raises(ValueError, match="samples"):
+        pwcca(x, y)
 
 
 def test_cosine_and_angular() -> None:
@@ -122,7 +168,8 @@ def _all_matrices(stack: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "dc": dc_matrix(stack), "dc_unbiased": dc_matrix(stack, unbiased=True),
         "cka": matrix_from_cov(cov, dims, "cka"), "svcca": matrix_from_cov(cov, dims, "svcca"),
-        "pwcca": matrix_from_cov(cov, dims, "pwcca"), "cka_unbiased": cka_unbiased_matrix(stack),
+        "pwcca": matrix_from_cov(cov, dims, "pwcca", mean=flat.mean(0), count=flat.shape[0]),
+        "cka_unbiased": cka_unbiased_matrix(stack),
         "cosine": cosine_matrix(stack), "angular": angular_matrix(stack),
     }
 
