@@ -30,7 +30,11 @@ SPLITS = ("train", "dev", "test")
 def read_transcripts(path: Path) -> dict[str, str]:
     """``utt word word ...`` lines -> {utt: "word word ..."}; blank transcripts are skipped."""
     out: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text_lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ComflpError(f"{path}: not UTF-8 text (byte offset {err.start}); convert it to UTF-8") from None
+    for line in text_lines:
         utt, _, text = line.strip().partition(" ")
         text = " ".join(text.split())
         if utt and text:
@@ -47,7 +51,10 @@ def prepare(corpus_root: str | Path, out_dir: str | Path = REPO_ROOT / "AISHELL1
     if not transcript.is_file():
         raise ComflpError(f"transcript not found: {transcript} (expected the official data_aishell tree)")
     texts = read_transcripts(transcript)
-    counts: dict[str, int] = {}
+    if not texts:
+        raise ComflpError(f"{transcript} holds no transcripts")
+    # check every split before writing any, so a bad tree leaves nothing half-written
+    found: dict[str, list] = {}
     for split in SPLITS:
         wav_dir = root / "wav" / split
         if not wav_dir.is_dir():
@@ -58,6 +65,16 @@ def prepare(corpus_root: str | Path, out_dir: str | Path = REPO_ROOT / "AISHELL1
             hint = f" ({len(tars)} speaker tarballs found: extract them first)" if tars else ""
             raise ComflpError(f"no wav files under {wav_dir}/<speaker>/{hint}")
         rows = [(w.stem, w.resolve(), w.parent.name) for w in wavs if w.stem in texts]
+        if not rows:
+            raise ComflpError(f"none of the {len(wavs)} wav files under {wav_dir} has a transcript in {transcript}")
+        found[split] = (wavs, rows)
+    for split in SPLITS:
+        kaldi = Path(out_dir) / f"aishell_{split}"
+        if kaldi.exists() and not kaldi.is_dir():
+            raise ComflpError(f"{kaldi} is a file; a directory is needed here")
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        wavs, rows = found[split]
         dropped = len(wavs) - len(rows)
         kaldi = Path(out_dir) / f"aishell_{split}"
         atomic.write_text(kaldi / "wav.scp", "".join(f"{u} {p}\n" for u, p, _ in rows))

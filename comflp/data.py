@@ -155,6 +155,11 @@ def audio_duration(path: str | os.PathLike, *, utt_id: str | None = None) -> flo
     return info.frames / info.samplerate
 
 
+def num_samples(utt: Utterance, sampling_rate: int) -> int:
+    """Samples of ``utt`` after resampling to ``sampling_rate``, from the file header."""
+    return int(round(audio_duration(utt.path, utt_id=utt.utt_id) * sampling_rate))
+
+
 @dataclass
 class AudioBatch:
     """Padded audio of B utterances.

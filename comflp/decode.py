@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .data import AudioBatch, Utterance, iter_batches
+from .data import AudioBatch, Utterance, iter_batches, num_samples
 from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
 from .model import forward, frame_mask
 
@@ -27,6 +27,48 @@ class Transcription:
     def score(self, unit: Unit | None = None) -> ErrorRate:
         refs = [r or "" for r in self.references]
         return error_rate(refs, self.hypotheses, unit=unit or guess_unit(refs))
+
+
+def unknown_characters(texts: Sequence[str], tokenizer) -> tuple[dict[str, int], int]:
+    """Transcript characters missing from the tokenizer's vocabulary: ({char: count}, total characters)."""
+    vocab = set(tokenizer.get_vocab())
+    unknown: dict[str, int] = {}
+    total = 0
+    for text in texts:
+        for c in text:
+            if c.isspace():
+                continue
+            total += 1
+            if c not in vocab:
+                unknown[c] = unknown.get(c, 0) + 1
+    return unknown, total
+
+
+def report_unknown_characters(texts: Sequence[str], tokenizer, *, what: str = "transcripts") -> float:
+    """Log how many reference characters the model cannot emit (count and a few examples); returns their share."""
+    import logging
+
+    unknown, total = unknown_characters(texts, tokenizer)
+    if not unknown:
+        return 0.0
+    share = sum(unknown.values()) / max(total, 1)
+    examples = ", ".join(f"{c!r} x{n}" for c, n in sorted(unknown.items(), key=lambda kv: -kv[1])[:5])
+    logging.getLogger(__name__).warning("%d character(s) (%.1f%%) of the %s are not in the model's vocabulary: %s",
+                                        sum(unknown.values()), 100 * share, what, examples)
+    return share
+
+
+def check_decodable(model, utts: Sequence[Utterance], sampling_rate: int) -> None:
+    """One line naming the utterances too short to give the model a single frame (they cannot be decoded)."""
+    from .errors import ComflpError
+    from .model import min_audio_samples
+
+    least = min_audio_samples(model)
+    short = [u.utt_id for u in utts if num_samples(u, sampling_rate) < least]
+    if short:
+        raise ComflpError(f"{len(short)} utterance(s) are shorter than the model's receptive field "
+                          f"({1000 * least / sampling_rate:.0f} ms) and cannot be decoded: "
+                          f"{', '.join(short[:3])}{', ...' if len(short) > 3 else ''}; remove them from the corpus")
 
 
 def decode_logits(model, tokenizer, logits: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
@@ -53,6 +95,9 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
     audio = 0.0
     elapsed = 0.0
     sr = int(feature_extractor.sampling_rate)
+    check_decodable(model, utts, sr)
+    if all(u.text is not None for u in utts):
+        report_unknown_characters([u.text for u in utts], tokenizer, what="references")
     batches = iter_batches(utts, feature_extractor, batch_size=batch_size)
     total = (len(utts) + batch_size - 1) // batch_size
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):

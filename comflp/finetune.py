@@ -214,34 +214,23 @@ def run_settings(args: argparse.Namespace, pruned: list[int]) -> dict:
 
 def _check_training_data(utts, tokenizer, model, sampling_rate: int) -> list:
     """Drop utterances too short for one frame per label (CTC needs it), and report unknown characters."""
-    from .data import audio_duration
+    from .data import num_samples
+    from .decode import report_unknown_characters
     from .model import feature_lengths
 
-    vocab = set(tokenizer.get_vocab())
-    unk = tokenizer.unk_token
-    unknown: dict[str, int] = {}
-    total_chars = 0
     kept, short = [], []
     for u in utts:
-        chars = [c for c in u.text if not c.isspace()]
-        total_chars += len(chars)
-        for c in chars:
-            if c not in vocab:
-                unknown[c] = unknown.get(c, 0) + 1
-        samples = int(round(audio_duration(u.path, utt_id=u.utt_id) * sampling_rate))
+        chars = sum(1 for c in u.text if not c.isspace())
+        samples = num_samples(u, sampling_rate)
         frames = int(feature_lengths(model, torch.tensor([samples]))[0]) if samples > 0 else 0
-        (kept if frames >= max(1, len(chars)) else short).append(u)
+        (kept if frames >= max(1, chars) else short).append(u)
     if short:
         log.warning("dropped %d training utterance(s) too short for their transcript (fewer frames than "
                     "characters), e.g. %s", len(short), ", ".join(u.utt_id for u in short[:3]))
-    if unknown:
-        share = sum(unknown.values()) / max(total_chars, 1)
-        examples = ", ".join(f"{c!r} x{n}" for c, n in sorted(unknown.items(), key=lambda kv: -kv[1])[:5])
-        log.warning("%d transcript character(s) (%.1f%%) are not in the vocabulary and train as %s: %s",
-                    sum(unknown.values()), 100 * share, unk, examples)
-        if share > MAX_UNKNOWN_SHARE:
-            raise ComflpError(f"{100 * share:.0f}% of the transcript characters are not in the model's vocabulary "
-                              f"(e.g. {examples}): wrong corpus or wrong model?")
+    share = report_unknown_characters([u.text for u in utts], tokenizer, what="training transcripts")
+    if share > MAX_UNKNOWN_SHARE:
+        raise ComflpError(f"{100 * share:.0f}% of the training transcripts' characters are not in the model's "
+                          "vocabulary (see the warning above): wrong corpus or wrong model?")
     if not kept:
         raise ComflpError("no training utterance is long enough for its transcript")
     return kept

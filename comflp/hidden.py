@@ -40,9 +40,9 @@ import torch
 from tqdm import tqdm
 
 from . import measures as M
-from .data import Utterance, collate
+from .data import Utterance, collate, num_samples
 from .errors import ComflpError
-from .model import encoder_layers, forward, frame_mask
+from .model import encoder_layers, forward, frame_mask, min_audio_samples
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,16 @@ class MeasureSettings:
             raise ComflpError(f"sample mode must be U or T, not {self.sample_mode!r}")
         if not 0 < self.thre <= 1:
             raise ComflpError(f"--thre must be in (0, 1], not {self.thre}")
-        if {"dc_unbiased", "cka_unbiased"} & set(self.measures) and self.batch_size * self.accum_batch <= 3:
+        per_batch = self.batch_size * self.accum_batch
+        if {"dc_unbiased", "cka_unbiased"} & set(self.measures) and per_batch <= 3:
             raise ComflpError("unbiased estimators need more than 3 utterances per batch (batch_size x accum_batch)")
+        if "dc" in self.measures and per_batch < 2:
+            raise ComflpError("DC is a statistic of a batch of utterances: batch_size x accum_batch must be at "
+                              "least 2 (the paper used 4 and 32)")
+        streamed = set(STREAMED + PER_SAMPLE) & set(self.measures)
+        if streamed and self.sample_mode == "U" and self.utterances_needed < 2:
+            raise ComflpError(f"{', '.join(sorted(streamed))} over utterances need at least 2 of them "
+                              "(batch_size x accum_batch x iter_num)")
 
     @property
     def utterances_needed(self) -> int:
@@ -227,6 +235,10 @@ def finalize(stats: Statistics, settings: MeasureSettings) -> dict[str, torch.Te
                 raise ComflpError(f"pwcca needs at least as many samples as features per layer: {stats.count} "
                                   f"sample(s) < {max(stats.dims)} features; measure more utterances or use "
                                   "--svcca_mode T (frames as samples)")
+            if name == "svcca" and stats.count < 2 * max(stats.dims):
+                log.warning("svcca from %d samples of %d features per layer: canonical correlations are biased "
+                            "towards 1 with so few samples; measure more utterances or use mode T (frames)",
+                            stats.count, max(stats.dims))
             out[name] = M.matrix_from_cov(cov, stats.dims, name, thre=settings.thre, mean=mean, count=stats.count)
         else:
             s = stats.cos_sum if name == "cosine" else stats.ang_sum
@@ -263,7 +275,16 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     processes and all-reduces the statistics; None runs in this process only.
     """
     settings.validate()
-    chosen = select_utterances(utts, settings)
+    sr = int(feature_extractor.sampling_rate)
+    least = min_audio_samples(model)
+    usable = [u for u in utts if num_samples(u, sr) >= least]
+    if len(usable) < len(utts):
+        log.warning("dropped %d utterance(s) shorter than the model's receptive field (%.0f ms), e.g. %s",
+                    len(utts) - len(usable), 1000 * least / sr, ", ".join(u.utt_id for u in utts
+                                                                          if u not in usable)[:200])
+    if not usable:
+        raise ComflpError("no utterance is long enough to give the model one frame")
+    chosen = select_utterances(usable, settings)
     per_batch = settings.batch_size * settings.accum_batch
     batches = [chosen[i: i + per_batch] for i in range(0, len(chosen), per_batch)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)

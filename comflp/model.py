@@ -299,6 +299,18 @@ def feature_lengths(model: PreTrainedModel, sample_lengths: torch.Tensor) -> tor
     return model._get_feat_extract_output_lengths(sample_lengths).long()
 
 
+def min_audio_samples(model: PreTrainedModel) -> int:
+    """The fewest audio samples that give one encoder frame (the conv encoder's receptive field)."""
+    n = 1
+    while int(feature_lengths(model, torch.tensor([n]))[0]) < 1:
+        n *= 2
+    lo, hi = n // 2, n
+    while hi - lo > 1:  # smallest n with >= 1 frame, in (lo, hi]
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if int(feature_lengths(model, torch.tensor([mid]))[0]) >= 1 else (mid, hi)
+    return hi
+
+
 def frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
     """[B, T_samples] sample mask -> [B, num_frames] bool mask of real encoder frames."""
     lengths = feature_lengths(model, attention_mask.sum(-1))

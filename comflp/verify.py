@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
-from .decode import decode_batch, decode_logits
+from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit
 from .model import LoadedModel, base_model, encoder_layers, padding_exact, prune, run_layers
@@ -107,6 +107,8 @@ class FineSearch:
         if any(u.text is None for u in self.utts):
             raise ComflpError("fine search needs transcripts (a text file in the verify data dir)")
         self.unit = self.unit or guess_unit([u.text for u in self.utts])
+        check_decodable(self.loaded.model, self.utts, self.loaded.sampling_rate)
+        report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer, what="fine-search references")
         self.device = next(self.loaded.model.parameters()).device
         groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
         self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
