@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import ComflpError, exit_on_error
+from .options import ArgumentParser
 from .logs import setup_logging
 from .paths import REPO_ROOT
 
@@ -90,7 +91,7 @@ def prepare(corpus_root: str | Path, out_dir: str | Path = REPO_ROOT / "AISHELL1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python AISHELL1/prepare_aishell.py",
+    p = ArgumentParser(prog="python AISHELL1/prepare_aishell.py",
                                 description="Build AISHELL-1 Kaldi dirs (wav.scp, text, utt2spk, spk2utt) "
                                             "from the official corpus tree.")
     p.add_argument("corpus_root", type=Path, help="the official data_aishell dir (wav/ and transcript/ inside)")

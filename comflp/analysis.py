@@ -24,7 +24,7 @@ from .errors import ComflpError, exit_on_error
 from .hidden import ALL_MEASURES, MeasureSettings, collect
 from .logs import setup_logging
 from .model import load_model, num_layers
-from .options import (add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
+from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
                       resolve_device)
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
 
@@ -135,7 +135,7 @@ def _check_outputs(args: argparse.Namespace, outputs: list[Path]) -> None:
 
 
 def dc_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python dc_analysis.py",
+    p = ArgumentParser(prog="python dc_analysis.py",
                                 description="Distance-correlation matrix of hidden states 0..L (the paper's DC). "
                                             "Writes dump/dc_mat_{mode}_bs{bs*accum}_iter{iter}.npy and a heatmap.")
     add_common_arguments(p, batch_size=4, iter_num=10)
@@ -166,7 +166,7 @@ def dc_main(argv: list[str] | None = None) -> None:
 
 
 def svcca_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python svcca_analysis.py",
+    p = ArgumentParser(prog="python svcca_analysis.py",
                                 description="SVCCA matrix of hidden states 0..L (the paper's SVCCA), streamed. "
                                             "Writes dump/cca_mat_{bs*iter}{mode}_svthre{thre}.npy and a heatmap.")
     add_common_arguments(p, batch_size=32, iter_num=300)
@@ -194,7 +194,7 @@ def svcca_main(argv: list[str] | None = None) -> None:
 
 
 def measure_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comflp measure",
+    p = ArgumentParser(prog="comflp measure",
                                 description="Several correlation matrices from one streamed pass, saved together "
                                             "in one .npz with the settings. Measures: " + ", ".join(ALL_MEASURES))
     add_common_arguments(p, batch_size=8, iter_num=25)

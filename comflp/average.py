@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .artifacts import ExperimentDir, claim_dir, write_dir
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .options import add_overwrite, positive_int
+from .options import ArgumentParser, add_overwrite, positive_int
 
 log = logging.getLogger("comflp.average")
 
@@ -94,7 +94,7 @@ def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python average_model_pts.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python average_model_pts.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--exp_dir", type=Path, required=True, help="fine-tuning output dir (holds epoch<N>/)")
     p.add_argument("--last_epoch", type=int, default=None, help="newest epoch considered (default: the newest saved)")
     p.add_argument("--num", type=positive_int, default=5, help="checkpoints to average (default: %(default)s)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import exit_on_error
-from .options import add_overwrite
+from .options import ArgumentParser, add_overwrite
 from .paths import DEMO_MODEL_DIR
 
 # name -> (module with main(argv), one-line summary); modules load lazily so --help is instant.
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def info_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comflp info", description="Describe a CTC speech model.")
+    p = ArgumentParser(prog="comflp info", description="Describe a CTC speech model.")
     p.add_argument("model", nargs="?", default=str(DEMO_MODEL_DIR),
                    help="local model dir or hub id (default: the embedded demo model)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -78,7 +78,7 @@ def info_main(argv: list[str] | None = None) -> None:
 
 
 def prune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="comflp prune",
         description="Remove transformer layers from a CTC model and save it in HuggingFace format "
                     "(config + model.safetensors + processor files); plain transformers loads the result.")

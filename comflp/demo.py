@@ -30,7 +30,7 @@ from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureE
 
 from . import atomic
 from .data import length_sorted_batches, load_audio
-from .options import read_corpus
+from .options import ArgumentParser, read_corpus
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
@@ -162,7 +162,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comflp.demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m comflp.demo", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the demo model from scratch on the embedded corpus")
     t.add_argument("--output", type=Path, default=DEMO_MODEL_DIR, help="where the shipped fp16 model goes (default: %(default)s)")

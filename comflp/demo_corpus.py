@@ -38,6 +38,7 @@ import soxr
 from tqdm import tqdm
 
 from .errors import ComflpError, exit_on_error
+from .options import ArgumentParser
 from .paths import DEMO_CORPUS_DIR
 from .tts import Espeak, Voice
 
@@ -257,7 +258,7 @@ def ensure_demo_corpus(data_dir: str | Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = CorpusConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="comflp corpus",
         description="Generate the embedded synthetic Mandarin corpus (AISHELL-1 layout, Kaldi dirs).",
     )

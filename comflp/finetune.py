@@ -42,7 +42,7 @@ from tqdm import tqdm
 from . import atomic
 from .artifacts import ExperimentDir, output_lock
 from .data import collate, length_sorted_batches
-from .options import add_pad_audio, add_threads, apply_threads, positive_float, positive_int, read_corpus, str2bool
+from .options import ArgumentParser, add_pad_audio, add_threads, apply_threads, positive_float, positive_int, read_corpus, str2bool
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
@@ -81,7 +81,7 @@ def _labels(tokenizer, texts: list[str], device) -> torch.Tensor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python clip_finetune_train.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python clip_finetune_train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Multi-GPU / multi-node: accelerate launch --multi_gpu --num_processes N "
                                        "[--num_machines M --machine_rank R --main_process_ip HOST] clip_finetune_train.py ...")

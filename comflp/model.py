@@ -217,7 +217,8 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
 
 
 def base_model(model: PreTrainedModel) -> nn.Module:
-    return getattr(model, model.base_model_prefix)
+    """The encoder without a head (the model itself when it has none)."""
+    return getattr(model, model.base_model_prefix, model)
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:

@@ -9,10 +9,19 @@ functions turn the parsed value into what the library takes, raising
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from .errors import ComflpError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: <prog>: <what is wrong>`` and exit 2 (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def positive_int(text: str) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .artifacts import ExperimentDir, dc_dump_name, dir_kind, mark_dir
 from .errors import ComflpError, exit_on_error
+from .options import ArgumentParser
 from .logs import setup_logging
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
@@ -36,7 +37,7 @@ STAGES = ("corpus", "measure", "search", "prune", "test", "finetune", "average",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comflp demo", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="comflp demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo", help="all outputs (default: %(default)s)")

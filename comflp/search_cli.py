@@ -12,7 +12,7 @@ import numpy as np
 
 from .artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
-from .options import (add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
+from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
                       resolve_device, str2bool)
 from .logs import setup_logging
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
@@ -44,7 +44,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python search_strategy/search_prune_then_verify_mix.py",
         description="Coarse search on a correlation matrix, then fine search (CER of the top candidates on a "
                     "labelled subset). Writes a strategy JSON, best first.")
@@ -186,7 +186,7 @@ def search_main(argv: list[str] | None = None) -> StrategyFile:
 
 
 def glp_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python search_strategy/wer_based_greedy_search.py",
+    p = ArgumentParser(prog="python search_strategy/wer_based_greedy_search.py",
                                 description="Greedy layer pruning by CER/WER (GLP), the paper's slow baseline: "
                                             "each step removes the layer whose removal costs least on the subset.")
     p.add_argument("--num_layers", type=positive_int, default=12, help="layers of the model (default: %(default)s)")

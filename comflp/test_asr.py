@@ -17,7 +17,7 @@ from .artifacts import ExperimentDir, claim_file, dir_kind, mark_dir, output_loc
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .options import (add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, positive_int, read_corpus,
+from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, positive_int, read_corpus,
                       resolve_device)
 from .metrics import guess_unit
 from .model import count_parameters, load_model, num_layers
@@ -28,7 +28,7 @@ log = logging.getLogger("comflp.test")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python test_asr.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python test_asr.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None,
                    help="model dir or hub id; default: <output_dir>/model_avg when --output_dir is given "
                         "(the paper's usage; it must exist), else the demo model")

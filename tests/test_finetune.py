@@ -146,3 +146,35 @@ def test_bad_inputs(setup, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "epoch5" in missing.stderr and "not found" in missing.stderr
     clip = _train(_args(model, corpus, tmp_path / "z", "--num_clip_layers", "3"))
     assert clip.returncode == 2 and "--num_clip_layers 3" in clip.stderr
+
+
+def test_resume_only_the_same_experiment(setup, tmp_path: Path) -> None:
+    model, corpus = setup
+    out = tmp_path / "exp"
+    first = _train(_args(model, corpus, out, "--epochs", "1"))
+    assert first.returncode == 0, first.stderr
+    weights = _weights(out)
+    for layers in ("1,3", "1,3,5"):  # same K, then another K
+        args = _args(model, corpus, out, "--epochs", "1")
+        args[args.index("--layers") + 1] = layers
+        other = _train(args)
+        assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+        line = other.stderr.strip().splitlines()[-1]
+        assert line.startswith("error:") and "pruned: [2, 4] there" in line and "--overwrite" in line
+    lr = _train(_args(model, corpus, out, "--epochs", "1", "--lr", "5e-4"))
+    assert lr.returncode == 2 and "lr: 0.001 there, 0.0005 now" in lr.stderr
+    for k, v in _weights(out).items():  # nothing was touched by the refused runs
+        assert torch.equal(v, weights[k]), k
+    afresh = _train(_args(model, corpus, out, "--epochs", "1", "--lr", "5e-4", "--overwrite"))
+    assert afresh.returncode == 0, afresh.stderr
+    assert json.loads((out / "run.json").read_text())["settings"]["lr"] == 5e-4
+
+
+def test_refuses_a_dir_it_did_not_write(setup, tmp_path: Path) -> None:
+    model, corpus = setup
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "data.csv").write_text("keep me")
+    run = _train(_args(model, corpus, out, "--epochs", "1", "--overwrite"))
+    assert run.returncode == 2 and "not written by comflp" in run.stderr and "Traceback" not in run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["data.csv"] and (out / "data.csv").read_text() == "keep me"
