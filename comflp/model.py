@@ -345,7 +345,54 @@ class _UnpaddedFeatureEncoder(nn.Module):
                             for i in range(len(self.lengths))])
 
 
-class _MaskedFrames(nn.Module):
+class _MaskedGroupNorm(nn.Module):
+    """``norm`` (an nn.GroupNorm over [B, C, T]) with statistics over each utterance's real frames only.
+
+    Group norm normalises over time, so on a zero-padded batch every shorter
+    utterance would be normalised with its padding; here frame t of utterance
+    b counts only if t < lengths[b], which is what that utterance gets alone.
+    Padded frames come out as garbage, which later layers never read for real
+    frames (unpadded strided convs) and the encoder zeroes.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, lengths: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lengths = lengths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t = x.shape
+        g = self.norm.num_groups
+        mask = (torch.arange(t, device=x.device)[None, :] < self.lengths.to(x.device)[:, None]).to(x.dtype)
+        m = mask[:, None, None, :]  # [B, 1, 1, T]
+        xg = x.reshape(b, g, c // g, t)
+        count = m.sum(-1, keepdim=True).clamp(min=1.0) * (c // g)
+        mean = (xg * m).sum((-2, -1), keepdim=True) / count
+        var = (((xg - mean) * m) ** 2).sum((-2, -1), keepdim=True) / count
+        y = ((xg - mean) / torch.sqrt(var + self.norm.eps)).reshape(b, c, t)
+        if self.norm.affine:
+            y = y * self.norm.weight[None, :, None] + self.norm.bias[None, :, None]
+        return y
+
+
+def _conv_stack_norms(encoder: nn.Module) -> list[tuple[nn.Module, str, nn.Conv1d]] | None:
+    """(layer, norm attribute, conv) per conv layer of a wav2vec2-style feature encoder, or None if not one.
+
+    Only unpadded convs qualify: then a real output frame reads real input samples only.
+    """
+    layers = getattr(encoder, "conv_layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return None
+    out = []
+    for layer in layers:
+        conv = getattr(layer, "conv", None)
+        if not isinstance(conv, nn.Conv1d) or conv.padding not in ((0,), 0) or conv.dilation != (1,):
+            return None
+        out.append((layer, "layer_norm", conv))
+    return out
+
+
+class _MaskedPositions(nn.Module):
     """Runs ``layer`` on [B, D, F] and zeroes the padded frames of its output."""
 
     def __init__(self, layer: nn.Module, mask: torch.Tensor) -> None:
@@ -371,32 +418,51 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
     """Within the block, a padded batch gives each utterance what it gives alone.
 
     Two things read padding in the encoders comflp supports, and both are
-    switched off here: the conv feature encoder (group norm normalises over
-    time; replaced by :class:`_UnpaddedFeatureEncoder`) and, in families whose
-    positional convolution is a stack of conv layers (the family table's
-    ``position_conv_layers``), the padded frames between those layers, which
-    are zeroed as the unpadded convolution's own zero padding would be.
+    switched off here:
+
+    - group norm in the conv feature encoder normalises over time: it is
+      replaced by :class:`_MaskedGroupNorm` (statistics over real frames),
+      or, for a feature encoder of another shape, the encoder runs on each
+      utterance unpadded (:class:`_UnpaddedFeatureEncoder`);
+    - in families whose positional convolution is a stack of conv layers (the
+      family table's ``position_conv_layers``), padded frames between those
+      layers are zeroed, as the unpadded convolution's own zero padding would be.
+
     Attention itself is masked exactly by the frame attention mask.
     """
     inner = getattr(model, "module", model)  # under DDP the HF model is the wrapper's .module
     base = base_model(inner)
     family = family_of(inner)
-    original_fe = getattr(base, family.feature_encoder)
-    setattr(base, family.feature_encoder, _UnpaddedFeatureEncoder(original_fe, sample_lengths))
+    device = next(inner.parameters()).device
+    restore: list[tuple[object, str, object]] = []  # (owner, attribute or index, original)
+    encoder = getattr(base, family.feature_encoder)
+    stack = _conv_stack_norms(encoder)
+    if stack is not None:
+        lengths = torch.as_tensor(list(sample_lengths))
+        for layer, attr, conv in stack:
+            lengths = torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
+            norm = getattr(layer, attr, None)
+            if isinstance(norm, nn.GroupNorm):
+                restore.append((layer, attr, norm))
+                setattr(layer, attr, _MaskedGroupNorm(norm, lengths.clamp(min=0).to(device)))
+    else:
+        restore.append((base, family.feature_encoder, encoder))
+        setattr(base, family.feature_encoder, _UnpaddedFeatureEncoder(encoder, sample_lengths))
     conv_stack = _get(base, family.position_conv_layers) if family.position_conv_layers else None
-    original_layers = list(conv_stack) if conv_stack is not None else []
     if conv_stack is not None:
-        lengths = feature_lengths(inner, torch.as_tensor(list(sample_lengths)))
-        mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
-        mask = mask.to(next(inner.parameters()).device)
-        for i, layer in enumerate(original_layers):
-            conv_stack[i] = _MaskedFrames(layer, mask)
+        frames = feature_lengths(inner, torch.as_tensor(list(sample_lengths)))
+        mask = (torch.arange(int(frames.max()))[None, :] < frames[:, None]).to(device)
+        for i, layer in enumerate(list(conv_stack)):
+            restore.append((conv_stack, i, layer))
+            conv_stack[i] = _MaskedPositions(layer, mask)
     try:
         yield model
     finally:
-        setattr(base, family.feature_encoder, original_fe)
-        for i, layer in enumerate(original_layers):
-            conv_stack[i] = layer
+        for owner, key, original in reversed(restore):
+            if isinstance(key, int):
+                owner[key] = original
+            else:
+                setattr(owner, key, original)
 
 
 def forward(model: PreTrainedModel, input_values: torch.Tensor, attention_mask: torch.Tensor, *,
