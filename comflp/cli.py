@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("comflp.analysis", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
     "search": ("comflp.search_cli", "coarse search on a matrix + fine search (CER) of the candidates"),
     "glp": ("comflp.search_cli", "greedy layer pruning by CER (the slow baseline)"),
+    "measure-report": ("comflp.report_cli", "which measure predicts the CER on this model: rank correlations, regret"),
     "finetune": ("comflp.finetune", "fine-tune a pruned model (DDP via accelerate, optional distillation)"),
     "average": ("comflp.average", "average fine-tuning checkpoints into an HF model"),
     "test": ("comflp.test_asr", "decode a corpus: CER/WER, real-time factor, parameters"),

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 from . import atomic
+from .artifacts import ExperimentDir
+from .errors import ComflpError
 from .options import read_corpus
 from .model import count_parameters, load_model, num_layers
 from .paths import demo_split
@@ -43,10 +45,19 @@ def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32) -> Path:
     from .plots import curves
 
     res = pruning_table(Path(model_dir), batch_size=batch_size)
-    metrics = [json.loads(line) for line in (Path(exp_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    curve = Path(model_dir) / "training_curve.png"
-    curves({"dev CER (%)": ([m["step"] for m in metrics], [100 * m["dev_cer"] for m in metrics])}, curve,
-           xlabel="optimizer step", ylabel="dev CER (%)", title="demo-12l training")
+    metrics_file = Path(exp_dir) / "metrics.jsonl"
+    if metrics_file.exists():
+        metrics = ExperimentDir(exp_dir).read_metrics(key="step")
+        curve = Path(model_dir) / "training_curve.png"
+        curves({"dev CER (%)": ([m["step"] for m in metrics], [100 * m["dev_cer"] for m in metrics])}, curve,
+               xlabel="optimizer step", ylabel="dev CER (%)", title="demo-12l training")
+    else:  # a fresh clone has no training run: keep the curve recorded when the model was trained
+        previous = Path(model_dir) / "results.json"
+        metrics = json.loads(previous.read_text())["training"] if previous.exists() else []
+        if not metrics:
+            raise ComflpError(f"no training metrics: neither {metrics_file} nor a 'training' entry in {previous}")
+        log.info("training curve from %s (no %s)", previous, metrics_file)
+    res["training"] = [{k: m[k] for k in ("step", "train_loss", "dev_cer")} for m in metrics]
     atomic.write_json(Path(model_dir) / "results.json", res)
     corpus = json.loads((demo_split("train").parent / "corpus.json").read_text(encoding="utf-8"))
     single = "\n".join(f"| {i} | {100 * r:.2f} |" for i, r in res["single"].items())
@@ -74,7 +85,8 @@ it is not a real-world ASR model.
 | **test CER** (200 utt.) | **{100 * res['test_cer']:.2f}%** |
 
 Greedy CTC decoding, CER over the whole split (character units), measured by
-`python -m comflp.demo card`.
+`python -m comflp.demo card` with comflp's batch-invariant decoding (each utterance's
+conv features normalised over its own frames: the same result at any batch size).
 
 ## Data
 
@@ -96,9 +108,11 @@ AdamW (lr 5e-4, betas 0.9/0.98, weight decay 0.01), 300 warm-up steps then cosin
 8,000 steps, length-sorted batches of at most 16 s of padded audio, gradient clipping at 5,
 hidden dropout 0.05, no SpecAugment; the best dev checkpoint is shipped. Deterministic from the
 seed on a given machine and torch build (the thread count changes float rounding); this model
-was trained with 2 CPU threads in about 53 minutes.
+was trained with 2 CPU threads in about 53 minutes, on zero-padded batches through its
+group-norm conv encoder (what `python -m comflp.demo train --pad_audio` does; the recipe now
+trains batch-invariantly by default).
 
-Dev CER during training (curve in `training_curve.png`):
+Dev CER during training, decoded then with padded batches of 32 (curve in `training_curve.png`):
 
 | step | train loss | dev CER (%) |
 |---:|---:|---:|

@@ -95,8 +95,8 @@ def add_pad_audio(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad_audio", action="store_true",
                    help="the paper's batching: zero-padded audio goes through the conv feature encoder as a batch, "
                         "so with group norm (wav2vec2-base and the demo model) results change with the batch size. "
-                        "Default: each utterance's features are computed unpadded and the transformer is batched "
-                        "with an attention mask, so results do not depend on the batch size")
+                        "Default (without this flag): each utterance is normalised over its own frames only and the "
+                        "transformer is batched with an attention mask, so results do not depend on the batch size")
 
 
 def add_overwrite(p: argparse.ArgumentParser, what: str = "output") -> None:

@@ -37,6 +37,7 @@ def heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str = "", ann
         lo, hi = lo - 0.5, hi + 0.5
     im = ax.imshow(matrix, cmap="viridis", vmin=lo, vmax=hi)
     threshold = lo + 0.6 * (hi - lo)
+    digits = 2 if hi - lo >= 0.1 else 3 if hi - lo >= 0.01 else 4  # enough digits to tell cells apart
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("hidden state")
@@ -47,7 +48,7 @@ def heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str = "", ann
         for i in range(n):
             for j in range(n):
                 v = matrix[i, j]
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{v:.{digits}f}", ha="center", va="center", fontsize=6 if digits < 4 else 5,
                         color="white" if v < threshold else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
@@ -84,4 +85,25 @@ def curves(series: dict[str, tuple[list[float], list[float]]], path: str | os.Pa
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def scatter_grid(panels: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike, *, xlabel: str,
+                 ylabel: str, titles: dict[str, str] | None = None) -> Path:
+    """One scatter plot per named (x, y) panel, in a grid sharing the y axis (e.g. score vs CER per measure)."""
+    n = len(panels)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), sharey=True, squeeze=False)
+    for ax, (name, (x, y)) in zip(axes.flat, panels.items()):
+        ax.scatter(x, y, s=12)
+        ax.set_title((titles or {}).get(name, name), fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
     return _save(fig, path)

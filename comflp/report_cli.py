@@ -1,0 +1,123 @@
+"""``comflp measure-report``: which correlation measure predicts the CER of a pruned model, on your model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from . import atomic
+from .artifacts import WRITTEN_BY, check_matrix_model, claim_file, load_matrices, load_matrix, output_lock
+from .errors import ComflpError, exit_on_error
+from .logs import setup_logging
+from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, positive_int, read_corpus,
+                      resolve_device)
+from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from .search import check_matrix
+
+log = logging.getLogger("comflp.report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="comflp measure-report",
+        description="Rank correlations between every measure's coarse-search score and the real CER of sampled "
+                    "strategies: which measure to trust on this model. Writes a JSON report, a PNG of one "
+                    "scatter plot per measure, and prints a table (most negative Spearman rho = best predictor).")
+    p.add_argument("--measure_file", type=Path, action="append", required=True,
+                   help="a matrix file: the .npz of `comflp measure` (every measure in it) or a paper .npy "
+                        "(named by its file stem). Repeat to compare measurement settings, e.g. DC at batch "
+                        "4 and 32, unbiased DC, --pool_padding")
+    p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers pruned (default: %(default)s)")
+    p.add_argument("--num_strategies", type=positive_int, default=40,
+                   help="strategies decoded: the top 3 of every measure, then random ones (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random strategies and bootstrap (default: %(default)s)")
+    p.add_argument("--bootstrap", type=positive_int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the model the matrices were measured on "
+                                                                 "(default: the demo model)")
+    p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
+                   help="labelled Kaldi dir (default: the embedded corpus's dev split)")
+    p.add_argument("--test_num_batch", type=positive_int, default=10, help="(default: %(default)s)")
+    p.add_argument("--verify_batch_size", type=positive_int, default=32,
+                   help="the subset is the first test_num_batch x verify_batch_size utterances (default: %(default)s)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="report JSON (default: exp/report/clip{L}to{L-K}_measures.json; the PNG beside it)")
+    add_pad_audio(p)
+    add_device(p)
+    add_overwrite(p, "report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _entries(files: list[Path]) -> dict[str, tuple[object, dict, Path]]:
+    """name -> (matrix, metadata, file). Measure names from .npz files; a name seen twice gets its file stem."""
+    raw: list[tuple[str, object, dict, Path]] = []
+    for f in files:
+        if f.suffix == ".npz":
+            mats, meta = load_matrices(f)
+            raw += [(name, m, meta, f) for name, m in mats.items()]
+        else:
+            m, meta = load_matrix(f)
+            raw.append((f.stem, m, meta, f))
+    counts: dict[str, int] = {}
+    for name, *_ in raw:
+        counts[name] = counts.get(name, 0) + 1
+    out: dict[str, tuple[object, dict, Path]] = {}
+    for name, m, meta, f in raw:
+        key = name if counts[name] == 1 else f"{f.stem}:{name}"
+        out[key] = (m, meta, f)
+    return out
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> Path:
+    from .model import load_model, num_layers
+    from .plots import scatter_grid
+    from .report import build_report, sample_strategies
+    from .verify import FineSearch, verify_subset
+
+    args = build_parser().parse_args(argv)
+    entries = _entries(args.measure_file)
+    sizes = {m.shape for m, _, _ in entries.values()}
+    if len(sizes) != 1:
+        raise ComflpError(f"the matrices have different shapes {sorted(sizes)}: they come from different models")
+    L = next(iter(sizes))[0] - 1
+    K = args.num_clip_layers
+    out = Path(args.output or EXP_DIR / "report" / f"clip{L}to{L - K}_measures.json")
+    png = out.with_suffix(".png")
+    claim_file(out, overwrite=args.overwrite)
+    claim_file(png, overwrite=args.overwrite)
+    setup_logging(out.with_suffix(".log"))
+    matrices = {}
+    for name, (m, meta, f) in entries.items():
+        matrices[name] = check_matrix(m, L, name=f"{f}:{name}")
+        check_matrix_model(meta, num_layers=L, model=args.model, where=str(f))
+    loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True)
+    if num_layers(loaded.model) != L:
+        raise ComflpError(f"the matrices are for {L} layers but {args.model} has {num_layers(loaded.model)}")
+    strategies = sample_strategies(matrices, K, args.num_strategies, seed=args.seed)
+    utts = verify_subset(read_corpus(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
+    fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
+                      pad_audio=args.pad_audio)
+    start = time.perf_counter()
+    cers = [r.rate for r in fine.evaluate(strategies)]
+    settings = {"measure_files": [str(f) for f in args.measure_file], "model": str(args.model),
+                "num_layers": L, "num_clip_layers": K, "num_strategies": len(strategies), "seed": args.seed,
+                "bootstrap": args.bootstrap, "verify_data_dir": str(args.verify_data_dir),
+                "verify_utterances": len(utts), "pad_audio": args.pad_audio,
+                "fine_search_seconds": round(time.perf_counter() - start, 2)}
+    report = build_report(matrices, strategies, cers, num_resamples=args.bootstrap, seed=args.seed,
+                          settings=settings)
+    with output_lock(out):
+        atomic.write_json(out, {"written_by": WRITTEN_BY, **report.to_dict()})
+        scatter_grid({name: ([s.scores[name] for s in report.strategies], [100 * s.cer for s in report.strategies])
+                      for name in report.measures}, png, xlabel="score (search objective)",
+                     ylabel="CER on the subset (%)",
+                     titles={n: f"{n}: rho {m.spearman:+.2f}" for n, m in report.measures.items()})
+    log.info("%d strategies of %d -> %d layers on %d utterances of %s\n%s", len(strategies), L, L - K, len(utts),
+             args.verify_data_dir, report.table())
+    print(report.table())
+    print(f"report: {out}")
+    return out
