@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rank correlations between every measure's coarse-search score and the real CER of sampled "
                     "strategies: which measure to trust on this model. Writes a JSON report, a PNG of one "
                     "scatter plot per measure, and prints a table (most negative Spearman rho = best predictor).")
-    p.add_argument("--measure_file", type=Path, action="append", required=True,
-                   help="a matrix file: the .npz of `comflp measure` (every measure in it) or a paper .npy "
-                        "(named by its file stem). Repeat to compare measurement settings, e.g. DC at batch "
-                        "4 and 32, unbiased DC, --pool_padding")
+    p.add_argument("--measure_file", action="append", required=True, metavar="[NAME=]PATH",
+                   help="a matrix file: the .npz of `comflp measure` (every measure in it, named NAME:measure "
+                        "when NAME= is given) or a paper .npy (named NAME, else its file stem). Repeat to compare "
+                        "measurement settings, e.g. dc_bs4=dump/dc_mat_mean_bs4_iter10.npy "
+                        "dc_bs32=dump/dc_mat_mean_bs32_iter10.npy, unbiased DC, --pool_padding")
     p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers pruned (default: %(default)s)")
     p.add_argument("--num_strategies", type=positive_int, default=40,
                    help="strategies decoded: the top 3 of every measure, then random ones (default: %(default)s)")
@@ -51,16 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _entries(files: list[Path]) -> dict[str, tuple[object, dict, Path]]:
-    """name -> (matrix, metadata, file). Measure names from .npz files; a name seen twice gets its file stem."""
+def _split_label(arg: str) -> tuple[str | None, Path]:
+    label, sep, path = arg.partition("=")
+    if sep and label and "/" not in label and not Path(arg).exists():
+        return label, Path(path)
+    return None, Path(arg)
+
+
+def _entries(args: list[str]) -> dict[str, tuple[object, dict, Path]]:
+    """name -> (matrix, metadata, file). Names: NAME[:measure] if labelled, else the measure (.npz) or the
+    file stem (.npy); a name seen twice gets its file stem."""
     raw: list[tuple[str, object, dict, Path]] = []
-    for f in files:
+    for arg in args:
+        label, f = _split_label(arg)
         if f.suffix == ".npz":
             mats, meta = load_matrices(f)
-            raw += [(name, m, meta, f) for name, m in mats.items()]
+            raw += [(f"{label}:{name}" if label else name, m, meta, f) for name, m in mats.items()]
         else:
             m, meta = load_matrix(f)
-            raw.append((f.stem, m, meta, f))
+            raw.append((label or f.stem, m, meta, f))
     counts: dict[str, int] = {}
     for name, *_ in raw:
         counts[name] = counts.get(name, 0) + 1
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> Path:
                       pad_audio=args.pad_audio)
     start = time.perf_counter()
     cers = [r.rate for r in fine.evaluate(strategies)]
-    settings = {"measure_files": [str(f) for f in args.measure_file], "model": str(args.model),
+    settings = {"measure_files": list(args.measure_file), "model": str(args.model),
                 "num_layers": L, "num_clip_layers": K, "num_strategies": len(strategies), "seed": args.seed,
                 "bootstrap": args.bootstrap, "verify_data_dir": str(args.verify_data_dir),
                 "verify_utterances": len(utts), "pad_audio": args.pad_audio,
@@ -117,7 +127,6 @@ def main(argv: list[str] | None = None) -> Path:
                      ylabel="CER on the subset (%)",
                      titles={n: f"{n}: rho {m.spearman:+.2f}" for n, m in report.measures.items()})
     log.info("%d strategies of %d -> %d layers on %d utterances of %s\n%s", len(strategies), L, L - K, len(utts),
-             args.verify_data_dir, report.table())
-    print(report.table())
+             args.verify_data_dir, report.table())  # the log goes to the console and to <output>.log
     print(f"report: {out}")
     return out
