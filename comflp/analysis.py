@@ -198,7 +198,8 @@ def measure_parser() -> argparse.ArgumentParser:
                                 description="Several correlation matrices from one streamed pass, saved together "
                                             "in one .npz with the settings. Measures: " + ", ".join(ALL_MEASURES))
     add_common_arguments(p, batch_size=8, iter_num=25)
-    p.add_argument("--measures", default="dc,svcca,cka", help="comma-separated (default: %(default)s)")
+    p.add_argument("--measures", default="cosine,dc,svcca,cka",
+                   help="comma-separated; cosine (the default of `comflp search`) first (default: %(default)s)")
     p.add_argument("--mode", choices=["mean", "seq"], default="mean", help="DC/unbiased-CKA vectors (default: %(default)s)")
     p.add_argument("--svcca_mode", choices=["U", "T"], default="U",
                    help="samples of svcca/pwcca/cka/cosine/angular: utterances or frames (default: %(default)s)")

@@ -77,3 +77,11 @@ def test_fine_search_and_glp_on_a_model(tmp_path: Path) -> None:
     assert len(g["candidates"][0]["pruned"]) == 2 and len(g["meta"]["path"]) == 2
     wrong = run(SCRIPT, *[c if c != "6" else "5" for c in common], "--measure_file", str(tmp_path / "m.npy"))
     assert "7x7 but a 5-layer model" in _error(wrong)
+
+
+def test_comflp_search_defaults_to_the_measure_the_evidence_favours() -> None:
+    from comflp.search_cli import EVIDENCE_MEASURE, search_parser
+
+    assert search_parser().parse_args([]).select_measure == "dc"  # the paper's script keeps the paper's default
+    assert search_parser(default_measure=EVIDENCE_MEASURE).parse_args([]).select_measure == "cosine"
+    assert "measure-report" in search_parser().format_help()
