@@ -20,7 +20,7 @@ from transformers import Wav2Vec2Config
 
 from comflp.atomic import write_json
 from comflp.data import collate, length_sorted_batches
-from comflp.model import frame_mask
+from comflp.model import forward, frame_mask
 from comflp.options import read_corpus
 from comflp.metrics import greedy_decode
 from comflp.model import ExtendedWav2Vec2ForCTC, load_model, prune
@@ -36,7 +36,7 @@ def throughput(model, batches, tokenizer, repeat: int) -> float:
     for _ in range(repeat):
         t = time.perf_counter()
         for b in batches:
-            logits = model(b.input_values, attention_mask=b.attention_mask).logits
+            logits = forward(model, b.input_values, b.attention_mask).logits
             if tokenizer is not None:
                 greedy_decode(logits, tokenizer, frame_mask(model, b.attention_mask, logits.shape[1]).sum(-1))
             else:
@@ -50,14 +50,17 @@ def frontend_share(model, batches) -> float:
     """Fraction of the forward spent in the convolutional feature encoder (not touched by pruning)."""
     from comflp.model import base_model
 
+    from comflp.model import padding_exact
+
     base = base_model(model)
     t = time.perf_counter()
     for b in batches:
-        base.feature_extractor(b.input_values)
+        with padding_exact(model, b.attention_mask.sum(-1).tolist()):
+            base.feature_extractor(b.input_values)
     conv = time.perf_counter() - t
     t = time.perf_counter()
     for b in batches:
-        model(b.input_values, attention_mask=b.attention_mask)
+        forward(model, b.input_values, b.attention_mask)
     return conv / (time.perf_counter() - t)
 
 

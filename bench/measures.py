@@ -19,7 +19,7 @@ import torch
 
 from comflp.atomic import write_json
 from comflp.data import collate
-from comflp.model import frame_mask
+from comflp.model import forward, frame_mask
 from comflp.options import read_corpus
 from comflp.hidden import (ALL_MEASURES, MeasureSettings, Statistics, capture_layer_states, finalize, pool,
                            select_utterances, update, update_per_batch)
@@ -49,10 +49,10 @@ def main() -> None:
     stats = Statistics(num_layers=num_layers(model) + 1)
     forward_s = maths_s = 0.0
     with torch.inference_mode(), capture_layer_states(model) as states:
-        model(batches[0].input_values, attention_mask=batches[0].attention_mask)  # warm-up
+        forward(model, batches[0].input_values, batches[0].attention_mask)  # warm-up
         for batch in batches:
             t = time.perf_counter()
-            model(batch.input_values, attention_mask=batch.attention_mask)
+            forward(model, batch.input_values, batch.attention_mask)
             forward_s += time.perf_counter() - t
             t = time.perf_counter()
             mask = frame_mask(model, batch.attention_mask, states[0].shape[1])

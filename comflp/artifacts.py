@@ -136,6 +136,25 @@ def claim_dir(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output
     return path
 
 
+def open_output_dir(path: str | os.PathLike, *, kind: str, flag: str = "--output_dir") -> Path:
+    """Create or reuse a directory comflp writes several outputs into (an experiment or report dir).
+
+    It may not exist, be empty, or be marked as comflp's; a non-empty directory
+    comflp did not write is refused (nothing in it is touched). The files
+    inside are then claimed one by one (:func:`claim_file`).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ComflpError(f"{flag} {path} is a file; a directory is needed here")
+    if path.is_dir() and any(path.iterdir()) and dir_kind(path) is None:
+        raise ComflpError(f"{flag} {path} exists and was not written by comflp; refusing to write into it "
+                          "(choose another path)")
+    path.mkdir(parents=True, exist_ok=True)
+    if dir_kind(path) is None:
+        mark_dir(path, kind)
+    return path
+
+
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on output ``path`` for the block; a second holder gets one line.
@@ -378,13 +397,8 @@ class ExperimentDir:
         comflp's own entries are removed and the run starts over; nothing else
         in the dir is touched). A non-empty dir comflp did not write is refused.
         """
-        exp = cls(root)
-        if exp.root.exists() and not exp.root.is_dir():
-            raise ComflpError(f"{flag} {exp.root} is a file; a directory is needed here")
-        if exp.root.is_dir() and any(exp.root.iterdir()) and dir_kind(exp.root) is None:
-            raise ComflpError(f"{flag} {exp.root} exists and was not written by comflp; refusing to write into it "
-                              "(choose another path)")
-        recorded = exp.settings() if exp.root.is_dir() else None
+        exp = cls(open_output_dir(root, kind=kind, flag=flag))
+        recorded = exp.settings()
         if recorded is not None and not afresh:
             changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
             if changed:
@@ -392,9 +406,7 @@ class ExperimentDir:
                 more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
                 raise ComflpError(f"{exp.root} holds another experiment ({diffs}{more}); pass --overwrite or "
                                   f"--resume_epoch 0 to start afresh there, or choose another {flag}")
-        exp.root.mkdir(parents=True, exist_ok=True)
         if afresh:
             exp._clear()
-        mark_dir(exp.root, kind)
         atomic.write_json(exp.root / RUN_FILE, {"written_by": WRITTEN_BY, "settings": settings})
         return exp

@@ -34,7 +34,7 @@ from .options import ArgumentParser, read_corpus
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .artifacts import ExperimentDir, claim_dir, dir_kind, mark_dir
+from .artifacts import ExperimentDir, claim_dir, open_output_dir
 from .model import forward, save_model
 from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, EXP_DIR, demo_split
 
@@ -79,10 +79,7 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, best: float)
 def train(args: argparse.Namespace) -> None:
     exp = Path(args.exp_dir)
     claim_dir(args.output, overwrite=args.overwrite)  # refuse now, not after hours of training
-    if exp.is_dir() and any(exp.iterdir()) and dir_kind(exp) is None:
-        raise ComflpError(f"--exp_dir {exp} exists and was not written by comflp; choose another path")
-    exp.mkdir(parents=True, exist_ok=True)
-    mark_dir(exp, "demo-train")
+    open_output_dir(exp, kind="demo-train", flag="--exp_dir")
     setup_logging(exp / "train.log")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

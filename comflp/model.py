@@ -364,15 +364,16 @@ class _MaskedGroupNorm(nn.Module):
         b, c, t = x.shape
         g = self.norm.num_groups
         mask = (torch.arange(t, device=x.device)[None, :] < self.lengths.to(x.device)[:, None]).to(x.dtype)
-        m = mask[:, None, None, :]  # [B, 1, 1, T]
-        xg = x.reshape(b, g, c // g, t)
-        count = m.sum(-1, keepdim=True).clamp(min=1.0) * (c // g)
-        mean = (xg * m).sum((-2, -1), keepdim=True) / count
-        var = (((xg - mean) * m) ** 2).sum((-2, -1), keepdim=True) / count
-        y = ((xg - mean) / torch.sqrt(var + self.norm.eps)).reshape(b, c, t)
+        w = (mask / mask.sum(-1, keepdim=True).clamp(min=1.0))[:, :, None]  # [B, T, 1]: mean over real frames
+        # per-channel moments by batched matmul (one read of x), pooled to groups
+        mean = torch.bmm(x, w).reshape(b, g, c // g).mean(-1, keepdim=True)  # [B, G, 1]
+        centred = x.reshape(b, g, c // g, t) - mean[..., None]
+        var = torch.bmm(centred.reshape(b, c, t).square(), w).reshape(b, g, c // g).mean(-1, keepdim=True)
+        scale = torch.rsqrt(var + self.norm.eps)  # [B, G, 1]
         if self.norm.affine:
-            y = y * self.norm.weight[None, :, None] + self.norm.bias[None, :, None]
-        return y
+            scale = scale.expand(b, g, c // g).reshape(b, c, 1) * self.norm.weight[None, :, None]
+            return torch.addcmul(self.norm.bias[None, :, None], centred.reshape(b, c, t), scale)
+        return (centred * scale[..., None]).reshape(b, c, t)
 
 
 def _conv_stack_norms(encoder: nn.Module) -> list[tuple[nn.Module, str, nn.Conv1d]] | None:

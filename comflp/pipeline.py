@@ -27,8 +27,8 @@ import logging
 import time
 from pathlib import Path
 
-from .artifacts import ExperimentDir, dc_dump_name, dir_kind, mark_dir
-from .errors import ComflpError, exit_on_error
+from .artifacts import ExperimentDir, dc_dump_name, open_output_dir
+from .errors import exit_on_error
 from .options import ArgumentParser
 from .logs import setup_logging
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
@@ -70,13 +70,7 @@ def _done(exp: Path, stage: int) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     exp: Path = args.exp_dir
-    if exp.exists() and not exp.is_dir():
-        raise ComflpError(f"--exp_dir {exp} is a file; a directory is needed here")
-    if exp.is_dir() and any(exp.iterdir()) and dir_kind(exp) is None:
-        raise ComflpError(f"--exp_dir {exp} exists and was not written by comflp; refusing to write into it "
-                          "(choose another path)")
-    exp.mkdir(parents=True, exist_ok=True)
-    mark_dir(exp, "demo")
+    open_output_dir(exp, kind="demo", flag="--exp_dir")
     setup_logging(exp / "demo.log")
     if args.threads:
         import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .artifacts import ExperimentDir, claim_file, dir_kind, mark_dir, output_lock
+from .artifacts import ExperimentDir, claim_file, open_output_dir, output_lock
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
@@ -66,13 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = ExperimentDir(out_dir).test_report
     if out_dir.exists() and not out_dir.is_dir():
         raise ComflpError(f"--output_dir {out_dir} is a file; a directory is needed here")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and dir_kind(out_dir) is None:
-        raise ComflpError(f"--output_dir {out_dir} exists and was not written by comflp; refusing to write into it "
-                          "(choose another path)")
     claim_file(report, overwrite=args.overwrite, flag="test report")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dir_kind(out_dir) is None:
-        mark_dir(out_dir, "test")
+    open_output_dir(out_dir, kind="test")
     with output_lock(report):
         return _test(args, model_src, out_dir, report, device)
 
