@@ -39,6 +39,7 @@ and degenerate covariances are pseudo-inverted.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -189,6 +190,60 @@ def _google_sqrt(a: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+@dataclass(frozen=True)
+class _PwccaSide:
+    """What google's PWCCA needs of one set of activations, computed once per layer.
+
+    keep: [D] neurons kept (scaled variance >= epsilon); scale: max|C|;
+    whiten: sqrtm(pinv(C_kk / scale + epsilon I)); cov, mean: the kept
+    block of the (unscaled) centred moment and the kept neurons' means.
+    """
+
+    keep: np.ndarray
+    scale: float
+    whiten: np.ndarray
+    cov: np.ndarray
+    mean: np.ndarray
+
+
+def _as_numpy(t) -> np.ndarray:
+    return np.asarray(t.detach().cpu().double().numpy() if torch.is_tensor(t) else t, dtype=np.float64)
+
+
+def _pwcca_side(c: torch.Tensor, mean: torch.Tensor, epsilon: float) -> _PwccaSide | None:
+    c, mean = _as_numpy(c), _as_numpy(mean)
+    scale = float(np.max(np.abs(c))) if c.size else 0.0
+    if scale <= 0:
+        return None
+    keep = np.abs(np.diag(c / scale)) >= epsilon
+    if not keep.any():
+        return None
+    kept = c[np.ix_(keep, keep)]
+    whiten = _google_sqrt(np.linalg.pinv(kept / scale + epsilon * np.eye(keep.sum())))
+    return _PwccaSide(keep, scale, whiten, kept, mean[keep])
+
+
+def _pwcca_pair(x: _PwccaSide | None, y: _PwccaSide | None, c12: torch.Tensor, n: int) -> float:
+    if x is None or y is None:
+        return 0.0
+    s12 = _as_numpy(c12)[np.ix_(x.keep, y.keep)] / np.sqrt(x.scale * y.scale)
+    u, s, vh = np.linalg.svd(x.whiten @ s12 @ y.whiten)
+    s = np.abs(s)
+    coef, side = (u.T, x) if x.keep.sum() <= y.keep.sum() else (vh, y)
+    if n < len(side.mean):
+        raise ValueError(f"PWCCA needs at least as many samples as neurons ({n} samples, {len(side.mean)} neurons)")
+    nmm = n * np.outer(side.mean, side.mean)
+    gram = coef @ side.cov @ coef.T + nmm
+    try:
+        low = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        raise ValueError("PWCCA: the canonical directions are linearly dependent (too few distinct samples)") from None
+    proj = np.linalg.solve(low, coef @ side.cov + nmm)  # P^T X^T, [k, k]
+    weights = np.abs(proj).sum(1)
+    weights = weights / weights.sum()
+    return float(np.sum(weights * s))
+
+
 def pwcca_from_moments(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor, mean1: torch.Tensor,
                        mean2: torch.Tensor, n: int, *, epsilon: float = PWCCA_EPSILON) -> float:
     """google/svcca's PWCCA from the first and second moments of two sets of activations.
@@ -216,38 +271,7 @@ def pwcca_from_moments(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor, 
     the absolute value ignores). Needs n >= the smaller side's kept neurons,
     as google's does.
     """
-    c11, c12, c22 = (np.asarray(t.detach().cpu().double().numpy() if torch.is_tensor(t) else t, dtype=np.float64)
-                     for t in (c11, c12, c22))
-    mean1, mean2 = (np.asarray(t.detach().cpu().double().numpy() if torch.is_tensor(t) else t, dtype=np.float64)
-                    for t in (mean1, mean2))
-    xmax, ymax = np.max(np.abs(c11)), np.max(np.abs(c22))
-    if xmax <= 0 or ymax <= 0:
-        return 0.0
-    s11, s22, s12 = c11 / xmax, c22 / ymax, c12 / np.sqrt(xmax * ymax)
-    kx, ky = np.abs(np.diag(s11)) >= epsilon, np.abs(np.diag(s22)) >= epsilon
-    if not kx.any() or not ky.any():
-        return 0.0
-    s11 = s11[np.ix_(kx, kx)] + epsilon * np.eye(kx.sum())
-    s22 = s22[np.ix_(ky, ky)] + epsilon * np.eye(ky.sum())
-    s12 = s12[np.ix_(kx, ky)]
-    u, s, vh = np.linalg.svd(_google_sqrt(np.linalg.pinv(s11)) @ s12 @ _google_sqrt(np.linalg.pinv(s22)))
-    s = np.abs(s)
-    if kx.sum() <= ky.sum():
-        coef, cov, mean = u.T, c11[np.ix_(kx, kx)], mean1[kx]
-    else:
-        coef, cov, mean = vh, c22[np.ix_(ky, ky)], mean2[ky]
-    if n < len(mean):
-        raise ValueError(f"PWCCA needs at least as many samples as neurons ({n} samples, {len(mean)} neurons)")
-    nmm = n * np.outer(mean, mean)
-    gram = coef @ cov @ coef.T + nmm
-    try:
-        low = np.linalg.cholesky(gram)
-    except np.linalg.LinAlgError:
-        raise ValueError("PWCCA: the canonical directions are linearly dependent (too few distinct samples)") from None
-    proj = np.linalg.solve(low, coef @ cov + nmm)  # P^T X^T, [k, k]
-    weights = np.abs(proj).sum(1)
-    weights = weights / weights.sum()
-    return float(np.sum(weights * s))
+    return _pwcca_pair(_pwcca_side(c11, mean1, epsilon), _pwcca_side(c22, mean2, epsilon), c12, n)
 
 
 def cka_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> float:
@@ -364,6 +388,7 @@ def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: f
     elif measure == "pwcca":
         if mean is None or count is None:
             raise ValueError("pwcca needs the features' mean and the sample count")
+        sides = [_pwcca_side(cov[b, b], mean[b], PWCCA_EPSILON) for b in blk]
     else:
         raise ValueError(f"not a covariance measure: {measure}")
     for i in range(n):
@@ -378,7 +403,6 @@ def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: f
                 else:
                     value = float(torch.linalg.svdvals(whiten[i].T @ c12 @ whiten[j]).clamp(0.0, 1.0).mean())
             else:
-                value = pwcca_from_moments(cov[blk[i], blk[i]], c12, cov[blk[j], blk[j]], mean[blk[i]],
-                                           mean[blk[j]], count)
+                value = _pwcca_pair(sides[i], sides[j], c12, count)
             out[i, j] = out[j, i] = value
     return out

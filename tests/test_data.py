@@ -112,3 +112,16 @@ def test_collate_pads_and_masks(corpus: Path, tmp_path: Path) -> None:
     model = tiny_model()
     mask = frame_mask(model, batch.attention_mask, 1000)
     assert mask.sum(-1).tolist() == model._get_feat_extract_output_lengths(batch.lengths).tolist()
+
+
+def test_kaldi_files_accept_tabs_and_a_bom(tmp_path: Path) -> None:
+    from conftest import write_wav
+
+    d = tmp_path / "c"
+    write_wav(d / "a.wav", 0.3)
+    write_wav(d / "b.wav", 0.3, seed=1)
+    (d / "wav.scp").write_text("\ufeffA\ta.wav\nB  \t b.wav\n", encoding="utf-8")
+    (d / "text").write_text("\ufeffA\t你好\nB 世界\n", encoding="utf-8")
+    utts = read_corpus_dir(d)
+    assert [(u.utt_id, u.text) for u in utts] == [("A", "你好"), ("B", "世界")]
+    assert utts[1].path == d / "b.wav"

@@ -145,3 +145,16 @@ def test_save_is_atomic_and_replaces(tmp_path: Path) -> None:
     save_model(prune(model, [1]), out, overwrite=True)
     assert AutoModelForCTC.from_pretrained(out).config.num_hidden_layers == 5
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["m"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = save_model(tiny_model(), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and modes["config.json"] == 0o644, modes
+    assert out.stat().st_mode & 0o777 == 0o755
