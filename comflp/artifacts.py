@@ -261,6 +261,9 @@ def load_matrix(path: str | os.PathLike, measure: str | None = None) -> tuple[np
         return mats[measure], meta
     if not path.is_file():
         raise ComflpError(f"matrix file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ComflpError(f"cannot read {path} as a matrix (.npy): no NumPy header (empty or not a .npy file)")
     try:
         matrix = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
