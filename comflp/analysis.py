@@ -10,7 +10,6 @@ only process 0 writes files. (accelerate 1.x starts several ``--cpu`` processes 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import claim_file, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
+from .artifacts import source_id, claim_file, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
 from .hidden import ALL_MEASURES, MeasureSettings, collect
 from .logs import setup_logging
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     if not is_main:
         return None
     meta = {
-        "model": _model_id(args.model), "data_dir": str(args.data_dir), "num_layers": num_layers(model),
+        "model": source_id(args.model), "data_dir": str(args.data_dir), "num_layers": num_layers(model),
         "use_pretrained": bool(args.use_pretrained), "settings": {**settings.__dict__, "measures": list(settings.measures)},
         "num_utterances": stats.num_utterances, "num_frames": stats.num_frames, "num_batches": stats.num_batches,
         "processes": accelerator.num_processes if accelerator else 1, "seconds": round(time.perf_counter() - start, 3),
@@ -98,11 +97,6 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     log.info("measured %s on %d utterances (%d frames) in %.1f s", ",".join(settings.measures),
              stats.num_utterances, stats.num_frames, meta["seconds"])
     return {k: v.numpy() for k, v in matrices.items()}, meta
-
-
-def _model_id(model: str) -> str:
-    """A local model as its absolute path (so a matrix names the model whatever the cwd), a hub id as is."""
-    return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 
 def _heatmap_paths(args: argparse.Namespace, stems: list[str]) -> list[Path]:

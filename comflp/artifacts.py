@@ -96,16 +96,21 @@ def file_is_ours(path: str | os.PathLike) -> bool:
     return False
 
 
+def _check_parents(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a directory."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ComflpError(f"{flag} {path}: {parent} is a file, not a directory")
+            return
+
+
 def claim_file(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output") -> Path:
     """Check that comflp may write the file ``path``; one line naming the path if not."""
     path = Path(path)
     if path.is_dir():
         raise ComflpError(f"{flag} {path} is a directory; a file path is needed here")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ComflpError(f"{flag} {path}: {parent} is a file, not a directory")
-            break
+    _check_parents(path, flag)
     if not path.exists():
         return path
     if not file_is_ours(path):
@@ -121,11 +126,7 @@ def claim_dir(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ComflpError(f"{flag} {path} is a file; a directory is needed here")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ComflpError(f"{flag} {path}: {parent} is a file, not a directory")
-            break
+    _check_parents(path, flag)
     if not path.exists() or not any(path.iterdir()):
         return path
     if dir_kind(path) is None:
@@ -146,6 +147,7 @@ def open_output_dir(path: str | os.PathLike, *, kind: str, flag: str = "--output
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ComflpError(f"{flag} {path} is a file; a directory is needed here")
+    _check_parents(path, flag)
     if path.is_dir() and any(path.iterdir()) and dir_kind(path) is None:
         raise ComflpError(f"{flag} {path} exists and was not written by comflp; refusing to write into it "
                           "(choose another path)")
@@ -281,17 +283,20 @@ def load_matrix(path: str | os.PathLike, measure: str | None = None) -> tuple[np
     return _check_real_matrix(matrix, str(path)), meta
 
 
+def source_id(path: str | os.PathLike) -> str:
+    """How outputs record a model or data dir: a local path as its absolute path (whatever the cwd), a hub id as is."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 def check_matrix_model(meta: dict, *, num_layers: int, model: str | None, where: str) -> None:
     """A matrix measured on another model cannot rank this one's layers: compare recorded depth and model."""
     recorded = meta.get("num_layers")
     if recorded is not None and int(recorded) != num_layers:
         raise ComflpError(f"{where} was measured on a {recorded}-layer model ({meta.get('model', '?')}); "
                           f"this model has {num_layers} layers")
-    if model is not None and meta.get("model") not in (None, model):
-        same = Path(str(meta["model"])).resolve() == Path(model).resolve() if Path(model).exists() else False
-        if not same:
-            raise ComflpError(f"{where} was measured on {meta['model']}, not {model}; measure this model "
-                              "or pass the matching --model")
+    if model is not None and meta.get("model") is not None and source_id(meta["model"]) != source_id(model):
+        raise ComflpError(f"{where} was measured on {meta['model']}, not {model}; measure this model "
+                          "or pass the matching --model")
 
 
 # ---------------------------------------------------------------------------------------------

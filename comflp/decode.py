@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -11,7 +12,10 @@ from tqdm import tqdm
 
 from .data import AudioBatch, Utterance, iter_batches, num_samples
 from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
-from .model import forward, frame_mask
+from .errors import ComflpError
+from .model import forward, frame_mask, min_audio_samples
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,23 +50,18 @@ def unknown_characters(texts: Sequence[str], tokenizer) -> tuple[dict[str, int],
 
 def report_unknown_characters(texts: Sequence[str], tokenizer, *, what: str = "transcripts") -> float:
     """Log how many reference characters the model cannot emit (count and a few examples); returns their share."""
-    import logging
-
     unknown, total = unknown_characters(texts, tokenizer)
     if not unknown:
         return 0.0
     share = sum(unknown.values()) / max(total, 1)
     examples = ", ".join(f"{c!r} x{n}" for c, n in sorted(unknown.items(), key=lambda kv: -kv[1])[:5])
-    logging.getLogger(__name__).warning("%d character(s) (%.1f%%) of the %s are not in the model's vocabulary: %s",
+    log.warning("%d character(s) (%.1f%%) of the %s are not in the model's vocabulary: %s",
                                         sum(unknown.values()), 100 * share, what, examples)
     return share
 
 
 def check_decodable(model, utts: Sequence[Utterance], sampling_rate: int) -> None:
     """One line naming the utterances too short to give the model a single frame (they cannot be decoded)."""
-    from .errors import ComflpError
-    from .model import min_audio_samples
-
     least = min_audio_samples(model)
     short = [u.utt_id for u in utts if num_samples(u, sampling_rate) < least]
     if short:

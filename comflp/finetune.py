@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import atomic
-from .artifacts import ExperimentDir, output_lock
+from .artifacts import ExperimentDir, output_lock, source_id
 from .data import collate, length_sorted_batches
 from .options import ArgumentParser, add_pad_audio, add_threads, apply_threads, positive_float, positive_int, read_corpus, str2bool
 from .decode import transcribe
@@ -185,7 +185,7 @@ def train(args: argparse.Namespace) -> Path:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else args.mixed_precision,
                               kwargs_handlers=[ddp])
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if args.batch_size % world:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
     loaded, teacher, pruned = _student_and_teacher(args, accelerator.device)
@@ -202,14 +202,11 @@ def train(args: argparse.Namespace) -> Path:
 
 def run_settings(args: argparse.Namespace, pruned: list[int]) -> dict:
     """The settings that define a fine-tuning run: a resumed run must have the same ones."""
-    def where(p):
-        return str(Path(p).resolve()) if Path(p).exists() else str(p)
-
     keys = ("max_train_utts", "batch_size", "grad_accum", "lr", "layerdrop", "max_grad_norm", "use_scheduler",
             "epochs", "max_updates", "test_num_batch", "valid_batch_size", "freeze_feature_encoder", "distill",
             "distill_weight", "temperature", "seed", "pad_audio")
-    return {"model": where(args.model), "pruned": list(pruned), "train_data_dir": where(args.train_data_dir),
-            "valid_data_dir": where(args.valid_data_dir), **{k: getattr(args, k) for k in keys}}
+    return {"model": source_id(args.model), "pruned": list(pruned), "train_data_dir": source_id(args.train_data_dir),
+            "valid_data_dir": source_id(args.valid_data_dir), **{k: getattr(args, k) for k in keys}}
 
 
 def _check_training_data(utts, tokenizer, model, sampling_rate: int) -> list:

@@ -277,11 +277,12 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     settings.validate()
     sr = int(feature_extractor.sampling_rate)
     least = min_audio_samples(model)
-    usable = [u for u in utts if num_samples(u, sr) >= least]
-    if len(usable) < len(utts):
+    usable, short = [], []
+    for u in utts:
+        (usable if num_samples(u, sr) >= least else short).append(u)
+    if short:
         log.warning("dropped %d utterance(s) shorter than the model's receptive field (%.0f ms), e.g. %s",
-                    len(utts) - len(usable), 1000 * least / sr, ", ".join(u.utt_id for u in utts
-                                                                          if u not in usable)[:200])
+                    len(short), 1000 * least / sr, ", ".join(u.utt_id for u in short[:3]))
     if not usable:
         raise ComflpError("no utterance is long enough to give the model one frame")
     chosen = select_utterances(usable, settings)

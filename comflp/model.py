@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from .artifacts import write_dir
 from .errors import ComflpError
 from .paths import DEMO_MODEL_DIR
 from .strategy import validate as validate_strategy
+
+log = logging.getLogger(__name__)
 
 LAYERNORM_HEAD_KEYS = ("lm_head.0.weight", "lm_head.1.weight")
 
@@ -174,8 +177,6 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     ``need_features`` is False (commands that only touch weights), else the
     family default with a warning.
     """
-    import logging
-
     source = str(source)
     if not Path(source).exists() and (source.startswith((".", "/")) or source.count("/") > 1):
         raise ComflpError(f"model not found: {source} (neither a local dir nor a hub id)")
@@ -202,7 +203,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
         fe = None
         if need_features:
             fe = default_feature_extractor(model.config)
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "%s has no preprocessor_config.json: using the wav2vec2 default feature extractor (16 kHz, "
                 "per-utterance normalisation); save the right one beside the model to silence this", source)
     try:
@@ -376,8 +377,8 @@ class _MaskedGroupNorm(nn.Module):
         return (centred * scale[..., None]).reshape(b, c, t)
 
 
-def _conv_stack_norms(encoder: nn.Module) -> list[tuple[nn.Module, str, nn.Conv1d]] | None:
-    """(layer, norm attribute, conv) per conv layer of a wav2vec2-style feature encoder, or None if not one.
+def _conv_stack(encoder: nn.Module) -> list[tuple[nn.Module, nn.Conv1d]] | None:
+    """(layer, conv) per conv layer of a wav2vec2-style feature encoder (norm at ``layer.layer_norm``), or None.
 
     Only unpadded convs qualify: then a real output frame reads real input samples only.
     """
@@ -389,7 +390,7 @@ def _conv_stack_norms(encoder: nn.Module) -> list[tuple[nn.Module, str, nn.Conv1
         conv = getattr(layer, "conv", None)
         if not isinstance(conv, nn.Conv1d) or conv.padding not in ((0,), 0) or conv.dilation != (1,):
             return None
-        out.append((layer, "layer_norm", conv))
+        out.append((layer, conv))
     return out
 
 
@@ -437,15 +438,15 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
     device = next(inner.parameters()).device
     restore: list[tuple[object, str, object]] = []  # (owner, attribute or index, original)
     encoder = getattr(base, family.feature_encoder)
-    stack = _conv_stack_norms(encoder)
+    stack = _conv_stack(encoder)
     if stack is not None:
         lengths = torch.as_tensor(list(sample_lengths))
-        for layer, attr, conv in stack:
+        for layer, conv in stack:
             lengths = torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
-            norm = getattr(layer, attr, None)
+            norm = getattr(layer, "layer_norm", None)
             if isinstance(norm, nn.GroupNorm):
-                restore.append((layer, attr, norm))
-                setattr(layer, attr, _MaskedGroupNorm(norm, lengths.clamp(min=0).to(device)))
+                restore.append((layer, "layer_norm", norm))
+                layer.layer_norm = _MaskedGroupNorm(norm, lengths.clamp(min=0).to(device))
     else:
         restore.append((base, family.feature_encoder, encoder))
         setattr(base, family.feature_encoder, _UnpaddedFeatureEncoder(encoder, sample_lengths))

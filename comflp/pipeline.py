@@ -117,7 +117,6 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         svcca_main([*common, *where, *again, "--batch_size", "8", "--iter_num", "4", "--mode", "T",
                     "--thre", "0.99"])
     elif name == "search":
-        import numpy as np
 
         from .search_cli import search_main
 

@@ -64,10 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
             model_src = str(DEMO_MODEL_DIR)
     out_dir = Path(args.output_dir or EXP_DIR / f"test_{Path(model_src).name}")
     report = ExperimentDir(out_dir).test_report
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ComflpError(f"--output_dir {out_dir} is a file; a directory is needed here")
+    open_output_dir(out_dir, kind="test")  # refuses a file, or a dir comflp did not write, before anything else
     claim_file(report, overwrite=args.overwrite, flag="test report")
-    open_output_dir(out_dir, kind="test")
     with output_lock(report):
         return _test(args, model_src, out_dir, report, device)
 

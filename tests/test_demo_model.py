@@ -9,7 +9,6 @@ import sys
 from transformers import AutoModelForCTC, AutoProcessor
 
 from comflp.options import read_corpus
-from comflp.data import read_corpus_dir
 from comflp.decode import transcribe
 from comflp.paths import DEMO_MODEL_DIR, demo_split
 

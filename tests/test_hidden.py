@@ -16,8 +16,7 @@ from comflp import measures as M
 from comflp.analysis import load_npz
 from comflp.errors import ComflpError
 from comflp.data import collate, read_corpus_dir
-from comflp.model import frame_mask
-from comflp.hidden import MeasureSettings, capture_layer_states, collect, pool, select_utterances
+from comflp.hidden import MeasureSettings, capture_layer_states, collect, select_utterances
 
 from conftest import make_corpus, save_plain, tiny_model, tiny_processor
 
