@@ -397,7 +397,7 @@ class ExperimentDir:
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, settings: dict, kind: str, afresh: bool,
-             flag: str = "--output_dir") -> "ExperimentDir":
+             flag: str = "--output_dir", restart_flags: str = "--overwrite or --resume_epoch 0") -> "ExperimentDir":
         """Create or reopen an experiment dir for a run with ``settings``.
 
         Reopening continues only the same experiment: if the recorded settings
@@ -412,8 +412,8 @@ class ExperimentDir:
             if changed:
                 diffs = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:4])
                 more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-                raise ComflpError(f"{exp.root} holds another experiment ({diffs}{more}); pass --overwrite or "
-                                  f"--resume_epoch 0 to start afresh there, or choose another {flag}")
+                raise ComflpError(f"{exp.root} holds another experiment ({diffs}{more}); pass {restart_flags} "
+                                  f"to start afresh there, or choose another {flag}")
         if afresh:
             exp._clear()
         atomic.write_json(exp.root / RUN_FILE, {"written_by": WRITTEN_BY, "settings": settings})

@@ -1,7 +1,7 @@
-"""Recipe for the embedded demo model ``models/demo-12l``.
+"""Recipe for the embedded demo models ``models/demo-12l`` and ``models/demo-24l``.
 
-``python -m comflp.demo train`` trains a small 12-layer wav2vec2-style CTC
-model from scratch on the embedded synthetic corpus (generated if missing);
+``python -m comflp.demo train [--num_layers 24]`` trains a small wav2vec2-style
+CTC model (12 layers unless told) from scratch on the embedded synthetic corpus (generated if missing);
 ``python -m comflp.demo card`` measures it and writes its model card with the
 pruning table. Both are deterministic from their seed on a given machine and
 torch build.
@@ -30,23 +30,23 @@ from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureE
 
 from . import atomic
 from .data import length_sorted_batches, load_audio
-from .options import ArgumentParser, read_corpus
+from .options import ArgumentParser, positive_int, read_corpus
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .artifacts import ExperimentDir, claim_dir, open_output_dir
+from .artifacts import ExperimentDir, claim_dir
 from .model import forward, save_model
-from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, EXP_DIR, demo_split
+from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, EXP_DIR, demo_model_dir, demo_split
 
 log = logging.getLogger("comflp.demo")
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "|")
 
 
-def demo_config(vocab_size: int) -> Wav2Vec2Config:
-    """The demo architecture: wav2vec2 with stable layer norm, 12 x 144-wide layers (~3.4M parameters)."""
+def demo_config(vocab_size: int, *, num_layers: int = 12) -> Wav2Vec2Config:
+    """The demo architecture: wav2vec2 with stable layer norm, 144-wide layers (12 layers: ~3.4M parameters)."""
     return Wav2Vec2Config(
-        vocab_size=vocab_size, pad_token_id=0, num_hidden_layers=12, hidden_size=144, num_attention_heads=4,
+        vocab_size=vocab_size, pad_token_id=0, num_hidden_layers=num_layers, hidden_size=144, num_attention_heads=4,
         intermediate_size=576, conv_dim=(64, 64, 128, 128, 128, 128, 128), feat_extract_norm="group",
         do_stable_layer_norm=True, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
         hidden_dropout=0.05, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
@@ -79,7 +79,12 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, best: float)
 def train(args: argparse.Namespace) -> None:
     exp = Path(args.exp_dir)
     claim_dir(args.output, overwrite=args.overwrite)  # refuse now, not after hours of training
-    open_output_dir(exp, kind="demo-train", flag="--exp_dir")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k in ("num_layers", "train_data_dir", "dev_data_dir", "steps", "lr", "warmup", "max_seconds", "seed",
+                         "pad_audio")}
+    # --resume continues only the same recipe; without it the run starts over
+    ExperimentDir.open(exp, settings=settings, kind="demo-train", afresh=not args.resume, flag="--exp_dir",
+                       restart_flags="no --resume")
     setup_logging(exp / "train.log")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -87,7 +92,7 @@ def train(args: argparse.Namespace) -> None:
     dev_utts = read_corpus(demo_split("dev") if args.dev_data_dir is None else args.dev_data_dir)
     vocab = "".join(sorted({c for u in train_utts for c in u.text if not c.isspace()}))
     fe, tok = build_processor(vocab, exp / "processor")
-    model = Wav2Vec2ForCTC(demo_config(len(tok)))
+    model = Wav2Vec2ForCTC(demo_config(len(tok), num_layers=args.num_layers))
     log.info("model: %d parameters, vocab %d", sum(p.numel() for p in model.parameters()), len(tok))
 
     waves = {u.utt_id: load_audio(u.path, 16000, utt_id=u.utt_id) for u in tqdm(train_utts, desc="loading audio")}
@@ -162,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m comflp.demo", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the demo model from scratch on the embedded corpus")
-    t.add_argument("--output", type=Path, default=DEMO_MODEL_DIR, help="where the shipped fp16 model goes (default: %(default)s)")
-    t.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo-12l-train",
-                   help="log, metrics.jsonl, best and last checkpoints (default: %(default)s)")
+    t.add_argument("--num_layers", type=positive_int, default=12,
+                   help="transformer layers; the defaults of --output and --exp_dir follow it (default: %(default)s)")
+    t.add_argument("--output", type=Path, default=None,
+                   help="where the shipped fp16 model goes (default: models/demo-<num_layers>l)")
+    t.add_argument("--exp_dir", type=Path, default=None,
+                   help="log, metrics.jsonl, best and last checkpoints (default: exp/demo-<num_layers>l-train)")
     t.add_argument("--train_data_dir", type=Path, default=None, help=f"default: {DEMO_CORPUS_DIR}/train")
     t.add_argument("--dev_data_dir", type=Path, default=None, help=f"default: {DEMO_CORPUS_DIR}/dev")
     t.add_argument("--steps", type=int, default=9000, help="optimizer steps (default: %(default)s)")
@@ -190,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "train":
+        if args.output is None:
+            args.output = demo_model_dir(args.num_layers)
+        if args.exp_dir is None:
+            args.exp_dir = EXP_DIR / f"demo-{args.num_layers}l-train"
         if args.steps <= args.warmup:
             raise ComflpError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
         train(args)
