@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import jiwer
+import numpy as np
 import torch
 
 Unit = Literal["char", "word"]
@@ -49,6 +50,30 @@ def error_rate(references: Sequence[str], hypotheses: Sequence[str], *, unit: Un
     n = out.substitutions + out.deletions + out.hits
     return ErrorRate((out.substitutions + out.deletions + out.insertions) / n,
                      out.substitutions, out.deletions, out.insertions, n, unit)
+
+
+def utterance_errors(references: Sequence[str], hypotheses: Sequence[str], *,
+                     unit: Unit = "char") -> tuple[np.ndarray, np.ndarray]:
+    """Per-utterance edit counts and reference lengths, in the units of :func:`error_rate`.
+
+    Returns ``errors`` [N] (S + D + I of each utterance) and ``tokens`` [N]
+    (reference tokens), so ``errors.sum() / tokens.sum()`` equals
+    ``error_rate(references, hypotheses, unit=unit).rate``.
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    refs = [normalize(r, unit) for r in references]
+    hyps = [normalize(h, unit) for h in hypotheses]
+    out = jiwer.process_words(refs, hyps)
+    errors = np.zeros(len(refs), dtype=np.int64)
+    for i, chunks in enumerate(out.alignments):
+        for c in chunks:
+            if c.type in ("substitute", "delete"):
+                errors[i] += c.ref_end_idx - c.ref_start_idx
+            elif c.type == "insert":
+                errors[i] += c.hyp_end_idx - c.hyp_start_idx
+    tokens = np.array([len(r.split()) for r in refs], dtype=np.int64)
+    return errors, tokens
 
 
 def greedy_decode(logits: torch.Tensor, tokenizer, frame_lengths: torch.Tensor | None = None) -> list[str]:

@@ -74,7 +74,15 @@ def search_parser(*, default_measure: str = PAPER_MEASURE,
     p.add_argument("--mode", default="mean", help="DC mode in the dump name (default: %(default)s)")
     p.add_argument("--svcca_mode", default="U", help="SVCCA mode in the dump name (default: %(default)s)")
     p.add_argument("--thre", type=float, default=0.99, help="SVCCA threshold in the dump name (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the rand baseline (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the rand baseline and of the race's utterance order (default: %(default)s)")
+    p.add_argument("--race", type=str2bool, default=False,
+                   help="racing fine search: decode the candidates on growing chunks of the subset and drop one "
+                        "once it is worse than the leader with --race_confidence (paired bootstrap over "
+                        "utterances); survivors are decoded on the whole subset (default: %(default)s)")
+    p.add_argument("--race_confidence", type=float, default=None,
+                   help="one-sided confidence of a drop in the race, in [0.5, 1) (default: "
+                        "comflp.verify.RACE_CONFIDENCE, 0.99)")
     p.add_argument("--measure_file", type=Path, default=None,
                    help="use this matrix (.npy, or .npz from `comflp measure`: the --select_measure entry) "
                         "instead of the dump file the paper's flags name")
@@ -193,18 +201,30 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
             "coarse_seconds": coarse_s, "num_clip_layers": K}
     if verifying:
-        from .verify import verify
+        from .verify import RACE_CONFIDENCE, race, verify
 
+        if args.race_confidence is None:
+            args.race_confidence = RACE_CONFIDENCE  # imported here: coarse-only runs do not load transformers
         fine = _fine_search(args)
-        log.info("--- fine search on %d utterances of %s", len(fine.utts), args.verify_data_dir)
-        report = verify(fine, cands)
-        for c in report.candidates:
-            log.info("For %s: clipped wer : %r%%", [list(b) for b in c.blocks], 100 * c.cer)
+        log.info("--- fine search on %d utterances of %s%s", len(fine.utts), args.verify_data_dir,
+                 f" (race, confidence {args.race_confidence})" if args.race else "")
+        report = (race(fine, cands, confidence=args.race_confidence, seed=args.seed) if args.race
+                  else verify(fine, cands))
+        for c, n in zip(report.candidates, report.decoded):
+            log.info("For %s: clipped wer : %r%%%s", [list(b) for b in c.blocks], 100 * c.cer,
+                     f"  (dropped after {n} of {len(fine.utts)} utterances)" if n < len(fine.utts) else "")
         log.info("WERs: %s", [c.cer for c in report.candidates])
         if report.pearson is not None:
             log.info("correlation between wer and correlation measure: %r", report.pearson)
-        order = sorted(range(len(report.candidates)), key=lambda i: (report.candidates[i].cer, i))
+        # survivors of a race first (their CERs are on the whole subset), then the dropped ones
+        order = sorted(range(len(report.candidates)),
+                       key=lambda i: (report.decoded[i] < len(fine.utts), report.candidates[i].cer, i))
         cands = [report.candidates[i] for i in order]
+        log.info("pick: %s, CER %.2f%%; %d candidate-utterance decodes (full evaluation: %d)",
+                 [list(b) for b in report.best.blocks], 100 * report.best.cer, sum(report.decoded),
+                 len(fine.utts) * len(report.candidates))
+        meta.update(decoded_utterances=[report.decoded[i] for i in order], race=args.race,
+                    race_confidence=args.race_confidence if args.race else None)
         meta.update(pearson=report.pearson, fine_seconds=fine.stats.seconds, verify_data_dir=str(args.verify_data_dir),
                     verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,
                     naive_layer_applications=fine.stats.naive_layer_applications, model=str(args.model))

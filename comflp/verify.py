@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
 from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
 from .errors import ComflpError
-from .metrics import ErrorRate, Unit, error_rate, guess_unit
+from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
 from .model import LoadedModel, base_model, encoder_layers, padding_exact, prune, run_layers
 from .strategy import Candidate, validate
 
@@ -85,6 +85,7 @@ class FineSearchStats:
 
     layer_applications: int = 0
     naive_layer_applications: int = 0
+    utterance_decodes: int = 0  # (candidate, utterance) pairs decoded
     seconds: float = 0.0
 
 
@@ -143,9 +144,8 @@ class FineSearch:
         finally:
             base.feature_extractor = original_fe
 
-    @torch.inference_mode()
-    def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
-        """Error rate of each pruned set (1-based layers), in the order given."""
+    def _decode(self, pruned_sets: Sequence[Sequence[int]], batches: Sequence[AudioBatch]) -> list[dict[str, str]]:
+        """Hypotheses of each pruned set (1-based layers) on the utterances of ``batches``, keyed by utterance id."""
         sets = [validate(p, self.num_layers) if p else [] for p in pruned_sets]
         kept = [tuple(i for i in range(self.num_layers) if i + 1 not in set(p)) for p in sets]
         order = sorted(range(len(sets)), key=lambda i: kept[i])  # DFS order of the trie
@@ -153,18 +153,33 @@ class FineSearch:
         hyps: list[dict[str, str]] = [{} for _ in sets]
         start = time.perf_counter()
         counter = [0]
-        total = len(self._batches) * len(sets)
-        bar = tqdm(total=total, desc="fine search", unit="cand-batch", disable=not self.progress)
-        for batch in self._batches:
-            batch = batch.to(self.device)
-            exact = (contextlib.nullcontext() if self.pad_audio
-                     else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
-            with exact:
-                self._evaluate_batch(batch, kept, order, hyps, counter, bar)
+        bar = tqdm(total=len(batches) * len(sets), desc="fine search", unit="cand-batch", disable=not self.progress)
+        with torch.inference_mode():
+            for batch in batches:
+                batch = batch.to(self.device)
+                exact = (contextlib.nullcontext() if self.pad_audio
+                         else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
+                with exact:
+                    self._evaluate_batch(batch, kept, order, hyps, counter, bar)
         bar.close()
         self.stats.layer_applications += counter[0]
-        self.stats.naive_layer_applications += len(self._batches) * sum(len(k) for k in kept)
+        self.stats.naive_layer_applications += len(batches) * sum(len(k) for k in kept)
+        self.stats.utterance_decodes += len(sets) * sum(len(b.utt_ids) for b in batches)
         self.stats.seconds += time.perf_counter() - start
+        return hyps
+
+    def decode(self, pruned_sets: Sequence[Sequence[int]], utts: Sequence[Utterance]) -> list[list[str]]:
+        """Hypotheses of each pruned set on ``utts`` (any utterances of the subset, in ``utts`` order).
+
+        The utterances are batched among themselves (length-sorted, ``batch_size``); the hypotheses do not
+        depend on that batching unless ``pad_audio``.
+        """
+        batches = [collate(g, self.loaded.feature_extractor) for g in length_sorted_batches(utts, batch_size=self.batch_size)]
+        return [[h[u.utt_id] for u in utts] for h in self._decode(pruned_sets, batches)]
+
+    def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
+        """Error rate of each pruned set (1-based layers) on the whole subset, in the order given."""
+        hyps = self._decode(pruned_sets, self._batches)
         refs = [u.text for u in self.utts]
         self.hypotheses = [[h[u.utt_id] for u in self.utts] for h in hyps]
         return [error_rate(refs, h, unit=self.unit) for h in self.hypotheses]
@@ -192,23 +207,122 @@ def evaluate_separately(loaded: LoadedModel, utts: Sequence[Utterance], pruned_s
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Candidates with their error rates (input order), the best one, and score-vs-CER correlation."""
+    """Candidates with their error rates (input order), the best one, and score-vs-CER correlation.
+
+    ``decoded[i]`` is the number of subset utterances candidate i was decoded on: the whole subset, or
+    fewer when a race dropped it (its ``cer`` is then the rate on those utterances).
+    """
 
     candidates: list[Candidate]
     best: Candidate
     pearson: float | None
+    decoded: list[int]
+
+
+def _pearson(candidates: Sequence[Candidate]) -> float | None:
+    scores = [c.score for c in candidates]
+    cers = [c.cer for c in candidates]
+    if len(candidates) > 2 and None not in scores and np.std(scores) > 0 and np.std(cers) > 0:
+        return float(np.corrcoef(scores, cers)[0, 1])
+    return None
 
 
 def verify(fine: FineSearch, candidates: Sequence[Candidate]) -> VerifyReport:
-    """Measure every candidate; the best is the lowest error rate (ties: the earlier candidate)."""
+    """Measure every candidate on the whole subset; the best is the lowest error rate (ties: the earlier candidate)."""
     rates = fine.evaluate([c.pruned for c in candidates])
     measured = [Candidate(list(c.pruned), c.score, r.rate) for c, r in zip(candidates, rates)]
     best = min(measured, key=lambda c: c.cer)
-    scores = [c.score for c in measured]
-    pearson = None
-    if len(measured) > 2 and None not in scores and np.std(scores) > 0 and np.std([c.cer for c in measured]) > 0:
-        pearson = float(np.corrcoef(scores, [c.cer for c in measured])[0, 1])
-    return VerifyReport(measured, best, pearson)
+    return VerifyReport(measured, best, _pearson(measured), [len(fine.utts)] * len(measured))
+
+
+RACE_CONFIDENCE = 0.99
+RACE_RESAMPLES = 2000
+
+
+def race_schedule(num_utts: int, first_chunk: int) -> list[int]:
+    """Cumulative utterance counts after each racing round: ``first_chunk``, doubling, then all.
+
+    >>> race_schedule(200, 32)
+    [32, 64, 128, 200]
+    >>> race_schedule(20, 32)
+    [20]
+    """
+    ends, m = [], first_chunk
+    while m < num_utts:
+        ends.append(m)
+        m *= 2
+    return ends + [num_utts]
+
+
+def worse_than_leader(errors: np.ndarray, leader_errors: np.ndarray, tokens: np.ndarray, *, confidence: float,
+                      resamples: int, rng: np.random.Generator) -> bool:
+    """Whether a candidate's error rate exceeds the leader's with one-sided ``confidence`` (paired bootstrap).
+
+    errors, leader_errors, tokens: [m] edit counts of the candidate and of the leader, and reference tokens,
+    on the same m utterances. The rate difference is
+    Delta = (sum e - sum e_leader) / sum n; it is recomputed on ``resamples`` resamples of the m utterances
+    drawn with replacement (the same utterances for both: a paired bootstrap), and the candidate is worse
+    when the (1 - confidence) quantile of those Deltas is above 0. Identical error counts are never worse.
+    """
+    m = len(tokens)
+    counts = rng.multinomial(m, np.full(m, 1.0 / m), size=resamples)  # [B, m] times each utterance is drawn
+    diff = counts @ (errors - leader_errors)
+    total = np.maximum(counts @ tokens, 1)
+    return bool(np.quantile(diff / total, 1.0 - confidence) > 0)
+
+
+def race(fine: FineSearch, candidates: Sequence[Candidate], *, confidence: float = RACE_CONFIDENCE,
+         first_chunk: int | None = None, resamples: int = RACE_RESAMPLES, seed: int = 0) -> VerifyReport:
+    """Racing fine search: the candidates of :func:`verify`, decoding the losers on fewer utterances.
+
+    The subset's utterances are taken in a seeded random order, in growing chunks
+    (:func:`race_schedule`; the first chunk is ``first_chunk``, default max(batch size, 1/8 of the subset)).
+    After each chunk the leader is the candidate with the lowest error rate on the utterances decoded so
+    far (ties: the earlier candidate), and every candidate that is worse than the leader by
+    :func:`worse_than_leader` is dropped. The survivors are decoded on the whole subset, so the best is
+    the lowest full-subset error rate among them, as :func:`verify` would find unless the true best was
+    dropped by chance (probability about 1 - confidence per comparison).
+    """
+    if not 0.5 <= confidence < 1:
+        raise ComflpError(f"race confidence {confidence} must be in [0.5, 1)")
+    utts = list(fine.utts)
+    n = len(utts)
+    first = first_chunk or max(fine.batch_size, -(-n // 8))
+    if first < 1:
+        raise ComflpError(f"race first chunk {first} must be positive")
+    order = np.random.default_rng(seed).permutation(n)
+    refs = [u.text for u in utts]
+    alive = list(range(len(candidates)))
+    errors = [np.zeros(0, dtype=np.int64) for _ in candidates]
+    tokens = np.zeros(0, dtype=np.int64)
+    decoded = [0] * len(candidates)
+    done = 0
+    rng = np.random.default_rng([seed, 1])
+    schedule = race_schedule(n, first)
+    for rnd, end in enumerate(schedule, 1):
+        chunk = [int(i) for i in order[done:end]]
+        hyps = fine.decode([candidates[i].pruned for i in alive], [utts[j] for j in chunk])
+        chunk_refs = [refs[j] for j in chunk]
+        for i, h in zip(alive, hyps):
+            e, t = utterance_errors(chunk_refs, h, unit=fine.unit)
+            errors[i] = np.concatenate([errors[i], e])
+            decoded[i] = end
+        tokens = np.concatenate([tokens, t])
+        done = end
+        rates = {i: errors[i].sum() / max(tokens.sum(), 1) for i in alive}
+        leader = min(alive, key=lambda i: (rates[i], i))
+        if end < n:
+            dropped = [i for i in alive if i != leader and worse_than_leader(
+                errors[i], errors[leader], tokens, confidence=confidence, resamples=resamples, rng=rng)]
+            alive = [i for i in alive if i not in dropped]
+        else:
+            dropped = []
+        log.info("race round %d: %d/%d utterances, leader %s at %.2f%%, dropped %d, %d left", rnd, end, n,
+                 [list(b) for b in candidates[leader].blocks], 100 * rates[leader], len(dropped), len(alive))
+    measured = [Candidate(list(c.pruned), c.score, float(errors[i].sum() / max(tokens[:decoded[i]].sum(), 1)))
+                for i, c in enumerate(candidates)]
+    best = measured[min(alive, key=lambda i: (measured[i].cer, i))]
+    return VerifyReport(measured, best, _pearson([measured[i] for i in alive]), decoded)
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,16 @@ def test_greedy_decode_merges_repeats_and_drops_blanks(tmp_path) -> None:
 def test_unit_guess_and_rtf() -> None:
     assert guess_unit(["你好 世界"]) == "char" and guess_unit(["hello world"]) == "word"
     assert real_time_factor(1.0, 4.0) == 0.25
+
+
+def test_utterance_errors_sum_to_the_set_error_rate() -> None:
+    from comflp.metrics import error_rate, utterance_errors
+
+    refs = ["你好世界", "今天天气", "a b c d", "x"]
+    hyps = ["你世界界好", "", "a c d e f", "x"]
+    for unit in ("char", "word"):
+        errors, tokens = utterance_errors(refs, hyps, unit=unit)
+        assert errors.sum() / tokens.sum() == error_rate(refs, hyps, unit=unit).rate
+        for r, h, e, t in zip(refs, hyps, errors, tokens):  # each utterance alone is its own set
+            single = error_rate([r], [h], unit=unit)
+            assert (e, t) == (single.substitutions + single.deletions + single.insertions, single.num_ref_tokens)

@@ -58,3 +58,45 @@ def test_verify_report_and_glp(corpus: Path, tmp_path: Path) -> None:
     glp = greedy_layer_pruning(fine, 2, progress=False)
     assert len(glp.path) == 2 and len(glp.path[-1].pruned) == 2 and glp.evaluations == 6 + 5
     assert set(glp.path[0].pruned) <= set(glp.path[1].pruned)
+
+
+def test_worse_than_leader_bootstrap_bounds() -> None:
+    import numpy as np
+
+    from comflp.verify import worse_than_leader
+
+    rng = np.random.default_rng(0)
+    tokens = np.full(40, 10)
+    leader = rng.integers(0, 3, 40)
+    # worse on every utterance: every resample agrees, even at a very high confidence
+    assert worse_than_leader(leader + 1, leader, tokens, confidence=0.999, resamples=500, rng=rng)
+    # the same errors are never worse; a swap of errors between utterances is a tie, not worse
+    assert not worse_than_leader(leader, leader, tokens, confidence=0.5, resamples=500, rng=rng)
+    swapped = leader[::-1].copy()
+    assert not worse_than_leader(swapped, leader, tokens, confidence=0.99, resamples=500, rng=rng)
+    # one extra error in 400 tokens is within the noise at 99%
+    one_more = leader.copy()
+    one_more[0] += 1
+    assert not worse_than_leader(one_more, leader, tokens, confidence=0.99, resamples=500, rng=rng)
+
+
+def test_race_picks_what_full_evaluation_picks_on_the_demo_model() -> None:
+    from comflp.options import read_corpus
+    from comflp.paths import DEMO_MODEL_DIR, demo_split
+    from comflp.verify import race
+
+    loaded = load_model(DEMO_MODEL_DIR)
+    utts = read_corpus(demo_split("dev"))[:96]
+    sets = [[2, 4, 6, 8, 10, 12], [7, 8, 9, 10, 11, 12], [4, 5, 6, 7, 8, 9], [1, 3, 5, 7, 9, 11], [1, 2, 3, 4, 5, 6],
+            [3, 4, 6, 8, 10, 11], [3, 5, 6, 8, 9, 11], [2, 4, 6, 8, 10, 11], [3, 4, 6, 8, 10, 12], [4, 6, 8, 9, 10, 11]]
+    cands = [Candidate(s, float(-i)) for i, s in enumerate(sets)]
+    full = verify(FineSearch(loaded, utts, batch_size=16, progress=False), cands)
+    fine = FineSearch(loaded, utts, batch_size=16, progress=False)
+    raced = race(fine, cands, first_chunk=12, seed=0)
+    assert raced.best.pruned == full.best.pruned
+    assert sum(raced.decoded) < 0.7 * len(utts) * len(sets)  # it really saved decoding
+    assert fine.stats.utterance_decodes == sum(raced.decoded)
+    for f, r, n in zip(full.candidates, raced.candidates, raced.decoded):
+        if n == len(utts):  # survivors are scored on the whole subset, as full evaluation scores them
+            assert r.cer == f.cer
+    assert raced.decoded[4] < len(utts)  # pruning the first six layers is hopeless: dropped early
