@@ -46,7 +46,7 @@ def main() -> None:
     utts = select_utterances(read_corpus(args.data_dir, require_text=False), settings)
     batches = [collate(utts[i: i + args.batch_size], loaded.feature_extractor)
                for i in range(0, len(utts), args.batch_size)]
-    stats = Statistics(num_layers=num_layers(model) + 1)
+    stats = Statistics()
     forward_s = maths_s = 0.0
     with torch.inference_mode(), capture_layer_states(model) as states:
         forward(model, batches[0].input_values, batches[0].attention_mask)  # warm-up

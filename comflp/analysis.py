@@ -20,10 +20,11 @@ import torch
 
 from .artifacts import source_id, claim_file, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
-from .hidden import ALL_MEASURES, MeasureSettings, collect
+from .hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings, collect
 from .logs import setup_logging
 from .model import load_model, num_layers
-from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
+from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_float, positive_int,
+                      read_corpus,
                       resolve_device)
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
 
@@ -49,6 +50,10 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     add_pad_audio(p)
     add_device(p)
     add_overwrite(p, "matrix file or heatmap")
+    p.add_argument("--moment_memory_gb", type=positive_float, default=MOMENT_MEMORY_GB,
+                   help="memory for the second moment of SVCCA/PWCCA/CKA, (L+1)D x (L+1)D float64; when it does not "
+                        "fit, the moment is built one band of layers per pass over the same utterances (same "
+                        "matrices, more forward passes) (default: %(default)s)")
     p.add_argument("--dump_dir", type=Path, default=DUMP_DIR, help="where matrices go (default: %(default)s)")
     p.add_argument("--figure_dir", type=Path, default=FIGURE_DIR, help="where heatmaps go (default: %(default)s)")
     p.add_argument("--no_plot", action="store_true", help="skip the heatmap PNGs")
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
         model = type(model)(model.config).eval().to(device)
     start = time.perf_counter()
     matrices, stats = collect(model, loaded.feature_extractor, utts, settings, accelerator=accelerator,
-                              progress=not args.quiet)
+                              progress=not args.quiet, moment_memory_gb=args.moment_memory_gb)
     if not is_main:
         return None
     meta = {

@@ -13,8 +13,10 @@ One forward pass per batch feeds all measures:
   paper's DC;
 - streamed measures (``svcca``, ``pwcca``, ``cka``) from the running sum and
   second moment of all layers' features side by side, so mode T can use every
-  frame of thousands of utterances at fixed memory ([F, F] float64 with
-  F = (L+1) x D);
+  frame of thousands of utterances at fixed memory: [F, F] float64 with
+  F = (L+1) x D, or, when that exceeds ``moment_memory_gb``, one band of
+  layers' rows per pass over the same utterances (:func:`plan_bands`), each
+  band's pairs reduced to values as soon as it is complete;
 - ``cosine`` and ``angular`` from running per-pair sums.
 
 Samples for streamed and cosine measures are utterances (mode ``U``, pooled)
@@ -141,25 +143,69 @@ class MeasureSettings:
         return self.batch_size * self.accum_batch * self.iter_num
 
 
+MOMENT_MEMORY_GB = 1.0
+
+
+def plan_bands(dims: Sequence[int], budget_bytes: float) -> list[tuple[int, int]]:
+    """Layer bands ``[a, b)`` whose float64 cross moments fit in ``budget_bytes`` each.
+
+    A band's moment holds the rows of layers a..b-1 against the columns of
+    layers a..L (every pair (i, j), i <= j, once over all bands):
+    ``sum(dims[a:b]) x sum(dims[a:])`` float64. A band always holds at least
+    one layer. When the whole [F, F] moment fits, the one band is ``(0, L+1)``.
+
+    >>> plan_bands([4] * 5, 1e9)
+    [(0, 5)]
+    >>> plan_bands([4] * 5, 8 * 8 * 20)  # rows of 2 layers x 20 columns, then 3 layers x 12
+    [(0, 2), (2, 5)]
+    """
+    n = len(dims)
+    total = sum(dims)
+    if 8.0 * total * total <= budget_bytes:
+        return [(0, n)]
+    bands, a = [], 0
+    while a < n:
+        cols = sum(dims[a:])
+        b, rows = a + 1, dims[a]
+        while b < n and 8.0 * (rows + dims[b]) * cols <= budget_bytes:
+            rows += dims[b]
+            b += 1
+        bands.append((a, b))
+        a = b
+    return bands
+
+
 @dataclass
 class Statistics:
-    """Running sums; everything is float64 and additive over batches and processes."""
+    """Running sums; everything is float64 and additive over batches and processes.
 
-    num_layers: int
+    The streamed measures' second moment is held one layer band at a time
+    (:func:`plan_bands`): ``moment`` [rows of ``band``, columns from the band's
+    first layer on], uncentred. The first pass also sums every layer's own
+    moment outside the first band (``diag``), from which each layer's side of
+    the measures is computed once; a band's pairs are turned into values as
+    soon as the band is complete (``pairs``), and the band's moment is freed.
+    """
+
     dims: list[int] = field(default_factory=list)
     batch_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     num_batches: int = 0
     count: int = 0  # samples in the streamed/cosine sums
     first: torch.Tensor | None = None  # [F]
-    second: torch.Tensor | None = None  # [F, F]
+    band: tuple[int, int] | None = None
+    moment: torch.Tensor | None = None  # [rows of band, F - band start]
+    diag: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [D, D], layers outside the first band
     cos_sum: torch.Tensor | None = None
     ang_sum: torch.Tensor | None = None
     num_utterances: int = 0
     num_frames: int = 0
+    sides: dict[str, list] = field(default_factory=dict)
+    pairs: dict[str, torch.Tensor] = field(default_factory=dict)  # streamed measure -> [L+1, L+1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"batch_{k}": v for k, v in self.batch_sums.items()}
-        for name in ("first", "second", "cos_sum", "ang_sum"):
+        out.update({f"diag_{k}": v for k, v in self.diag.items()})
+        for name in ("first", "moment", "cos_sum", "ang_sum"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out["counts"] = torch.tensor([self.num_batches, self.count, self.num_utterances, self.num_frames],
@@ -170,6 +216,8 @@ class Statistics:
         for k, v in tensors.items():
             if k.startswith("batch_"):
                 self.batch_sums[k[6:]] = v
+            elif k.startswith("diag_"):
+                self.diag[int(k[5:])] = v
             elif k == "counts":
                 self.num_batches, self.count, self.num_utterances, self.num_frames = (int(x) for x in v.tolist())
             else:
@@ -180,33 +228,52 @@ def _add(current: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value if current is None else current + value
 
 
-def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSettings,
-           pooled: torch.Tensor | None = None) -> None:
-    """Add one micro-batch's per-sample statistics (streamed and cosine measures).
+def _samples(states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSettings,
+             pooled: torch.Tensor | None) -> torch.Tensor:
+    """Streamed/cosine samples [L+1, N, D]: pooled utterances (mode U) or real frames (mode T)."""
+    if settings.sample_mode == "U":
+        return pooled if pooled is not None else pool(states, mask, pool_padding=settings.pool_padding)
+    keep = mask.reshape(-1).bool()
+    return torch.stack([s.reshape(-1, s.shape[-1])[keep].to(torch.float64) for s in states])
 
-    ``pooled`` ([L, B, D], from :func:`pool`) saves pooling twice in mode U.
+
+def _add_band(stats: Statistics, samples: torch.Tensor) -> None:
+    """Add ``samples`` [L+1, N, D] to the moment of the current band."""
+    a, b = stats.band
+    rows = samples[a:b].permute(1, 0, 2).reshape(samples.shape[1], -1)  # [N, band features]
+    cols = samples[a:].permute(1, 0, 2).reshape(samples.shape[1], -1)  # [N, features from the band on]
+    if stats.moment is None:
+        stats.moment = rows.T @ cols
+    else:
+        stats.moment.addmm_(rows.T, cols)
+
+
+def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSettings,
+           pooled: torch.Tensor | None = None, *, moment_bytes: float = MOMENT_MEMORY_GB * 2**30) -> None:
+    """Add one micro-batch's per-sample statistics (streamed and cosine measures) in the first pass.
+
+    ``pooled`` ([L, B, D], from :func:`pool`) saves pooling twice in mode U;
+    ``moment_bytes`` bounds the streamed measures' moment (:func:`plan_bands`).
     """
     want = set(settings.measures)
     if not want & set(STREAMED + PER_SAMPLE):
         return
-    if settings.sample_mode == "U":
-        samples = pooled if pooled is not None else pool(states, mask, pool_padding=settings.pool_padding)
-    else:
-        keep = mask.reshape(-1).bool()
-        samples = torch.stack([s.reshape(-1, s.shape[-1])[keep].to(torch.float64) for s in states])
+    samples = _samples(states, mask, settings, pooled)
     stats.dims = [s.shape[-1] for s in states]
     stats.count += samples.shape[1]
     if want & set(STREAMED):
-        flat = samples.permute(1, 0, 2).reshape(samples.shape[1], -1)  # [N, F]
-        stats.first = _add(stats.first, flat.sum(0))
-        if stats.second is None:
-            stats.second = flat.T @ flat
-        else:
-            stats.second.addmm_(flat.T, flat)
+        if stats.band is None:
+            stats.band = plan_bands(stats.dims, moment_bytes)[0]
+        stats.first = _add(stats.first, samples.permute(1, 0, 2).reshape(samples.shape[1], -1).sum(0))
+        _add_band(stats, samples)
+        for layer in range(stats.band[1], len(stats.dims)):
+            x = samples[layer]
+            stats.diag[layer] = x.T @ x if layer not in stats.diag else stats.diag[layer].addmm_(x.T, x)
     if want & set(PER_SAMPLE):
         cos, ang = M.cosine_sums(samples)
         stats.cos_sum = _add(stats.cos_sum, cos)
         stats.ang_sum = _add(stats.ang_sum, ang)
+
 
 
 def update_per_batch(stats: Statistics, vectors: torch.Tensor, settings: MeasureSettings) -> None:
@@ -222,24 +289,63 @@ def update_per_batch(stats: Statistics, vectors: torch.Tensor, settings: Measure
     stats.num_batches += 1
 
 
+def _check_streamed(stats: Statistics, settings: MeasureSettings) -> None:
+    if "pwcca" in settings.measures and stats.count < max(stats.dims):
+        raise ComflpError(f"pwcca needs at least as many samples as features per layer: {stats.count} "
+                          f"sample(s) < {max(stats.dims)} features; measure more utterances or use "
+                          "--svcca_mode T (frames as samples)")
+    if "svcca" in settings.measures and stats.count < 2 * max(stats.dims):
+        log.warning("svcca from %d samples of %d features per layer: canonical correlations are biased "
+                    "towards 1 with so few samples; measure more utterances or use mode T (frames)",
+                    stats.count, max(stats.dims))
+
+
+def finish_band(stats: Statistics, settings: MeasureSettings) -> None:
+    """Turn the complete (all-reduced) moment of the current band into pair values, and free it.
+
+    Centred cross moments are ``C_ij = S_ij - n m_i m_j^T`` (S: uncentred sum, m: means, n: samples).
+    The first call also computes every layer's side of each measure (:func:`comflp.measures.layer_side`).
+    """
+    blk = M.layer_slices(stats.dims)
+    mean = stats.first / stats.count
+    a, b = stats.band
+    off = blk[a].start
+    streamed = [m for m in settings.measures if m in STREAMED]
+
+    def centred(i: int, j: int) -> torch.Tensor:  # C_ij for i in the band, j >= a
+        rows = slice(blk[i].start - off, blk[i].stop - off)
+        cols = slice(blk[j].start - off, blk[j].stop - off)
+        return stats.moment[rows, cols] - stats.count * torch.outer(mean[blk[i]], mean[blk[j]])
+
+    if not stats.sides:
+        _check_streamed(stats, settings)
+        own = {i: centred(i, i) for i in range(a, b)}
+        own.update({i: d - stats.count * torch.outer(mean[blk[i]], mean[blk[i]]) for i, d in stats.diag.items()})
+        stats.diag = {}
+        for name in streamed:
+            stats.sides[name] = [M.layer_side(own[i], name, thre=settings.thre, mean=mean[blk[i]])
+                                 for i in range(len(stats.dims))]
+            stats.pairs[name] = torch.eye(len(stats.dims), dtype=torch.float64)
+    for i in range(a, b):
+        for j in range(i + 1, len(stats.dims)):
+            c12 = centred(i, j)
+            for name in streamed:
+                sides = stats.sides[name]
+                value = M.pair_value(name, sides[i], sides[j], c12, count=stats.count)
+                stats.pairs[name][i, j] = stats.pairs[name][j, i] = value
+    stats.moment = None
+
+
 def finalize(stats: Statistics, settings: MeasureSettings) -> dict[str, torch.Tensor]:
-    """Matrices [L+1, L+1] float64 from (all-reduced) statistics."""
+    """Matrices [L+1, L+1] float64 from (all-reduced) statistics; every band finished."""
+    if stats.moment is not None:
+        finish_band(stats, settings)
     out: dict[str, torch.Tensor] = {}
     for name in settings.measures:
         if name in PER_BATCH:
             out[name] = stats.batch_sums[name] / stats.num_batches
         elif name in STREAMED:
-            mean = stats.first / stats.count
-            cov = stats.second - stats.count * torch.outer(mean, mean)
-            if name == "pwcca" and stats.count < max(stats.dims):
-                raise ComflpError(f"pwcca needs at least as many samples as features per layer: {stats.count} "
-                                  f"sample(s) < {max(stats.dims)} features; measure more utterances or use "
-                                  "--svcca_mode T (frames as samples)")
-            if name == "svcca" and stats.count < 2 * max(stats.dims):
-                log.warning("svcca from %d samples of %d features per layer: canonical correlations are biased "
-                            "towards 1 with so few samples; measure more utterances or use mode T (frames)",
-                            stats.count, max(stats.dims))
-            out[name] = M.matrix_from_cov(cov, stats.dims, name, thre=settings.thre, mean=mean, count=stats.count)
+            out[name] = stats.pairs[name]
         else:
             s = stats.cos_sum if name == "cosine" else stats.ang_sum
             m = s / stats.count if name == "cosine" else 1.0 - s / stats.count
@@ -266,13 +372,31 @@ def select_utterances(utts: Sequence[Utterance], settings: MeasureSettings) -> l
     return [utts[i] for i in order[:need]]
 
 
+def _reduce(stats: Statistics, accelerator, *, moment_only: bool = False) -> None:
+    """Sum the statistics over processes (after a later pass only its band's moment is new) and move them to the CPU."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        tensors = {"moment": stats.moment} if moment_only else stats.tensors()
+        reduced = accelerator.reduce({k: v.to(accelerator.device) for k, v in tensors.items()}, reduction="sum")
+        stats.load_tensors({k: v.cpu() for k, v in reduced.items()})
+    for name in ("first", "moment", "cos_sum", "ang_sum"):
+        if getattr(stats, name) is not None:
+            setattr(stats, name, getattr(stats, name).cpu())
+    stats.batch_sums = {k: v.cpu() for k, v in stats.batch_sums.items()}
+    stats.diag = {k: v.cpu() for k, v in stats.diag.items()}
+
+
 @torch.inference_mode()
 def collect(model, feature_extractor, utts: Sequence[Utterance], settings: MeasureSettings, *,
-            accelerator=None, progress: bool = True) -> tuple[dict[str, torch.Tensor], Statistics]:
+            accelerator=None, progress: bool = True,
+            moment_memory_gb: float = MOMENT_MEMORY_GB) -> tuple[dict[str, torch.Tensor], Statistics]:
     """Run the model over the selected utterances and return all requested matrices.
 
     ``accelerator`` (an ``accelerate.Accelerator``) shards the batches over
     processes and all-reduces the statistics; None runs in this process only.
+    ``moment_memory_gb`` bounds the streamed measures' second moment: when the
+    [F, F] moment of all (L+1) x D features does not fit, it is accumulated one
+    layer band per pass over the same utterances (:func:`plan_bands`), giving
+    the same matrices at the cost of more forward passes.
     """
     settings.validate()
     sr = int(feature_extractor.sampling_rate)
@@ -285,6 +409,8 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
                     len(short), 1000 * least / sr, ", ".join(u.utt_id for u in short[:3]))
     if not usable:
         raise ComflpError("no utterance is long enough to give the model one frame")
+    if moment_memory_gb <= 0:
+        raise ComflpError(f"--moment_memory_gb must be positive, not {moment_memory_gb}")
     chosen = select_utterances(usable, settings)
     per_batch = settings.batch_size * settings.accum_batch
     batches = [chosen[i: i + per_batch] for i in range(0, len(chosen), per_batch)]
@@ -293,34 +419,42 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         raise ComflpError(f"{len(batches)} batch(es) cannot be shared by {world} processes: raise --iter_num")
     mine = batches[rank::world]
     device = next(model.parameters()).device
-    stats = Statistics(num_layers=len(encoder_layers(model)) + 1)
-    with capture_layer_states(model) as states:
-        for group in tqdm(mine, desc="measuring", unit="batch", disable=not progress or rank != 0):
-            vectors = []
-            for start in range(0, len(group), settings.batch_size):
-                batch = collate(group[start: start + settings.batch_size], feature_extractor).to(device)
-                forward(model, batch.input_values, batch.attention_mask, pad_audio=settings.pad_audio)
-                mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
-                stats.num_utterances += mask.shape[0]
-                stats.num_frames += int(mask.sum())
-                pooled = pool(states, mask, pool_padding=settings.pool_padding)
-                vectors.append(flatten_sequences(states, mask) if settings.dc_mode == "seq" else pooled)
-                update(stats, states, mask, settings, pooled)
-            if set(PER_BATCH) & set(settings.measures):
-                if settings.dc_mode == "seq":
-                    width = min(v.shape[-1] for v in vectors)
-                    vectors = [v[..., :width] for v in vectors]
-                update_per_batch(stats, torch.cat(vectors, dim=1).cpu(), settings)
-    if accelerator is not None and world > 1:
-        tensors = {k: v.to(accelerator.device) for k, v in stats.tensors().items()}
-        reduced = accelerator.reduce(tensors, reduction="sum")
-        stats.load_tensors({k: v.cpu() for k, v in reduced.items()})
-    return finalize(_to_cpu(stats), settings), stats
+    budget = moment_memory_gb * 2**30
+    stats = Statistics()
 
+    def one_pass(desc: str, first_pass: bool) -> None:
+        with capture_layer_states(model) as states:
+            for group in tqdm(mine, desc=desc, unit="batch", disable=not progress or rank != 0):
+                vectors = []
+                for start in range(0, len(group), settings.batch_size):
+                    batch = collate(group[start: start + settings.batch_size], feature_extractor).to(device)
+                    forward(model, batch.input_values, batch.attention_mask, pad_audio=settings.pad_audio)
+                    mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
+                    if not first_pass:
+                        _add_band(stats, _samples(states, mask, settings, None))
+                        continue
+                    stats.num_utterances += mask.shape[0]
+                    stats.num_frames += int(mask.sum())
+                    pooled = pool(states, mask, pool_padding=settings.pool_padding)
+                    vectors.append(flatten_sequences(states, mask) if settings.dc_mode == "seq" else pooled)
+                    update(stats, states, mask, settings, pooled, moment_bytes=budget)
+                if first_pass and set(PER_BATCH) & set(settings.measures):
+                    if settings.dc_mode == "seq":
+                        width = min(v.shape[-1] for v in vectors)
+                        vectors = [v[..., :width] for v in vectors]
+                    update_per_batch(stats, torch.cat(vectors, dim=1).cpu(), settings)
 
-def _to_cpu(stats: Statistics) -> Statistics:
-    for name in ("first", "second", "cos_sum", "ang_sum"):
-        if getattr(stats, name) is not None:
-            setattr(stats, name, getattr(stats, name).cpu())
-    stats.batch_sums = {k: v.cpu() for k, v in stats.batch_sums.items()}
-    return stats
+    one_pass("measuring", first_pass=True)
+    _reduce(stats, accelerator)
+    if stats.band is not None:
+        bands = plan_bands(stats.dims, budget)
+        if len(bands) > 1:
+            log.info("the %d x %d moment exceeds --moment_memory_gb %g: %d passes over the data, one layer band "
+                     "each", sum(stats.dims), sum(stats.dims), moment_memory_gb, len(bands))
+        finish_band(stats, settings)
+        for k, band in enumerate(bands[1:], 2):
+            stats.band = band
+            one_pass(f"measuring (pass {k}/{len(bands)}, layers {band[0]}-{band[1] - 1})", first_pass=False)
+            _reduce(stats, accelerator, moment_only=True)
+            finish_band(stats, settings)
+    return finalize(stats, settings), stats

@@ -358,6 +358,58 @@ def angular_matrix(stack: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def layer_side(c: torch.Tensor, measure: str, *, thre: float = 0.99, mean: torch.Tensor | None = None):
+    """What a covariance measure needs of one layer, from its centred second moment c [D, D].
+
+    cka: ``||C||_F``; svcca: the whitening of the reduced set, ``W = U_k (U_k^T C U_k)^{-1/2}``
+    [D, k]; pwcca: google's per-side quantities (:class:`_PwccaSide`, needs the layer's ``mean`` [D]).
+    Computed once per layer, so a pair of layers costs one small SVD (:func:`pair_value`).
+    """
+    if measure == "cka":
+        return torch.linalg.matrix_norm(c)
+    if measure == "svcca":
+        u = _svd_reduction(c, thre)
+        w, _ = _inv_sqrt(u.T @ c @ u)
+        return u @ w
+    if measure == "pwcca":
+        if mean is None:
+            raise ValueError("pwcca needs the features' mean")
+        return _pwcca_side(c, mean, PWCCA_EPSILON)
+    raise ValueError(f"not a covariance measure: {measure}")
+
+
+def pair_value(measure: str, side_i, side_j, c12: torch.Tensor, *, count: int | None = None) -> float:
+    """The measure of layers i and j from their :func:`layer_side` and centred cross moment c12 [D_i, D_j].
+
+    cka: ``||C12||_F^2 / (||C11||_F ||C22||_F)``; svcca: mean singular value of ``W_i^T C12 W_j``;
+    pwcca: google's weighted mean (:func:`pwcca_from_moments`; needs the sample ``count``).
+    """
+    if measure == "cka":
+        den = side_i * side_j
+        return float(torch.linalg.matrix_norm(c12) ** 2 / den) if float(den) > 0 else 0.0
+    if measure == "svcca":
+        if side_i.shape[1] == 0 or side_j.shape[1] == 0:
+            return 0.0
+        return float(torch.linalg.svdvals(side_i.T @ c12 @ side_j).clamp(0.0, 1.0).mean())
+    if measure == "pwcca":
+        if count is None:
+            raise ValueError("pwcca needs the sample count")
+        return _pwcca_pair(side_i, side_j, c12, count)
+    raise ValueError(f"not a covariance measure: {measure}")
+
+
+def layer_slices(dims: list[int]) -> list[slice]:
+    """The feature columns of each layer when the layers' features sit side by side.
+
+    >>> layer_slices([2, 3])
+    [slice(0, 2, None), slice(2, 5, None)]
+    """
+    offsets = [0]
+    for d in dims:
+        offsets.append(offsets[-1] + d)
+    return [slice(offsets[i], offsets[i + 1]) for i in range(len(dims))]
+
+
 def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: float = 0.99,
                     mean: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
     """All-pairs SVCCA / PWCCA / CKA matrix from the covariance of the concatenated layers.
@@ -366,43 +418,15 @@ def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: f
     features side by side; dims: the feature width of each layer. PWCCA also
     needs the features' ``mean`` [sum(dims)] and the sample ``count``; entry
     (i, j), i < j, is ``pwcca(layer i, layer j)`` (layer i weights on a tie
-    of kept neurons), mirrored.
-    Per-layer decompositions (SVD reduction, whitening) are computed once,
-    so a pair costs one small SVD.
+    of kept neurons), mirrored. See :func:`layer_side` and :func:`pair_value`.
     """
-    offsets = [0]
-    for d in dims:
-        offsets.append(offsets[-1] + d)
-    blk = [slice(offsets[i], offsets[i + 1]) for i in range(len(dims))]
+    if measure == "pwcca" and (mean is None or count is None):
+        raise ValueError("pwcca needs the features' mean and the sample count")
+    blk = layer_slices(dims)
     n = len(dims)
     out = torch.eye(n, dtype=torch.float64)
-    if measure == "cka":
-        norms = [torch.linalg.matrix_norm(cov[b, b]) for b in blk]
-    elif measure == "svcca":
-        # reduce each layer, then whiten the reduced set: W_i = U_i (U_i^T C U_i)^{-1/2}
-        whiten = []
-        for b in blk:
-            u = _svd_reduction(cov[b, b], thre)
-            w, _ = _inv_sqrt(u.T @ cov[b, b] @ u)
-            whiten.append(u @ w)
-    elif measure == "pwcca":
-        if mean is None or count is None:
-            raise ValueError("pwcca needs the features' mean and the sample count")
-        sides = [_pwcca_side(cov[b, b], mean[b], PWCCA_EPSILON) for b in blk]
-    else:
-        raise ValueError(f"not a covariance measure: {measure}")
+    sides = [layer_side(cov[b, b], measure, thre=thre, mean=None if mean is None else mean[b]) for b in blk]
     for i in range(n):
         for j in range(i + 1, n):
-            c12 = cov[blk[i], blk[j]]
-            if measure == "cka":
-                den = norms[i] * norms[j]
-                value = float(torch.linalg.matrix_norm(c12) ** 2 / den) if float(den) > 0 else 0.0
-            elif measure == "svcca":
-                if whiten[i].shape[1] == 0 or whiten[j].shape[1] == 0:
-                    value = 0.0
-                else:
-                    value = float(torch.linalg.svdvals(whiten[i].T @ c12 @ whiten[j]).clamp(0.0, 1.0).mean())
-            else:
-                value = _pwcca_pair(sides[i], sides[j], c12, count)
-            out[i, j] = out[j, i] = value
+            out[i, j] = out[j, i] = pair_value(measure, sides[i], sides[j], cov[blk[i], blk[j]], count=count)
     return out

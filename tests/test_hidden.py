@@ -16,7 +16,7 @@ from comflp import measures as M
 from comflp.analysis import load_npz
 from comflp.errors import ComflpError
 from comflp.data import collate, read_corpus_dir
-from comflp.hidden import MeasureSettings, capture_layer_states, collect, select_utterances
+from comflp.hidden import MeasureSettings, capture_layer_states, collect, plan_bands, select_utterances
 
 from conftest import make_corpus, save_plain, tiny_model, tiny_processor
 
@@ -95,6 +95,33 @@ def test_streamed_pwcca_equals_in_memory(setup) -> None:
             assert got["pwcca"][i, j] == pytest.approx(M.pwcca(frames[i], frames[j]), abs=1e-6)
 
 
+def test_banded_moment_equals_the_whole_moment(setup) -> None:
+    """A moment too big for its memory budget is built one layer band per pass: same matrices, more passes."""
+    _, fe, utts, _, _ = setup
+    model = tiny_model("wav2vec2-stable", seed=3)
+    settings = MeasureSettings(measures=("svcca", "pwcca", "cka", "cosine"), batch_size=3, iter_num=4,
+                               sample_mode="T")
+    calls = [0]
+    handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    whole, _ = collect(model, fe, utts, settings, progress=False)
+    single_pass = calls[0]
+    dims = [model.config.hidden_size] * (model.config.num_hidden_layers + 1)
+    budget = 8 * 2 * dims[0] * sum(dims) / 2**30  # two layers' rows against every column: several bands
+    calls[0] = 0
+    banded, stats = collect(model, fe, utts, settings, progress=False, moment_memory_gb=budget)
+    handle.remove()
+    passes = len(plan_bands(dims, budget * 2**30))
+    assert passes >= 3 and calls[0] == passes * single_pass
+    for name in settings.measures:
+        torch.testing.assert_close(banded[name], whole[name], rtol=0, atol=1e-9, msg=name)
+    _, frames, _ = _in_memory(model, fe, utts, settings)  # and both equal the in-memory computation
+    for i, j in [(0, 1), (0, len(dims) - 1), (2, 4)]:
+        assert banded["svcca"][i, j] == pytest.approx(float(M.svcca(frames[i], frames[j]).mean()), abs=1e-6)
+        assert banded["pwcca"][i, j] == pytest.approx(M.pwcca(frames[i], frames[j]), abs=1e-6)
+        assert banded["cka"][i, j] == pytest.approx(M.linear_cka(frames[i], frames[j]), abs=1e-6)
+    assert stats.moment is None  # freed
+
+
 def test_pwcca_over_too_few_utterances_is_refused(setup) -> None:
     model, fe, utts, _, _ = setup
     settings = MeasureSettings(measures=("pwcca",), batch_size=3, iter_num=4, sample_mode="U")
@@ -143,13 +170,15 @@ def test_two_processes_equal_one(setup, tmp_path: Path) -> None:
     _, _, _, corpus, model_dir = setup
     args = ["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "2", "--iter_num", "4",
             "--measures", "dc,svcca,cka,cosine", "--svcca_mode", "T", "--no_plot", "--quiet"]
+    # the two processes also build the moment in bands (3 passes), all-reducing each band
+    banded = ["--moment_memory_gb", str(8 * 2 * 32 * 7 * 32 / 2**30)]
     one = _run([sys.executable, "-m", "comflp", "measure", *args, "--dump_dir", str(tmp_path / "one"),
                 "--output", str(tmp_path / "one.npz")])
     assert one.returncode == 0, one.stderr
     accelerate = Path(sys.executable).parent / "accelerate"
     # accelerate's torchrun route; on a CPU-only machine comflp makes it gloo on the CPU
     two = _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "comflp", "measure", *args,
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "comflp", "measure", *args, *banded,
                 "--dump_dir", str(tmp_path / "two"), "--output", str(tmp_path / "two.npz")])
     assert two.returncode == 0, two.stderr[-3000:]
     m1, meta1 = load_npz(tmp_path / "one.npz")
