@@ -23,7 +23,7 @@ from .errors import ComflpError, exit_on_error
 from .hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings, collect
 from .logs import setup_logging
 from .model import load_model, num_layers
-from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_float, positive_int,
+from .options import (ArgumentParser, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, positive_float, positive_int,
                       read_corpus,
                       resolve_device)
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
@@ -50,6 +50,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     add_pad_audio(p)
     add_device(p)
     add_overwrite(p, "matrix file or heatmap")
+    add_threads(p)
     p.add_argument("--moment_memory_gb", type=positive_float, default=MOMENT_MEMORY_GB,
                    help="memory for the second moment of SVCCA/PWCCA/CKA, (L+1)D x (L+1)D float64; when it does not "
                         "fit, the moment is built one band of layers per pass over the same utterances (same "
@@ -77,6 +78,7 @@ def _accelerator():
 def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, np.ndarray], dict] | None:
     """Load, measure, return (matrices, metadata) on process 0 (None on the others)."""
     settings.validate()
+    apply_threads(args.threads)
     accelerator = _accelerator()
     is_main = accelerator is None or accelerator.is_main_process
     setup_logging(Path(args.dump_dir) / "measure.log" if is_main else None)

@@ -72,11 +72,22 @@ def scatter(x: list[float], y: list[float], path: str | os.PathLike, *, xlabel: 
 
 
 def curves(series: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike, *, xlabel: str,
-           ylabel: str, title: str = "", hlines: dict[str, float] | None = None) -> Path:
-    """Line plot of named (x, y) series, e.g. dev CER per epoch, with optional named reference lines."""
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+           ylabel: str, title: str = "", hlines: dict[str, float] | None = None, loglog: bool = False,
+           styles: dict[str, dict] | None = None) -> Path:
+    """Line plot of named (x, y) series, e.g. dev CER per epoch, with optional named reference lines.
+
+    ``loglog``: both axes logarithmic, ticks at the x values; ``styles``: extra matplotlib line
+    options per series name (e.g. a dashed line for extrapolated values).
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 4) if loglog else (4.5, 3.5))
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.plot(xs, ys, **{"marker": "o", "ms": 3, "label": name, **(styles or {}).get(name, {})})
+    if loglog:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ticks = sorted({x for xs, _ in series.values() for x in xs})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.grid(True, which="both", alpha=0.3)
     for name, y in (hlines or {}).items():
         ax.axhline(y, ls="--", lw=1, color="gray", label=name)
     ax.set_xlabel(xlabel)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
+from .data import AudioBatch, Utterance, collate_waves, iter_batches, length_sorted_batches, load_audio
 from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
@@ -111,9 +111,14 @@ class FineSearch:
         check_decodable(self.loaded.model, self.utts, self.loaded.sampling_rate)
         report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer, what="fine-search references")
         self.device = next(self.loaded.model.parameters()).device
-        groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
-        self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
+        # audio is loaded once: GLP and races decode the same utterances many times
+        self._waves = {u.utt_id: load_audio(u.path, self.loaded.sampling_rate, utt_id=u.utt_id) for u in self.utts}
+        self._batches: list[AudioBatch] = self._collate(self.utts)
         self.num_layers = len(encoder_layers(self.loaded.model))
+
+    def _collate(self, utts: Sequence[Utterance]) -> list[AudioBatch]:
+        return [collate_waves(g, [self._waves[u.utt_id] for u in g], self.loaded.feature_extractor)
+                for g in length_sorted_batches(utts, batch_size=self.batch_size)]
 
     def _evaluate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
@@ -174,7 +179,7 @@ class FineSearch:
         The utterances are batched among themselves (length-sorted, ``batch_size``); the hypotheses do not
         depend on that batching unless ``pad_audio``.
         """
-        batches = [collate(g, self.loaded.feature_extractor) for g in length_sorted_batches(utts, batch_size=self.batch_size)]
+        batches = self._collate(utts)
         return [[h[u.utt_id] for u in utts] for h in self._decode(pruned_sets, batches)]
 
     def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
@@ -327,15 +332,28 @@ def race(fine: FineSearch, candidates: Sequence[Candidate], *, confidence: float
 
 @dataclass(frozen=True)
 class GLPResult:
-    """Greedy layer pruning: the set after each step with its error rate."""
+    """Greedy layer pruning: the set after each step with its error rate (fewer than K steps if stopped early)."""
 
     path: list[Candidate]
     seconds: float
     evaluations: int
 
 
-def greedy_layer_pruning(fine: FineSearch, k: int, *, progress: bool = True) -> GLPResult:
-    """The paper's baseline: K steps, each removing the layer whose removal gives the lowest error rate."""
+def glp_evaluations(num_layers: int, k: int) -> int:
+    """Candidate evaluations of a full GLP run: L + (L - 1) + ... + (L - K + 1).
+
+    >>> glp_evaluations(12, 6), glp_evaluations(24, 12)
+    (57, 222)
+    """
+    return k * num_layers - k * (k - 1) // 2
+
+
+def greedy_layer_pruning(fine: FineSearch, k: int, *, progress: bool = True,
+                         max_seconds: float | None = None) -> GLPResult:
+    """The paper's baseline: K steps, each removing the layer whose removal gives the lowest error rate.
+
+    ``max_seconds`` stops after the first step that ends past that time (for benchmarks that extrapolate).
+    """
     if not 0 < k < fine.num_layers:
         raise ComflpError(f"cannot prune {k} of {fine.num_layers} layers: need 0 < K < {fine.num_layers}")
     start = time.perf_counter()
@@ -351,4 +369,6 @@ def greedy_layer_pruning(fine: FineSearch, k: int, *, progress: bool = True) -> 
         pruned = trials[best]
         path.append(Candidate(pruned, None, rates[best].rate))
         log.info("GLP step %d: prune %s -> CER %.2f%%", step, pruned, 100 * rates[best].rate)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
     return GLPResult(path, time.perf_counter() - start, evaluations)
