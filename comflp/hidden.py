@@ -317,22 +317,23 @@ def finish_band(stats: Statistics, settings: MeasureSettings) -> None:
         cols = slice(blk[j].start - off, blk[j].stop - off)
         return stats.moment[rows, cols] - stats.count * torch.outer(mean[blk[i]], mean[blk[j]])
 
-    if not stats.sides:
-        _check_streamed(stats, settings)
-        own = {i: centred(i, i) for i in range(a, b)}
-        own.update({i: d - stats.count * torch.outer(mean[blk[i]], mean[blk[i]]) for i, d in stats.diag.items()})
-        stats.diag = {}
-        for name in streamed:
-            stats.sides[name] = [M.layer_side(own[i], name, thre=settings.thre, mean=mean[blk[i]])
-                                 for i in range(len(stats.dims))]
-            stats.pairs[name] = torch.eye(len(stats.dims), dtype=torch.float64)
-    for i in range(a, b):
-        for j in range(i + 1, len(stats.dims)):
-            c12 = centred(i, j)
+    with M.numpy_threads_like_torch():  # PWCCA's numpy maths: as many BLAS threads as torch's
+        if not stats.sides:
+            _check_streamed(stats, settings)
+            own = {i: centred(i, i) for i in range(a, b)}
+            own.update({i: d - stats.count * torch.outer(mean[blk[i]], mean[blk[i]]) for i, d in stats.diag.items()})
+            stats.diag = {}
             for name in streamed:
-                sides = stats.sides[name]
-                value = M.pair_value(name, sides[i], sides[j], c12, count=stats.count)
-                stats.pairs[name][i, j] = stats.pairs[name][j, i] = value
+                stats.sides[name] = [M.layer_side(own[i], name, thre=settings.thre, mean=mean[blk[i]])
+                                     for i in range(len(stats.dims))]
+                stats.pairs[name] = torch.eye(len(stats.dims), dtype=torch.float64)
+        for i in range(a, b):
+            for j in range(i + 1, len(stats.dims)):
+                c12 = centred(i, j)
+                for name in streamed:
+                    sides = stats.sides[name]
+                    value = M.pair_value(name, sides[i], sides[j], c12, count=stats.count)
+                    stats.pairs[name][i, j] = stats.pairs[name][j, i] = value
     stats.moment = None
 
 

@@ -38,7 +38,9 @@ and degenerate covariances are pseudo-inverted.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,6 +208,28 @@ class _PwccaSide:
     mean: np.ndarray
 
 
+_BLAS = None
+
+
+@contextlib.contextmanager
+def numpy_threads_like_torch() -> Iterator[None]:
+    """Within the block, numpy's BLAS uses as many threads as torch (``--threads``).
+
+    PWCCA must run its SVD in numpy to reproduce google's definition, whose
+    result depends on the SVD's sign convention (the means are added back to
+    the canonical directions), so torch's SVD is not a substitute. Left alone,
+    numpy's OpenBLAS starts a thread per core beside torch's; next to another
+    busy process that measured 18x slower per 512-wide pair.
+    """
+    global _BLAS
+    from threadpoolctl import ThreadpoolController
+
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    with _BLAS.limit(limits=torch.get_num_threads(), user_api="blas"):
+        yield
+
+
 def _as_numpy(t) -> np.ndarray:
     return np.asarray(t.detach().cpu().double().numpy() if torch.is_tensor(t) else t, dtype=np.float64)
 
@@ -271,7 +295,8 @@ def pwcca_from_moments(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor, 
     the absolute value ignores). Needs n >= the smaller side's kept neurons,
     as google's does.
     """
-    return _pwcca_pair(_pwcca_side(c11, mean1, epsilon), _pwcca_side(c22, mean2, epsilon), c12, n)
+    with numpy_threads_like_torch():
+        return _pwcca_pair(_pwcca_side(c11, mean1, epsilon), _pwcca_side(c22, mean2, epsilon), c12, n)
 
 
 def cka_from_cov(c11: torch.Tensor, c12: torch.Tensor, c22: torch.Tensor) -> float:
@@ -425,8 +450,9 @@ def matrix_from_cov(cov: torch.Tensor, dims: list[int], measure: str, *, thre: f
     blk = layer_slices(dims)
     n = len(dims)
     out = torch.eye(n, dtype=torch.float64)
-    sides = [layer_side(cov[b, b], measure, thre=thre, mean=None if mean is None else mean[b]) for b in blk]
-    for i in range(n):
-        for j in range(i + 1, n):
-            out[i, j] = out[j, i] = pair_value(measure, sides[i], sides[j], cov[blk[i], blk[j]], count=count)
+    with numpy_threads_like_torch():
+        sides = [layer_side(cov[b, b], measure, thre=thre, mean=None if mean is None else mean[b]) for b in blk]
+        for i in range(n):
+            for j in range(i + 1, n):
+                out[i, j] = out[j, i] = pair_value(measure, sides[i], sides[j], cov[blk[i], blk[j]], count=count)
     return out
