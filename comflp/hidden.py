@@ -13,10 +13,11 @@ One forward pass per batch feeds all measures:
   paper's DC;
 - streamed measures (``svcca``, ``pwcca``, ``cka``) from the running sum and
   second moment of all layers' features side by side, so mode T can use every
-  frame of thousands of utterances at fixed memory: [F, F] float64 with
-  F = (L+1) x D, or, when that exceeds ``moment_memory_gb``, one band of
-  layers' rows per pass over the same utterances (:func:`plan_bands`), each
-  band's pairs reduced to values as soon as it is complete;
+  frame of thousands of utterances at fixed memory: the upper triangle of the
+  [F, F] float64 moment with F = (L+1) x D, or, when that exceeds
+  ``moment_memory_gb``, one band of layers' rows per pass over the same
+  utterances (:func:`plan_bands`), each band's pairs reduced to values as
+  soon as it is complete;
 - ``cosine`` and ``angular`` from running per-pair sums.
 
 Samples for streamed and cosine measures are utterances (mode ``U``, pooled)
@@ -143,32 +144,30 @@ class MeasureSettings:
         return self.batch_size * self.accum_batch * self.iter_num
 
 
-MOMENT_MEMORY_GB = 1.0
+MOMENT_MEMORY_GB = 0.5
+SAMPLE_CHUNK = 1024  # samples per product: bounds the float64 copies of one micro-batch's rows and columns
 
 
 def plan_bands(dims: Sequence[int], budget_bytes: float) -> list[tuple[int, int]]:
-    """Layer bands ``[a, b)`` whose float64 cross moments fit in ``budget_bytes`` each.
+    """Layer bands ``[a, b)``, one per pass over the data, whose float64 moments fit in ``budget_bytes`` each.
 
-    A band's moment holds the rows of layers a..b-1 against the columns of
-    layers a..L (every pair (i, j), i <= j, once over all bands):
-    ``sum(dims[a:b]) x sum(dims[a:])`` float64. A band always holds at least
-    one layer. When the whole [F, F] moment fits, the one band is ``(0, L+1)``.
+    A band holds, for each layer i in a..b-1, the moment of layer i against
+    layers i..L (``dims[i] x sum(dims[i:])`` float64): the upper triangle of
+    the joint moment, every pair (i, j), i <= j, once over all bands. A band
+    always holds at least one layer.
 
     >>> plan_bands([4] * 5, 1e9)
     [(0, 5)]
-    >>> plan_bands([4] * 5, 8 * 8 * 20)  # rows of 2 layers x 20 columns, then 3 layers x 12
+    >>> plan_bands([4] * 5, 8 * 4 * (20 + 16))  # layers 0-1 (20 + 16 columns), then 2-4 (12 + 8 + 4)
     [(0, 2), (2, 5)]
     """
     n = len(dims)
-    total = sum(dims)
-    if 8.0 * total * total <= budget_bytes:
-        return [(0, n)]
+    row_bytes = [8.0 * dims[i] * sum(dims[i:]) for i in range(n)]
     bands, a = [], 0
     while a < n:
-        cols = sum(dims[a:])
-        b, rows = a + 1, dims[a]
-        while b < n and 8.0 * (rows + dims[b]) * cols <= budget_bytes:
-            rows += dims[b]
+        b, size = a + 1, row_bytes[a]
+        while b < n and size + row_bytes[b] <= budget_bytes:
+            size += row_bytes[b]
             b += 1
         bands.append((a, b))
         a = b
@@ -180,8 +179,8 @@ class Statistics:
     """Running sums; everything is float64 and additive over batches and processes.
 
     The streamed measures' second moment is held one layer band at a time
-    (:func:`plan_bands`): ``moment`` [rows of ``band``, columns from the band's
-    first layer on], uncentred. The first pass also sums every layer's own
+    (:func:`plan_bands`): ``moment[k]`` is layer ``band[0] + k`` against the
+    layers from it on, [D, sum of their D], uncentred. The first pass also sums every layer's own
     moment outside the first band (``diag``), from which each layer's side of
     the measures is computed once; a band's pairs are turned into values as
     soon as the band is complete (``pairs``), and the band's moment is freed.
@@ -193,7 +192,7 @@ class Statistics:
     count: int = 0  # samples in the streamed/cosine sums
     first: torch.Tensor | None = None  # [F]
     band: tuple[int, int] | None = None
-    moment: torch.Tensor | None = None  # [rows of band, F - band start]
+    moment: list[torch.Tensor] | None = None  # per layer i of the band: [D_i, D_i + ... + D_L]
     diag: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [D, D], layers outside the first band
     cos_sum: torch.Tensor | None = None
     ang_sum: torch.Tensor | None = None
@@ -205,7 +204,8 @@ class Statistics:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"batch_{k}": v for k, v in self.batch_sums.items()}
         out.update({f"diag_{k}": v for k, v in self.diag.items()})
-        for name in ("first", "moment", "cos_sum", "ang_sum"):
+        out.update({f"moment_{k}": v for k, v in enumerate(self.moment or [])})
+        for name in ("first", "cos_sum", "ang_sum"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out["counts"] = torch.tensor([self.num_batches, self.count, self.num_utterances, self.num_frames],
@@ -218,6 +218,8 @@ class Statistics:
                 self.batch_sums[k[6:]] = v
             elif k.startswith("diag_"):
                 self.diag[int(k[5:])] = v
+            elif k.startswith("moment_"):
+                self.moment[int(k[7:])] = v
             elif k == "counts":
                 self.num_batches, self.count, self.num_utterances, self.num_frames = (int(x) for x in v.tolist())
             else:
@@ -240,12 +242,17 @@ def _samples(states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSe
 def _add_band(stats: Statistics, samples: torch.Tensor) -> None:
     """Add ``samples`` [L+1, N, D] to the moment of the current band."""
     a, b = stats.band
-    rows = samples[a:b].permute(1, 0, 2).reshape(samples.shape[1], -1)  # [N, band features]
-    cols = samples[a:].permute(1, 0, 2).reshape(samples.shape[1], -1)  # [N, features from the band on]
+    offsets = [0]
+    for d in stats.dims[a:]:
+        offsets.append(offsets[-1] + d)
     if stats.moment is None:
-        stats.moment = rows.T @ cols
-    else:
-        stats.moment.addmm_(rows.T, cols)
+        stats.moment = [torch.zeros(stats.dims[i], offsets[-1] - offsets[i - a], dtype=torch.float64,
+                                    device=samples.device) for i in range(a, b)]
+    for start in range(0, samples.shape[1], SAMPLE_CHUNK):
+        part = samples[:, start: start + SAMPLE_CHUNK]
+        cols = part[a:].permute(1, 0, 2).reshape(part.shape[1], -1)  # [n, features from the band on]
+        for k, i in enumerate(range(a, b)):
+            stats.moment[k].addmm_(part[i].T, cols[:, offsets[i - a]:])
 
 
 def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSettings,
@@ -264,7 +271,7 @@ def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, se
     if want & set(STREAMED):
         if stats.band is None:
             stats.band = plan_bands(stats.dims, moment_bytes)[0]
-        stats.first = _add(stats.first, samples.permute(1, 0, 2).reshape(samples.shape[1], -1).sum(0))
+        stats.first = _add(stats.first, samples.sum(1).reshape(-1))
         _add_band(stats, samples)
         for layer in range(stats.band[1], len(stats.dims)):
             x = samples[layer]
@@ -309,13 +316,12 @@ def finish_band(stats: Statistics, settings: MeasureSettings) -> None:
     blk = M.layer_slices(stats.dims)
     mean = stats.first / stats.count
     a, b = stats.band
-    off = blk[a].start
     streamed = [m for m in settings.measures if m in STREAMED]
 
-    def centred(i: int, j: int) -> torch.Tensor:  # C_ij for i in the band, j >= a
-        rows = slice(blk[i].start - off, blk[i].stop - off)
-        cols = slice(blk[j].start - off, blk[j].stop - off)
-        return stats.moment[rows, cols] - stats.count * torch.outer(mean[blk[i]], mean[blk[j]])
+    def centred(i: int, j: int) -> torch.Tensor:  # C_ij for i in the band, j >= i
+        off = blk[i].start
+        return (stats.moment[i - a][:, blk[j].start - off: blk[j].stop - off]
+                - stats.count * torch.outer(mean[blk[i]], mean[blk[j]]))
 
     with M.numpy_threads_like_torch():  # PWCCA's numpy maths: as many BLAS threads as torch's
         if not stats.sides:
@@ -376,12 +382,14 @@ def select_utterances(utts: Sequence[Utterance], settings: MeasureSettings) -> l
 def _reduce(stats: Statistics, accelerator, *, moment_only: bool = False) -> None:
     """Sum the statistics over processes (after a later pass only its band's moment is new) and move them to the CPU."""
     if accelerator is not None and accelerator.num_processes > 1:
-        tensors = {"moment": stats.moment} if moment_only else stats.tensors()
+        tensors = ({f"moment_{k}": v for k, v in enumerate(stats.moment)} if moment_only else stats.tensors())
         reduced = accelerator.reduce({k: v.to(accelerator.device) for k, v in tensors.items()}, reduction="sum")
         stats.load_tensors({k: v.cpu() for k, v in reduced.items()})
-    for name in ("first", "moment", "cos_sum", "ang_sum"):
+    for name in ("first", "cos_sum", "ang_sum"):
         if getattr(stats, name) is not None:
             setattr(stats, name, getattr(stats, name).cpu())
+    if stats.moment is not None:
+        stats.moment = [m.cpu() for m in stats.moment]
     stats.batch_sums = {k: v.cpu() for k, v in stats.batch_sums.items()}
     stats.diag = {k: v.cpu() for k, v in stats.diag.items()}
 
@@ -450,8 +458,8 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     if stats.band is not None:
         bands = plan_bands(stats.dims, budget)
         if len(bands) > 1:
-            log.info("the %d x %d moment exceeds --moment_memory_gb %g: %d passes over the data, one layer band "
-                     "each", sum(stats.dims), sum(stats.dims), moment_memory_gb, len(bands))
+            log.info("the moment of %d features exceeds --moment_memory_gb %g: %d passes over the data, one band "
+                     "of layers each", sum(stats.dims), moment_memory_gb, len(bands))
         finish_band(stats, settings)
         for k, band in enumerate(bands[1:], 2):
             stats.band = band

@@ -1,0 +1,75 @@
+"""CoMFLP against GLP as whole processes, as a user runs them (start-up, loading, audio included).
+
+    python bench/whole_process.py [--model models/demo-24l] [--num_clip_layers 12] [--race]
+
+CoMFLP is two commands, `dc_analysis.py --batch_size 4 --iter_num 10` then
+`search_strategy/search_prune_then_verify_mix.py --search_mode exact --topk_num 10`
+(fine search of the top 10); GLP is `search_strategy/wer_based_greedy_search.py`.
+Both verify on the whole dev split of the embedded corpus (200 utterances:
+`--test_num_batch 7 --verify_batch_size 32`). Every output goes to a temporary
+dir. Goals (issue 10, 24 -> 12): GLP / CoMFLP >= 10x; CoMFLP's pick within 10%
+relative subset CER of GLP's. Writes bench/results/whole_process_<L>to<L-K>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from comflp.atomic import write_json
+from comflp.paths import REPO_ROOT, demo_model_dir
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=demo_model_dir(24))
+    p.add_argument("--num_clip_layers", type=int, default=None, help="K (default: half the layers)")
+    p.add_argument("--race", action="store_true", help="CoMFLP's fine search races its candidates")
+    args = p.parse_args()
+    num_layers = json.loads((args.model / "config.json").read_text())["num_hidden_layers"]
+    k = args.num_clip_layers or num_layers // 2
+    py = sys.executable
+    verify = ["--model", str(args.model), "--num_layers", str(num_layers), "--num_clip_layers", str(k),
+              "--test_num_batch", "7", "--verify_batch_size", "32", "--quiet"]
+    with tempfile.TemporaryDirectory() as tmp:
+        measure_s = timed([py, "dc_analysis.py", "--model", str(args.model), "--batch_size", "4", "--iter_num", "10",
+                           "--dump_dir", tmp, "--no_plot", "--quiet"])
+        search_s = timed([py, "search_strategy/search_prune_then_verify_mix.py", *verify, "--search_mode", "exact",
+                          "--topk_num", "10", "--select_measure", "dc",
+                          "--measure_file", str(Path(tmp) / "dc_mat_mean_bs4_iter10.npy"), "--race", str(args.race),
+                          "--log_dir", tmp, "--output", str(Path(tmp) / "comflp.json")])
+        glp_s = timed([py, "search_strategy/wer_based_greedy_search.py", *verify, "--log_dir", tmp,
+                       "--output", str(Path(tmp) / "glp.json")])
+        comflp = json.loads((Path(tmp) / "comflp.json").read_text())
+        glp = json.loads((Path(tmp) / "glp.json").read_text())
+    comflp_pick, glp_pick = comflp["candidates"][0], glp["candidates"][0]
+    comflp_s = measure_s + search_s
+    rel = (comflp_pick["cer"] - glp_pick["cer"]) / glp_pick["cer"] if glp_pick["cer"] > 0 else 0.0
+    print(f"CoMFLP: dc_analysis {measure_s:.1f} s + search (exact top-10, fine{' racing' if args.race else ''}) "
+          f"{search_s:.1f} s = {comflp_s:.1f} s; pick {comflp_pick['pruned']} subset CER {100 * comflp_pick['cer']:.2f}%")
+    print(f"GLP:    {glp_s:.1f} s; pick {glp_pick['pruned']} subset CER {100 * glp_pick['cer']:.2f}%")
+    print(f"{num_layers} -> {num_layers - k}: GLP / CoMFLP = {glp_s / comflp_s:.1f}x (goal >= 10); CoMFLP's pick "
+          f"{100 * rel:+.1f}% relative subset CER (goal within 10%)")
+    write_json(REPO_ROOT / "bench" / "results" / f"whole_process_{num_layers}to{num_layers - k}.json", {
+        "model": str(args.model), "k": k, "race": args.race, "measure_seconds": measure_s,
+        "search_seconds": search_s, "comflp_seconds": comflp_s, "glp_seconds": glp_s, "speedup": glp_s / comflp_s,
+        "comflp_pick": comflp_pick, "glp_pick": glp_pick, "relative_subset_cer": rel,
+        "machine": platform.processor() or platform.machine()})
+
+
+if __name__ == "__main__":
+    main()
