@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: each utterance's conv features computed unpadded, as comflp decodes")
     c = sub.add_parser("card", help="measure the shipped model and write its model card (README.md)")
     c.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="model dir (default: %(default)s)")
-    c.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo-12l-train", help="training exp dir (default: %(default)s)")
+    c.add_argument("--exp_dir", type=Path, default=None, help="training exp dir (default: exp/<model name>-train)")
+    c.add_argument("--no_search", action="store_true",
+                   help="leave CoMFLP's and GLP's picks out of the pruning table (GLP takes minutes)")
     c.add_argument("--batch_size", type=int, default=32, help="decoding batch size (default: %(default)s)")
     return p
 
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .model_card import write_card
 
-        write_card(args.model, args.exp_dir, batch_size=args.batch_size)
+        write_card(args.model, args.exp_dir or EXP_DIR / f"{Path(args.model).name}-train", batch_size=args.batch_size,
+                   search_picks=not args.no_search)
 
 
 if __name__ == "__main__":

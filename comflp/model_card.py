@@ -1,4 +1,4 @@
-"""Measure the shipped demo model and write its model card (``models/demo-12l/README.md``)."""
+"""Measure a shipped demo model and write its model card (``models/demo-<L>l/README.md``)."""
 
 from __future__ import annotations
 
@@ -16,60 +16,112 @@ from .verify import FineSearch
 
 log = logging.getLogger(__name__)
 
-SIX_OF_TWELVE = {
-    "odd layers (1,3,5,7,9,11)": [1, 3, 5, 7, 9, 11],
-    "even layers (2,4,...,12)": [2, 4, 6, 8, 10, 12],
-    "first six (1-6)": [1, 2, 3, 4, 5, 6],
-    "middle six (4-9)": [4, 5, 6, 7, 8, 9],
-    "last six (7-12)": [7, 8, 9, 10, 11, 12],
-}
+# how demo-12l was trained, before the recipe recorded its settings in the experiment dir
+DEMO_12L_RECIPE = {"steps": 8000, "pad_audio": True, "minutes": 53, "threads": 2}
 
 
-def pruning_table(model_dir: Path, *, batch_size: int = 32) -> dict:
-    """Test-split CER of the full model, every single-layer removal and a few 6-of-12 removals."""
+def half_sets(num_layers: int) -> dict[str, list[int]]:
+    """Structured ways to remove half of the layers: every other layer, and the first, middle and last halves.
+
+    >>> half_sets(4)["middle 2 (2-3)"]
+    [2, 3]
+    """
+    k = num_layers // 2
+    mid = (num_layers - k) // 2 + 1
+    layers = range(1, num_layers + 1)
+    return {
+        f"odd layers (1,3,...,{num_layers - 1 if num_layers % 2 == 0 else num_layers})": [i for i in layers if i % 2][:k],
+        f"even layers (2,4,...,{2 * k})": [i for i in layers if i % 2 == 0][:k],
+        f"first {k} (1-{k})": list(range(1, k + 1)),
+        f"middle {k} ({mid}-{mid + k - 1})": list(range(mid, mid + k)),
+        f"last {k} ({num_layers - k + 1}-{num_layers})": list(range(num_layers - k + 1, num_layers + 1)),
+    }
+
+
+def searched_picks(loaded, k: int, *, batch_size: int = 32) -> dict[str, list[int]]:
+    """CoMFLP's pick (the paper's DC at batch 4 over 10 batches of train, exact top-10, fine search on dev)
+    and GLP's pick (greedy by dev CER), both searched on the whole dev split."""
+    from .hidden import MeasureSettings, collect
+    from .search import search
+    from .verify import greedy_layer_pruning, verify
+
+    matrices, _ = collect(loaded.model, loaded.feature_extractor, read_corpus(demo_split("train"), require_text=False),
+                          MeasureSettings(measures=("dc",), batch_size=4, iter_num=10))
+    cands = search(matrices["dc"].numpy(), k, "exact", top_n=10).candidates
+    dev = FineSearch(loaded, read_corpus(demo_split("dev")), batch_size=batch_size)
+    comflp = verify(dev, cands).best.pruned
+    glp = greedy_layer_pruning(dev, k).path[-1].pruned
+    return {f"CoMFLP's pick ({','.join(map(str, comflp))})": comflp, f"GLP's pick ({','.join(map(str, glp))})": glp}
+
+
+def pruning_table(model_dir: Path, *, batch_size: int = 32, search_picks: bool = True) -> dict:
+    """Test-split CER of the full model, every single-layer removal, and removals of half of the layers
+    (structured ones, and CoMFLP's and GLP's picks when ``search_picks``)."""
     loaded = load_model(model_dir, need_tokenizer=True)
     L = num_layers(loaded.model)
     results: dict = {"num_layers": L, "num_parameters": count_parameters(loaded.model)}
+    halves = half_sets(L)
+    if search_picks:
+        halves.update(searched_picks(loaded, L // 2, batch_size=batch_size))
     for split in ("dev", "test"):
         fine = FineSearch(loaded, read_corpus(demo_split(split)), batch_size=batch_size)
-        sets = [[]] if split == "dev" else [[]] + [[i] for i in range(1, L + 1)] + list(SIX_OF_TWELVE.values())
+        sets = [[]] if split == "dev" else [[]] + [[i] for i in range(1, L + 1)] + list(halves.values())
         rates = [r.rate for r in fine.evaluate(sets)]
         results[f"{split}_cer"] = rates[0]
         if split == "test":
             results["single"] = {str(i): rates[i] for i in range(1, L + 1)}
-            results["six"] = dict(zip(SIX_OF_TWELVE, rates[L + 1:]))
+            results["half"] = dict(zip(halves, rates[L + 1:]))
     return results
 
 
-def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32) -> Path:
+def _recipe(model_dir: Path, exp_dir: Path, metrics: list[dict]) -> dict:
+    """Steps, padding, threads and minutes of the training run: from its experiment dir, else recorded earlier."""
+    settings = ExperimentDir(exp_dir).settings() if Path(exp_dir).is_dir() else None
+    if settings and metrics and "elapsed_s" in metrics[-1]:
+        return {"steps": settings["steps"], "pad_audio": bool(settings["pad_audio"]), "threads": 2,
+                "minutes": round(metrics[-1]["elapsed_s"] / 60)}
+    previous = Path(model_dir) / "results.json"
+    recorded = json.loads(previous.read_text()).get("recipe") if previous.exists() else None
+    return recorded or DEMO_12L_RECIPE
+
+
+def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_picks: bool = True) -> Path:
     from .plots import curves
 
-    res = pruning_table(Path(model_dir), batch_size=batch_size)
+    model_dir = Path(model_dir)
+    res = pruning_table(model_dir, batch_size=batch_size, search_picks=search_picks)
+    L, name = res["num_layers"], model_dir.name
     metrics_file = Path(exp_dir) / "metrics.jsonl"
     if metrics_file.exists():
         metrics = ExperimentDir(exp_dir).read_metrics(key="step")
-        curve = Path(model_dir) / "training_curve.png"
+        curve = model_dir / "training_curve.png"
         curves({"dev CER (%)": ([m["step"] for m in metrics], [100 * m["dev_cer"] for m in metrics])}, curve,
-               xlabel="optimizer step", ylabel="dev CER (%)", title="demo-12l training")
+               xlabel="optimizer step", ylabel="dev CER (%)", title=f"{name} training")
     else:  # a fresh clone has no training run: keep the curve recorded when the model was trained
-        previous = Path(model_dir) / "results.json"
+        previous = model_dir / "results.json"
         metrics = json.loads(previous.read_text())["training"] if previous.exists() else []
         if not metrics:
             raise ComflpError(f"no training metrics: neither {metrics_file} nor a 'training' entry in {previous}")
         log.info("training curve from %s (no %s)", previous, metrics_file)
+    res["recipe"] = _recipe(model_dir, exp_dir, metrics)
     res["training"] = [{k: m[k] for k in ("step", "train_loss", "dev_cer")} for m in metrics]
-    atomic.write_json(Path(model_dir) / "results.json", res)
+    atomic.write_json(model_dir / "results.json", res)
     corpus = json.loads((demo_split("train").parent / "corpus.json").read_text(encoding="utf-8"))
     single = "\n".join(f"| {i} | {100 * r:.2f} |" for i, r in res["single"].items())
-    six = "\n".join(f"| {name} | {100 * r:.2f} |" for name, r in res["six"].items())
+    half = "\n".join(f"| {name} | {100 * r:.2f} |" for name, r in res["half"].items())
     curve_rows = "\n".join(f"| {m['step']} | {m['train_loss']:.3f} | {100 * m['dev_cer']:.2f} |" for m in metrics)
     cfg = corpus["config"]
+    recipe = res["recipe"]
+    layers_flag = "" if L == 12 else f" --num_layers {L}"
+    padding = ("on zero-padded batches through its group-norm conv encoder (what `python -m comflp.demo train "
+               "--pad_audio` does; the recipe now trains batch-invariantly by default)" if recipe["pad_audio"] else
+               "batch-invariantly (each utterance's conv features normalised over its own frames, as comflp decodes)")
     text = f"""---
 language: zh
 tags: [automatic-speech-recognition, ctc, wav2vec2, comflp, synthetic]
 ---
 
-# demo-12l: a 12-layer wav2vec2-style CTC model for the comflp demo
+# {name}: a {L}-layer wav2vec2-style CTC model for the comflp demo
 
 A small CTC model trained **from scratch** on comflp's embedded synthetic Mandarin corpus
 (`AISHELL1/demo/`, espeak-ng speech). It exists so that every comflp command runs offline;
@@ -77,7 +129,7 @@ it is not a real-world ASR model.
 
 | | |
 |---|---|
-| architecture | `Wav2Vec2ForCTC`, stable layer norm, 12 layers x 144 wide, 4 heads, FFN 576, group-norm conv front-end (7 convs, 64-128 channels) |
+| architecture | `Wav2Vec2ForCTC`, stable layer norm, {L} layers x 144 wide, 4 heads, FFN 576, group-norm conv front-end (7 convs, 64-128 channels) |
 | parameters | {res['num_parameters']:,} |
 | vocabulary | {cfg['vocab_size'] + 3} tokens: `<pad>` (CTC blank), `<unk>`, `|`, {cfg['vocab_size']} characters with distinct espeak-ng pronunciations |
 | weights | `model.safetensors`, float16 |
@@ -85,8 +137,8 @@ it is not a real-world ASR model.
 | **test CER** (200 utt.) | **{100 * res['test_cer']:.2f}%** |
 
 Greedy CTC decoding, CER over the whole split (character units), measured by
-`python -m comflp.demo card` with comflp's batch-invariant decoding (each utterance's
-conv features normalised over its own frames: the same result at any batch size).
+`python -m comflp.demo card --model models/{name}` with comflp's batch-invariant decoding (each
+utterance's conv features normalised over its own frames: the same result at any batch size).
 
 ## Data
 
@@ -100,19 +152,17 @@ silence trimming, random gain and white noise at {cfg['snr_db'][0]:.0f}-{cfg['sn
 ## Recipe
 
 ```bash
-python -m comflp.demo train      # exp/demo-12l-train/{{train.log,metrics.jsonl}}, then this directory
-python -m comflp.demo card       # this card, results.json, training_curve.png
+python -m comflp.demo train{layers_flag} --steps {recipe['steps']}   # exp/{name}-train/{{train.log,metrics.jsonl}}, then this directory
+python -m comflp.demo card --model models/{name} --exp_dir exp/{name}-train   # this card, results.json, training_curve.png
 ```
 
 AdamW (lr 5e-4, betas 0.9/0.98, weight decay 0.01), 300 warm-up steps then cosine decay over
-8,000 steps, length-sorted batches of at most 16 s of padded audio, gradient clipping at 5,
+{recipe['steps']:,} steps, length-sorted batches of at most 16 s of padded audio, gradient clipping at 5,
 hidden dropout 0.05, no SpecAugment; the best dev checkpoint is shipped. Deterministic from the
 seed on a given machine and torch build (the thread count changes float rounding); this model
-was trained with 2 CPU threads in about 53 minutes, on zero-padded batches through its
-group-norm conv encoder (what `python -m comflp.demo train --pad_audio` does; the recipe now
-trains batch-invariantly by default).
+was trained with {recipe['threads']} CPU threads in about {recipe['minutes']} minutes, {padding}.
 
-Dev CER during training, decoded then with padded batches of 32 (curve in `training_curve.png`):
+Dev CER during training (curve in `training_curve.png`):
 
 | step | train loss | dev CER (%) |
 |---:|---:|---:|
@@ -122,11 +172,12 @@ Dev CER during training, decoded then with padded batches of 32 (curve in `train
 
 The baseline that layer-pruning search must beat. Full model: **{100 * res['test_cer']:.2f}%**.
 
-Six of twelve layers removed:
+{L // 2} of {L} layers removed (CoMFLP: the paper's DC at batch 4 over 10 batches of the train
+split, exact top-10, fine search on the dev split; GLP: greedy by dev CER):
 
 | removed | test CER (%) |
 |---|---:|
-{six}
+{half}
 
 One layer removed:
 
@@ -134,7 +185,7 @@ One layer removed:
 |---:|---:|
 {single}
 """
-    out = Path(model_dir) / "README.md"
+    out = model_dir / "README.md"
     atomic.write_text(out, text)
     log.info("model card -> %s", out)
     return out
