@@ -182,12 +182,7 @@ class AudioBatch:
 def collate(utts: Sequence[Utterance], feature_extractor) -> AudioBatch:
     """Load, resample and pad ``utts`` with the model's feature extractor."""
     sr = int(feature_extractor.sampling_rate)
-    return collate_waves(utts, [load_audio(u.path, sr, utt_id=u.utt_id) for u in utts], feature_extractor)
-
-
-def collate_waves(utts: Sequence[Utterance], waves: Sequence[np.ndarray], feature_extractor) -> AudioBatch:
-    """Pad already loaded waveforms (one per utterance of ``utts``, at the extractor's rate) into a batch."""
-    sr = int(feature_extractor.sampling_rate)
+    waves = [load_audio(u.path, sr, utt_id=u.utt_id) for u in utts]
     feats = feature_extractor(waves, sampling_rate=sr, padding=True, return_attention_mask=True, return_tensors="pt")
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
     mask = feats.get("attention_mask")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import AudioBatch, Utterance, collate_waves, iter_batches, length_sorted_batches, load_audio
+from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
 from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
@@ -111,14 +111,9 @@ class FineSearch:
         check_decodable(self.loaded.model, self.utts, self.loaded.sampling_rate)
         report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer, what="fine-search references")
         self.device = next(self.loaded.model.parameters()).device
-        # audio is loaded once: GLP and races decode the same utterances many times
-        self._waves = {u.utt_id: load_audio(u.path, self.loaded.sampling_rate, utt_id=u.utt_id) for u in self.utts}
-        self._batches: list[AudioBatch] = self._collate(self.utts)
+        groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
+        self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
         self.num_layers = len(encoder_layers(self.loaded.model))
-
-    def _collate(self, utts: Sequence[Utterance]) -> list[AudioBatch]:
-        return [collate_waves(g, [self._waves[u.utt_id] for u in g], self.loaded.feature_extractor)
-                for g in length_sorted_batches(utts, batch_size=self.batch_size)]
 
     def _evaluate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
@@ -173,14 +168,14 @@ class FineSearch:
         self.stats.seconds += time.perf_counter() - start
         return hyps
 
-    def decode(self, pruned_sets: Sequence[Sequence[int]], utts: Sequence[Utterance]) -> list[list[str]]:
-        """Hypotheses of each pruned set on ``utts`` (any utterances of the subset, in ``utts`` order).
+    @property
+    def batches(self) -> list[AudioBatch]:
+        """The subset's length-sorted batches, in the order :meth:`evaluate` decodes them."""
+        return self._batches
 
-        The utterances are batched among themselves (length-sorted, ``batch_size``); the hypotheses do not
-        depend on that batching unless ``pad_audio``.
-        """
-        batches = self._collate(utts)
-        return [[h[u.utt_id] for u in utts] for h in self._decode(pruned_sets, batches)]
+    def decode_batches(self, pruned_sets: Sequence[Sequence[int]], indices: Sequence[int]) -> list[dict[str, str]]:
+        """Hypotheses of each pruned set on the batches ``indices`` of :attr:`batches`, keyed by utterance id."""
+        return self._decode(pruned_sets, [self._batches[i] for i in indices])
 
     def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
         """Error rate of each pruned set (1-based layers) on the whole subset, in the order given."""
@@ -244,19 +239,19 @@ RACE_CONFIDENCE = 0.99
 RACE_RESAMPLES = 2000
 
 
-def race_schedule(num_utts: int, first_chunk: int) -> list[int]:
-    """Cumulative utterance counts after each racing round: ``first_chunk``, doubling, then all.
+def race_schedule(total: int, first: int) -> list[int]:
+    """Cumulative counts (of batches) after each racing round: ``first``, doubling, then all.
 
     >>> race_schedule(200, 32)
     [32, 64, 128, 200]
     >>> race_schedule(20, 32)
     [20]
     """
-    ends, m = [], first_chunk
-    while m < num_utts:
+    ends, m = [], first
+    while m < total:
         ends.append(m)
         m *= 2
-    return ends + [num_utts]
+    return ends + [total]
 
 
 def worse_than_leader(errors: np.ndarray, leader_errors: np.ndarray, tokens: np.ndarray, *, confidence: float,
@@ -277,12 +272,14 @@ def worse_than_leader(errors: np.ndarray, leader_errors: np.ndarray, tokens: np.
 
 
 def race(fine: FineSearch, candidates: Sequence[Candidate], *, confidence: float = RACE_CONFIDENCE,
-         first_chunk: int | None = None, resamples: int = RACE_RESAMPLES, seed: int = 0) -> VerifyReport:
+         first_batches: int | None = None, resamples: int = RACE_RESAMPLES, seed: int = 0) -> VerifyReport:
     """Racing fine search: the candidates of :func:`verify`, decoding the losers on fewer utterances.
 
-    The subset's utterances are taken in a seeded random order, in growing chunks
-    (:func:`race_schedule`; the first chunk is ``first_chunk``, default max(batch size, 1/8 of the subset)).
-    After each chunk the leader is the candidate with the lowest error rate on the utterances decoded so
+    The subset's length-sorted batches (those :func:`verify` decodes) are taken in a seeded random order,
+    in growing rounds (:func:`race_schedule` over batches; the first round is ``first_batches``, default
+    1/8 of the batches, at least one). Whole batches keep the padding, and so the work per utterance, of
+    full evaluation: a race is never slower than :func:`verify` by more than its bookkeeping.
+    After each round the leader is the candidate with the lowest error rate on the utterances decoded so
     far (ties: the earlier candidate), and every candidate that is worse than the leader by
     :func:`worse_than_leader` is dropped. The survivors are decoded on the whole subset, so the best is
     the lowest full-subset error rate among them, as :func:`verify` would find unless the true best was
@@ -290,39 +287,36 @@ def race(fine: FineSearch, candidates: Sequence[Candidate], *, confidence: float
     """
     if not 0.5 <= confidence < 1:
         raise ComflpError(f"race confidence {confidence} must be in [0.5, 1)")
-    utts = list(fine.utts)
-    n = len(utts)
-    first = first_chunk or max(fine.batch_size, -(-n // 8))
+    batches = fine.batches
+    first = first_batches or -(-len(batches) // 8)
     if first < 1:
-        raise ComflpError(f"race first chunk {first} must be positive")
-    order = np.random.default_rng(seed).permutation(n)
-    refs = [u.text for u in utts]
+        raise ComflpError(f"race first round of {first} batches must be positive")
+    order = [int(b) for b in np.random.default_rng(seed).permutation(len(batches))]
+    refs = {u.utt_id: u.text for u in fine.utts}
+    n = len(fine.utts)
     alive = list(range(len(candidates)))
     errors = [np.zeros(0, dtype=np.int64) for _ in candidates]
     tokens = np.zeros(0, dtype=np.int64)
     decoded = [0] * len(candidates)
-    done = 0
+    done = seen = 0
     rng = np.random.default_rng([seed, 1])
-    schedule = race_schedule(n, first)
-    for rnd, end in enumerate(schedule, 1):
-        chunk = [int(i) for i in order[done:end]]
-        hyps = fine.decode([candidates[i].pruned for i in alive], [utts[j] for j in chunk])
-        chunk_refs = [refs[j] for j in chunk]
+    for rnd, end in enumerate(race_schedule(len(batches), first), 1):
+        ids = [utt for b in order[done:end] for utt in batches[b].utt_ids]
+        hyps = fine.decode_batches([candidates[i].pruned for i in alive], order[done:end])
+        seen += len(ids)
         for i, h in zip(alive, hyps):
-            e, t = utterance_errors(chunk_refs, h, unit=fine.unit)
+            e, t = utterance_errors([refs[u] for u in ids], [h[u] for u in ids], unit=fine.unit)
             errors[i] = np.concatenate([errors[i], e])
-            decoded[i] = end
+            decoded[i] = seen
         tokens = np.concatenate([tokens, t])
         done = end
         rates = {i: errors[i].sum() / max(tokens.sum(), 1) for i in alive}
         leader = min(alive, key=lambda i: (rates[i], i))
-        if end < n:
-            dropped = [i for i in alive if i != leader and worse_than_leader(
+        dropped = [] if end == len(batches) else [
+            i for i in alive if i != leader and worse_than_leader(
                 errors[i], errors[leader], tokens, confidence=confidence, resamples=resamples, rng=rng)]
-            alive = [i for i in alive if i not in dropped]
-        else:
-            dropped = []
-        log.info("race round %d: %d/%d utterances, leader %s at %.2f%%, dropped %d, %d left", rnd, end, n,
+        alive = [i for i in alive if i not in dropped]
+        log.info("race round %d: %d/%d utterances, leader %s at %.2f%%, dropped %d, %d left", rnd, seen, n,
                  [list(b) for b in candidates[leader].blocks], 100 * rates[leader], len(dropped), len(alive))
     measured = [Candidate(list(c.pruned), c.score, float(errors[i].sum() / max(tokens[:decoded[i]].sum(), 1)))
                 for i, c in enumerate(candidates)]

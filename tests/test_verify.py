@@ -92,7 +92,7 @@ def test_race_picks_what_full_evaluation_picks_on_the_demo_model() -> None:
     cands = [Candidate(s, float(-i)) for i, s in enumerate(sets)]
     full = verify(FineSearch(loaded, utts, batch_size=16, progress=False), cands)
     fine = FineSearch(loaded, utts, batch_size=16, progress=False)
-    raced = race(fine, cands, first_chunk=12, seed=0)
+    raced = race(fine, cands, first_batches=1, seed=0)
     assert raced.best.pruned == full.best.pruned
     assert sum(raced.decoded) < 0.7 * len(utts) * len(sets)  # it really saved decoding
     assert fine.stats.utterance_decodes == sum(raced.decoded)
