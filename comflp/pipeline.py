@@ -6,7 +6,8 @@ re-runs them); every file goes under ``--exp_dir``:
 
   0  corpus   generate the embedded corpus if missing
   1  measure  DC (paper recipe) and SVCCA (mode T) matrices + heatmaps
-  2  search   exhaustive coarse search L -> L-K on DC, fine search (CER) on the dev split
+  2  search   exact top-10 coarse search L -> L-K on DC (the exhaustive top-10 without
+              enumerating), fine search (CER) on the dev split
   3  report   which measure predicts the CER: more measurement settings, rank correlations
               of every measure's score with the CER of sampled strategies (a table)
   4  prune    save the best candidate as an HF model
@@ -27,9 +28,9 @@ import logging
 import time
 from pathlib import Path
 
-from .artifacts import ExperimentDir, dc_dump_name, open_output_dir
+from .artifacts import ExperimentDir, dc_dump_name, source_id
 from .errors import exit_on_error
-from .options import ArgumentParser
+from .options import ArgumentParser, positive_int
 from .logs import setup_logging
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
@@ -42,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="comflp demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--exp_dir", type=Path, default=EXP_DIR / "demo", help="all outputs (default: %(default)s)")
+    p.add_argument("--exp_dir", type=Path, default=None,
+                   help="all outputs (default: exp/demo for the demo model, else exp/demo_<model dir name>_clip<K>); "
+                        "a dir holding a run with other settings is refused unless --force")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model to prune (default: the demo model)")
-    p.add_argument("--num_clip_layers", type=int, default=6, help="layers to prune (default: %(default)s)")
+    p.add_argument("--num_clip_layers", type=positive_int, default=6, help="layers to prune (default: %(default)s)")
     p.add_argument("--stage", type=int, default=0, help="first stage to run (default: %(default)s)")
     p.add_argument("--stop_stage", type=int, default=len(STAGES) - 1, help="last stage to run (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if done")
@@ -69,8 +72,20 @@ def _done(exp: Path, stage: int) -> Path:
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.exp_dir is None:
+        default = Path(args.model).resolve() == DEMO_MODEL_DIR.resolve() and args.num_clip_layers == 6
+        args.exp_dir = EXP_DIR / ("demo" if default else f"demo_{Path(args.model).name}_clip{args.num_clip_layers}")
     exp: Path = args.exp_dir
-    open_output_dir(exp, kind="demo", flag="--exp_dir")
+    # a finished stage is skipped only if it was run with these settings: never resume another experiment
+    settings = {"model": source_id(args.model), "num_clip_layers": args.num_clip_layers,
+                **{k: getattr(args, k) for k in ("ft_epochs", "ft_max_train_utts", "ft_batch_size", "ft_lr", "avg_num")}}
+    afresh = args.force and args.stage == 0
+    ExperimentDir.open(exp, settings=settings, kind="demo", afresh=afresh, flag="--exp_dir",
+                       restart_flags="--force (from stage 0)")
+    if afresh:
+        import shutil
+
+        shutil.rmtree(exp / ".done", ignore_errors=True)  # every stage of the new settings runs again
     setup_logging(exp / "demo.log")
     if args.threads:
         import torch
@@ -125,7 +140,7 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         matrix = paths["dump"] / dc_dump_name("mean", DC_BATCH, DC_ITERS)
         layers = int(load_matrix(matrix)[1]["num_layers"])
         search_main([*common, *again, "--num_layers", str(layers), "--num_clip_layers", str(args.num_clip_layers),
-                     "--search_mode", "exhaustive", "--measure_file", str(matrix), "--topk_num", "10",
+                     "--search_mode", "exact", "--measure_file", str(matrix), "--topk_num", "10",
                      "--output", str(paths["strategy"]), "--log_dir", str(Path(args.exp_dir) / "log")])
         _scatter(paths)
     elif name == "report":
