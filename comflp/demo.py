@@ -68,12 +68,11 @@ def build_processor(vocab: str, out_dir: Path) -> tuple[Wav2Vec2FeatureExtractor
 
 
 def _save_state(path: Path, model, optimizer, scheduler, step: int, best: float) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(path / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    with atomic.atomic_path(path / "optimizer.pt") as tmp:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-    atomic.write_json(path / "state.json", {"step": step, "best_dev_cer": best})
+    # one atomic dir: a run killed while saving resumes from a consistent step (weights, optimizer, step)
+    with atomic.atomic_dir(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "best_dev_cer": best}))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -103,7 +102,7 @@ def train(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
     step, best = 0, math.inf
-    state_dir = exp / "last"
+    state_dir = atomic.recover_dir(exp / "last")
     if args.resume and (state_dir / "state.json").exists():
         model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
         opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
