@@ -38,7 +38,7 @@ from .artifacts import ExperimentDir, claim_dir
 from .model import forward, save_model
 from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, EXP_DIR, demo_model_dir, demo_split
 
-log = logging.getLogger("comflp.demo")
+log = logging.getLogger("comflp.demo_recipe")  # `comflp demo` (pipeline.py) logs as comflp.demo
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "|")
 
