@@ -19,11 +19,11 @@ import torch
 
 from comflp.atomic import write_json
 from comflp.options import read_corpus
-from comflp.hidden import MeasureSettings, collect
 from comflp.model import load_model
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
-from comflp.search import exhaustive
-from comflp.verify import FineSearch, greedy_layer_pruning, race, verify, verify_subset
+from comflp.stages import comflp_search
+from comflp.stages import fine as fine_stage
+from comflp.verify import FineSearch, greedy_layer_pruning, verify_subset
 
 
 def main() -> None:
@@ -41,18 +41,12 @@ def main() -> None:
     subset = verify_subset(read_corpus(demo_split("dev")), 10, 32)
     fine = FineSearch(loaded, subset, batch_size=32, progress=False)  # audio loaded once, outside both timers
 
-    t = time.perf_counter()
-    matrices, _ = collect(loaded.model, loaded.feature_extractor, train,
-                          MeasureSettings(measures=("dc",), batch_size=4, iter_num=10), progress=False)
-    measure_s = time.perf_counter() - t
-    coarse = exhaustive(matrices["dc"].numpy(), k, 10).candidates
-    coarse_s = time.perf_counter() - t - measure_s
-    report = verify(fine, coarse)
-    comflp_s = time.perf_counter() - t
-    comflp_pick = report.best
-    t = time.perf_counter()
-    raced = race(fine, coarse, seed=0)
-    race_s = time.perf_counter() - t
+    run = comflp_search(loaded, train, fine, k)
+    measure_s, coarse_s, comflp_s = run.measured.seconds, run.coarse.seconds, run.seconds
+    comflp_pick, report = run.best, run.fine.report
+    coarse = run.coarse.candidates
+    race_run = fine_stage(fine, coarse, racing=True)
+    raced, race_s = race_run.report, race_run.seconds
     comflp_race_s = measure_s + coarse_s + race_s
 
     t = time.perf_counter()

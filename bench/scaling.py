@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,13 +34,14 @@ from transformers import Wav2Vec2ForCTC
 
 from comflp.atomic import write_json
 from comflp.demo import demo_config
-from comflp.hidden import MeasureSettings, collect
+from comflp.hidden import collect
 from comflp.model import LoadedModel, load_model
 from comflp.options import read_corpus
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
 from comflp.plots import curves
-from comflp.search import search
-from comflp.verify import FineSearch, glp_evaluations, greedy_layer_pruning, race, verify, verify_subset
+from comflp.stages import PAPER_DC, comflp_search
+from comflp.stages import fine as fine_stage
+from comflp.verify import FineSearch, glp_evaluations, greedy_layer_pruning, verify_subset
 
 
 def random_model(num_layers: int, processor: LoadedModel, seed: int) -> LoadedModel:
@@ -51,22 +53,14 @@ def random_model(num_layers: int, processor: LoadedModel, seed: int) -> LoadedMo
 
 def time_depth(loaded: LoadedModel, num_layers: int, train, subset, glp_budget_s: float) -> dict:
     k = num_layers // 2
-    collect(loaded.model, loaded.feature_extractor, train, MeasureSettings(measures=("dc",), batch_size=2, iter_num=1),
+    collect(loaded.model, loaded.feature_extractor, train, replace(PAPER_DC, iter_num=1),
             progress=False)  # warm-up: one-time allocations stay out of the timers
-    t = time.perf_counter()
-    matrices, _ = collect(loaded.model, loaded.feature_extractor, train,
-                          MeasureSettings(measures=("dc",), batch_size=4, iter_num=10), progress=False)
-    measure_s = time.perf_counter() - t
-    t = time.perf_counter()
-    cands = search(matrices["dc"].numpy(), k, "exact", top_n=10).candidates
-    coarse_s = time.perf_counter() - t
     fine = FineSearch(loaded, subset, batch_size=32, progress=False)  # audio loaded here, outside the timers
-    t = time.perf_counter()
-    full = verify(fine, cands)
-    fine_s = time.perf_counter() - t
-    t = time.perf_counter()
-    raced = race(fine, cands, seed=0)
-    race_s = time.perf_counter() - t
+    run = comflp_search(loaded, train, fine, k)
+    measure_s, coarse_s, fine_s = run.measured.seconds, run.coarse.seconds, run.fine.seconds
+    full, cands = run.fine.report, run.coarse.candidates
+    race_run = fine_stage(fine, cands, racing=True)
+    raced, race_s = race_run.report, race_run.seconds
     t = time.perf_counter()
     glp = greedy_layer_pruning(fine, k, progress=False, max_seconds=glp_budget_s)
     glp_run_s = time.perf_counter() - t

@@ -2,7 +2,7 @@
 
     python bench/verify.py [--model DIR] [--verify_data_dir DIR] [--test_num_batch 10] [--verify_batch_size 32]
 
-The candidates are the exhaustive top-10 on the model's own DC matrix (batch 4 x 10,
+The candidates are the exact (= exhaustive) top-10 on the model's own DC matrix (batch 4 x 10,
 measured here). Reports layer applications and wall time of both, checks that the
 CERs are identical, and writes bench/results/verify.json. Goal: time ratio <= 0.4.
 """
@@ -18,10 +18,9 @@ import torch
 
 from comflp.atomic import write_json
 from comflp.options import read_corpus
-from comflp.hidden import MeasureSettings, collect
 from comflp.model import load_model
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
-from comflp.search import exhaustive
+from comflp.stages import coarse, measure
 from comflp.verify import FineSearch, evaluate_separately, verify_subset
 
 
@@ -38,9 +37,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, need_tokenizer=True)
-    matrices, _ = collect(loaded.model, loaded.feature_extractor, read_corpus(args.measure_data_dir, require_text=False),
-                          MeasureSettings(measures=("dc",), batch_size=4, iter_num=10), progress=False)
-    sets = [c.pruned for c in exhaustive(matrices["dc"].numpy(), 6, 10).candidates]
+    measured = measure(loaded, read_corpus(args.measure_data_dir, require_text=False), progress=False)
+    sets = [c.pruned for c in coarse(measured.matrices["dc"], 6).candidates]
     utts = verify_subset(read_corpus(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
 
     t = time.perf_counter()

@@ -41,15 +41,11 @@ def half_sets(num_layers: int) -> dict[str, list[int]]:
 def searched_picks(loaded, k: int, *, batch_size: int = 32) -> dict[str, list[int]]:
     """CoMFLP's pick (the paper's DC at batch 4 over 10 batches of train, exact top-10, fine search on dev)
     and GLP's pick (greedy by dev CER), both searched on the whole dev split."""
-    from .hidden import MeasureSettings, collect
-    from .search import search
-    from .verify import greedy_layer_pruning, verify
+    from .stages import comflp_search
+    from .verify import greedy_layer_pruning
 
-    matrices, _ = collect(loaded.model, loaded.feature_extractor, read_corpus(demo_split("train"), require_text=False),
-                          MeasureSettings(measures=("dc",), batch_size=4, iter_num=10))
-    cands = search(matrices["dc"].numpy(), k, "exact", top_n=10).candidates
     dev = FineSearch(loaded, read_corpus(demo_split("dev")), batch_size=batch_size)
-    comflp = verify(dev, cands).best.pruned
+    comflp = comflp_search(loaded, read_corpus(demo_split("train"), require_text=False), dev, k, progress=True).best.pruned
     glp = greedy_layer_pruning(dev, k).path[-1].pruned
     return {f"CoMFLP's pick ({','.join(map(str, comflp))})": comflp, f"GLP's pick ({','.join(map(str, glp))})": glp}
 
