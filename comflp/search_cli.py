@@ -201,15 +201,15 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
             "coarse_seconds": coarse_s, "num_clip_layers": K}
     if verifying:
-        from .verify import RACE_CONFIDENCE, race, verify
+        from .stages import fine as fine_stage
+        from .verify import RACE_CONFIDENCE
 
         if args.race_confidence is None:
             args.race_confidence = RACE_CONFIDENCE  # imported here: coarse-only runs do not load transformers
         fine = _fine_search(args)
         log.info("--- fine search on %d utterances of %s%s", len(fine.utts), args.verify_data_dir,
                  f" (race, confidence {args.race_confidence})" if args.race else "")
-        report = (race(fine, cands, confidence=args.race_confidence, seed=args.seed) if args.race
-                  else verify(fine, cands))
+        report = fine_stage(fine, cands, racing=args.race, confidence=args.race_confidence, seed=args.seed).report
         for c, n in zip(report.candidates, report.decoded):
             log.info("For %s: clipped wer : %r%%%s", [list(b) for b in c.blocks], 100 * c.cer,
                      f"  (dropped after {n} of {len(fine.utts)} utterances)" if n < len(fine.utts) else "")

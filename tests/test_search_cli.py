@@ -71,6 +71,15 @@ def test_fine_search_and_glp_on_a_model(tmp_path: Path) -> None:
     cers = [c["cer"] for c in raw["candidates"]]
     assert len(cers) == 4 and cers == sorted(cers)
     assert raw["meta"]["verify_utterances"] == 4
+    raced = run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"), "--topk_num", "4", "--race", "true",
+                "--output", str(tmp_path / "r.json"))
+    assert raced.returncode == 0, raced.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["meta"]["race"] is True and len(r["meta"]["decoded_utterances"]) == 4
+    assert r["candidates"][0] == raw["candidates"][0]  # the pick of full evaluation
+    assert "race round" in (tmp_path / "clip6to4_search_then_verify_bs32_iter10_exhaustive.log").read_text()
+    assert "race confidence 1.5" in _error(run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"),
+                                                  "--race", "true", "--race_confidence", "1.5"))
     glp = run(REPO / "search_strategy" / "wer_based_greedy_search.py", *common, "--output", str(tmp_path / "g.json"))
     assert glp.returncode == 0, glp.stderr
     g = json.loads((tmp_path / "g.json").read_text())
