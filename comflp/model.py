@@ -222,13 +222,20 @@ def base_model(model: PreTrainedModel) -> nn.Module:
     return getattr(model, model.base_model_prefix, model)
 
 
+def _layers_slot(model: PreTrainedModel) -> tuple[nn.Module, str]:
+    """The module holding the layer stack and the attribute name, from the family table's layer path."""
+    path = family_of(model).layers
+    parent_path, _, name = path.rpartition(".")
+    parent = _get(base_model(model), parent_path) if parent_path else base_model(model)
+    if parent is None or not isinstance(getattr(parent, name, None), nn.ModuleList):
+        raise ComflpError(f"unsupported model {type(model).__name__}: its base model has no {path}")
+    return parent, name
+
+
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The transformer layer stack (``base.encoder.layers``), 0-based as a ModuleList."""
-    encoder = getattr(base_model(model), "encoder", None)
-    layers = getattr(encoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ComflpError(f"unsupported model {type(model).__name__}: its base model has no encoder.layers")
-    return layers
+    """The transformer layer stack (the family's layer path, e.g. ``base.encoder.layers``), 0-based."""
+    parent, name = _layers_slot(model)
+    return getattr(parent, name)
 
 
 def num_layers(model: PreTrainedModel) -> int:
@@ -241,22 +248,23 @@ def _select_layers(model: PreTrainedModel, kept: Sequence[int]):
     WavLM computes its relative position bias in the first layer only, so when
     that layer goes its bias embedding moves to the new first layer.
     """
-    encoder = base_model(model).encoder
-    old_layers = encoder.layers
-    old_count = model.config.num_hidden_layers
-    encoder.layers = nn.ModuleList([old_layers[i] for i in kept])
-    model.config.num_hidden_layers = len(kept)
+    parent, name = _layers_slot(model)
+    old_layers = getattr(parent, name)
+    depth_field = family_of(model).depth_field
+    old_count = getattr(model.config, depth_field)
+    setattr(parent, name, nn.ModuleList([old_layers[i] for i in kept]))
+    setattr(model.config, depth_field, len(kept))
     moved = None
     first_attn = getattr(old_layers[0], "attention", None)
     if kept and kept[0] != 0 and hasattr(first_attn, "rel_attn_embed"):
-        moved = encoder.layers[0].attention
+        moved = getattr(parent, name)[0].attention
         moved.rel_attn_embed = first_attn.rel_attn_embed
 
     def undo() -> None:
         if moved is not None:
             del moved.rel_attn_embed
-        encoder.layers = old_layers
-        model.config.num_hidden_layers = old_count
+        setattr(parent, name, old_layers)
+        setattr(model.config, depth_field, old_count)
 
     return undo
 
@@ -284,6 +292,71 @@ def run_layers(model: PreTrainedModel, kept: Sequence[int]) -> Iterator[PreTrain
         yield model
     finally:
         undo()
+
+
+class _CachedLayer(nn.Module):
+    """Runs ``layer`` unless its output for this kept-layer prefix is cached."""
+
+    def __init__(self, layer: nn.Module, key: tuple[int, ...], cache: dict, counter: list[int]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.key = key
+        self.cache = cache
+        self.counter = counter
+
+    def forward(self, *args, **kwargs):
+        out = self.cache.get(self.key)
+        if out is None:
+            out = self.layer(*args, **kwargs)
+            self.cache[self.key] = out
+            self.counter[0] += 1
+        return out
+
+
+@contextlib.contextmanager
+def run_layers_cached(model: PreTrainedModel, kept: Sequence[int], cache: dict,
+                      counter: list[int]) -> Iterator[PreTrainedModel]:
+    """:func:`run_layers`, with the output of each layer application cached under its kept-layer prefix.
+
+    ``cache`` maps a prefix ``kept[: j + 1]`` to the output of layer ``kept[j]`` after that prefix; a
+    forward finds the outputs of a prefix it shares with an earlier forward there instead of running
+    those layers again (valid while the input batch is the same). ``counter[0]`` counts the layer
+    applications actually run.
+    """
+    kept = tuple(kept)
+    with run_layers(model, kept):
+        parent, name = _layers_slot(model)
+        selected = getattr(parent, name)
+        setattr(parent, name, nn.ModuleList(
+            [_CachedLayer(layer, kept[: j + 1], cache, counter) for j, layer in enumerate(selected)]))
+        try:
+            yield model
+        finally:
+            setattr(parent, name, selected)
+
+
+class _FixedOutput(nn.Module):
+    """Stands in for the feature encoder: returns the batch's features, computed once."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+@contextlib.contextmanager
+def frozen_features(model: PreTrainedModel, input_values: torch.Tensor) -> Iterator[PreTrainedModel]:
+    """Within the block, the feature encoder returns its output for ``input_values``, computed once here."""
+    base = base_model(model)
+    attr = family_of(model).feature_encoder
+    encoder = getattr(base, attr)
+    setattr(base, attr, _FixedOutput(encoder(input_values)))
+    try:
+        yield model
+    finally:
+        setattr(base, attr, encoder)
 
 
 def prune(model: PreTrainedModel, pruned: Iterable[int]) -> PreTrainedModel:

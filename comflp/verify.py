@@ -29,14 +29,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
 from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
-from .model import LoadedModel, base_model, encoder_layers, padding_exact, prune, run_layers
+from .model import LoadedModel, encoder_layers, frozen_features, padding_exact, prune, run_layers_cached
 from .strategy import Candidate, validate
 
 log = logging.getLogger(__name__)
@@ -47,36 +46,6 @@ def verify_subset(utts: Sequence[Utterance], num_batches: int, batch_size: int) 
     if num_batches < 1 or batch_size < 1:
         raise ComflpError("--test_num_batch and --verify_batch_size must be positive")
     return list(utts[: num_batches * batch_size])
-
-
-class _CachedLayer(nn.Module):
-    """Runs ``layer`` unless its output for this trie prefix is cached."""
-
-    def __init__(self, layer: nn.Module, key: tuple[int, ...], cache: dict, counter: list[int]) -> None:
-        super().__init__()
-        self.layer = layer
-        self.key = key
-        self.cache = cache
-        self.counter = counter
-
-    def forward(self, *args, **kwargs):
-        out = self.cache.get(self.key)
-        if out is None:
-            out = self.layer(*args, **kwargs)
-            self.cache[self.key] = out
-            self.counter[0] += 1
-        return out
-
-
-class _FixedOutput(nn.Module):
-    """Stands in for the feature encoder: returns the batch's features, computed once."""
-
-    def __init__(self, output: torch.Tensor) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args, **kwargs):
-        return self.output
 
 
 @dataclass
@@ -119,30 +88,17 @@ class FineSearch:
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
         """Decode one batch under every kept sequence, walking the trie of kept sequences in DFS order."""
         model = self.loaded.model
-        base = base_model(model)
-        features = base.feature_extractor(batch.input_values)
-        original_fe = base.feature_extractor
-        base.feature_extractor = _FixedOutput(features)
         cache: dict[tuple[int, ...], object] = {}
-        try:
+        with frozen_features(model, batch.input_values):
             for i in order:
                 seq = kept[i]
                 for key in [k for k in cache if seq[: len(k)] != k]:
                     del cache[key]  # leave the trie path
-                with run_layers(model, seq):
-                    encoder = base.encoder
-                    selected = encoder.layers
-                    encoder.layers = nn.ModuleList(
-                        [_CachedLayer(layer, seq[: j + 1], cache, counter) for j, layer in enumerate(selected)])
-                    try:
-                        logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
-                    finally:
-                        encoder.layers = selected
+                with run_layers_cached(model, seq, cache, counter):
+                    logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
                 texts = decode_logits(model, self.loaded.tokenizer, logits, batch.attention_mask)
                 hyps[i].update(zip(batch.utt_ids, texts))
                 bar.update(1)
-        finally:
-            base.feature_extractor = original_fe
 
     def _decode(self, pruned_sets: Sequence[Sequence[int]], batches: Sequence[AudioBatch]) -> list[dict[str, str]]:
         """Hypotheses of each pruned set (1-based layers) on the utterances of ``batches``, keyed by utterance id."""
