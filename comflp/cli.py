@@ -14,20 +14,20 @@ from .errors import exit_on_error
 from .options import ArgumentParser, add_overwrite
 from .paths import DEMO_MODEL_DIR
 
-# name -> (module with main(argv), one-line summary); modules load lazily so --help is instant.
+# name -> ("module:function" taking argv, one-line summary); modules load lazily so --help is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("comflp.cli", "describe a CTC model: family, layers, parameters, sizes (--json)"),
-    "prune": ("comflp.cli", "remove layers (--layers or a strategy file) and save an HF-format model"),
-    "corpus": ("comflp.demo_corpus", "generate the embedded synthetic Mandarin corpus"),
-    "prepare-aishell": ("comflp.aishell", "build Kaldi dirs from an official AISHELL-1 download"),
-    "measure": ("comflp.analysis", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
-    "search": ("comflp.search_cli", "coarse search on a matrix + fine search (CER) of the candidates"),
-    "glp": ("comflp.search_cli", "greedy layer pruning by CER (the slow baseline)"),
-    "measure-report": ("comflp.report_cli", "which measure predicts the CER on this model: rank correlations, regret"),
-    "finetune": ("comflp.finetune", "fine-tune a pruned model (DDP via accelerate, optional distillation)"),
-    "average": ("comflp.average", "average fine-tuning checkpoints into an HF model"),
-    "test": ("comflp.test_asr", "decode a corpus: CER/WER, real-time factor, parameters"),
-    "demo": ("comflp.pipeline", "run the pipeline on the embedded default, as resumable stages"),
+    "info": ("comflp.cli:info_main", "describe a CTC model: family, layers, parameters, sizes (--json)"),
+    "prune": ("comflp.cli:prune_main", "remove layers (--layers or a strategy file) and save an HF-format model"),
+    "corpus": ("comflp.demo_corpus:main", "generate the embedded synthetic Mandarin corpus"),
+    "prepare-aishell": ("comflp.aishell:main", "build Kaldi dirs from an official AISHELL-1 download"),
+    "measure": ("comflp.analysis:main", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
+    "search": ("comflp.search_cli:main", "coarse search on a matrix + fine search (CER) of the candidates"),
+    "glp": ("comflp.search_cli:glp_main", "greedy layer pruning by CER (the slow baseline)"),
+    "measure-report": ("comflp.report_cli:main", "which measure predicts the CER on this model: rank correlations, regret"),
+    "finetune": ("comflp.finetune:main", "fine-tune a pruned model (DDP via accelerate, optional distillation)"),
+    "average": ("comflp.average:main", "average fine-tuning checkpoints into an HF model"),
+    "test": ("comflp.test_asr:main", "decode a corpus: CER/WER, real-time factor, parameters"),
+    "demo": ("comflp.pipeline:main", "run the pipeline on the embedded default, as resumable stages"),
 }
 
 
@@ -48,13 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[name][0])
-    if module.__name__ == __name__:
-        {"info": info_main, "prune": prune_main}[name](rest)
-    elif name == "glp":
-        module.glp_main(rest)
-    else:
-        module.main(rest)
+    module, function = COMMANDS[name][0].split(":")
+    getattr(importlib.import_module(module), function)(rest)
 
 
 def info_parser() -> argparse.ArgumentParser:
