@@ -1,14 +1,28 @@
 """Where the repository's defaults live.
 
-Every default path is relative to the repository root, whatever the working
-directory, so the paper's commands work from anywhere inside a checkout.
+Every default path is relative to one root, whatever the working directory,
+so the paper's commands work from anywhere inside a checkout. The root is
+``$COMFLP_HOME`` if set; else the checkout that holds this package (a source
+tree or an editable install); else, for an installed wheel, which has no
+checkout, the working directory.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-REPO_ROOT: Path = Path(__file__).resolve().parent.parent
+
+def _root() -> Path:
+    if os.environ.get("COMFLP_HOME"):
+        return Path(os.environ["COMFLP_HOME"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "comflp").is_dir():
+        return checkout
+    return Path.cwd()
+
+
+REPO_ROOT: Path = _root()
 MODELS_DIR: Path = REPO_ROOT / "models"
 DEMO_MODEL_DIR: Path = MODELS_DIR / "demo-12l"
 DEMO_CORPUS_DIR: Path = REPO_ROOT / "AISHELL1" / "demo"
