@@ -1,6 +1,6 @@
 """Paper-compatible front-end: decode a test set (CER/WER, RTF, parameters). See ``--help``."""
 
-from comflp.test_asr import main
+from comflp.testset_cli import main
 
 if __name__ == "__main__":
     main()

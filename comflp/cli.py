@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "measure-report": ("comflp.report_cli:main", "which measure predicts the CER on this model: rank correlations, regret"),
     "finetune": ("comflp.finetune:main", "fine-tune a pruned model (DDP via accelerate, optional distillation)"),
     "average": ("comflp.average:main", "average fine-tuning checkpoints into an HF model"),
-    "test": ("comflp.test_asr:main", "decode a corpus: CER/WER, real-time factor, parameters"),
+    "test": ("comflp.testset_cli:main", "decode a corpus: CER/WER, real-time factor, parameters"),
     "demo": ("comflp.pipeline:main", "run the pipeline on the embedded default, as resumable stages"),
 }
 

@@ -151,7 +151,7 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         prune_main(["--model", str(args.model), "--strategy", str(paths["strategy"]), "--rank", "1",
                     "--output", str(paths["pruned"]), *again])
     elif name == "test":
-        from .test_asr import main as test_main
+        from .testset_cli import main as test_main
 
         test_main(["--model", str(args.model), "--output_dir", str(paths["test_full"]), *again])
         test_main(["--model", str(paths["pruned"]), "--output_dir", str(paths["test_pruned"]), *again])
@@ -172,7 +172,7 @@ def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> 
         average_main(["--exp_dir", str(paths["finetune"]), "--num", str(min(args.avg_num, args.ft_epochs)),
                       "--mode", "valid", *again])
     elif name == "retest":
-        from .test_asr import main as test_main
+        from .testset_cli import main as test_main
 
         test_main(["--model", str(ExperimentDir(paths["finetune"]).averaged), "--output_dir",
                    str(paths["test_healed"]), *again])

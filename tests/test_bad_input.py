@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import Wav2Vec2Model
 
-from comflp import analysis, average, cli, finetune, search_cli, test_asr
+from comflp import analysis, average, cli, finetune, search_cli
+from comflp import testset_cli as test_asr
 from comflp.aishell import main as aishell_main
 from comflp.artifacts import output_lock
 from comflp.strategy import Candidate, StrategyFile
