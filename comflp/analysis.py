@@ -23,8 +23,8 @@ from .errors import ComflpError, exit_on_error
 from .hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings, collect
 from .logs import setup_logging
 from .model import load_model, num_layers
-from .options import (ArgumentParser, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, positive_float, positive_int,
-                      read_corpus,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, positive_float, positive_int,
+                      read_corpus_or_dataset,
                       resolve_device)
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
 
@@ -51,6 +51,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     add_device(p)
     add_overwrite(p, "matrix file or heatmap")
     add_threads(p)
+    add_dataset_arguments(p, split="train", replaces="--data_dir")
     p.add_argument("--moment_memory_gb", type=positive_float, default=MOMENT_MEMORY_GB,
                    help="memory for the second moment of SVCCA/PWCCA/CKA, (L+1)D x (L+1)D float64; when it does not "
                         "fit, the moment is built one band of layers per pass over the same utterances (same "
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     setup_logging(Path(args.dump_dir) / "measure.log" if is_main else None)
     device = accelerator.device if accelerator else resolve_device(args.device)
     loaded = load_model(args.model, device=device)
-    utts = read_corpus(args.data_dir, require_text=False)
+    utts = read_corpus_or_dataset(args, args.data_dir, require_text=False)
     model = loaded.model
     check_num_layers(args.num_layers, num_layers(model), args.model)
     if not args.use_pretrained:
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     if not is_main:
         return None
     meta = {
-        "model": source_id(args.model), "data_dir": str(args.data_dir), "num_layers": num_layers(model),
+        "model": source_id(args.model),
+        "data_dir": f"{args.dataset} [{args.dataset_split}]" if args.dataset else str(args.data_dir), "num_layers": num_layers(model),
         "use_pretrained": bool(args.use_pretrained), "settings": {**settings.__dict__, "measures": list(settings.measures)},
         "num_utterances": stats.num_utterances, "num_frames": stats.num_frames, "num_batches": stats.num_batches,
         "processes": accelerator.num_processes if accelerator else 1, "seconds": round(time.perf_counter() - start, 3),

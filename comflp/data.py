@@ -129,10 +129,15 @@ def read_corpus_dir(data_dir: str | os.PathLike, *, require_text: bool = True,
     return utts
 
 
+def _readable(path) -> object:
+    """What soundfile reads: a file path, or the bytes/path of a dataset row (``comflp.hfdata.DatasetAudio``)."""
+    return path.open_audio() if hasattr(path, "open_audio") else str(path)
+
+
 def load_audio(path: str | os.PathLike, sampling_rate: int, *, utt_id: str | None = None) -> np.ndarray:
-    """Read an audio file as float32 mono at ``sampling_rate`` (downmix, then resample with soxr)."""
+    """Read an audio file (or a dataset row's audio) as float32 mono at ``sampling_rate`` (downmix, then resample with soxr)."""
     try:
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        wave, sr = sf.read(_readable(path), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises several types for bad files
         who = f" (utterance {utt_id})" if utt_id else ""
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -148,7 +153,7 @@ def load_audio(path: str | os.PathLike, sampling_rate: int, *, utt_id: str | Non
 def audio_duration(path: str | os.PathLike, *, utt_id: str | None = None) -> float:
     """Duration in seconds from the file header (no decoding)."""
     try:
-        info = sf.info(str(path))
+        info = sf.info(_readable(path))
     except Exception as err:
         who = f" (utterance {utt_id})" if utt_id else ""
         raise ComflpError(f"cannot read audio file {path}{who}: {str(err).splitlines()[0]}") from None

@@ -122,3 +122,25 @@ def read_corpus(data_dir, *, require_text: bool = True):
 
     ensure_demo_corpus(data_dir)
     return read_corpus_dir(data_dir, require_text=require_text)
+
+
+def add_dataset_arguments(p: argparse.ArgumentParser, *, split: str, replaces: str) -> None:
+    """``--dataset`` (instead of the Kaldi dir ``replaces``), ``--dataset_split``, ``--audio_column``, ``--text_column``."""
+    p.add_argument("--dataset", default=None,
+                   help=f"a HuggingFace dataset instead of {replaces}: a dir written by save_to_disk, an "
+                        "audiofolder dir (metadata.csv/jsonl with file_name), or a hub id when a hub is reachable")
+    p.add_argument("--dataset_split", default=split, help="the split of --dataset to read (default: %(default)s)")
+    p.add_argument("--audio_column", default="audio", help="the audio column of --dataset (default: %(default)s)")
+    p.add_argument("--text_column", default=None,
+                   help="the transcript column of --dataset (default: the first of text, sentence, transcription, "
+                        "normalized_text that exists)")
+
+
+def read_corpus_or_dataset(args: argparse.Namespace, data_dir, *, require_text: bool = True):
+    """The utterances of ``args.dataset`` (split ``args.dataset_split``) when given, else of the Kaldi dir ``data_dir``."""
+    if getattr(args, "dataset", None):
+        from .hfdata import read_dataset
+
+        return read_dataset(args.dataset, split=args.dataset_split, audio_column=args.audio_column,
+                            text_column=args.text_column, require_text=require_text)
+    return read_corpus(data_dir, require_text=require_text)

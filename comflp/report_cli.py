@@ -11,7 +11,8 @@ from . import atomic
 from .artifacts import WRITTEN_BY, check_matrix_model, claim_file, load_matrices, load_matrix, output_lock
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, positive_int, read_corpus,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, positive_int,
+                      read_corpus_or_dataset,
                       resolve_device)
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 from .search import check_matrix
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the subset is the first test_num_batch x verify_batch_size utterances (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None,
                    help="report JSON (default: exp/report/clip{L}to{L-K}_measures.json; the PNG beside it)")
+    add_dataset_arguments(p, split="validation", replaces="--verify_data_dir")
     add_pad_audio(p)
     add_device(p)
     add_overwrite(p, "report")
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> Path:
     if num_layers(loaded.model) != L:
         raise ComflpError(f"the matrices are for {L} layers but {args.model} has {num_layers(loaded.model)}")
     strategies = sample_strategies(matrices, K, args.num_strategies, seed=args.seed)
-    utts = verify_subset(read_corpus(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
+    utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
                       pad_audio=args.pad_audio)
     start = time.perf_counter()

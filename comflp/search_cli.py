@@ -12,7 +12,7 @@ import numpy as np
 
 from .artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
-from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from .logs import setup_logging
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
@@ -36,6 +36,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="utterances per batch; the subset is the first test_num_batch x verify_batch_size "
                         "utterances in wav.scp order; how they are batched does not change the CERs "
                         "(default: %(default)s)")
+    add_dataset_arguments(p, split="validation", replaces="--verify_data_dir")
     add_pad_audio(p)
     add_device(p)
     add_overwrite(p, "strategy file")
@@ -167,7 +168,7 @@ def _fine_search(args: argparse.Namespace):
 
     loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True)
     check_num_layers(args.num_layers, num_layers(loaded.model), args.model)
-    utts = verify_subset(read_corpus(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
+    utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
                       pad_audio=args.pad_audio)
 

@@ -17,7 +17,7 @@ from .artifacts import ExperimentDir, claim_file, open_output_dir, output_lock
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, positive_int, read_corpus,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, positive_int, read_corpus_or_dataset,
                       resolve_device)
 from .metrics import guess_unit
 from .model import count_parameters, load_model, num_layers
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score characters (CER) or words (WER); auto = char for CJK text (default: %(default)s)")
     add_device(p)
     add_threads(p)
+    add_dataset_arguments(p, split="test", replaces="--data_dir")
     add_pad_audio(p)
     add_overwrite(p, "test report (test_asr.json, hyp.txt)")
     return p
@@ -73,14 +74,15 @@ def main(argv: list[str] | None = None) -> dict:
 def _test(args: argparse.Namespace, model_src: str, out_dir: Path, report: Path, device) -> dict:
     setup_logging(out_dir / "test_asr.log")
     loaded = load_model(model_src, device=device, need_tokenizer=True, need_ctc_head=True)
-    utts = read_corpus(args.data_dir)
+    utts = read_corpus_or_dataset(args, args.data_dir)
     result = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=args.batch_size,
                         device=device, progress=True, pad_audio=args.pad_audio)
     unit = guess_unit([u.text for u in utts]) if args.unit == "auto" else args.unit
     er = result.score(unit)
     name = "CER" if unit == "char" else "WER"
     summary = {
-        "model": model_src, "data_dir": str(args.data_dir), "num_utterances": len(utts), "unit": unit,
+        "model": model_src,
+        "data_dir": f"{args.dataset} [{args.dataset_split}]" if args.dataset else str(args.data_dir), "num_utterances": len(utts), "unit": unit,
         "error_rate": er.rate, "substitutions": er.substitutions, "deletions": er.deletions,
         "insertions": er.insertions, "num_ref_tokens": er.num_ref_tokens,
         "audio_seconds": result.audio_seconds, "decode_seconds": result.decode_seconds,
