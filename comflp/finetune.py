@@ -42,7 +42,8 @@ from tqdm import tqdm
 from . import atomic
 from .artifacts import ExperimentDir, output_lock, source_id
 from .data import collate, length_sorted_batches
-from .options import ArgumentParser, add_pad_audio, add_threads, apply_threads, positive_float, positive_int, read_corpus, str2bool
+from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_threads, apply_threads, positive_float,
+                      positive_int, read_corpus_or_dataset, str2bool)
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_pad_audio(p)
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     add_threads(p)
+    add_dataset_arguments(p, split="train", replaces="--train_data_dir (and --valid_data_dir)")
+    p.add_argument("--valid_dataset_split", default="validation",
+                   help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -205,8 +209,11 @@ def run_settings(args: argparse.Namespace, pruned: list[int]) -> dict:
     keys = ("max_train_utts", "batch_size", "grad_accum", "lr", "layerdrop", "max_grad_norm", "use_scheduler",
             "epochs", "max_updates", "test_num_batch", "valid_batch_size", "freeze_feature_encoder", "distill",
             "distill_weight", "temperature", "seed", "pad_audio")
-    return {"model": source_id(args.model), "pruned": list(pruned), "train_data_dir": source_id(args.train_data_dir),
-            "valid_data_dir": source_id(args.valid_data_dir), **{k: getattr(args, k) for k in keys}}
+    data = ({"dataset": source_id(args.dataset), "dataset_split": args.dataset_split,
+             "valid_dataset_split": args.valid_dataset_split, "audio_column": args.audio_column,
+             "text_column": args.text_column} if args.dataset else
+            {"train_data_dir": source_id(args.train_data_dir), "valid_data_dir": source_id(args.valid_data_dir)})
+    return {"model": source_id(args.model), "pruned": list(pruned), **data, **{k: getattr(args, k) for k in keys}}
 
 
 def _check_training_data(utts, tokenizer, model, sampling_rate: int) -> list:
@@ -237,11 +244,13 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
     world, rank = accelerator.num_processes, accelerator.process_index
     out = exp.root
     setup_logging(out / "train.log" if accelerator.is_main_process else None)
-    train_utts = read_corpus(args.train_data_dir)
+    train_utts = read_corpus_or_dataset(args, args.train_data_dir)
     if args.max_train_utts:
         train_utts = train_utts[: args.max_train_utts]
     train_utts = _check_training_data(train_utts, loaded.tokenizer, loaded.model, loaded.sampling_rate)
-    valid_utts = verify_subset(read_corpus(args.valid_data_dir), args.test_num_batch, args.valid_batch_size)
+    valid_args = argparse.Namespace(**{**vars(args), "dataset_split": args.valid_dataset_split})
+    valid_utts = verify_subset(read_corpus_or_dataset(valid_args, args.valid_data_dir), args.test_num_batch,
+                               args.valid_batch_size)
     micro = length_sorted_batches(train_utts, batch_size=args.batch_size)
     updates_per_epoch = math.ceil(len(micro) / args.grad_accum)
     total_updates = updates_per_epoch * args.epochs

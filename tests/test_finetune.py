@@ -178,3 +178,28 @@ def test_refuses_a_dir_it_did_not_write(setup, tmp_path: Path) -> None:
     run = _train(_args(model, corpus, out, "--epochs", "1", "--overwrite"))
     assert run.returncode == 2 and "not written by comflp" in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in out.iterdir()) == ["data.csv"] and (out / "data.csv").read_text() == "keep me"
+
+
+def test_a_dataset_trains_as_its_kaldi_dir(setup, tmp_path: Path) -> None:
+    """--dataset (train and validation splits) gives the weights the same utterances give from Kaldi dirs."""
+    import datasets
+
+    from comflp.data import read_corpus_dir
+
+    model, corpus = setup
+    utts = read_corpus_dir(corpus)
+
+    def split(rows):
+        return datasets.Dataset.from_dict({"audio": [str(u.path) for u in rows], "text": [u.text for u in rows],
+                                           "id": [u.utt_id for u in rows]}).cast_column("audio", datasets.Audio())
+
+    datasets.DatasetDict({"train": split(utts), "validation": split(utts)}).save_to_disk(str(tmp_path / "ds"))
+    kaldi = _train(_args(model, corpus, tmp_path / "kaldi"))
+    hf = _train([a if a != str(corpus) else "unused" for a in _args(model, corpus, tmp_path / "hf")]
+                + ["--dataset", str(tmp_path / "ds")])
+    assert kaldi.returncode == 0 and hf.returncode == 0, kaldi.stderr + hf.stderr
+    a, b = _weights(tmp_path / "kaldi"), _weights(tmp_path / "hf")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    run = json.loads((tmp_path / "hf" / "run.json").read_text())["settings"]
+    assert run["dataset"] == str((tmp_path / "ds").resolve()) and "train_data_dir" not in run
