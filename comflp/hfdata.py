@@ -134,6 +134,8 @@ def read_dataset(source: str | os.PathLike, *, split: str, audio_column: str = "
         column = "file_name" if audio_column == "audio" else audio_column
         return _utterances(table, name, split, audio_column=column, text_column=text_column,
                            require_text=require_text, files_root=base)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ComflpError(f"dataset dir not found: {name} (a hub id looks like name or org/name)")
     try:
         loaded = datasets.load_dataset(name, split=split)
     except ValueError as err:

@@ -106,3 +106,9 @@ def test_commands_take_a_dataset(kaldi: Path, tmp_path: Path) -> None:
                         "--dataset_split", "validation", "--batch_size", "2", "--iter_num", "2", "--measures", "dc",
                         "--no_plot", "--quiet", "--dump_dir", str(tmp_path / "d")], capture_output=True, text=True)
     assert m.returncode == 0, m.stderr
+
+
+def test_a_missing_local_dataset_is_named_not_looked_up_on_the_hub(tmp_path: Path) -> None:
+    for source in (str(tmp_path / "nowhere"), "./typo", "a/b/c"):
+        with pytest.raises(ComflpError, match="dataset dir not found"):
+            read_dataset(source, split="train")
