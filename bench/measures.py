@@ -26,7 +26,7 @@ import torch
 
 from comflp.atomic import write_json
 from comflp.data import collate
-from comflp.model import forward, frame_mask
+from comflp.model import forward, layer_frame_mask
 from comflp.options import read_corpus
 from comflp.hidden import (ALL_MEASURES, MeasureSettings, Statistics, capture_layer_states, collect, finalize, pool,
                            select_utterances, update, update_per_batch)
@@ -64,7 +64,7 @@ def main() -> None:
             forward(model, batch.input_values, batch.attention_mask)
             forward_s += time.perf_counter() - t
             t = time.perf_counter()
-            mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
+            mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
             stats.num_utterances += mask.shape[0]
             stats.num_frames += int(mask.sum())
             pooled = pool(states, mask)

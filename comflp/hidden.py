@@ -45,7 +45,7 @@ from tqdm import tqdm
 from . import measures as M
 from .data import Utterance, collate, num_samples
 from .errors import ComflpError
-from .model import encoder_layers, forward, frame_mask, min_audio_samples
+from .model import encoder_layers, forward, layer_frame_mask, min_audio_samples
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
                 for start in range(0, len(group), settings.batch_size):
                     batch = collate(group[start: start + settings.batch_size], feature_extractor).to(device)
                     forward(model, batch.input_values, batch.attention_mask, pad_audio=settings.pad_audio)
-                    mask = frame_mask(model, batch.attention_mask, states[0].shape[1])
+                    mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
                     if not first_pass:
                         _add_band(stats, _samples(states, mask, settings, None))
                         continue

@@ -40,18 +40,29 @@ class Family:
     ``position_conv_layers``: the path (under the base model) of a positional
     convolution built as a stack of conv layers, whose padded frames must be
     zeroed between layers for batching to be exact (see :func:`padding_exact`).
+    ``layers_see_padding``: the layers themselves mix padded frames into real
+    ones (a conformer's depthwise convolution, SEW's pooling and upsampling),
+    which :func:`padding_exact` does not yet undo: batched results of such a
+    family depend on the batching, and comflp says so.
     """
 
     layers: str = "encoder.layers"
     depth_field: str = "num_hidden_layers"
     feature_encoder: str = "feature_extractor"
     position_conv_layers: str | None = None
+    layers_see_padding: bool = False
+    squeeze_field: str | None = None  # config field: the layers run at 1/squeeze of the encoder's frame rate (SEW)
 
 
 DEFAULT_FAMILY = Family()
 FAMILIES: dict[str, Family] = {
     "data2vec-audio": Family(position_conv_layers="encoder.pos_conv_embed.layers"),
+    "wav2vec2-conformer": Family(layers_see_padding=True),
+    "sew": Family(layers_see_padding=True, squeeze_field="squeeze_factor"),
+    # DeBERTa-style encoder: its relative-position embeddings sit beside the layers and are shared, so they stay
+    "sew-d": Family(layers="encoder.encoder.layer", layers_see_padding=True, squeeze_field="squeeze_factor"),
 }
+_WARNED_PADDING: set[str] = set()
 
 
 def family_of(model: PreTrainedModel) -> Family:
@@ -392,6 +403,21 @@ def frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_frames:
     return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
 
 
+def layer_frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """[B, T_samples] sample mask -> [B, num_frames] bool mask of the real frames the layers see.
+
+    The layers' frame rate is the encoder's, or 1/squeeze of it for families that pool before their layers
+    (SEW: floor(frames / squeeze), the pooled frames an utterance has alone; in a batch the window that
+    straddles its end mixes in padding and is not counted).
+    """
+    lengths = feature_lengths(model, attention_mask.sum(-1))
+    field = family_of(model).squeeze_field
+    if field:
+        squeeze = int(getattr(model.config, field))
+        lengths = torch.div(lengths, squeeze, rounding_mode="floor")
+    return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
+
+
 class _UnpaddedFeatureEncoder(nn.Module):
     """The conv feature encoder run on each utterance's real samples, outputs zero-padded in time.
 
@@ -508,6 +534,10 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
     inner = getattr(model, "module", model)  # under DDP the HF model is the wrapper's .module
     base = base_model(inner)
     family = family_of(inner)
+    if family.layers_see_padding and len(set(sample_lengths)) > 1 and inner.config.model_type not in _WARNED_PADDING:
+        _WARNED_PADDING.add(inner.config.model_type)
+        log.warning("%s layers mix padded frames into real ones: batched results depend on the batching "
+                    "(use batch size 1 for exact numbers)", inner.config.model_type)
     device = next(inner.parameters()).device
     restore: list[tuple[object, str, object]] = []  # (owner, attribute or index, original)
     encoder = getattr(base, family.feature_encoder)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, Wav2Vec2Config,
+from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, SEWConfig, SEWDConfig,
+                          SEWDForCTC, SEWForCTC, UniSpeechConfig, UniSpeechForCTC, UniSpeechSatConfig,
+                          UniSpeechSatForCTC, Wav2Vec2Config, Wav2Vec2ConformerConfig, Wav2Vec2ConformerForCTC,
                           Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, WavLMConfig, WavLMForCTC)
 
 TINY_VOCAB = ["<pad>", "<unk>", "|", "你", "好", "世", "界", "我", "们", "是", "的", "人"]
@@ -26,6 +28,12 @@ FAMILIES = {
     "hubert": (HubertConfig, HubertForCTC, {}),
     "wavlm": (WavLMConfig, WavLMForCTC, {"num_buckets": 16, "max_bucket_distance": 40}),
     "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioForCTC, {}),
+    "unispeech": (UniSpeechConfig, UniSpeechForCTC, {}),
+    "unispeech-sat": (UniSpeechSatConfig, UniSpeechSatForCTC, {}),
+    "wav2vec2-conformer": (Wav2Vec2ConformerConfig, Wav2Vec2ConformerForCTC,
+                           {"position_embeddings_type": "relative", "conv_depthwise_kernel_size": 3}),
+    "sew": (SEWConfig, SEWForCTC, {"squeeze_factor": 2}),
+    "sew-d": (SEWDConfig, SEWDForCTC, {"squeeze_factor": 2, "position_buckets": 16, "max_position_embeddings": 64}),
 }
 
 

@@ -201,3 +201,24 @@ def test_measure_npz_records_settings(setup, tmp_path: Path) -> None:
     assert set(mats) == {"dc", "pwcca", "angular"} and mats["dc"].shape == (7, 7)
     assert meta["settings"]["batch_size"] == 4 and meta["num_utterances"] == 8
     assert {p.name for p in tmp_path.glob("*.png")} == {f"{path.stem}_{m}.png" for m in mats}
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "wavlm", "data2vec-audio", "unispeech-sat", "wav2vec2-conformer", "sew",
+                                    "sew-d"])
+def test_layer_frame_mask_counts_the_frames_each_utterance_has_alone(setup, family: str) -> None:
+    """Hidden state 0 is the input of layer 1, captured at the layers' frame rate (SEW pools first)."""
+    from comflp.model import layer_frame_mask
+
+    _, fe, utts, _, _ = setup
+    model = tiny_model(family, seed=1)
+    alone = []
+    with torch.no_grad(), capture_layer_states(model) as states:
+        for u in utts[:4]:
+            b = collate([u], fe)
+            model(b.input_values, attention_mask=b.attention_mask)
+            alone.append(states[0].shape[1])
+            assert len(states) == model.config.num_hidden_layers + 1
+        batch = collate(utts[:4], fe)
+        model(batch.input_values, attention_mask=batch.attention_mask)
+        mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
+    assert mask.sum(-1).tolist() == alone and len(set(alone)) > 1
