@@ -1,10 +1,10 @@
 """Load, inspect, prune and save HuggingFace CTC speech encoders.
 
-Supported: any ``*ForCTC`` model whose base model has ``encoder.layers``
-(Wav2Vec2, HuBERT, WavLM, Data2VecAudio, ...). Layers are 1-based in the
-public API. Pruning and switching layers off select existing modules; nothing
-is renamed by state-dict index arithmetic, and ``config.num_hidden_layers``
-follows, so ``save_pretrained`` output reloads anywhere.
+Supported: the ``*ForCTC`` families of the family table (:data:`FAMILIES`;
+any other whose base model has ``encoder.layers`` is tried as wav2vec2).
+Layers are 1-based in the public API. Pruning and switching layers off select
+existing modules; nothing is renamed by state-dict index arithmetic, and the
+config's depth field follows, so ``save_pretrained`` output reloads anywhere.
 """
 
 from __future__ import annotations
