@@ -607,9 +607,39 @@ def model_info(loaded: LoadedModel) -> ModelInfo:
     )
 
 
+def prune_layer_weights(weights: dict[str, torch.Tensor], model: PreTrainedModel,
+                        kept: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Weights named like ``model``'s parameters (an MMS ``adapter.<lang>.safetensors``), for the kept layers only.
+
+    kept: the source layers kept, 0-based ascending. A key under the layer stack (``wav2vec2.encoder.layers.<i>.``)
+    is dropped when layer i goes and renumbered to its new position otherwise; other keys (the adapter's
+    ``lm_head``) are kept as they are.
+    """
+    prefix = f"{model.base_model_prefix}.{family_of(model).layers}."
+    new_index = {old: new for new, old in enumerate(kept)}
+    out = {}
+    for key, value in weights.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        if int(index) in new_index:
+            out[f"{prefix}{new_index[int(index)]}.{rest}"] = value
+    return out
+
+
+def adapter_files(source: str | os.PathLike) -> list[Path]:
+    """The MMS language-adapter files (``adapter.<lang>.safetensors``) beside a local model."""
+    return sorted(Path(source).glob("adapter.*.safetensors")) if Path(source).is_dir() else []
+
+
 def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_extractor=None, tokenizer=None,
-               dtype: torch.dtype | None = None, overwrite: bool = False, flag: str = "--output") -> Path:
+               dtype: torch.dtype | None = None, overwrite: bool = False, flag: str = "--output",
+               extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Save in HF format (config + model.safetensors + processor files), atomically.
+
+    ``extra_weights``: more safetensors files to write beside the model (file name -> tensors), e.g. pruned
+    MMS adapter files.
 
     The model is written to a temp dir beside ``out_dir`` and renamed into
     place; an existing ``out_dir`` is replaced only if comflp wrote it and
@@ -623,4 +653,9 @@ def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_ex
             feature_extractor.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, tensors in (extra_weights or {}).items():
+            from safetensors.torch import save_file
+
+            save_file({k: (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
+                       for k, v in tensors.items()}, str(tmp / name))
     return out_dir
