@@ -108,6 +108,8 @@ def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_p
     curve_rows = "\n".join(f"| {m['step']} | {m['train_loss']:.3f} | {100 * m['dev_cer']:.2f} |" for m in metrics)
     cfg = corpus["config"]
     recipe = res["recipe"]
+    searched = (" (CoMFLP: the paper's DC at batch 4 over 10 batches of the train split, exact top-10, fine "
+                "search on the dev split; GLP: greedy by dev CER)" if search_picks else "")
     layers_flag = "" if L == 12 else f" --num_layers {L}"
     padding = ("on zero-padded batches through its group-norm conv encoder (what `python -m comflp.demo train "
                "--pad_audio` does; the recipe now trains batch-invariantly by default)" if recipe["pad_audio"] else
@@ -168,8 +170,7 @@ Dev CER during training (curve in `training_curve.png`):
 
 The baseline that layer-pruning search must beat. Full model: **{100 * res['test_cer']:.2f}%**.
 
-{L // 2} of {L} layers removed (CoMFLP: the paper's DC at batch 4 over 10 batches of the train
-split, exact top-10, fine search on the dev split; GLP: greedy by dev CER):
+{L // 2} of {L} layers removed{searched}:
 
 | removed | test CER (%) |
 |---|---:|
