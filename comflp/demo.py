@@ -114,7 +114,8 @@ def train(args: argparse.Namespace) -> None:
 
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
     model.train()
-    t0 = time.time()
+    done_rows = ExperimentDir(exp).read_metrics(key="step") if step else []
+    t0 = time.time() - (done_rows[-1]["elapsed_s"] if done_rows else 0.0)  # a resumed run keeps counting
     running = []
     while step < args.steps:
         epoch, pos = divmod(step, len(batches))

@@ -74,8 +74,14 @@ def _recipe(model_dir: Path, exp_dir: Path, metrics: list[dict]) -> dict:
     """Steps, padding, threads and minutes of the training run: from its experiment dir, else recorded earlier."""
     settings = ExperimentDir(exp_dir).settings() if Path(exp_dir).is_dir() else None
     if settings and metrics and "elapsed_s" in metrics[-1]:
+        # a resumed run restarted its clock in older recipe versions: add up the segments
+        seconds, last = 0.0, 0.0
+        for row in metrics:
+            if row["elapsed_s"] < last:
+                seconds += last
+            last = row["elapsed_s"]
         return {"steps": settings["steps"], "pad_audio": bool(settings["pad_audio"]), "threads": 2,
-                "minutes": round(metrics[-1]["elapsed_s"] / 60)}
+                "minutes": round((seconds + last) / 60)}
     previous = Path(model_dir) / "results.json"
     recorded = json.loads(previous.read_text()).get("recipe") if previous.exists() else None
     return recorded or DEMO_12L_RECIPE
