@@ -44,3 +44,13 @@ def test_adapter_files_are_pruned_with_the_model(tmp_path: Path) -> None:
             expected = reference(x).logits
         with torch.no_grad():
             torch.testing.assert_close(pruned.eval()(x).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_a_corrupt_adapter_file_is_named_and_nothing_is_written(tmp_path: Path) -> None:
+    src = save_plain(tiny_model("wav2vec2-stable", seed=3, adapter_attn_dim=8), tmp_path / "mms", tmp_path / "proc")
+    (src / "adapter.cmn.safetensors").write_bytes(b"\x00" * 40)
+    out = subprocess.run([sys.executable, "-m", "comflp", "prune", "--model", str(src), "--layers", "2",
+                          "--output", str(tmp_path / "pruned")], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "adapter.cmn.safetensors" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "pruned").exists()
