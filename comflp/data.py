@@ -167,33 +167,35 @@ def num_samples(utt: Utterance, sampling_rate: int) -> int:
 
 @dataclass
 class AudioBatch:
-    """Padded audio of B utterances.
+    """The model inputs of B utterances, padded.
 
-    input_values: [B, T] float32 (normalised by the feature extractor);
-    attention_mask: [B, T] long, 1 on real samples; lengths: [B] samples.
+    inputs: what the feature extractor makes of the audio, the model's first input: [B, T] float32
+    samples (``input_values``, normalised) or [B, T, C] feature frames (``input_features``);
+    attention_mask: [B, T] long, 1 on the inputs' real time steps; lengths: [B] audio samples.
     """
 
     utt_ids: list[str]
     texts: list[str | None]
-    input_values: torch.Tensor
+    inputs: torch.Tensor
     attention_mask: torch.Tensor
     lengths: torch.Tensor
 
     def to(self, device: torch.device | str) -> "AudioBatch":
-        return AudioBatch(self.utt_ids, self.texts, self.input_values.to(device),
+        return AudioBatch(self.utt_ids, self.texts, self.inputs.to(device),
                           self.attention_mask.to(device), self.lengths.to(device))
 
 
 def collate(utts: Sequence[Utterance], feature_extractor) -> AudioBatch:
-    """Load, resample and pad ``utts`` with the model's feature extractor."""
+    """Load, resample and pad ``utts`` with the model's feature extractor (raw audio or feature frames)."""
     sr = int(feature_extractor.sampling_rate)
     waves = [load_audio(u.path, sr, utt_id=u.utt_id) for u in utts]
     feats = feature_extractor(waves, sampling_rate=sr, padding=True, return_attention_mask=True, return_tensors="pt")
+    inputs = feats[feature_extractor.model_input_names[0]]
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
     mask = feats.get("attention_mask")
-    if mask is None:
-        mask = (torch.arange(feats["input_values"].shape[1])[None, :] < lengths[:, None]).long()
-    return AudioBatch([u.utt_id for u in utts], [u.text for u in utts], feats["input_values"], mask.long(), lengths)
+    if mask is None:  # raw audio: the real samples
+        mask = (torch.arange(inputs.shape[1])[None, :] < lengths[:, None]).long()
+    return AudioBatch([u.utt_id for u in utts], [u.text for u in utts], inputs, mask.long(), lengths)
 
 
 def length_sorted_batches(utts: Sequence[Utterance], *, batch_size: int | None = None,

@@ -60,9 +60,10 @@ def report_unknown_characters(texts: Sequence[str], tokenizer, *, what: str = "t
     return share
 
 
-def check_decodable(model, utts: Sequence[Utterance], sampling_rate: int) -> None:
+def check_decodable(model, feature_extractor, utts: Sequence[Utterance]) -> None:
     """One line naming the utterances too short to give the model a single frame (they cannot be decoded)."""
-    least = min_audio_samples(model)
+    sampling_rate = int(feature_extractor.sampling_rate)
+    least = min_audio_samples(model, feature_extractor)
     short = [u.utt_id for u in utts if num_samples(u, sampling_rate) < least]
     if short:
         raise ComflpError(f"{len(short)} utterance(s) are shorter than the model's receptive field "
@@ -71,14 +72,14 @@ def check_decodable(model, utts: Sequence[Utterance], sampling_rate: int) -> Non
 
 
 def decode_logits(model, tokenizer, logits: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
-    """Greedy CTC transcripts of a batch. logits: [B, F, V]; attention_mask: [B, T_samples]."""
+    """Greedy CTC transcripts of a batch. logits: [B, F, V]; attention_mask: [B, T_input]."""
     mask = frame_mask(model, attention_mask, logits.shape[1])
     return greedy_decode(logits, tokenizer, mask.sum(-1))
 
 
 def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False) -> list[str]:
     """Greedy CTC transcripts of one padded batch (batch-invariant unless ``pad_audio``)."""
-    logits = forward(model, batch.input_values, batch.attention_mask, pad_audio=pad_audio).logits
+    logits = forward(model, batch.inputs, batch.attention_mask, pad_audio=pad_audio).logits
     return decode_logits(model, tokenizer, logits, batch.attention_mask)
 
 
@@ -94,7 +95,7 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
     audio = 0.0
     elapsed = 0.0
     sr = int(feature_extractor.sampling_rate)
-    check_decodable(model, utts, sr)
+    check_decodable(model, feature_extractor, utts)
     if all(u.text is not None for u in utts):
         report_unknown_characters([u.text for u in utts], tokenizer, what="references")
     batches = iter_batches(utts, feature_extractor, batch_size=batch_size)

@@ -47,7 +47,7 @@ from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
-from .model import LoadedModel, encoder_layers, forward, frame_mask, load_model, prune, save_model
+from .model import LoadedModel, encoder_layers, forward, frame_mask, freeze_feature_encoder, load_model, prune, save_model
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 from .strategy import resolve_pruned
 from .verify import verify_subset
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid_batch_size", type=positive_int, default=32,
                    help="validation decoding batch size; the validation subset is the first "
                         "test_num_batch x valid_batch_size utterances (default: %(default)s)")
-    p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the conv feature encoder")
+    p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the front end (conv feature encoder, feature projection or subsampling)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="GPU only (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
     p.add_argument("--distill_weight", type=float, default=0.5, help="w in (1-w) CTC + w KL (default: %(default)s)")
@@ -216,18 +216,19 @@ def run_settings(args: argparse.Namespace, pruned: list[int]) -> dict:
     return {"model": source_id(args.model), "pruned": list(pruned), **data, **{k: getattr(args, k) for k in keys}}
 
 
-def _check_training_data(utts, tokenizer, model, sampling_rate: int) -> list:
+def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
     """Drop utterances too short for one frame per label (CTC needs it), and report unknown characters."""
     from .data import num_samples
     from .decode import report_unknown_characters
-    from .model import feature_lengths
+    from .model import encoder_frames
 
+    sampling_rate = int(feature_extractor.sampling_rate)
+    samples = torch.tensor([num_samples(u, sampling_rate) for u in utts])
+    frames = encoder_frames(model, feature_extractor, samples).tolist() if utts else []
     kept, short = [], []
-    for u in utts:
+    for u, n in zip(utts, frames):
         chars = sum(1 for c in u.text if not c.isspace())
-        samples = num_samples(u, sampling_rate)
-        frames = int(feature_lengths(model, torch.tensor([samples]))[0]) if samples > 0 else 0
-        (kept if frames >= max(1, chars) else short).append(u)
+        (kept if n >= max(1, chars) else short).append(u)
     if short:
         log.warning("dropped %d training utterance(s) too short for their transcript (fewer frames than "
                     "characters), e.g. %s", len(short), ", ".join(u.utt_id for u in short[:3]))
@@ -247,7 +248,7 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
     train_utts = read_corpus_or_dataset(args, args.train_data_dir)
     if args.max_train_utts:
         train_utts = train_utts[: args.max_train_utts]
-    train_utts = _check_training_data(train_utts, loaded.tokenizer, loaded.model, loaded.sampling_rate)
+    train_utts = _check_training_data(train_utts, loaded.tokenizer, loaded.model, loaded.feature_extractor)
     valid_args = argparse.Namespace(**{**vars(args), "dataset_split": args.valid_dataset_split})
     valid_utts = verify_subset(read_corpus_or_dataset(valid_args, args.valid_data_dir), args.test_num_batch,
                                args.valid_batch_size)
@@ -259,7 +260,7 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
 
     model = loaded.model
     if args.freeze_feature_encoder:
-        model.freeze_feature_encoder()
+        freeze_feature_encoder(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scheduler = None
     if args.use_scheduler:
@@ -324,12 +325,12 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
                 sync = i == len(group) - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
-                    output = forward(model, batch.input_values, batch.attention_mask, labels=labels,
+                    output = forward(model, batch.inputs, batch.attention_mask, labels=labels,
                                      pad_audio=args.pad_audio)
                     loss = output.loss
                     if teacher is not None:
                         with torch.no_grad():
-                            t_logits = forward(teacher, batch.input_values, batch.attention_mask,
+                            t_logits = forward(teacher, batch.inputs, batch.attention_mask,
                                                pad_audio=args.pad_audio).logits
                         mask = frame_mask(raw, batch.attention_mask, output.logits.shape[1])
                         kd = distillation_loss(output.logits, t_logits, mask, temperature=args.temperature)

@@ -409,7 +409,7 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     """
     settings.validate()
     sr = int(feature_extractor.sampling_rate)
-    least = min_audio_samples(model)
+    least = min_audio_samples(model, feature_extractor)
     usable, short = [], []
     for u in utts:
         (usable if num_samples(u, sr) >= least else short).append(u)
@@ -437,7 +437,7 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
                 vectors = []
                 for start in range(0, len(group), settings.batch_size):
                     batch = collate(group[start: start + settings.batch_size], feature_extractor).to(device)
-                    forward(model, batch.input_values, batch.attention_mask, pad_audio=settings.pad_audio)
+                    forward(model, batch.inputs, batch.attention_mask, pad_audio=settings.pad_audio)
                     mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
                     if not first_pass:
                         _add_band(stats, _samples(states, mask, settings, None))

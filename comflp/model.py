@@ -37,21 +37,37 @@ LAYERNORM_HEAD_KEYS = ("lm_head.0.weight", "lm_head.1.weight")
 class Family:
     """What differs between model families; the rest of comflp asks this table, never the family name.
 
-    ``position_conv_layers``: the path (under the base model) of a positional
-    convolution built as a stack of conv layers, whose padded frames must be
-    zeroed between layers for batching to be exact (see :func:`padding_exact`).
-    ``layers_see_padding``: the layers themselves mix padded frames into real
-    ones (a conformer's depthwise convolution, SEW's pooling and upsampling),
-    which :func:`padding_exact` does not yet undo: batched results of such a
-    family depend on the batching, and comflp says so.
+    Paths are dotted attribute paths under the base model (:func:`base_model`).
+    ``config``: the sub-config that holds the encoder's fields (Parakeet keeps them in ``encoder_config``);
+    ``depth_field`` and the width are read there.
+    ``input_kind``: the forward's input, ``input_values`` ([B, T] audio samples) or ``input_features``
+    ([B, T, C] frames computed by the feature extractor); the attention mask is at that input's time steps.
+    ``output_lengths``: the model's method mapping input lengths to the layers' input frames.
+    ``feature_encoder``: the front end between the input and the first layer (frozen when fine-tuning,
+    computed once per batch in fine search).
+    ``position_conv_layers``: the path of a positional convolution built as a stack of conv layers, whose
+    padded frames must be zeroed between layers for batching to be exact (see :func:`padding_exact`).
+    ``front_end_exact``: the front end gives each utterance of a padded batch what it gives alone (feature
+    inputs are computed per utterance by the feature extractor, and these front ends mask padded frames).
+    ``layers_see_padding``: the layers themselves mix padded frames into real ones (a conformer's
+    depthwise convolution, SEW's pooling and upsampling), which :func:`padding_exact` does not yet undo:
+    batched results of such a family depend on the batching, and comflp says so.
+    ``default_features``: the feature extractor class assumed for a model saved without one.
+    ``head``: the CTC head's attribute on the ``*ForCTC`` model.
     """
 
     layers: str = "encoder.layers"
+    config: str | None = None
     depth_field: str = "num_hidden_layers"
+    input_kind: str = "input_values"
+    output_lengths: str = "_get_feat_extract_output_lengths"
     feature_encoder: str = "feature_extractor"
     position_conv_layers: str | None = None
+    front_end_exact: bool = False
     layers_see_padding: bool = False
     squeeze_field: str | None = None  # config field: the layers run at 1/squeeze of the encoder's frame rate (SEW)
+    default_features: str = "Wav2Vec2FeatureExtractor"
+    head: str = "lm_head"
 
 
 DEFAULT_FAMILY = Family()
@@ -61,6 +77,14 @@ FAMILIES: dict[str, Family] = {
     "sew": Family(layers_see_padding=True, squeeze_field="squeeze_factor"),
     # DeBERTa-style encoder: its relative-position embeddings sit beside the layers and are shared, so they stay
     "sew-d": Family(layers="encoder.encoder.layer", layers_see_padding=True, squeeze_field="squeeze_factor"),
+    # log-mel frames stacked in pairs; causal depthwise convolution over masked frames: batch-invariant as is
+    "wav2vec2-bert": Family(input_kind="input_features", feature_encoder="feature_projection", front_end_exact=True,
+                            default_features="SeamlessM4TFeatureExtractor"),
+    # FastConformer: 8x conv subsampling of log-mel frames (masked per conv), the relative positions are
+    # computed once before the layers and passed to each, so they stay
+    "parakeet_ctc": Family(config="encoder_config", input_kind="input_features",
+                           output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampling",
+                           front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head"),
 }
 _WARNED_PADDING: set[str] = set()
 
@@ -68,6 +92,12 @@ _WARNED_PADDING: set[str] = set()
 def family_of(model: PreTrainedModel) -> Family:
     """The family-table entry of ``model`` (by ``config.model_type``)."""
     return FAMILIES.get(model.config.model_type, DEFAULT_FAMILY)
+
+
+def encoder_config(model: PreTrainedModel):
+    """The config holding the encoder's fields (depth, width): the model's, or the family's sub-config."""
+    path = family_of(model).config
+    return getattr(model.config, path) if path else model.config
 
 
 class ExtendedWav2Vec2ForCTC(Wav2Vec2ForCTC):
@@ -163,16 +193,20 @@ def _weights_error(source: str, err: BaseException) -> ComflpError:
     return ComflpError(f"cannot read the weights in {source}: {_first_line(err)} (corrupt or truncated file?)")
 
 
-def default_feature_extractor(config) -> object:
-    """The wav2vec2-family feature extractor a model without ``preprocessor_config.json`` most likely used.
+def default_feature_extractor(model: PreTrainedModel) -> object:
+    """The feature extractor a model without ``preprocessor_config.json`` most likely used (the family's default).
 
-    16 kHz, zero padding, per-utterance zero-mean unit-variance normalisation
-    (what every wav2vec2/HuBERT/WavLM/Data2VecAudio CTC checkpoint on the hub uses).
+    For raw-audio families: 16 kHz, zero padding, per-utterance zero-mean unit-variance normalisation (what
+    every wav2vec2/HuBERT/WavLM/Data2VecAudio CTC checkpoint on the hub uses); for feature-input families,
+    their feature extractor's defaults (what the published checkpoints use).
     """
-    from transformers import Wav2Vec2FeatureExtractor
+    import transformers
 
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                    return_attention_mask=True)
+    name = family_of(model).default_features
+    if name == "Wav2Vec2FeatureExtractor":
+        return transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                      do_normalize=True, return_attention_mask=True)
+    return getattr(transformers, name)()
 
 
 def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torch.device = "cpu",
@@ -204,19 +238,19 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
         raise ComflpError(f"cannot load CTC model from {source}: {_first_line(err)}") from None
     except Exception as err:  # safetensors and pickle raise their own types for bad files
         raise _weights_error(source, err) from None
-    has_head = not any(k.startswith("lm_head") for k in info.get("missing_keys", ()))
+    head = family_of(model).head
+    has_head = not any(k.startswith(head + ".") for k in info.get("missing_keys", ()))
     if need_ctc_head and not has_head:
-        raise ComflpError(f"{source} has no CTC head (lm_head): it is a pretrained-only model; this command "
+        raise ComflpError(f"{source} has no CTC head ({head}): it is a pretrained-only model; this command "
                           "needs a fine-tuned CTC model")
     try:
         fe = AutoFeatureExtractor.from_pretrained(source)
     except (OSError, ValueError):
         fe = None
         if need_features:
-            fe = default_feature_extractor(model.config)
-            log.warning(
-                "%s has no preprocessor_config.json: using the wav2vec2 default feature extractor (16 kHz, "
-                "per-utterance normalisation); save the right one beside the model to silence this", source)
+            fe = default_feature_extractor(model)
+            log.warning("%s has no preprocessor_config.json: using the family's default feature extractor (%s, "
+                        "16 kHz); save the right one beside the model to silence this", source, type(fe).__name__)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
@@ -262,9 +296,10 @@ def _select_layers(model: PreTrainedModel, kept: Sequence[int]):
     parent, name = _layers_slot(model)
     old_layers = getattr(parent, name)
     depth_field = family_of(model).depth_field
-    old_count = getattr(model.config, depth_field)
+    config = encoder_config(model)
+    old_count = getattr(config, depth_field)
     setattr(parent, name, nn.ModuleList([old_layers[i] for i in kept]))
-    setattr(model.config, depth_field, len(kept))
+    setattr(config, depth_field, len(kept))
     moved = None
     first_attn = getattr(old_layers[0], "attention", None)
     if kept and kept[0] != 0 and hasattr(first_attn, "rel_attn_embed"):
@@ -275,7 +310,7 @@ def _select_layers(model: PreTrainedModel, kept: Sequence[int]):
         if moved is not None:
             del moved.rel_attn_embed
         setattr(parent, name, old_layers)
-        setattr(model.config, depth_field, old_count)
+        setattr(config, depth_field, old_count)
 
     return undo
 
@@ -346,28 +381,55 @@ def run_layers_cached(model: PreTrainedModel, kept: Sequence[int], cache: dict,
             setattr(parent, name, selected)
 
 
-class _FixedOutput(nn.Module):
-    """Stands in for the feature encoder: returns the batch's features, computed once."""
+class _OutputOnce(nn.Module):
+    """Stands in for the feature encoder: runs it on the first call and returns that output on every later one."""
 
-    def __init__(self, output: torch.Tensor) -> None:
+    def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        self.output = output
+        self.encoder = encoder
+        self.output = None
 
     def forward(self, *args, **kwargs):
+        if self.output is None:
+            self.output = self.encoder(*args, **kwargs)
         return self.output
 
 
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(_get(module, parent_path) if parent_path else module, name, value)
+
+
 @contextlib.contextmanager
-def frozen_features(model: PreTrainedModel, input_values: torch.Tensor) -> Iterator[PreTrainedModel]:
-    """Within the block, the feature encoder returns its output for ``input_values``, computed once here."""
+def frozen_features(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """Within the block, the feature encoder runs once: every forward after the first reuses its output.
+
+    Valid while every forward in the block gets the same input batch (fine search decodes one batch under
+    many layer sets).
+    """
     base = base_model(model)
-    attr = family_of(model).feature_encoder
-    encoder = getattr(base, attr)
-    setattr(base, attr, _FixedOutput(encoder(input_values)))
+    path = family_of(model).feature_encoder
+    encoder = _get(base, path)
+    _set(base, path, _OutputOnce(encoder))
     try:
         yield model
     finally:
-        setattr(base, attr, encoder)
+        _set(base, path, encoder)
+
+
+def front_end(model: PreTrainedModel) -> nn.Module:
+    """The family's front end: the conv feature encoder, feature projection or subsampling before the layers."""
+    return _get(base_model(model), family_of(model).feature_encoder)
+
+
+def freeze_feature_encoder(model: PreTrainedModel) -> None:
+    """Stop training the family's front end (the modules before the first layer)."""
+    encoder = front_end(model)
+    if hasattr(encoder, "_freeze_parameters"):  # wav2vec2's conv encoder also stops asking for input gradients
+        encoder._freeze_parameters()
+        return
+    for p in encoder.parameters():
+        p.requires_grad = False
 
 
 def prune(model: PreTrainedModel, pruned: Iterable[int]) -> PreTrainedModel:
@@ -380,31 +442,65 @@ def prune(model: PreTrainedModel, pruned: Iterable[int]) -> PreTrainedModel:
     return new
 
 
-def feature_lengths(model: PreTrainedModel, sample_lengths: torch.Tensor) -> torch.Tensor:
-    """[B] audio samples -> [B] encoder frames, by the model's own conv arithmetic."""
-    return model._get_feat_extract_output_lengths(sample_lengths).long()
+def feature_lengths(model: PreTrainedModel, input_lengths: torch.Tensor) -> torch.Tensor:
+    """[B] input time steps (audio samples or feature frames) -> [B] encoder frames, by the model's own arithmetic."""
+    return getattr(model, family_of(model).output_lengths)(input_lengths).long()
 
 
-def min_audio_samples(model: PreTrainedModel) -> int:
-    """The fewest audio samples that give one encoder frame (the conv encoder's receptive field)."""
+def input_lengths(feature_extractor, samples: torch.Tensor) -> torch.Tensor:
+    """[B] audio samples -> [B] time steps of the model input the feature extractor makes of them.
+
+    Raw-audio extractors pass samples through. For the log-mel extractors the counts are their framing in
+    closed form (checked against the extractors themselves in the tests); computing features here only to
+    count them would cost a spectrogram per utterance.
+    """
+    samples = torch.as_tensor(samples).long()
+    if feature_extractor.model_input_names[0] == "input_values":
+        return samples
+    name = type(feature_extractor).__name__
+    if name == "ParakeetFeatureExtractor":  # the attention mask covers floor(n / hop) frames
+        return torch.div(samples, feature_extractor.hop_length, rounding_mode="floor")
+    if name == "SeamlessM4TFeatureExtractor":
+        # kaldi fbank frames (25 ms window, 10 ms hop), padded to an even count, stacked by ``stride``; a stack
+        # is real when its second frame is
+        frames = (torch.div(samples - 400, 160, rounding_mode="floor") + 1).clamp(min=0)
+        stride = feature_extractor.stride
+        stacks = torch.div(torch.div(frames + 1, 2, rounding_mode="floor") * 2, stride, rounding_mode="floor")
+        return torch.minimum(stacks, torch.div(frames + stride - 2, stride, rounding_mode="floor")).clamp(min=0)
+    raise ComflpError(f"comflp does not know how {name} frames audio; supported: raw audio, "
+                      "ParakeetFeatureExtractor, SeamlessM4TFeatureExtractor")
+
+
+def encoder_frames(model: PreTrainedModel, feature_extractor, samples: torch.Tensor) -> torch.Tensor:
+    """[B] audio samples -> [B] encoder frames (input framing, then the model's front end)."""
+    steps = input_lengths(feature_extractor, samples)
+    return torch.where(steps > 0, feature_lengths(model, steps.clamp(min=1)), torch.zeros_like(steps))
+
+
+def min_audio_samples(model: PreTrainedModel, feature_extractor) -> int:
+    """The fewest audio samples that give one encoder frame (the front end's receptive field)."""
+
+    def frames(n: int) -> int:
+        return int(encoder_frames(model, feature_extractor, torch.tensor([n]))[0])
+
     n = 1
-    while int(feature_lengths(model, torch.tensor([n]))[0]) < 1:
+    while frames(n) < 1:
         n *= 2
     lo, hi = n // 2, n
     while hi - lo > 1:  # smallest n with >= 1 frame, in (lo, hi]
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if int(feature_lengths(model, torch.tensor([mid]))[0]) >= 1 else (mid, hi)
+        lo, hi = (lo, mid) if frames(mid) >= 1 else (mid, hi)
     return hi
 
 
 def frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """[B, T_samples] sample mask -> [B, num_frames] bool mask of real encoder frames."""
+    """[B, T_input] input mask -> [B, num_frames] bool mask of real encoder frames."""
     lengths = feature_lengths(model, attention_mask.sum(-1))
     return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
 
 
 def layer_frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """[B, T_samples] sample mask -> [B, num_frames] bool mask of the real frames the layers see.
+    """[B, T_input] input mask -> [B, num_frames] bool mask of the real frames the layers see.
 
     The layers' frame rate is the encoder's, or 1/squeeze of it for families that pool before their layers
     (SEW: floor(frames / squeeze), the pooled frames an utterance has alone; in a batch the window that
@@ -413,7 +509,7 @@ def layer_frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_f
     lengths = feature_lengths(model, attention_mask.sum(-1))
     field = family_of(model).squeeze_field
     if field:
-        squeeze = int(getattr(model.config, field))
+        squeeze = int(getattr(encoder_config(model), field))
         lengths = torch.div(lengths, squeeze, rounding_mode="floor")
     return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
 
@@ -529,7 +625,9 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
       family table's ``position_conv_layers``), padded frames between those
       layers are zeroed, as the unpadded convolution's own zero padding would be.
 
-    Attention itself is masked exactly by the frame attention mask.
+    Feature-input families (``front_end_exact``) need neither: their features are computed per utterance
+    and their front ends mask padded frames. ``sample_lengths`` are the input's real time steps (samples,
+    or feature frames). Attention itself is masked exactly by the frame attention mask.
     """
     inner = getattr(model, "module", model)  # under DDP the HF model is the wrapper's .module
     base = base_model(inner)
@@ -540,9 +638,11 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
                     "(use batch size 1 for exact numbers)", inner.config.model_type)
     device = next(inner.parameters()).device
     restore: list[tuple[object, str, object]] = []  # (owner, attribute or index, original)
-    encoder = getattr(base, family.feature_encoder)
+    encoder = _get(base, family.feature_encoder)
     stack = _conv_stack(encoder)
-    if stack is not None:
+    if family.front_end_exact:
+        pass
+    elif stack is not None:
         lengths = torch.as_tensor(list(sample_lengths))
         for layer, conv in stack:
             lengths = torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
@@ -551,8 +651,9 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
                 restore.append((layer, "layer_norm", norm))
                 layer.layer_norm = _MaskedGroupNorm(norm, lengths.clamp(min=0).to(device))
     else:
-        restore.append((base, family.feature_encoder, encoder))
-        setattr(base, family.feature_encoder, _UnpaddedFeatureEncoder(encoder, sample_lengths))
+        parent_path, _, name = family.feature_encoder.rpartition(".")
+        restore.append((_get(base, parent_path) if parent_path else base, name, encoder))
+        _set(base, family.feature_encoder, _UnpaddedFeatureEncoder(encoder, sample_lengths))
     conv_stack = _get(base, family.position_conv_layers) if family.position_conv_layers else None
     if conv_stack is not None:
         frames = feature_lengths(inner, torch.as_tensor(list(sample_lengths)))
@@ -570,21 +671,26 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
                 setattr(owner, key, original)
 
 
-def forward(model: PreTrainedModel, input_values: torch.Tensor, attention_mask: torch.Tensor, *,
+def call(model: PreTrainedModel, inputs: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """``model``'s own forward, with ``inputs`` passed as the family's input kind (``input_values``/``input_features``)."""
+    inner = getattr(model, "module", model)  # under DDP the HF model is the wrapper's .module
+    return model(**{family_of(inner).input_kind: inputs}, attention_mask=attention_mask, **kwargs)
+
+
+def forward(model: PreTrainedModel, inputs: torch.Tensor, attention_mask: torch.Tensor, *,
             pad_audio: bool = False, **kwargs):
     """The model's forward on a padded batch, with results independent of the batching.
 
-    input_values: [B, T] zero-padded audio; attention_mask: [B, T] (1 = real
-    sample). By default the model runs under :func:`padding_exact`, so every
-    utterance gets (up to float rounding) the output it gets alone.
-    ``pad_audio=True`` is the paper's behaviour: the padded batch goes through
-    the model as is, and group-norm encoders then give results that depend on
-    which utterances share a batch.
+    inputs: [B, T] zero-padded audio, or [B, T, C] padded feature frames for feature-input families;
+    attention_mask: [B, T] (1 = real sample or frame). By default the model runs under
+    :func:`padding_exact`, so every utterance gets (up to float rounding) the output it gets alone.
+    ``pad_audio=True`` is the paper's behaviour: the padded batch goes through the model as is, and
+    group-norm encoders then give results that depend on which utterances share a batch.
     """
     if pad_audio:
-        return model(input_values, attention_mask=attention_mask, **kwargs)
+        return call(model, inputs, attention_mask, **kwargs)
     with padding_exact(model, attention_mask.sum(-1).tolist()):
-        return model(input_values, attention_mask=attention_mask, **kwargs)
+        return call(model, inputs, attention_mask, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -600,7 +706,7 @@ def model_info(loaded: LoadedModel) -> ModelInfo:
         family=cfg.model_type,
         num_layers=num_layers(model),
         num_parameters=count_parameters(model if loaded.has_ctc_head else base_model(model)),
-        hidden_size=cfg.hidden_size,
+        hidden_size=encoder_config(model).hidden_size,
         vocab_size=cfg.vocab_size,
         head=head,
         sampling_rate=getattr(loaded.feature_extractor, "sampling_rate", None),
@@ -615,7 +721,8 @@ def prune_layer_weights(weights: dict[str, torch.Tensor], model: PreTrainedModel
     is dropped when layer i goes and renumbered to its new position otherwise; other keys (the adapter's
     ``lm_head``) are kept as they are.
     """
-    prefix = f"{model.base_model_prefix}.{family_of(model).layers}."
+    layers = encoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
     new_index = {old: new for new, old in enumerate(kept)}
     out = {}
     for key, value in weights.items():

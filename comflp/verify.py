@@ -35,7 +35,7 @@ from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_ba
 from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
-from .model import LoadedModel, encoder_layers, frozen_features, padding_exact, prune, run_layers_cached
+from .model import LoadedModel, call, encoder_layers, frozen_features, padding_exact, prune, run_layers_cached
 from .strategy import Candidate, validate
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class FineSearch:
         if any(u.text is None for u in self.utts):
             raise ComflpError("fine search needs transcripts (a text file in the verify data dir)")
         self.unit = self.unit or guess_unit([u.text for u in self.utts])
-        check_decodable(self.loaded.model, self.utts, self.loaded.sampling_rate)
+        check_decodable(self.loaded.model, self.loaded.feature_extractor, self.utts)
         report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer, what="fine-search references")
         self.device = next(self.loaded.model.parameters()).device
         groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
@@ -89,13 +89,13 @@ class FineSearch:
         """Decode one batch under every kept sequence, walking the trie of kept sequences in DFS order."""
         model = self.loaded.model
         cache: dict[tuple[int, ...], object] = {}
-        with frozen_features(model, batch.input_values):
+        with frozen_features(model):
             for i in order:
                 seq = kept[i]
                 for key in [k for k in cache if seq[: len(k)] != k]:
                     del cache[key]  # leave the trie path
                 with run_layers_cached(model, seq, cache, counter):
-                    logits = model(batch.input_values, attention_mask=batch.attention_mask).logits
+                    logits = call(model, batch.inputs, batch.attention_mask).logits
                 texts = decode_logits(model, self.loaded.tokenizer, logits, batch.attention_mask)
                 hyps[i].update(zip(batch.utt_ids, texts))
                 bar.update(1)

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, SEWConfig, SEWDConfig,
-                          SEWDForCTC, SEWForCTC, UniSpeechConfig, UniSpeechForCTC, UniSpeechSatConfig,
-                          UniSpeechSatForCTC, Wav2Vec2Config, Wav2Vec2ConformerConfig, Wav2Vec2ConformerForCTC,
-                          Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, WavLMConfig, WavLMForCTC)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, ParakeetCTCConfig,
+                          ParakeetFeatureExtractor, ParakeetForCTC, ParakeetTokenizer, SEWConfig, SEWDConfig,
+                          SeamlessM4TFeatureExtractor, SEWDForCTC, SEWForCTC, UniSpeechConfig, UniSpeechForCTC,
+                          UniSpeechSatConfig, UniSpeechSatForCTC, Wav2Vec2BertConfig, Wav2Vec2BertForCTC,
+                          Wav2Vec2Config, Wav2Vec2ConformerConfig, Wav2Vec2ConformerForCTC, Wav2Vec2CTCTokenizer,
+                          Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, WavLMConfig, WavLMForCTC)
 
 TINY_VOCAB = ["<pad>", "<unk>", "|", "你", "好", "世", "界", "我", "们", "是", "的", "人"]
 
@@ -21,6 +24,10 @@ _TINY = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, interme
              num_conv_pos_embedding_groups=2, vocab_size=len(TINY_VOCAB), pad_token_id=0,
              hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
              final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
+
+# Parakeet's SentencePiece-style vocabulary: "▁" marks a word start, the CTC blank is the last id
+PARAKEET_VOCAB = ["<unk>", "▁"] + TINY_VOCAB[3:] + ["<pad>"]
+_TINY_CONFORMER = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48)
 
 FAMILIES = {
     "wav2vec2": (Wav2Vec2Config, Wav2Vec2ForCTC, {"do_stable_layer_norm": False}),
@@ -34,13 +41,62 @@ FAMILIES = {
                            {"position_embeddings_type": "relative", "conv_depthwise_kernel_size": 3}),
     "sew": (SEWConfig, SEWForCTC, {"squeeze_factor": 2}),
     "sew-d": (SEWDConfig, SEWDForCTC, {"squeeze_factor": 2, "position_buckets": 16, "max_position_embeddings": 64}),
+    "wav2vec2-bert": (Wav2Vec2BertConfig, Wav2Vec2BertForCTC, None),  # input_features: stacked log-mel frames
+    "parakeet_ctc": (ParakeetCTCConfig, ParakeetForCTC, None),  # input_features: log-mel frames, 8x subsampling
 }
+# the families whose layers mix padded frames into real ones (batched results depend on the batching)
+LAYERS_SEE_PADDING = ("wav2vec2-conformer", "sew", "sew-d")
+
+
+def _feature_input_config(family: str, overrides: dict):
+    if family == "wav2vec2-bert":
+        return Wav2Vec2BertConfig(**{**_TINY_CONFORMER, "vocab_size": len(TINY_VOCAB), "pad_token_id": 0,
+                                     "feature_projection_input_dim": 160, "conv_depthwise_kernel_size": 5,
+                                     "output_hidden_size": 32, "left_max_position_embeddings": 16,
+                                     "right_max_position_embeddings": 4, "hidden_dropout": 0.0,
+                                     "attention_dropout": 0.0, "activation_dropout": 0.0, "feat_proj_dropout": 0.0,
+                                     "final_dropout": 0.0, "layerdrop": 0.0, "mask_time_prob": 0.0, **overrides})
+    encoder = {**_TINY_CONFORMER, "subsampling_conv_channels": 8, "conv_kernel_size": 9, "dropout": 0.0,
+               "dropout_positions": 0.0, "layerdrop": 0.0, "activation_dropout": 0.0, "attention_dropout": 0.0,
+               **overrides}
+    return ParakeetCTCConfig(encoder_config=encoder, vocab_size=len(PARAKEET_VOCAB),
+                             pad_token_id=len(PARAKEET_VOCAB) - 1)
 
 
 def tiny_model(family: str = "wav2vec2", seed: int = 0, **overrides):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    return model_cls(config_cls(**{**_TINY, **extra, **overrides})).eval()
+    config = (_feature_input_config(family, overrides) if extra is None
+              else config_cls(**{**_TINY, **extra, **overrides}))
+    return model_cls(config).eval()
+
+
+def tiny_inputs(model, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random unpadded batch of 2 in the family's input kind: 4,000 samples, or 50 feature frames."""
+    g = torch.Generator().manual_seed(seed)
+    kind = model.main_input_name
+    if kind == "input_values":
+        return {kind: torch.randn(2, 4000, generator=g)}
+    width = 160 if model.config.model_type == "wav2vec2-bert" else 80
+    return {kind: torch.randn(2, 50, width, generator=g)}
+
+
+def parakeet_tokenizer() -> ParakeetTokenizer:
+    """A SentencePiece-style character vocabulary (BPE without merges, metaspace word marks), blank last."""
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(PARAKEET_VOCAB)}, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return ParakeetTokenizer(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+def processor_for(model, tmp: Path):
+    """The feature extractor and tokenizer of ``model``'s family, as its published checkpoints ship them."""
+    fe, tok = tiny_processor(tmp)
+    if model.config.model_type == "parakeet_ctc":
+        return ParakeetFeatureExtractor(), parakeet_tokenizer()
+    if model.config.model_type == "wav2vec2-bert":
+        return SeamlessM4TFeatureExtractor(), tok
+    return fe, tok
 
 
 def tiny_processor(tmp: Path):
@@ -55,7 +111,7 @@ def tiny_processor(tmp: Path):
 
 def save_plain(model, out: Path, tmp: Path) -> Path:
     """Save like a user of plain transformers would: save_pretrained + processor files."""
-    fe, tok = tiny_processor(tmp)
+    fe, tok = processor_for(model, tmp)
     model.save_pretrained(out)
     fe.save_pretrained(out)
     tok.save_pretrained(out)

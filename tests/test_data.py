@@ -105,10 +105,10 @@ def test_collate_pads_and_masks(corpus: Path, tmp_path: Path) -> None:
     fe, _ = tiny_processor(tmp_path / "proc")
     utts = read_corpus_dir(corpus)[:3]
     batch = collate(utts, fe)
-    assert batch.input_values.shape == (3, 11200)
+    assert batch.inputs.shape == (3, 11200)
     assert batch.lengths.tolist() == [8000, 9600, 11200]
     assert batch.attention_mask.sum(-1).tolist() == batch.lengths.tolist()
-    assert torch.all(batch.input_values[0, 8000:] == 0)
+    assert torch.all(batch.inputs[0, 8000:] == 0)
     model = tiny_model()
     mask = frame_mask(model, batch.attention_mask, 1000)
     assert mask.sum(-1).tolist() == model._get_feat_extract_output_lengths(batch.lengths).tolist()

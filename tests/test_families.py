@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCTC
 
-from comflp import analysis, cli, search_cli, testset_cli
+from comflp import analysis, cli, finetune, search_cli, testset_cli
+from comflp.model import front_end, load_model, num_layers
 
-from conftest import FAMILIES, make_corpus, save_plain, tiny_model
+from conftest import FAMILIES, LAYERS_SEE_PADDING, make_corpus, save_plain, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,32 @@ def test_measure_search_prune_test(family: str, corpus: Path, tmp_path: Path) ->
     assert report["num_layers"] == 4 and 0 <= report["error_rate"]
     # the saved pruned model scores the CER the fine search measured by switching layers off (the subset is the
     # whole corpus); families whose layers see padding were fine-searched in batches of 3, so only nearly
-    if family in ("wav2vec2-conformer", "sew", "sew-d"):
+    if family in LAYERS_SEE_PADDING:
         assert abs(report["error_rate"] - pick["cer"]) < 0.5
     else:
         assert report["error_rate"] == pytest.approx(pick["cer"], abs=1e-12)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_glp_then_finetune(family: str, corpus: Path, tmp_path: Path) -> None:
+    """GLP picks layers by real CER, and fine-tuning (CTC + distillation) heals the pruned model of every family."""
+    model = save_plain(tiny_model(family, seed=7), tmp_path / "model", tmp_path / "proc")
+    glp = search_cli.glp_main(["--model", str(model), "--verify_data_dir", str(corpus), "--num_layers", "6",
+                               "--num_clip_layers", "2", "--test_num_batch", "2", "--verify_batch_size", "3",
+                               "--log_dir", str(tmp_path), "--quiet", "--output", str(tmp_path / "g.json")])
+    pick = glp.candidates[0].pruned
+    assert len(pick) == 2
+    out = tmp_path / "ft"
+    finetune.main(["--model", str(model), "--layers", ",".join(map(str, pick)), "--batch_size", "3", "--epochs", "1",
+                   "--lr", "1e-3", "--test_num_batch", "1", "--valid_batch_size", "3", "--train_data_dir", str(corpus),
+                   "--valid_data_dir", str(corpus), "--output_dir", str(out), "--threads", "1", "--quiet",
+                   "--freeze_feature_encoder"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train_loss"] is None and len(rows) == 2 and math.isfinite(rows[1]["train_loss"])
+    healed, info = AutoModelForCTC.from_pretrained(out / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and num_layers(healed) == 4
+    before = load_model(model).model.state_dict()
+    front = front_end(healed)
+    front_prefix = next(name for name, m in healed.named_modules() if m is front) + "."
+    changed = {k for k, v in healed.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    assert changed and not any(k.startswith(front_prefix) for k in changed)  # the front end stayed frozen

@@ -2,25 +2,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCTC, Wav2Vec2Config
+from transformers import AutoModelForCTC, ParakeetFeatureExtractor, SeamlessM4TFeatureExtractor, Wav2Vec2Config
 
 from comflp.errors import ComflpError
-from comflp.model import (ExtendedWav2Vec2ForCTC, count_parameters, encoder_layers, has_layernorm_head, load_model,
-                          model_info, num_layers, prune, save_model, skip_layers)
+from comflp.model import (ExtendedWav2Vec2ForCTC, count_parameters, encoder_config, encoder_frames, encoder_layers,
+                          has_layernorm_head, input_lengths, load_model, min_audio_samples, model_info, num_layers,
+                          prune, save_model, skip_layers)
 
-from conftest import FAMILIES, save_plain, tiny_model, tiny_processor
+from conftest import FAMILIES, save_plain, tiny_inputs, tiny_model, tiny_processor
 
 PRUNED = [1, 3, 4]
 
 
-def _inputs(seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4000, generator=g)
-
-
-def _identity_skipped_logits(model, pruned: list[int], x: torch.Tensor) -> torch.Tensor:
+def _identity_skipped_logits(model, pruned: list[int], x: dict[str, torch.Tensor]) -> torch.Tensor:
     """Independent reference: the unmodified model with the pruned layers' outputs replaced by their inputs."""
     handles = []
     for i, layer in enumerate(encoder_layers(model), start=1):
@@ -31,7 +28,7 @@ def _identity_skipped_logits(model, pruned: list[int], x: torch.Tensor) -> torch
             handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            return model(x).logits
+            return model(**x).logits
     finally:
         for h in handles:
             h.remove()
@@ -40,16 +37,16 @@ def _identity_skipped_logits(model, pruned: list[int], x: torch.Tensor) -> torch
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pruned_logits_equal_layer_skipped_logits(family: str) -> None:
     model = tiny_model(family)
-    x = _inputs()
+    x = tiny_inputs(model)
     reference = _identity_skipped_logits(model, PRUNED, x)
     pruned = prune(model, PRUNED)
     with torch.no_grad():
-        got = pruned(x).logits
+        got = pruned(**x).logits
         with skip_layers(model, PRUNED):
-            switched_off = model(x).logits
-        full_after = model(x).logits
-    assert num_layers(pruned) == 3 and pruned.config.num_hidden_layers == 3
-    assert num_layers(model) == 6 and model.config.num_hidden_layers == 6  # source untouched
+            switched_off = model(**x).logits
+        full_after = model(**x).logits
+    assert num_layers(pruned) == 3 and encoder_config(pruned).num_hidden_layers == 3
+    assert num_layers(model) == 6 and encoder_config(model).num_hidden_layers == 6  # source untouched
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(switched_off, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(full_after, _identity_skipped_logits(model, [], x), rtol=0, atol=0)
@@ -65,11 +62,13 @@ def test_saved_pruned_model_loads_with_plain_transformers(family: str, tmp_path:
     reloaded, info = AutoModelForCTC.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == [] or not info["missing_keys"]
     assert not info["unexpected_keys"]
-    assert reloaded.config.num_hidden_layers == 3
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "vocab.json"} <= {p.name for p in out.iterdir()}
-    x = _inputs(1)
+    assert encoder_config(reloaded).num_hidden_layers == 3 and num_layers(reloaded) == 3
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
+    assert files & {"vocab.json", "tokenizer.json"}
+    x = tiny_inputs(pruned, 1)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(x).logits, pruned(x).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reloaded.eval()(**x).logits, pruned(**x).logits, rtol=0, atol=1e-6)
 
 
 def test_stable_layer_norm_encoder_keeps_final_layer_norm() -> None:
@@ -101,9 +100,9 @@ def test_layernorm_head_detected_and_reloaded(tmp_path: Path) -> None:
     out = save_model(pruned, tmp_path / "pruned", feature_extractor=loaded.feature_extractor)
     reloaded, info = ExtendedWav2Vec2ForCTC.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    x = _inputs()
+    x = tiny_inputs(pruned)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(x).logits, pruned(x).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reloaded.eval()(**x).logits, pruned(**x).logits, rtol=0, atol=1e-6)
 
 
 def test_plain_model_is_not_mistaken_for_layernorm_head(tiny_model_dir: Path) -> None:
@@ -158,3 +157,27 @@ def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes["model.safetensors"] == 0o644 and modes["config.json"] == 0o644, modes
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("extractor", [ParakeetFeatureExtractor(), SeamlessM4TFeatureExtractor(), SeamlessM4TFeatureExtractor(stride=3)])
+def test_input_lengths_count_the_frames_the_feature_extractor_makes(extractor) -> None:
+    rng = np.random.default_rng(0)
+    for n in [400, 401, 559, 560, 719, 720, 1600, *rng.integers(400, 40000, 40).tolist()]:
+        made = extractor([rng.standard_normal(n).astype(np.float32)], sampling_rate=16000, return_attention_mask=True)
+        assert int(np.asarray(made["attention_mask"]).sum()) == int(input_lengths(extractor, torch.tensor([n]))[0]), n
+
+
+@pytest.mark.parametrize("family", ["wav2vec2-bert", "parakeet_ctc"])
+def test_feature_input_model_saved_without_processor_gets_its_family_extractor(family: str, tmp_path: Path,
+                                                                                 caplog) -> None:
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "plain")  # no preprocessor_config.json
+    loaded = load_model(tmp_path / "plain")
+    assert loaded.feature_extractor.model_input_names[0] == "input_features"
+    assert "no preprocessor_config.json" in caplog.text
+    info = model_info(loaded)
+    assert info.num_layers == 6 and info.hidden_size == 32 and info.family == family
+    # the shortest audio that gives one frame, and one sample less gives none
+    least = min_audio_samples(loaded.model, loaded.feature_extractor)
+    frames = [int(encoder_frames(loaded.model, loaded.feature_extractor, torch.tensor([n]))[0]) for n in (least - 1, least)]
+    assert frames == [0, 1]
