@@ -49,9 +49,12 @@ class Family:
     padded frames must be zeroed between layers for batching to be exact (see :func:`padding_exact`).
     ``front_end_exact``: the front end gives each utterance of a padded batch what it gives alone (feature
     inputs are computed per utterance by the feature extractor, and these front ends mask padded frames).
-    ``layers_see_padding``: the layers themselves mix padded frames into real ones (a conformer's
-    depthwise convolution, SEW's pooling and upsampling), which :func:`padding_exact` does not yet undo:
-    batched results of such a family depend on the batching, and comflp says so.
+    ``depthwise_conv``: the path, inside each layer, of a "same"-padded depthwise convolution over time (a
+    conformer's), whose input :func:`padding_exact` zeroes on padded frames, as an utterance alone has
+    zeros there.
+    ``layers_see_padding``: the layers themselves mix padded frames into real ones (SEW's pooling and
+    upsampling), which :func:`padding_exact` does not yet undo: batched results of such a family depend on
+    the batching, and comflp says so.
     ``default_features``: the feature extractor class assumed for a model saved without one.
     ``head``: the CTC head's attribute on the ``*ForCTC`` model.
     """
@@ -64,6 +67,7 @@ class Family:
     feature_encoder: str = "feature_extractor"
     position_conv_layers: str | None = None
     front_end_exact: bool = False
+    depthwise_conv: str | None = None
     layers_see_padding: bool = False
     squeeze_field: str | None = None  # config field: the layers run at 1/squeeze of the encoder's frame rate (SEW)
     default_features: str = "Wav2Vec2FeatureExtractor"
@@ -73,7 +77,7 @@ class Family:
 DEFAULT_FAMILY = Family()
 FAMILIES: dict[str, Family] = {
     "data2vec-audio": Family(position_conv_layers="encoder.pos_conv_embed.layers"),
-    "wav2vec2-conformer": Family(layers_see_padding=True),
+    "wav2vec2-conformer": Family(depthwise_conv="conv_module.depthwise_conv"),
     "sew": Family(layers_see_padding=True, squeeze_field="squeeze_factor"),
     # DeBERTa-style encoder: its relative-position embeddings sit beside the layers and are shared, so they stay
     "sew-d": Family(layers="encoder.encoder.layer", layers_see_padding=True, squeeze_field="squeeze_factor"),
@@ -506,12 +510,18 @@ def layer_frame_mask(model: PreTrainedModel, attention_mask: torch.Tensor, num_f
     (SEW: floor(frames / squeeze), the pooled frames an utterance has alone; in a batch the window that
     straddles its end mixes in padding and is not counted).
     """
-    lengths = feature_lengths(model, attention_mask.sum(-1))
+    lengths = _layer_lengths(model, attention_mask.sum(-1))
+    return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
+
+
+def _layer_lengths(model: PreTrainedModel, input_lengths: torch.Tensor) -> torch.Tensor:
+    """[B] input time steps -> [B] frames at the layers' rate (see :func:`layer_frame_mask`)."""
+    lengths = feature_lengths(model, input_lengths)
     field = family_of(model).squeeze_field
     if field:
         squeeze = int(getattr(encoder_config(model), field))
         lengths = torch.div(lengths, squeeze, rounding_mode="floor")
-    return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
+    return lengths
 
 
 class _UnpaddedFeatureEncoder(nn.Module):
@@ -589,6 +599,18 @@ def _conv_stack(encoder: nn.Module) -> list[tuple[nn.Module, nn.Conv1d]] | None:
     return out
 
 
+class _MaskedInput(nn.Module):
+    """Zeroes the padded frames of the [B, C, T] input of ``conv`` (a "same"-padded conv over time), then runs it."""
+
+    def __init__(self, conv: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.conv = conv
+        self.mask = mask  # [B, T] bool
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(hidden_states * self.mask[:, None, : hidden_states.shape[-1]].to(hidden_states.dtype))
+
+
 class _MaskedPositions(nn.Module):
     """Runs ``layer`` on [B, D, F] and zeroes the padded frames of its output."""
 
@@ -623,7 +645,9 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
       utterance unpadded (:class:`_UnpaddedFeatureEncoder`);
     - in families whose positional convolution is a stack of conv layers (the
       family table's ``position_conv_layers``), padded frames between those
-      layers are zeroed, as the unpadded convolution's own zero padding would be.
+      layers are zeroed, as the unpadded convolution's own zero padding would be;
+    - in conformer layers (the family table's ``depthwise_conv``), the depthwise
+      convolution's input is zeroed on padded frames for the same reason.
 
     Feature-input families (``front_end_exact``) need neither: their features are computed per utterance
     and their front ends mask padded frames. ``sample_lengths`` are the input's real time steps (samples,
@@ -661,6 +685,14 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
         for i, layer in enumerate(list(conv_stack)):
             restore.append((conv_stack, i, layer))
             conv_stack[i] = _MaskedPositions(layer, mask)
+    if family.depthwise_conv:
+        frames = _layer_lengths(inner, torch.as_tensor(list(sample_lengths)))
+        mask = (torch.arange(int(frames.max()))[None, :] < frames[:, None]).to(device)
+        parent_path, _, name = family.depthwise_conv.rpartition(".")
+        for layer in encoder_layers(inner):
+            owner = _get(layer, parent_path) if parent_path else layer
+            restore.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, _MaskedInput(getattr(owner, name), mask))
     try:
         yield model
     finally:

@@ -45,7 +45,7 @@ FAMILIES = {
     "parakeet_ctc": (ParakeetCTCConfig, ParakeetForCTC, None),  # input_features: log-mel frames, 8x subsampling
 }
 # the families whose layers mix padded frames into real ones (batched results depend on the batching)
-LAYERS_SEE_PADDING = ("wav2vec2-conformer", "sew", "sew-d")
+LAYERS_SEE_PADDING = ("sew", "sew-d")
 
 
 def _feature_input_config(family: str, overrides: dict):
