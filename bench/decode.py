@@ -36,7 +36,7 @@ def throughput(model, batches, tokenizer, repeat: int) -> float:
     for _ in range(repeat):
         t = time.perf_counter()
         for b in batches:
-            logits = forward(model, b.input_values, b.attention_mask).logits
+            logits = forward(model, b.inputs, b.attention_mask).logits
             if tokenizer is not None:
                 greedy_decode(logits, tokenizer, frame_mask(model, b.attention_mask, logits.shape[1]).sum(-1))
             else:
@@ -56,11 +56,11 @@ def frontend_share(model, batches) -> float:
     t = time.perf_counter()
     for b in batches:
         with padding_exact(model, b.attention_mask.sum(-1).tolist()):
-            base.feature_extractor(b.input_values)
+            base.feature_extractor(b.inputs)
     conv = time.perf_counter() - t
     t = time.perf_counter()
     for b in batches:
-        forward(model, b.input_values, b.attention_mask)
+        forward(model, b.inputs, b.attention_mask)
     return conv / (time.perf_counter() - t)
 
 

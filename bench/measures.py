@@ -58,10 +58,10 @@ def main() -> None:
     stats = Statistics()
     forward_s = maths_s = 0.0
     with torch.inference_mode(), capture_layer_states(model) as states:
-        forward(model, batches[0].input_values, batches[0].attention_mask)  # warm-up
+        forward(model, batches[0].inputs, batches[0].attention_mask)  # warm-up
         for batch in batches:
             t = time.perf_counter()
-            forward(model, batch.input_values, batch.attention_mask)
+            forward(model, batch.inputs, batch.attention_mask)
             forward_s += time.perf_counter() - t
             t = time.perf_counter()
             mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
@@ -97,10 +97,10 @@ def whole_pass(loaded, args: argparse.Namespace) -> dict:
     batches = [collate(utts[i: i + 32], loaded.feature_extractor) for i in range(0, len(utts), 32)]
     load_s = time.perf_counter() - t
     with torch.inference_mode():
-        forward(loaded.model, batches[0].input_values, batches[0].attention_mask)  # warm-up
+        forward(loaded.model, batches[0].inputs, batches[0].attention_mask)  # warm-up
         t = time.perf_counter()
         for batch in batches:
-            forward(loaded.model, batch.input_values, batch.attention_mask)
+            forward(loaded.model, batch.inputs, batch.attention_mask)
         bare_s = time.perf_counter() - t
     t = time.perf_counter()
     collect(loaded.model, loaded.feature_extractor, utts, settings, progress=False)
