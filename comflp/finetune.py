@@ -47,6 +47,7 @@ from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
+from .metrics import guess_unit
 from .model import LoadedModel, encoder_layers, forward, frame_mask, freeze_feature_encoder, load_model, prune, save_model
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 from .strategy import resolve_pruned
@@ -74,7 +75,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def _labels(tokenizer, texts: list[str], device) -> torch.Tensor:
-    ids = [tokenizer("".join(t.split())).input_ids for t in texts]
+    """[B, N] token ids of the transcripts, padded with -100 (ignored by the CTC loss).
+
+    Word-segmented Chinese (AISHELL-1's transcripts) loses its spaces, which its vocabularies do not
+    model; text in words keeps them (a word delimiter, or SentencePiece's word marks).
+    """
+    ids = [tokenizer(t if guess_unit([t]) == "word" else "".join(t.split())).input_ids for t in texts]
     out = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.long)
     for i, seq in enumerate(ids):
         out[i, : len(seq)] = torch.tensor(seq)
