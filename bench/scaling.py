@@ -24,6 +24,7 @@ bench/results/scaling.json and bench/results/scaling.png (log-log).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 from dataclasses import replace
@@ -107,15 +108,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "scaling.json")
+    p.add_argument("--keep_rows", action="store_true",
+                   help="keep the rows of other depths already in --output (each row records its own run's date)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     processor = load_model(DEMO_MODEL_DIR, need_tokenizer=True)
     train = read_corpus(demo_split("train"), require_text=False)
     subset = verify_subset(read_corpus(demo_split("dev")), 1, args.subset)
+    depths = [int(d) for d in args.depths.split(",")]
     rows = []
-    for depth in (int(d) for d in args.depths.split(",")):
-        rows.append(time_depth(random_model(depth, processor, args.seed), depth, train, subset, args.glp_budget_s))
+    if args.keep_rows and args.output.exists():
+        rows = [r for r in json.loads(args.output.read_text())["rows"] if r["layers"] not in depths]
+    for depth in depths:
+        row = time_depth(random_model(depth, processor, args.seed), depth, train, subset, args.glp_budget_s)
+        rows.append({**row, "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()})
+        rows.sort(key=lambda r: r["layers"])
         write_json(args.output, {"rows": rows, "subset": len(subset), "glp_budget_s": args.glp_budget_s,
                                  "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()})
     plot(rows, args.output.with_suffix(".png"))

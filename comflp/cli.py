@@ -8,9 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
-from .errors import ComflpError, exit_on_error
+from .errors import exit_on_error
 from .options import ArgumentParser, add_overwrite
 from .paths import DEMO_MODEL_DIR
 
@@ -93,9 +92,8 @@ def prune_parser() -> argparse.ArgumentParser:
 @exit_on_error
 def prune_main(argv: list[str] | None = None) -> None:
     from .artifacts import claim_dir
-    from safetensors.torch import load_file
-
-    from .model import adapter_files, base_model, load_model, num_layers, prune, prune_layer_weights, save_model
+    from .model import load_model, num_layers
+    from .stages import prune
     from .strategy import resolve_pruned
 
     args = prune_parser().parse_args(argv)
@@ -103,22 +101,9 @@ def prune_main(argv: list[str] | None = None) -> None:
     loaded = load_model(args.model, need_features=False)
     total = num_layers(loaded.model)
     layers = resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model)
-    pruned = prune(loaded.model, layers)
-    if not loaded.has_ctc_head:  # save what the source holds, never a randomly initialised head
-        pruned = base_model(pruned)
-    kept = [i for i in range(total) if i + 1 not in set(layers)]
-    # MMS: every language's adapter file beside the model loses the adapters of the removed layers too
-    adapters = {}
-    for f in adapter_files(args.model):
-        try:
-            weights = load_file(str(f))
-        except Exception as err:  # safetensors raises its own error types for a damaged file
-            raise ComflpError(f"cannot read adapter file {f}: {str(err).splitlines()[0]}") from None
-        adapters[f.name] = prune_layer_weights(weights, loaded.model, kept)
-    save_model(pruned, args.output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
-               dtype=torch.float16 if args.fp16 else None, overwrite=args.overwrite, extra_weights=adapters)
-    extra = f" with {len(adapters)} adapter file(s)" if adapters else ""
-    print(f"pruned layers {sorted(layers)} of {total}: {num_layers(pruned)} layers left, saved to {args.output}{extra}")
+    out = prune(loaded, layers, args.output, fp16=args.fp16, overwrite=args.overwrite)
+    extra = f" with {len(out.adapter_files)} adapter file(s)" if out.adapter_files else ""
+    print(f"pruned layers {out.removed} of {total}: {out.num_layers} layers left, saved to {args.output}{extra}")
 
 
 if __name__ == "__main__":

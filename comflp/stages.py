@@ -10,23 +10,32 @@ chaining the engines by hand:
 
 :func:`comflp_search` runs all three: one measuring pass, the exact top-N of
 the coarse search, and the fine search (full or racing) of those candidates.
+:func:`glp` is the baseline search by the task metric, :func:`prune` saves a
+pruned model (and its MMS adapter files) for plain transformers, and
+:func:`score` decodes a test set.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .data import Utterance
+from .decode import Transcription, transcribe
 from .errors import ComflpError
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
-from .model import LoadedModel
+from .metrics import ErrorRate, Unit, guess_unit
+from .model import (LoadedModel, adapter_files, base_model, count_parameters, num_layers, prune as prune_model,
+                    prune_layer_weights, save_model)
 from .search import SearchResult, search
-from .strategy import Candidate
-from .verify import RACE_CONFIDENCE, FineSearch, VerifyReport, race, verify
+from .strategy import Candidate, validate
+from .verify import RACE_CONFIDENCE, FineSearch, GLPResult, VerifyReport, greedy_layer_pruning, race, verify
 
 PAPER_DC = MeasureSettings(measures=("dc",), batch_size=4, iter_num=10)  # the paper's DC recipe
 
@@ -119,3 +128,74 @@ def comflp_search(loaded: LoadedModel, measure_utts: Sequence[Utterance], engine
         raise ComflpError(f"{name} was not measured (measured: {', '.join(measured.matrices)})")
     found = coarse(measured.matrices[name], k, top_n=top_n)
     return SearchRun(measured, found, fine(engine, found.candidates, racing=racing, seed=seed))
+
+
+def glp(engine: FineSearch, k: int, *, progress: bool = False, max_seconds: float | None = None) -> GLPResult:
+    """Greedy layer pruning by the engine's error rate, K steps (:func:`comflp.verify.greedy_layer_pruning`)."""
+    return greedy_layer_pruning(engine, k, progress=progress, max_seconds=max_seconds)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A pruned model saved in HF format: its dir, the 1-based layers removed, the adapter files pruned with it."""
+
+    path: Path
+    removed: list[int]
+    num_layers: int
+    adapter_files: list[str]
+
+
+def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike, *, fp16: bool = False,
+          overwrite: bool = False) -> Pruned:
+    """Save ``loaded`` without the 1-based ``layers`` to ``output`` (config, safetensors, processor files).
+
+    Every MMS ``adapter.<lang>.safetensors`` beside a local source loses the adapters of the removed layers
+    too. A source without a CTC head is saved without one (never a randomly initialised head). ``output``
+    must be new, empty, or (with ``overwrite``) an earlier comflp output.
+    """
+    from safetensors.torch import load_file
+
+    total = num_layers(loaded.model)
+    layers = validate(list(layers), total)
+    pruned = prune_model(loaded.model, layers)
+    if not loaded.has_ctc_head:
+        pruned = base_model(pruned)
+    kept = [i for i in range(total) if i + 1 not in set(layers)]
+    adapters = {}
+    for f in adapter_files(loaded.source):
+        try:
+            weights = load_file(str(f))
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise ComflpError(f"cannot read adapter file {f}: {str(err).splitlines()[0]}") from None
+        adapters[f.name] = prune_layer_weights(weights, loaded.model, kept)
+    path = save_model(pruned, output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+                      dtype=torch.float16 if fp16 else None, overwrite=overwrite, extra_weights=adapters)
+    return Pruned(Path(path), list(layers), num_layers(pruned), sorted(adapters))
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model's error rate on a test set, with the transcripts, the real-time factor and the model's size."""
+
+    error_rate: ErrorRate
+    unit: Unit
+    transcription: Transcription
+    num_parameters: int
+    num_layers: int
+
+    @property
+    def rtf(self) -> float:
+        """Decoding seconds per audio second."""
+        return self.transcription.decode_seconds / self.transcription.audio_seconds
+
+
+def score(loaded: LoadedModel, utts: Sequence[Utterance], *, batch_size: int = 16, unit: Unit | None = None,
+          device: str | torch.device = "cpu", progress: bool = False, pad_audio: bool = False) -> Scored:
+    """Greedy-decode ``utts`` (batch-invariant) and score them: CER for characters, WER for words (``unit``
+    guessed from the references when None)."""
+    if loaded.tokenizer is None:
+        raise ComflpError(f"{loaded.source} has no tokenizer: decoding needs one")
+    result = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=batch_size,
+                        device=device, progress=progress, pad_audio=pad_audio)
+    unit = unit or guess_unit([u.text or "" for u in utts])
+    return Scored(result.score(unit), unit, result, count_parameters(loaded.model), num_layers(loaded.model))

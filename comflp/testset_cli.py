@@ -14,14 +14,13 @@ import torch
 
 from . import atomic
 from .artifacts import ExperimentDir, claim_file, open_output_dir, output_lock
-from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, positive_int, read_corpus_or_dataset,
                       resolve_device)
-from .metrics import guess_unit
-from .model import count_parameters, load_model, num_layers
+from .model import load_model
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from .stages import score
 
 log = logging.getLogger("comflp.test")
 
@@ -75,10 +74,9 @@ def _test(args: argparse.Namespace, model_src: str, out_dir: Path, report: Path,
     setup_logging(out_dir / "test_asr.log")
     loaded = load_model(model_src, device=device, need_tokenizer=True, need_ctc_head=True)
     utts = read_corpus_or_dataset(args, args.data_dir)
-    result = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=args.batch_size,
-                        device=device, progress=True, pad_audio=args.pad_audio)
-    unit = guess_unit([u.text for u in utts]) if args.unit == "auto" else args.unit
-    er = result.score(unit)
+    scored = score(loaded, utts, batch_size=args.batch_size, unit=None if args.unit == "auto" else args.unit,
+                   device=device, progress=True, pad_audio=args.pad_audio)
+    result, unit, er = scored.transcription, scored.unit, scored.error_rate
     name = "CER" if unit == "char" else "WER"
     summary = {
         "model": model_src,
@@ -86,8 +84,7 @@ def _test(args: argparse.Namespace, model_src: str, out_dir: Path, report: Path,
         "error_rate": er.rate, "substitutions": er.substitutions, "deletions": er.deletions,
         "insertions": er.insertions, "num_ref_tokens": er.num_ref_tokens,
         "audio_seconds": result.audio_seconds, "decode_seconds": result.decode_seconds,
-        "rtf": result.decode_seconds / result.audio_seconds, "num_parameters": count_parameters(loaded.model),
-        "num_layers": num_layers(loaded.model), "device": str(device), "batch_size": args.batch_size,
+        "rtf": scored.rtf, "num_parameters": scored.num_parameters, "num_layers": scored.num_layers, "device": str(device), "batch_size": args.batch_size,
         "pad_audio": args.pad_audio,
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
     }
