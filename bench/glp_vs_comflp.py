@@ -41,7 +41,7 @@ def main() -> None:
     subset = verify_subset(read_corpus(demo_split("dev")), 10, 32)
     fine = FineSearch(loaded, subset, batch_size=32, progress=False)  # audio loaded once, outside both timers
 
-    run = comflp_search(loaded, train, fine, k)
+    run = comflp_search(loaded, train, fine, k, racing=False)
     measure_s, coarse_s, comflp_s = run.measured.seconds, run.coarse.seconds, run.seconds
     comflp_pick, report = run.best, run.fine.report
     coarse = run.coarse.candidates

@@ -57,7 +57,7 @@ def time_depth(loaded: LoadedModel, num_layers: int, train, subset, glp_budget_s
     collect(loaded.model, loaded.feature_extractor, train, replace(PAPER_DC, iter_num=1),
             progress=False)  # warm-up: one-time allocations stay out of the timers
     fine = FineSearch(loaded, subset, batch_size=32, progress=False)  # audio loaded here, outside the timers
-    run = comflp_search(loaded, train, fine, k)
+    run = comflp_search(loaded, train, fine, k, racing=False)
     measure_s, coarse_s, fine_s = run.measured.seconds, run.coarse.seconds, run.fine.seconds
     full, cands = run.fine.report, run.coarse.candidates
     race_run = fine_stage(fine, cands, racing=True)

@@ -104,7 +104,7 @@ def coarse(matrix: np.ndarray, k: int, *, mode: str = "exact", top_n: int = 10, 
     return Coarse(result, time.perf_counter() - start)
 
 
-def fine(engine: FineSearch, candidates: Sequence[Candidate], *, racing: bool = False,
+def fine(engine: FineSearch, candidates: Sequence[Candidate], *, racing: bool = True,
          confidence: float = RACE_CONFIDENCE, seed: int = 0) -> Fine:
     """The candidates' CERs on the engine's subset: all of it (:func:`verify`), or raced (:func:`race`)."""
     if not candidates:
@@ -116,7 +116,7 @@ def fine(engine: FineSearch, candidates: Sequence[Candidate], *, racing: bool = 
 
 def comflp_search(loaded: LoadedModel, measure_utts: Sequence[Utterance], engine: FineSearch, k: int, *,
                   settings: MeasureSettings = PAPER_DC, measure_name: str | None = None, top_n: int = 10,
-                  racing: bool = False, seed: int = 0, progress: bool = False) -> SearchRun:
+                  racing: bool = True, seed: int = 0, progress: bool = False) -> SearchRun:
     """Measure, take the exact top-``top_n`` strategies of ``k`` layers, and fine-search them on ``engine``.
 
     ``measure_name``: which of the measured matrices scores the strategies (default: the first of

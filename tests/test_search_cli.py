@@ -64,14 +64,14 @@ def test_fine_search_and_glp_on_a_model(tmp_path: Path) -> None:
     common = ["--model", str(model_dir), "--verify_data_dir", str(corpus), "--num_layers", "6",
               "--num_clip_layers", "2", "--test_num_batch", "2", "--verify_batch_size", "2",
               "--log_dir", str(tmp_path), "--quiet"]
-    out = run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"), "--topk_num", "4",
+    out = run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"), "--topk_num", "4", "--race", "false",
               "--output", str(tmp_path / "s.json"))
     assert out.returncode == 0, out.stderr
     raw = json.loads((tmp_path / "s.json").read_text())
     cers = [c["cer"] for c in raw["candidates"]]
     assert len(cers) == 4 and cers == sorted(cers)
     assert raw["meta"]["verify_utterances"] == 4
-    raced = run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"), "--topk_num", "4", "--race", "true",
+    raced = run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"), "--topk_num", "4",  # racing: the default
                 "--output", str(tmp_path / "r.json"))
     assert raced.returncode == 0, raced.stderr
     r = json.loads((tmp_path / "r.json").read_text())

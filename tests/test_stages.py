@@ -21,7 +21,7 @@ def test_comflp_search_equals_the_engines_by_hand(tmp_path: Path) -> None:
     loaded = load_model(save_plain(tiny_model("wav2vec2", seed=2), tmp_path / "m", tmp_path / "proc"))
     settings = MeasureSettings(measures=("dc", "cosine"), batch_size=4, iter_num=2)
     engine = FineSearch(loaded, corpus, batch_size=4, progress=False)
-    run = comflp_search(loaded, corpus, engine, 3, settings=settings, measure_name="cosine", top_n=4)
+    run = comflp_search(loaded, corpus, engine, 3, settings=settings, measure_name="cosine", top_n=4, racing=False)
 
     by_hand, _ = collect(loaded.model, loaded.feature_extractor, corpus, settings, progress=False)
     np.testing.assert_array_equal(run.measured.matrices["cosine"], by_hand["cosine"].numpy())
