@@ -64,7 +64,7 @@ def info_main(argv: list[str] | None = None) -> None:
     from .model import load_model, model_info
 
     args = info_parser().parse_args(argv)
-    info = model_info(load_model(args.model, need_features=False))
+    info = model_info(load_model(args.model, need_features=False, allow_encoder_decoder=True))
     if args.json:
         print(json.dumps(info.to_dict()))
     else:
@@ -78,10 +78,14 @@ def prune_parser() -> argparse.ArgumentParser:
         description="Remove transformer layers from a CTC model and save it in HuggingFace format "
                     "(config + model.safetensors + processor files); plain transformers loads the result.")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="source model dir or hub id (default: the demo model)")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", help="1-based layers to remove, e.g. 1,3,5 or 2-4")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--layers", help="1-based layers to remove, e.g. 1,3,5 or 2-4 (of an encoder-decoder model: "
+                                        "its encoder's)")
     which.add_argument("--strategy", type=Path, help="strategy JSON written by the search")
     p.add_argument("--rank", type=int, default=1, help="with --strategy: which candidate, 1 = best (default: %(default)s)")
+    p.add_argument("--decoder_layers", default=None,
+                   help="encoder-decoder models (Whisper): 1-based decoder layers to remove, e.g. 2,3 (the config's "
+                        "decoder_layers, the cache indices and generation_config.alignment_heads follow)")
     p.add_argument("--output", type=Path, required=True,
                    help="output dir; must not exist, or be empty, or be an earlier comflp output with --overwrite")
     add_overwrite(p, "output dir")
@@ -92,18 +96,28 @@ def prune_parser() -> argparse.ArgumentParser:
 @exit_on_error
 def prune_main(argv: list[str] | None = None) -> None:
     from .artifacts import claim_dir
+    from .errors import ComflpError
     from .model import load_model, num_layers
     from .stages import prune
-    from .strategy import resolve_pruned
+    from .strategy import parse_layers, resolve_pruned
 
     args = prune_parser().parse_args(argv)
+    if args.layers is None and args.strategy is None and args.decoder_layers is None:
+        raise ComflpError("say which layers to prune: --strategy FILE [--rank N] or --layers 1,3,5 "
+                          "(and --decoder_layers for an encoder-decoder model)")
+    decoder = parse_layers(args.decoder_layers) if args.decoder_layers is not None else []
     claim_dir(args.output, overwrite=args.overwrite)  # before the slow part
-    loaded = load_model(args.model, need_features=False)
+    loaded = load_model(args.model, need_features=False, allow_encoder_decoder=True)
     total = num_layers(loaded.model)
-    layers = resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model)
-    out = prune(loaded, layers, args.output, fp16=args.fp16, overwrite=args.overwrite)
+    layers = ([] if args.layers is None and args.strategy is None else
+              resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model))
+    out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite)
     extra = f" with {len(out.adapter_files)} adapter file(s)" if out.adapter_files else ""
-    print(f"pruned layers {out.removed} of {total}: {out.num_layers} layers left, saved to {args.output}{extra}")
+    left = f"{out.num_layers} layers left"
+    if out.decoder_layers is not None:
+        left = (f"{out.num_layers} encoder and {out.decoder_layers} decoder layers left (decoder layers "
+                f"{out.decoder_removed} removed)")
+    print(f"pruned layers {out.removed} of {total}: {left}, saved to {args.output}{extra}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,10 @@ class Family:
     upsampling), which :func:`padding_exact` does not yet undo: batched results of such a family depend on
     the batching, and comflp says so.
     ``default_features``: the feature extractor class assumed for a model saved without one.
-    ``head``: the CTC head's attribute on the ``*ForCTC`` model.
+    ``head``: the output head's attribute on the model (a CTC head, or Whisper's projection).
+    ``decoder_layers``, ``decoder_depth_field``: the second layer stack of an encoder-decoder family
+    (Whisper), pruned beside the encoder's; ``layers`` and ``depth_field`` then name the encoder's.
+    ``auto_class``: the transformers auto class that loads the family.
     """
 
     layers: str = "encoder.layers"
@@ -72,6 +75,9 @@ class Family:
     squeeze_field: str | None = None  # config field: the layers run at 1/squeeze of the encoder's frame rate (SEW)
     default_features: str = "Wav2Vec2FeatureExtractor"
     head: str = "lm_head"
+    decoder_layers: str | None = None
+    decoder_depth_field: str | None = None
+    auto_class: str = "AutoModelForCTC"
 
 
 DEFAULT_FAMILY = Family()
@@ -89,13 +95,25 @@ FAMILIES: dict[str, Family] = {
     "parakeet_ctc": Family(config="encoder_config", input_kind="input_features",
                            output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampling",
                            front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head"),
+    # encoder-decoder: log-mel frames padded to 30 s, two conv layers, then the encoder's layers; the decoder's
+    # layers carry their cache index (``layer_idx``), renumbered when layers go
+    "whisper": Family(layers="encoder.layers", depth_field="encoder_layers", input_kind="input_features",
+                      feature_encoder="encoder.conv1", front_end_exact=True, default_features="WhisperFeatureExtractor",
+                      head="proj_out", decoder_layers="decoder.layers", decoder_depth_field="decoder_layers",
+                      auto_class="AutoModelForSpeechSeq2Seq"),
 }
+STACKS = ("encoder", "decoder")
 _WARNED_PADDING: set[str] = set()
 
 
 def family_of(model: PreTrainedModel) -> Family:
     """The family-table entry of ``model`` (by ``config.model_type``)."""
     return FAMILIES.get(model.config.model_type, DEFAULT_FAMILY)
+
+
+def is_encoder_decoder(model: PreTrainedModel) -> bool:
+    """True for families with a decoder stack (Whisper)."""
+    return family_of(model).decoder_layers is not None
 
 
 def encoder_config(model: PreTrainedModel):
@@ -145,6 +163,7 @@ class ModelInfo:
     vocab_size: int
     head: str
     sampling_rate: int | None
+    decoder_layers: int | None = None  # encoder-decoder models: the decoder's layers (num_layers: the encoder's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,7 +234,8 @@ def default_feature_extractor(model: PreTrainedModel) -> object:
 
 def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, need_tokenizer: bool = False,
-               need_features: bool = True, need_ctc_head: bool = False) -> LoadedModel:
+               need_features: bool = True, need_ctc_head: bool = False,
+               allow_encoder_decoder: bool = False) -> LoadedModel:
     """Load a CTC model, its feature extractor and (if present) its tokenizer.
 
     ``source`` is a local dir or a hub id. The paper's LayerNorm head is
@@ -224,22 +244,31 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     loads with ``has_ctc_head=False``; ``need_ctc_head`` refuses it.
     Without ``preprocessor_config.json`` the feature extractor is None when
     ``need_features`` is False (commands that only touch weights), else the
-    family default with a warning.
+    family default with a warning. An encoder-decoder model (Whisper) is refused unless
+    ``allow_encoder_decoder`` (the commands that handle both of its stacks: ``info``, ``prune``).
     """
     source = str(source)
     if not Path(source).exists() and (source.startswith((".", "/")) or source.count("/") > 1):
         raise ComflpError(f"model not found: {source} (neither a local dir nor a hub id)")
     try:
-        AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ComflpError(f"cannot load model config from {source}: {_first_line(err)}") from None
+    family = FAMILIES.get(config.model_type, DEFAULT_FAMILY)
+    if family.decoder_layers and not allow_encoder_decoder:
+        raise ComflpError(f"{source} is an encoder-decoder model ({config.model_type}): this command handles CTC "
+                          "models; `comflp prune` (--layers, --decoder_layers) and `comflp info` take it")
     try:
-        cls = ExtendedWav2Vec2ForCTC if has_layernorm_head(source) else AutoModelForCTC
+        import transformers
+
+        cls = (ExtendedWav2Vec2ForCTC if has_layernorm_head(source)
+               else AutoModelForCTC if family.auto_class == "AutoModelForCTC" else getattr(transformers, family.auto_class))
         model, info = cls.from_pretrained(source, dtype=dtype, output_loading_info=True)
     except ComflpError:
         raise
     except (OSError, ValueError) as err:
-        raise ComflpError(f"cannot load CTC model from {source}: {_first_line(err)}") from None
+        raise ComflpError(f"cannot load {'CTC model' if not family.decoder_layers else 'model'} from {source}: "
+                          f"{_first_line(err)}") from None
     except Exception as err:  # safetensors and pickle raise their own types for bad files
         raise _weights_error(source, err) from None
     head = family_of(model).head
@@ -271,9 +300,20 @@ def base_model(model: PreTrainedModel) -> nn.Module:
     return getattr(model, model.base_model_prefix, model)
 
 
-def _layers_slot(model: PreTrainedModel) -> tuple[nn.Module, str]:
+def _stack_fields(model: PreTrainedModel, stack: str) -> tuple[str, str]:
+    """(layer path, depth field) of ``stack`` ("encoder" or "decoder") in the family table."""
+    family = family_of(model)
+    if stack == "encoder":
+        return family.layers, family.depth_field
+    if stack == "decoder" and family.decoder_layers:
+        return family.decoder_layers, family.decoder_depth_field
+    raise ComflpError(f"{type(model).__name__} has no {stack} layer stack (stacks: "
+                      f"{'encoder, decoder' if family.decoder_layers else 'encoder'})")
+
+
+def _layers_slot(model: PreTrainedModel, stack: str = "encoder") -> tuple[nn.Module, str]:
     """The module holding the layer stack and the attribute name, from the family table's layer path."""
-    path = family_of(model).layers
+    path = _stack_fields(model, stack)[0]
     parent_path, _, name = path.rpartition(".")
     parent = _get(base_model(model), parent_path) if parent_path else base_model(model)
     if parent is None or not isinstance(getattr(parent, name, None), nn.ModuleList):
@@ -287,23 +327,38 @@ def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return getattr(parent, name)
 
 
-def num_layers(model: PreTrainedModel) -> int:
-    return len(encoder_layers(model))
+def stack_layers(model: PreTrainedModel, stack: str = "encoder") -> nn.ModuleList:
+    """The layer stack ``stack`` ("encoder", or "decoder" for encoder-decoder families), 0-based."""
+    parent, name = _layers_slot(model, stack)
+    return getattr(parent, name)
 
 
-def _select_layers(model: PreTrainedModel, kept: Sequence[int]):
-    """Make the encoder run only layers ``kept`` (0-based, ascending); return an undo function.
+def num_layers(model: PreTrainedModel, stack: str = "encoder") -> int:
+    return len(stack_layers(model, stack))
+
+
+def _select_layers(model: PreTrainedModel, kept: Sequence[int], stack: str = "encoder"):
+    """Make ``stack`` run only layers ``kept`` (0-based, ascending); return an undo function.
 
     WavLM computes its relative position bias in the first layer only, so when
-    that layer goes its bias embedding moves to the new first layer.
+    that layer goes its bias embedding moves to the new first layer. Modules
+    that carry their layer's cache index (``layer_idx``: Whisper's decoder
+    attention) get their new position, so cached generation reads and writes
+    the right cache slots.
     """
-    parent, name = _layers_slot(model)
+    parent, name = _layers_slot(model, stack)
     old_layers = getattr(parent, name)
-    depth_field = family_of(model).depth_field
+    depth_field = _stack_fields(model, stack)[1]
     config = encoder_config(model)
     old_count = getattr(config, depth_field)
     setattr(parent, name, nn.ModuleList([old_layers[i] for i in kept]))
     setattr(config, depth_field, len(kept))
+    renumbered = []
+    for new, i in enumerate(kept):
+        for module in old_layers[i].modules():
+            if isinstance(getattr(module, "layer_idx", None), int) and module.layer_idx != new:
+                renumbered.append((module, module.layer_idx))
+                module.layer_idx = new
     moved = None
     first_attn = getattr(old_layers[0], "attention", None)
     if kept and kept[0] != 0 and hasattr(first_attn, "rel_attn_embed"):
@@ -311,6 +366,8 @@ def _select_layers(model: PreTrainedModel, kept: Sequence[int]):
         moved.rel_attn_embed = first_attn.rel_attn_embed
 
     def undo() -> None:
+        for module, index in renumbered:
+            module.layer_idx = index
         if moved is not None:
             del moved.rel_attn_embed
         setattr(parent, name, old_layers)
@@ -436,13 +493,30 @@ def freeze_feature_encoder(model: PreTrainedModel) -> None:
         p.requires_grad = False
 
 
-def prune(model: PreTrainedModel, pruned: Iterable[int]) -> PreTrainedModel:
-    """A new model without the 1-based layers ``pruned``; ``model`` is left unchanged."""
-    total = num_layers(model)
-    pruned = validate_strategy(pruned, total)
-    kept = [i for i in range(total) if i + 1 not in set(pruned)]
+def prune(model: PreTrainedModel, pruned: Iterable[int], *, decoder_pruned: Iterable[int] = ()) -> PreTrainedModel:
+    """A new model without the 1-based layers ``pruned`` (and ``decoder_pruned`` of an encoder-decoder model's
+    decoder; either may then be empty); ``model`` is left unchanged.
+
+    Whisper's ``generation_config.alignment_heads`` (decoder layer, head) pairs follow the decoder layers
+    they name: renumbered, and dropped with a removed layer.
+    """
+    plan = {"encoder": list(pruned), "decoder": list(decoder_pruned)}
+    if plan["decoder"] and not is_encoder_decoder(model):
+        raise ComflpError(f"{type(model).__name__} has no decoder: decoder layers cannot be pruned")
+    if not plan["encoder"] and not plan["decoder"]:
+        raise ComflpError("no layer to prune")
     new = copy.deepcopy(model)
-    _select_layers(new, kept)
+    for stack, layers in plan.items():
+        if not layers:
+            continue
+        total = num_layers(model, stack)
+        layers = validate_strategy(layers, total)
+        kept = [i for i in range(total) if i + 1 not in set(layers)]
+        _select_layers(new, kept, stack)
+        heads = getattr(getattr(new, "generation_config", None), "alignment_heads", None)
+        if stack == "decoder" and heads:
+            index = {old: j for j, old in enumerate(kept)}
+            new.generation_config.alignment_heads = [[index[layer], head] for layer, head in heads if layer in index]
     return new
 
 
@@ -742,6 +816,7 @@ def model_info(loaded: LoadedModel) -> ModelInfo:
         vocab_size=cfg.vocab_size,
         head=head,
         sampling_rate=getattr(loaded.feature_extractor, "sampling_rate", None),
+        decoder_layers=num_layers(model, "decoder") if is_encoder_decoder(model) else None,
     )
 
 

@@ -31,8 +31,8 @@ from .decode import Transcription, transcribe
 from .errors import ComflpError
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
 from .metrics import ErrorRate, Unit, guess_unit
-from .model import (LoadedModel, adapter_files, base_model, count_parameters, num_layers, prune as prune_model,
-                    prune_layer_weights, save_model)
+from .model import (LoadedModel, adapter_files, base_model, count_parameters, is_encoder_decoder, num_layers,
+                    prune as prune_model, prune_layer_weights, save_model)
 from .search import SearchResult, search
 from .strategy import Candidate, validate
 from .verify import RACE_CONFIDENCE, FineSearch, GLPResult, VerifyReport, greedy_layer_pruning, race, verify
@@ -137,17 +137,25 @@ def glp(engine: FineSearch, k: int, *, progress: bool = False, max_seconds: floa
 
 @dataclass(frozen=True)
 class Pruned:
-    """A pruned model saved in HF format: its dir, the 1-based layers removed, the adapter files pruned with it."""
+    """A pruned model saved in HF format: its dir, the 1-based layers removed, the adapter files pruned with it.
+
+    For an encoder-decoder model ``removed``/``num_layers`` are the encoder's and the decoder has its own.
+    """
 
     path: Path
     removed: list[int]
     num_layers: int
     adapter_files: list[str]
+    decoder_removed: list[int] = field(default_factory=list)
+    decoder_layers: int | None = None
 
 
-def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike, *, fp16: bool = False,
-          overwrite: bool = False) -> Pruned:
+def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike, *,
+          decoder_layers: Sequence[int] = (), fp16: bool = False, overwrite: bool = False) -> Pruned:
     """Save ``loaded`` without the 1-based ``layers`` to ``output`` (config, safetensors, processor files).
+
+    ``decoder_layers``: for an encoder-decoder model (Whisper), the decoder layers to remove too (either
+    list may then be empty; :func:`comflp.model.prune` renumbers the cache indices and alignment heads).
 
     Every MMS ``adapter.<lang>.safetensors`` beside a local source loses the adapters of the removed layers
     too. A source without a CTC head is saved without one (never a randomly initialised head). ``output``
@@ -156,8 +164,9 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
     from safetensors.torch import load_file
 
     total = num_layers(loaded.model)
-    layers = validate(list(layers), total)
-    pruned = prune_model(loaded.model, layers)
+    layers = validate(list(layers), total) if layers else []
+    decoder = validate(list(decoder_layers), num_layers(loaded.model, "decoder")) if decoder_layers else []
+    pruned = prune_model(loaded.model, layers, decoder_pruned=decoder)
     if not loaded.has_ctc_head:
         pruned = base_model(pruned)
     kept = [i for i in range(total) if i + 1 not in set(layers)]
@@ -170,7 +179,8 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
         adapters[f.name] = prune_layer_weights(weights, loaded.model, kept)
     path = save_model(pruned, output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                       dtype=torch.float16 if fp16 else None, overwrite=overwrite, extra_weights=adapters)
-    return Pruned(Path(path), list(layers), num_layers(pruned), sorted(adapters))
+    return Pruned(Path(path), list(layers), num_layers(pruned), sorted(adapters), decoder,
+                  num_layers(pruned, "decoder") if is_encoder_decoder(pruned) else None)
 
 
 @dataclass(frozen=True)
