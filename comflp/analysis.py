@@ -45,6 +45,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     p.add_argument("--use_pretrained", type=int, choices=[0, 1], default=1,
                    help="1: the model's trained weights; 0: a random initialisation of its config, a control (default: %(default)s)")
     p.add_argument("--num_layers", type=int, default=None, help="expected number of layers; checked against the model")
+    p.add_argument("--stack", choices=["encoder", "decoder"], default="encoder",
+                   help="the layer stack to measure: an encoder-decoder model (Whisper) has two; the encoder's "
+                        "states are pooled over each utterance's real frames, the decoder's come under teacher "
+                        "forcing on the transcripts (which --data_dir must then have) and are pooled over their "
+                        "tokens; the matrix file name gets _decoder (default: %(default)s)")
     p.add_argument("--pool_padding", action="store_true",
                    help="average padded frames into the pooled vectors as the paper did (default: padding ignored)")
     add_pad_audio(p)
@@ -84,22 +89,24 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     is_main = accelerator is None or accelerator.is_main_process
     setup_logging(Path(args.dump_dir) / "measure.log" if is_main else None)
     device = accelerator.device if accelerator else resolve_device(args.device)
-    loaded = load_model(args.model, device=device)
-    utts = read_corpus_or_dataset(args, args.data_dir, require_text=False)
+    decoder = args.stack == "decoder"
+    loaded = load_model(args.model, device=device, allow_encoder_decoder=True, need_tokenizer=decoder)
+    utts = read_corpus_or_dataset(args, args.data_dir, require_text=decoder)
     model = loaded.model
-    check_num_layers(args.num_layers, num_layers(model), args.model)
+    check_num_layers(args.num_layers, num_layers(model, args.stack), args.model)
     if not args.use_pretrained:
         torch.manual_seed(settings.seed)
         model = type(model)(model.config).eval().to(device)
     start = time.perf_counter()
     matrices, stats = collect(model, loaded.feature_extractor, utts, settings, accelerator=accelerator,
-                              progress=not args.quiet, moment_memory_gb=args.moment_memory_gb)
+                              progress=not args.quiet, moment_memory_gb=args.moment_memory_gb, stack=args.stack,
+                              tokenizer=loaded.tokenizer)
     if not is_main:
         return None
     meta = {
         "model": source_id(args.model),
-        "data_dir": f"{args.dataset} [{args.dataset_split}]" if args.dataset else str(args.data_dir), "num_layers": num_layers(model),
-        "use_pretrained": bool(args.use_pretrained), "settings": {**settings.__dict__, "measures": list(settings.measures)},
+        "data_dir": f"{args.dataset} [{args.dataset_split}]" if args.dataset else str(args.data_dir), "num_layers": num_layers(model, args.stack),
+        "stack": args.stack, "use_pretrained": bool(args.use_pretrained), "settings": {**settings.__dict__, "measures": list(settings.measures)},
         "num_utterances": stats.num_utterances, "num_frames": stats.num_frames, "num_batches": stats.num_batches,
         "processes": accelerator.num_processes if accelerator else 1, "seconds": round(time.perf_counter() - start, 3),
     }
@@ -158,7 +165,8 @@ def dc_main(argv: list[str] | None = None) -> None:
     settings = MeasureSettings(measures=(measure,), batch_size=args.batch_size, iter_num=args.iter_num,
                                accum_batch=args.accum_batch, dc_mode=args.mode, seed=args.seed,
                                pool_padding=args.pool_padding, pad_audio=args.pad_audio)
-    name = dc_dump_name(args.mode, args.batch_size, args.iter_num, args.accum_batch, unbiased=args.unbiased)
+    name = dc_dump_name(args.mode, args.batch_size, args.iter_num, args.accum_batch, unbiased=args.unbiased,
+                        stack=args.stack)
     _check_outputs(args, [Path(args.dump_dir) / name])
     result = run(args, settings)
     if result is None:
@@ -186,7 +194,7 @@ def svcca_main(argv: list[str] | None = None) -> None:
     settings = MeasureSettings(measures=("svcca",), batch_size=args.batch_size, iter_num=args.iter_num,
                                accum_batch=args.accum_batch, sample_mode=args.mode, thre=args.thre, seed=args.seed,
                                pool_padding=args.pool_padding, pad_audio=args.pad_audio)
-    name = svcca_dump_name(args.batch_size, args.iter_num, args.mode, args.thre)
+    name = svcca_dump_name(args.batch_size, args.iter_num, args.mode, args.thre, stack=args.stack)
     _check_outputs(args, [Path(args.dump_dir) / name])
     result = run(args, settings)
     if result is None:
@@ -225,7 +233,8 @@ def measure_main(argv: list[str] | None = None) -> None:
                                thre=args.thre, seed=args.seed, pool_padding=args.pool_padding,
                                pad_audio=args.pad_audio)
     settings.validate()
-    out = Path(args.output or Path(args.dump_dir) / measures_name(args.batch_size, args.iter_num, args.svcca_mode))
+    out = Path(args.output or Path(args.dump_dir) / measures_name(args.batch_size, args.iter_num, args.svcca_mode,
+                                                                        stack=args.stack))
     claim_file(out, overwrite=args.overwrite)
     pngs = _heatmap_paths(args, [f"{out.stem}_{name}" for name in names])
     result = run(args, settings)

@@ -193,19 +193,27 @@ def write_dir(path: str | os.PathLike, *, kind: str, overwrite: bool, flag: str 
 # the matrix files: paper-style .npy + sidecar .json, or one .npz of several measures
 
 
-def dc_dump_name(mode: str, batch_size: int, iter_num: int, accum_batch: int = 1, *, unbiased: bool = False) -> str:
-    """The paper's DC file name: ``dc_mat_{mode}_bs{bs*accum}_iter{iter}.npy``."""
-    return f"dc_mat_{mode}_bs{batch_size * accum_batch}_iter{iter_num}{'_unbiased' if unbiased else ''}.npy"
+def _stack_suffix(stack: str) -> str:
+    # the encoder (the only stack of a CTC model) keeps the paper's names; a decoder's matrices get their own
+    return "" if stack == "encoder" else f"_{stack}"
 
 
-def svcca_dump_name(batch_size: int, iter_num: int, mode: str, thre: float) -> str:
-    """The paper's SVCCA file name: ``cca_mat_{bs*iter}{mode}_svthre{thre}.npy``."""
-    return f"cca_mat_{batch_size * iter_num}{mode}_svthre{thre}.npy"
+def dc_dump_name(mode: str, batch_size: int, iter_num: int, accum_batch: int = 1, *, unbiased: bool = False,
+                 stack: str = "encoder") -> str:
+    """The paper's DC file name: ``dc_mat_{mode}_bs{bs*accum}_iter{iter}.npy`` (``_decoder`` before ``.npy`` for
+    a decoder stack)."""
+    return (f"dc_mat_{mode}_bs{batch_size * accum_batch}_iter{iter_num}{'_unbiased' if unbiased else ''}"
+            f"{_stack_suffix(stack)}.npy")
 
 
-def measures_name(batch_size: int, iter_num: int, sample_mode: str) -> str:
-    """The default ``comflp measure`` file name."""
-    return f"measures_bs{batch_size}_iter{iter_num}_{sample_mode}.npz"
+def svcca_dump_name(batch_size: int, iter_num: int, mode: str, thre: float, *, stack: str = "encoder") -> str:
+    """The paper's SVCCA file name: ``cca_mat_{bs*iter}{mode}_svthre{thre}.npy`` (``_decoder`` for a decoder)."""
+    return f"cca_mat_{batch_size * iter_num}{mode}_svthre{thre}{_stack_suffix(stack)}.npy"
+
+
+def measures_name(batch_size: int, iter_num: int, sample_mode: str, *, stack: str = "encoder") -> str:
+    """The default ``comflp measure`` file name (``_decoder`` for a decoder stack)."""
+    return f"measures_bs{batch_size}_iter{iter_num}_{sample_mode}{_stack_suffix(stack)}.npz"
 
 
 def save_matrix(path: str | os.PathLike, matrix: np.ndarray, meta: dict, *, overwrite: bool) -> Path:

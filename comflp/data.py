@@ -189,7 +189,10 @@ def collate(utts: Sequence[Utterance], feature_extractor) -> AudioBatch:
     """Load, resample and pad ``utts`` with the model's feature extractor (raw audio or feature frames)."""
     sr = int(feature_extractor.sampling_rate)
     waves = [load_audio(u.path, sr, utt_id=u.utt_id) for u in utts]
-    feats = feature_extractor(waves, sampling_rate=sr, padding=True, return_attention_mask=True, return_tensors="pt")
+    # an extractor with a fixed window (Whisper's 30 s) pads every utterance to it; the others to the longest
+    padding = "max_length" if getattr(feature_extractor, "n_samples", None) else True
+    feats = feature_extractor(waves, sampling_rate=sr, padding=padding, return_attention_mask=True,
+                              return_tensors="pt")
     inputs = feats[feature_extractor.model_input_names[0]]
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
     mask = feats.get("attention_mask")

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from . import measures as M
 from .data import Utterance, collate, num_samples
 from .errors import ComflpError
-from .model import encoder_layers, forward, layer_frame_mask, min_audio_samples
+from .model import call, forward, layer_frame_mask, min_audio_samples, stack_layers
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ ALL_MEASURES = PER_BATCH + STREAMED + PER_SAMPLE
 
 
 @contextlib.contextmanager
-def capture_layer_states(model) -> Iterator[list[torch.Tensor]]:
-    """Within the block, each forward fills the yielded list with L+1 tensors [B, T, D]."""
-    layers = encoder_layers(model)
+def capture_layer_states(model, stack: str = "encoder") -> Iterator[list[torch.Tensor]]:
+    """Within the block, each forward fills the yielded list with L+1 tensors [B, T, D] of layer stack ``stack``."""
+    layers = stack_layers(model, stack)
     states: list[torch.Tensor] = []
 
     def grab_input(module, args, kwargs):
@@ -394,10 +394,24 @@ def _reduce(stats: Statistics, accelerator, *, moment_only: bool = False) -> Non
     stats.diag = {k: v.cpu() for k, v in stats.diag.items()}
 
 
+def teacher_forcing_labels(tokenizer, texts: Sequence[str], decoder_start_token_id: int | None) -> torch.Tensor:
+    """[B, N] token ids of the transcripts for teacher forcing, padded with -100 (the model shifts them right).
+
+    A leading decoder start token (Whisper's tokenizer writes its prefix tokens) is dropped, since the model
+    prepends it when it shifts the labels.
+    """
+    ids = [tokenizer(t).input_ids for t in texts]
+    ids = [seq[1:] if seq and seq[0] == decoder_start_token_id else seq for seq in ids]
+    out = torch.full((len(ids), max(1, max(map(len, ids)))), -100, dtype=torch.long)
+    for i, seq in enumerate(ids):
+        out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
 @torch.inference_mode()
 def collect(model, feature_extractor, utts: Sequence[Utterance], settings: MeasureSettings, *,
-            accelerator=None, progress: bool = True,
-            moment_memory_gb: float = MOMENT_MEMORY_GB) -> tuple[dict[str, torch.Tensor], Statistics]:
+            accelerator=None, progress: bool = True, moment_memory_gb: float = MOMENT_MEMORY_GB,
+            stack: str = "encoder", tokenizer=None) -> tuple[dict[str, torch.Tensor], Statistics]:
     """Run the model over the selected utterances and return all requested matrices.
 
     ``accelerator`` (an ``accelerate.Accelerator``) shards the batches over
@@ -406,6 +420,9 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     [F, F] moment of all (L+1) x D features does not fit, it is accumulated one
     layer band per pass over the same utterances (:func:`plan_bands`), giving
     the same matrices at the cost of more forward passes.
+    ``stack``: the layer stack measured. An encoder-decoder model's ``"decoder"`` runs under teacher forcing
+    on the utterances' transcripts (tokenized by ``tokenizer``), its states pooled over the decoder's input
+    tokens; its causal self-attention makes each token's states independent of the padding after it.
     """
     settings.validate()
     sr = int(feature_extractor.sampling_rate)
@@ -431,14 +448,27 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     budget = moment_memory_gb * 2**30
     stats = Statistics()
 
+    if stack == "decoder" and (tokenizer is None or any(u.text is None for u in chosen)):
+        raise ComflpError("measuring a decoder needs transcripts and the model's tokenizer (teacher forcing)")
+
+    def run_batch(batch) -> torch.Tensor:
+        """Forward ``batch``; the [B, T] mask of the real positions of the captured stack."""
+        if stack == "encoder":
+            forward(model, batch.inputs, batch.attention_mask, pad_audio=settings.pad_audio)
+            return None
+        labels = teacher_forcing_labels(tokenizer, batch.texts, model.config.decoder_start_token_id).to(device)
+        call(model, batch.inputs, batch.attention_mask, labels=labels)
+        return labels != -100  # decoder input i = start token, then label i - 1: real where label i is
+
     def one_pass(desc: str, first_pass: bool) -> None:
-        with capture_layer_states(model) as states:
+        with capture_layer_states(model, stack) as states:
             for group in tqdm(mine, desc=desc, unit="batch", disable=not progress or rank != 0):
                 vectors = []
                 for start in range(0, len(group), settings.batch_size):
                     batch = collate(group[start: start + settings.batch_size], feature_extractor).to(device)
-                    forward(model, batch.inputs, batch.attention_mask, pad_audio=settings.pad_audio)
-                    mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
+                    mask = run_batch(batch)
+                    if mask is None:
+                        mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
                     if not first_pass:
                         _add_band(stats, _samples(states, mask, settings, None))
                         continue

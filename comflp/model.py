@@ -536,6 +536,10 @@ def input_lengths(feature_extractor, samples: torch.Tensor) -> torch.Tensor:
     if feature_extractor.model_input_names[0] == "input_values":
         return samples
     name = type(feature_extractor).__name__
+    if name == "WhisperFeatureExtractor":  # frames of ceil(n / hop) samples, in the 30-s window it pads to
+        frames = torch.div(samples + feature_extractor.hop_length - 1, feature_extractor.hop_length,
+                           rounding_mode="floor")
+        return frames.clamp(max=feature_extractor.nb_max_frames)
     if name == "ParakeetFeatureExtractor":  # the attention mask covers floor(n / hop) frames
         return torch.div(samples, feature_extractor.hop_length, rounding_mode="floor")
     if name == "SeamlessM4TFeatureExtractor":
@@ -778,9 +782,15 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
 
 
 def call(model: PreTrainedModel, inputs: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-    """``model``'s own forward, with ``inputs`` passed as the family's input kind (``input_values``/``input_features``)."""
+    """``model``'s own forward, with ``inputs`` passed as the family's input kind (``input_values``/``input_features``).
+
+    An encoder-decoder model without decoder inputs (``labels`` or ``decoder_input_ids``) runs its encoder only.
+    """
     inner = getattr(model, "module", model)  # under DDP the HF model is the wrapper's .module
-    return model(**{family_of(inner).input_kind: inputs}, attention_mask=attention_mask, **kwargs)
+    kind = family_of(inner).input_kind
+    if is_encoder_decoder(inner) and "labels" not in kwargs and "decoder_input_ids" not in kwargs:
+        return inner.get_encoder()(**{kind: inputs}, attention_mask=attention_mask, **kwargs)
+    return model(**{kind: inputs}, attention_mask=attention_mask, **kwargs)
 
 
 def forward(model: PreTrainedModel, inputs: torch.Tensor, attention_mask: torch.Tensor, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import (AutoModelForSpeechSeq2Seq, GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
@@ -114,3 +115,80 @@ def test_ctc_commands_refuse_an_encoder_decoder_model_in_one_line(tmp_path: Path
 
     with pytest.raises(ComflpError, match="no decoder"):
         prune(tiny_model("wav2vec2"), [1], decoder_pruned=[1])
+
+
+def _whisper_dir(tmp: Path) -> Path:
+    """A tiny Whisper saved with a 1-s feature window (its encoder takes 100 frames) and a character tokenizer."""
+    from conftest import tiny_processor
+
+    out = tmp / "whisper"
+    tiny_whisper(seed=5).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(out)
+    tiny_processor(tmp / "proc")[1].save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
+    from comflp import analysis
+
+    from conftest import make_corpus
+
+    model, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    matrices = []
+    for bs, iters in ((3, 2), (1, 6)):
+        out = tmp_path / f"m{bs}.npz"
+        analysis.measure_main(["--model", str(model), "--data_dir", str(corpus), "--batch_size", str(bs),
+                               "--iter_num", str(iters), "--measures", "cosine,cka", "--stack", stack, "--no_plot",
+                               "--quiet", "--dump_dir", str(tmp_path), "--output", str(out)])
+        m, meta = analysis.load_npz(out)
+        assert meta["stack"] == stack and meta["num_layers"] == 4 and m["cosine"].shape == (5, 5)
+        matrices.append(m)
+    for name in ("cosine", "cka"):
+        np.testing.assert_allclose(matrices[0][name], matrices[1][name], rtol=0, atol=1e-6)
+
+
+def test_captured_states_are_each_stacks_hidden_states(tmp_path: Path) -> None:
+    """Hidden state 0 is the input of layer 1; the states at the real frames / tokens are the model's own."""
+    from comflp.data import collate, read_corpus_dir
+    from comflp.hidden import capture_layer_states, teacher_forcing_labels
+    from comflp.model import call, layer_frame_mask
+
+    from conftest import make_corpus
+
+    loaded = load_model(_whisper_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    model, utts = loaded.model, read_corpus_dir(make_corpus(tmp_path / "corpus", n=3))
+    batch = collate(utts, loaded.feature_extractor)
+    labels = teacher_forcing_labels(loaded.tokenizer, batch.texts, model.config.decoder_start_token_id)
+    with torch.no_grad():
+        with capture_layer_states(model, "encoder") as enc:
+            call(model, batch.inputs, batch.attention_mask)
+            frames = layer_frame_mask(model, batch.attention_mask, enc[0].shape[1]).sum(-1)
+            enc = list(enc)
+        with capture_layer_states(model, "decoder") as dec:
+            call(model, batch.inputs, batch.attention_mask, labels=labels)
+            dec = list(dec)
+        for i, u in enumerate(utts):
+            alone = collate([u], loaded.feature_extractor)
+            own = model(input_features=alone.inputs, labels=labels[i: i + 1, : int((labels[i] != -100).sum())],
+                        output_hidden_states=True)
+            n, t = int(frames[i]), int((labels[i] != -100).sum())
+            assert 0 < n < enc[0].shape[1]
+            for layer in range(4):  # HF's last state is after the final layer norm; comflp's is the layer's output
+                torch.testing.assert_close(enc[layer][i, :n], own.encoder_hidden_states[layer][0, :n])
+                torch.testing.assert_close(dec[layer][i, :t], own.decoder_hidden_states[layer][0, :t],
+                                           rtol=1e-4, atol=1e-5)
+
+
+def test_measuring_a_decoder_needs_transcripts(tmp_path: Path) -> None:
+    from comflp import analysis
+
+    from conftest import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus", n=6)
+    (corpus / "text").unlink()
+    with pytest.raises(SystemExit) as err:
+        analysis.measure_main(["--model", str(_whisper_dir(tmp_path)), "--data_dir", str(corpus), "--stack",
+                               "decoder", "--batch_size", "3", "--iter_num", "2", "--no_plot", "--quiet",
+                               "--dump_dir", str(tmp_path), "--output", str(tmp_path / "m.npz")])
+    assert err.value.code != 0 and not (tmp_path / "m.npz").exists()
