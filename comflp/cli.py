@@ -99,18 +99,24 @@ def prune_main(argv: list[str] | None = None) -> None:
     from .errors import ComflpError
     from .model import load_model, num_layers
     from .stages import prune
-    from .strategy import parse_layers, resolve_pruned
+    from .strategy import StrategyFile, parse_layers, resolve_pruned
 
     args = prune_parser().parse_args(argv)
     if args.layers is None and args.strategy is None and args.decoder_layers is None:
         raise ComflpError("say which layers to prune: --strategy FILE [--rank N] or --layers 1,3,5 "
                           "(and --decoder_layers for an encoder-decoder model)")
     decoder = parse_layers(args.decoder_layers) if args.decoder_layers is not None else []
+    stack = StrategyFile.load(args.strategy).stack if args.strategy is not None else "encoder"
+    if stack == "decoder" and args.decoder_layers is not None:
+        raise ComflpError(f"{args.strategy} prunes the decoder: drop --decoder_layers")
     claim_dir(args.output, overwrite=args.overwrite)  # before the slow part
     loaded = load_model(args.model, need_features=False, allow_encoder_decoder=True)
     total = num_layers(loaded.model)
     layers = ([] if args.layers is None and args.strategy is None else
-              resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model))
+              resolve_pruned(num_layers(loaded.model, stack), strategy=args.strategy, rank=args.rank,
+                             layers=args.layers, model_name=args.model))
+    if stack == "decoder":
+        layers, decoder = [], layers
     out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite)
     extra = f" with {len(out.adapter_files)} adapter file(s)" if out.adapter_files else ""
     left = f"{out.num_layers} layers left"

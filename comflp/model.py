@@ -257,7 +257,8 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     family = FAMILIES.get(config.model_type, DEFAULT_FAMILY)
     if family.decoder_layers and not allow_encoder_decoder:
         raise ComflpError(f"{source} is an encoder-decoder model ({config.model_type}): this command handles CTC "
-                          "models; `comflp prune` (--layers, --decoder_layers) and `comflp info` take it")
+                          "models; for it: `comflp measure --stack encoder|decoder`, `comflp search "
+                          "--coarse_search_only true`, `comflp prune` (--layers, --decoder_layers), `comflp info`")
     try:
         import transformers
 

@@ -36,7 +36,7 @@ import numpy as np
 from .errors import ComflpError
 from .strategy import Candidate, to_blocks
 
-SEARCH_MODES = ("exhaustive", "greedy", "beam", "exact", "rand")
+SEARCH_MODES = ("exhaustive", "greedy", "beam", "exact", "rand", "linspace")
 MAX_EXHAUSTIVE = 5_000_000
 
 
@@ -234,6 +234,23 @@ def random_search(matrix: np.ndarray, k: int, top_n: int = 10, *, seed: int = 42
     return SearchResult([Candidate(s, float(v)) for s, v in zip(sets, scores)], "rand")
 
 
+def linspace(matrix: np.ndarray, k: int) -> SearchResult:
+    """distil-whisper's baseline: keep L-K evenly spaced layers, the first and the last always.
+
+    Kept (0-based) = ``np.linspace(0, L - 1, L - K, dtype=int)``, as distil-whisper picks its student's
+    layers; the one candidate is the other K layers (1-based), scored on ``matrix`` [L+1, L+1] like any other.
+
+    >>> linspace(np.eye(13), 6).candidates[0].pruned
+    [2, 4, 6, 8, 10, 11]
+    """
+    m = check_matrix(matrix)
+    L = m.shape[0] - 1
+    check_k(L, k)
+    kept = set(np.linspace(0, L - 1, L - k, dtype=int).tolist())
+    pruned = [i + 1 for i in range(L) if i not in kept]  # the spacing is >= 1, so the kept layers are distinct
+    return SearchResult([Candidate(pruned, float(score_masks(m, _to_mask([pruned], L))[0]))], "linspace")
+
+
 # ------------------------------------------------------------------------------------------------
 # exact top-N
 
@@ -353,4 +370,6 @@ def search(matrix: np.ndarray, k: int, mode: str, *, top_n: int = 10, beam_size:
         return exact(matrix, k, top_n)
     if mode == "rand":
         return random_search(matrix, k, top_n, seed=seed)
+    if mode == "linspace":
+        return linspace(matrix, k)
     raise ComflpError(f"unknown search mode {mode!r}; one of {', '.join(SEARCH_MODES)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrix, svcca_dump_name
+from .artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrices, load_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
@@ -21,7 +21,8 @@ from .strategy import Candidate, StrategyFile
 
 log = logging.getLogger("comflp.search")
 
-MEASURES = ("dc", "svcca", "dc_unbiased", "pwcca", "cka", "cka_unbiased", "cosine", "angular", "rand")
+MEASURES = ("dc", "svcca", "dc_unbiased", "pwcca", "cka", "cka_unbiased", "cosine", "angular", "rand", "linspace")
+BASELINES = ("rand", "linspace")  # strategies chosen without the matrix, scored on its DC entry (else its first)
 LOG_DIR = REPO_ROOT / "search_strategy" / "log"
 
 
@@ -60,7 +61,9 @@ def search_parser(*, default_measure: str = PAPER_MEASURE,
     p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers to prune (default: %(default)s)")
     p.add_argument("--search_mode", choices=SEARCH_MODES, default="exhaustive", help="(default: %(default)s)")
     p.add_argument("--select_measure", choices=MEASURES, default=default_measure,
-                   help="which matrix scores the strategies; rand draws random strategies, scored on the DC matrix. "
+                   help="which matrix scores the strategies; baselines: rand draws random strategies, linspace keeps "
+                        "evenly spaced layers, the first and last always (distil-whisper's choice), both scored on "
+                        "the DC matrix (of an .npz without dc: its first). "
                         "The paper's script defaults to the paper's dc; `comflp search` defaults to cosine, the "
                         "best predictor of CER in `comflp measure-report` on the demo model (Spearman -0.90 "
                         "against -0.63 for DC at batch 4): run `comflp measure-report` to check on your model "
@@ -68,6 +71,9 @@ def search_parser(*, default_measure: str = PAPER_MEASURE,
     p.add_argument("--topk_num", type=positive_int, default=10,
                    help="candidates kept by exhaustive/exact/rand (default: %(default)s)")
     p.add_argument("--beam_size", type=positive_int, default=10, help="beam width (default: %(default)s)")
+    p.add_argument("--stack", choices=["encoder", "decoder"], default=None,
+                   help="the layer stack the strategies prune (encoder-decoder models); checked against the stack "
+                        "the matrix was measured on, and written to the strategy JSON (default: the matrix's)")
     p.add_argument("--coarse_search_only", type=str2bool, default=False, help="skip the fine search (default: %(default)s)")
     p.add_argument("--verify_wer", type=str2bool, default=True, help="measure CER/WER of the candidates (default: %(default)s)")
     p.add_argument("--bs", type=positive_int, default=32, help="batch size in the DC/SVCCA dump name (default: %(default)s)")
@@ -97,11 +103,14 @@ def search_parser(*, default_measure: str = PAPER_MEASURE,
 
 def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, dict, Path]:
     """The matrix the flags name and its metadata, found as the paper does (dump/ under the repository root)."""
-    measure = "dc" if args.select_measure == "rand" else args.select_measure
+    measure = "dc" if args.select_measure in BASELINES else args.select_measure
     if args.measure_file is not None:
         path = Path(args.measure_file)
         if not path.is_file():
             raise ComflpError(f"--measure_file not found: {path}")
+        if args.select_measure in BASELINES and path.suffix == ".npz":
+            mats, _ = load_matrices(path)
+            measure = measure if measure in mats else next(iter(mats))
         matrix, meta = load_matrix(path, measure)
         return matrix, meta, path
     if measure == "dc":
@@ -150,6 +159,8 @@ def _paper_log_name(args: argparse.Namespace) -> str:
         return f"{stem}_SVCCA_thre{args.thre}_{args.bs * args.iter}{args.svcca_mode}_{args.search_mode}.log"
     if args.select_measure == "rand":
         return f"{stem}_RANDmix.log"
+    if args.select_measure == "linspace":
+        return f"{stem}_linspace.log"
     if args.select_measure == "dc":
         return f"{stem}_bs{args.bs}_iter{args.iter}_{args.search_mode}.log"
     return f"{stem}_{args.select_measure}_{args.search_mode}.log"
@@ -182,15 +193,17 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     setup_logging(Path(args.log_dir) / _paper_log_name(args))
     if not 0 < K < L:
         raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
-    out = Path(args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_{args.select_measure}_"
-               f"{'rand' if args.select_measure == 'rand' else args.search_mode}.json")
+    mode = args.select_measure if args.select_measure in BASELINES else args.search_mode
+    out = Path(args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_{args.select_measure}_{mode}.json")
     claim_file(out, overwrite=args.overwrite)
     raw, matrix_meta, matrix_path = locate_matrix(args)
     matrix = check_matrix(raw, L, name=str(matrix_path))
     verifying = not args.coarse_search_only and args.verify_wer
     check_matrix_model(matrix_meta, num_layers=L, model=args.model if verifying else None, where=str(matrix_path))
-    log.info("Layer pruning %d of %d layers; %s search on %s", K, L, args.search_mode, matrix_path)
-    mode = "rand" if args.select_measure == "rand" else args.search_mode
+    stack = matrix_meta.get("stack", "encoder")
+    if args.stack is not None and args.stack != stack:
+        raise ComflpError(f"--stack {args.stack} but {matrix_path} was measured on the {stack} stack")
+    log.info("Layer pruning %d of %d %s layers; %s search on %s", K, L, stack, mode, matrix_path)
     start = time.perf_counter()
     result = search(matrix, K, mode, top_n=args.topk_num, beam_size=args.beam_size, seed=args.seed)
     coarse_s = time.perf_counter() - start
@@ -231,7 +244,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         meta.update(pearson=report.pearson, fine_seconds=fine.stats.seconds, verify_data_dir=str(args.verify_data_dir),
                     verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,
                     naive_layer_applications=fine.stats.naive_layer_applications, model=str(args.model))
-    strategy = StrategyFile(L, cands, meta)
+    strategy = StrategyFile(L, cands, meta, stack=stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(cands))
     print(f"strategy file: {out}")

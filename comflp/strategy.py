@@ -119,14 +119,21 @@ class Candidate:
 
 @dataclass
 class StrategyFile:
-    """A ranked list of candidates for a model of ``num_layers`` layers (best first)."""
+    """A ranked list of candidates for a model of ``num_layers`` layers (best first).
+
+    ``stack``: the layer stack the candidates prune; an encoder-decoder model's ``"decoder"`` is written
+    to the file (``"stack": "decoder"``), the encoder (every CTC model's only stack) is the default.
+    """
 
     num_layers: int
     candidates: list[Candidate] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    stack: str = "encoder"
 
     def to_dict(self) -> dict:
         d = {"num_layers": self.num_layers, "candidates": [c.to_dict() for c in self.candidates]}
+        if self.stack != "encoder":
+            d["stack"] = self.stack
         if self.meta:
             d["meta"] = self.meta
         return d
@@ -140,7 +147,8 @@ class StrategyFile:
 
         path = claim_file(path, overwrite=overwrite)
         d = self.to_dict()
-        lines = [f'{{"written_by": "{WRITTEN_BY}", "num_layers": {d["num_layers"]},', ' "candidates": [']
+        stack = f' "stack": "{self.stack}",' if self.stack != "encoder" else ""
+        lines = [f'{{"written_by": "{WRITTEN_BY}", "num_layers": {d["num_layers"]},{stack}', ' "candidates": [']
         lines += [f"  {json.dumps(c)}," for c in d["candidates"]]
         lines[-1] = lines[-1].rstrip(",")
         meta = f',\n "meta": {json.dumps(d["meta"], ensure_ascii=False)}' if "meta" in d else ""
@@ -166,7 +174,10 @@ class StrategyFile:
             raise ComflpError(f"{path} is not a strategy file ({type(err).__name__}: {err})") from None
         if not cands:
             raise ComflpError(f"{path} holds no candidates")
-        return cls(num_layers, cands, raw.get("meta", {}))
+        stack = raw.get("stack", "encoder")
+        if stack not in ("encoder", "decoder"):
+            raise ComflpError(f"{path}: stack {stack!r} is neither encoder nor decoder")
+        return cls(num_layers, cands, raw.get("meta", {}), stack=stack)
 
     def pick(self, rank: int) -> Candidate:
         """The 1-based ``rank``-th candidate."""
@@ -185,8 +196,9 @@ def resolve_pruned(num_layers: int, *, strategy: str | os.PathLike | None = None
     if strategy is not None:
         sf = StrategyFile.load(strategy)
         if sf.num_layers != num_layers:
-            raise ComflpError(f"{strategy} is for a {sf.num_layers}-layer model but {model_name} "
-                              f"has {num_layers} layers")
+            what = "-layer model" if sf.stack == "encoder" else f"-layer {sf.stack}"
+            raise ComflpError(f"{strategy} is for a {sf.num_layers}{what} but {model_name} "
+                              f"has {num_layers} layers{'' if sf.stack == 'encoder' else ' there'}")
         return sf.pick(rank).pruned
     if layers is not None:
         return validate(parse_layers(layers), num_layers)

@@ -192,3 +192,37 @@ def test_measuring_a_decoder_needs_transcripts(tmp_path: Path) -> None:
                                "decoder", "--batch_size", "3", "--iter_num", "2", "--no_plot", "--quiet",
                                "--dump_dir", str(tmp_path), "--output", str(tmp_path / "m.npz")])
     assert err.value.code != 0 and not (tmp_path / "m.npz").exists()
+
+
+def test_decoder_search_strategy_round_trips_and_prunes_the_decoder(tmp_path: Path) -> None:
+    """measure --stack decoder -> search (coarse; and the linspace baseline) -> a strategy with stack -> prune."""
+    from comflp import analysis, search_cli
+    from comflp.strategy import StrategyFile
+
+    from conftest import make_corpus
+
+    model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    npz = tmp_path / "dec.npz"
+    analysis.measure_main(["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3", "--iter_num",
+                           "2", "--measures", "cosine", "--stack", "decoder", "--no_plot", "--quiet", "--dump_dir",
+                           str(tmp_path), "--output", str(npz)])
+    common = ["--measure_file", str(npz), "--num_layers", "4", "--num_clip_layers", "2", "--coarse_search_only", "true",
+              "--log_dir", str(tmp_path), "--quiet"]
+    found = search_cli.search_main([*common, "--select_measure", "cosine", "--search_mode", "exact",
+                                    "--output", str(tmp_path / "s.json")])
+    loaded = StrategyFile.load(tmp_path / "s.json")
+    assert loaded.stack == found.stack == "decoder" and loaded.candidates == found.candidates
+    assert json.loads((tmp_path / "s.json").read_text())["stack"] == "decoder"
+    line = search_cli.search_main([*common, "--select_measure", "linspace", "--output", str(tmp_path / "l.json")])
+    assert [c.pruned for c in line.candidates] == [[2, 3]]  # keeps the first and the last of 4
+    with pytest.raises(SystemExit):  # the matrix was measured on the decoder
+        search_cli.search_main([*common, "--select_measure", "cosine", "--stack", "encoder",
+                                "--output", str(tmp_path / "x.json")])
+    cli.prune_main(["--model", str(model_dir), "--strategy", str(tmp_path / "l.json"), "--output", str(tmp_path / "p")])
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (config["encoder_layers"], config["decoder_layers"]) == (4, 2)
+    # a CTC strategy file still reads as the encoder's, and its JSON has no stack field
+    ctc = StrategyFile(4, found.candidates, {})
+    ctc.save(tmp_path / "c.json")
+    assert "stack" not in json.loads((tmp_path / "c.json").read_text())
+    assert StrategyFile.load(tmp_path / "c.json").stack == "encoder"
