@@ -393,9 +393,9 @@ def skip_layers(model: PreTrainedModel, pruned: Iterable[int]) -> Iterator[PreTr
 
 
 @contextlib.contextmanager
-def run_layers(model: PreTrainedModel, kept: Sequence[int]) -> Iterator[PreTrainedModel]:
-    """Run ``model`` through the 0-based layer indices ``kept`` only, in that order."""
-    undo = _select_layers(model, list(kept))
+def run_layers(model: PreTrainedModel, kept: Sequence[int], stack: str = "encoder") -> Iterator[PreTrainedModel]:
+    """Run ``model`` through the 0-based layer indices ``kept`` of ``stack`` only, in that order."""
+    undo = _select_layers(model, list(kept), stack)
     try:
         yield model
     finally:
@@ -422,8 +422,8 @@ class _CachedLayer(nn.Module):
 
 
 @contextlib.contextmanager
-def run_layers_cached(model: PreTrainedModel, kept: Sequence[int], cache: dict,
-                      counter: list[int]) -> Iterator[PreTrainedModel]:
+def run_layers_cached(model: PreTrainedModel, kept: Sequence[int], cache: dict, counter: list[int],
+                      stack: str = "encoder") -> Iterator[PreTrainedModel]:
     """:func:`run_layers`, with the output of each layer application cached under its kept-layer prefix.
 
     ``cache`` maps a prefix ``kept[: j + 1]`` to the output of layer ``kept[j]`` after that prefix; a
@@ -432,8 +432,8 @@ def run_layers_cached(model: PreTrainedModel, kept: Sequence[int], cache: dict,
     applications actually run.
     """
     kept = tuple(kept)
-    with run_layers(model, kept):
-        parent, name = _layers_slot(model)
+    with run_layers(model, kept, stack):
+        parent, name = _layers_slot(model, stack)
         selected = getattr(parent, name)
         setattr(parent, name, nn.ModuleList(
             [_CachedLayer(layer, kept[: j + 1], cache, counter) for j, layer in enumerate(selected)]))

@@ -175,15 +175,16 @@ def _table(cands: list[Candidate]) -> str:
     return "\n".join(rows)
 
 
-def _fine_search(args: argparse.Namespace):
+def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
     from .model import load_model, num_layers
     from .verify import FineSearch, verify_subset
 
-    loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True)
-    check_num_layers(args.num_layers, num_layers(loaded.model), args.model)
+    loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True,
+                        allow_encoder_decoder=True)
+    check_num_layers(args.num_layers, num_layers(loaded.model, stack), args.model)
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
-                      pad_audio=args.pad_audio)
+                      pad_audio=args.pad_audio, stack=stack)
 
 
 @exit_on_error
@@ -222,7 +223,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
 
         if args.race_confidence is None:
             args.race_confidence = RACE_CONFIDENCE  # imported here: coarse-only runs do not load transformers
-        fine = _fine_search(args)
+        fine = _fine_search(args, stack)
         log.info("--- fine search on %d utterances of %s%s", len(fine.utts), args.verify_data_dir,
                  f" (race, confidence {args.race_confidence})" if args.race else "")
         report = fine_stage(fine, cands, racing=args.race, confidence=args.race_confidence, seed=args.seed).report
@@ -258,6 +259,8 @@ def glp_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_layers", type=positive_int, default=12, help="layers of the model (default: %(default)s)")
     p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers to prune (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="strategy JSON (default: exp/search/clip{L}to{L-K}_glp.json)")
+    p.add_argument("--stack", choices=["encoder", "decoder"], default="encoder",
+                   help="the layer stack to prune (encoder-decoder models; default: %(default)s)")
     add_verify_arguments(p)
     return p
 
@@ -273,13 +276,13 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     out = Path(args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_glp.json")
     claim_file(out, overwrite=args.overwrite)
     setup_logging(Path(args.log_dir) / f"WER_greedy_clip{L}to{L - K}.log")
-    fine = _fine_search(args)
+    fine = _fine_search(args, args.stack)
     result = greedy_layer_pruning(fine, K, progress=not args.quiet)
     final = result.path[-1]
     meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
             "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),
             "verify_utterances": len(fine.utts), "model": str(args.model)}
-    strategy = StrategyFile(L, [final], meta)
+    strategy = StrategyFile(L, [final], meta, stack=args.stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(result.path))
     print(f"strategy file: {out}")

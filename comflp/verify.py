@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -35,7 +35,8 @@ from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_ba
 from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
-from .model import LoadedModel, call, encoder_layers, frozen_features, padding_exact, prune, run_layers_cached
+from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
+                    run_layers, run_layers_cached)
 from .strategy import Candidate, validate
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,13 @@ class FineSearchStats:
 
 @dataclass
 class FineSearch:
-    """Evaluate many pruning strategies of one model on one labelled subset."""
+    """Evaluate many pruning strategies of one model on one labelled subset.
+
+    ``stack``: the layer stack the strategies prune. An encoder-decoder model (Whisper) is decoded by
+    greedy generation with the cache; its references and hypotheses in words go through Whisper's basic
+    text normaliser (characters are scored as they are). Encoder strategies share the kept-layer prefixes
+    as for CTC; decoder strategies share the batch's encoder output.
+    """
 
     loaded: LoadedModel
     utts: Sequence[Utterance]
@@ -68,6 +75,7 @@ class FineSearch:
     unit: Unit | None = None
     progress: bool = True
     pad_audio: bool = False
+    stack: str = "encoder"
     stats: FineSearchStats = field(default_factory=FineSearchStats)
     hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
 
@@ -78,11 +86,51 @@ class FineSearch:
             raise ComflpError("fine search needs transcripts (a text file in the verify data dir)")
         self.unit = self.unit or guess_unit([u.text for u in self.utts])
         check_decodable(self.loaded.model, self.loaded.feature_extractor, self.utts)
-        report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer, what="fine-search references")
+        self.generative = is_encoder_decoder(self.loaded.model)
+        if self.generative:  # a byte-level BPE vocabulary spells any text: no unknown characters to report
+            tok = self.loaded.tokenizer
+            longest = max(len(tok(u.text).input_ids) for u in self.utts)
+            # a cap on generation, the same for every batch: a broken candidate that never emits its end
+            # token would otherwise run to the model's limit
+            self.max_new_tokens = min(2 * longest + 10, self.loaded.model.config.max_target_positions // 2)
+            self.utts = [replace(u, text=self.normalize(u.text)) for u in self.utts]
+        else:
+            report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer,
+                                      what="fine-search references")
         self.device = next(self.loaded.model.parameters()).device
         groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
         self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
-        self.num_layers = len(encoder_layers(self.loaded.model))
+        self.num_layers = num_layers(self.loaded.model, self.stack)
+
+    def normalize(self, text: str) -> str:
+        """Whisper's basic normaliser for text in words (lower case, no punctuation); characters as they are."""
+        if not self.generative or self.unit != "word":
+            return text
+        from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+        return BasicTextNormalizer()(text)
+
+    def _generate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
+                        hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
+        """Greedy-generate one batch under every kept sequence of the stack (encoder-decoder models)."""
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        limit = self.max_new_tokens
+        encoder_out = call(model, batch.inputs, batch.attention_mask) if self.stack == "decoder" else None
+        cache: dict[tuple[int, ...], object] = {}
+        for i in order:
+            seq = kept[i]
+            for key in [k for k in cache if seq[: len(k)] != k]:
+                del cache[key]
+            switched = (run_layers_cached(model, seq, cache, counter) if self.stack == "encoder"
+                        else run_layers(model, seq, "decoder"))
+            with switched:
+                extra = {"encoder_outputs": encoder_out} if encoder_out is not None else {}
+                ids = model.generate(batch.inputs, max_new_tokens=limit, do_sample=False, num_beams=1, **extra)
+            if self.stack == "decoder":
+                counter[0] += len(seq)
+            texts = [self.normalize(t) for t in tok.batch_decode(ids, skip_special_tokens=True)]
+            hyps[i].update(zip(batch.utt_ids, texts))
+            bar.update(1)
 
     def _evaluate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
@@ -113,6 +161,9 @@ class FineSearch:
         with torch.inference_mode():
             for batch in batches:
                 batch = batch.to(self.device)
+                if self.generative:
+                    self._generate_batch(batch, kept, order, hyps, counter, bar)
+                    continue
                 exact = (contextlib.nullcontext() if self.pad_audio
                          else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
                 with exact:
