@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .data import AudioBatch, Utterance, iter_batches, num_samples
 from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
 from .errors import ComflpError
-from .model import forward, frame_mask, min_audio_samples
+from .model import forward, frame_mask, is_encoder_decoder, min_audio_samples
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,40 @@ class Transcription:
     hypotheses: list[str]
     audio_seconds: float
     decode_seconds: float
+    normalize_words: bool = False  # score text in words through Whisper's basic normaliser (generated text)
 
     def score(self, unit: Unit | None = None) -> ErrorRate:
         refs = [r or "" for r in self.references]
-        return error_rate(refs, self.hypotheses, unit=unit or guess_unit(refs))
+        unit = unit or guess_unit(refs)
+        hyps = self.hypotheses
+        if self.normalize_words and unit == "word":
+            refs, hyps = [normalize_words(r) for r in refs], [normalize_words(h) for h in hyps]
+        return error_rate(refs, hyps, unit=unit)
+
+
+def normalize_words(text: str) -> str:
+    """Whisper's basic text normaliser (lower case, no punctuation or symbols), for scoring generated words."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    return BasicTextNormalizer()(text)
+
+
+def generation_limit(model, tokenizer, references: Sequence[str] | None = None) -> int:
+    """New tokens allowed per utterance: twice the longest reference's plus 10 when references are given (a cap
+    that stops a broken model babbling to its limit), never more than half the decoder's positions."""
+    cap = int(model.config.max_target_positions) // 2
+    if references:
+        cap = min(cap, 2 * max(len(tokenizer(r).input_ids) for r in references) + 10)
+    return cap
+
+
+def generate_batch(model, tokenizer, batch: AudioBatch, *, max_new_tokens: int, **kwargs) -> list[str]:
+    """Greedy generation with the cache (encoder-decoder models): one transcript per utterance of ``batch``.
+
+    ``kwargs`` go to ``generate`` (e.g. ``encoder_outputs`` computed once for many decoders).
+    """
+    ids = model.generate(batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def unknown_characters(texts: Sequence[str], tokenizer) -> tuple[dict[str, int], int]:
@@ -77,8 +107,12 @@ def decode_logits(model, tokenizer, logits: torch.Tensor, attention_mask: torch.
     return greedy_decode(logits, tokenizer, mask.sum(-1))
 
 
-def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False) -> list[str]:
-    """Greedy CTC transcripts of one padded batch (batch-invariant unless ``pad_audio``)."""
+def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False,
+                 max_new_tokens: int | None = None) -> list[str]:
+    """Greedy transcripts of one padded batch (batch-invariant unless ``pad_audio``): best-path CTC, or greedy
+    generation for an encoder-decoder model (``max_new_tokens``: default :func:`generation_limit`)."""
+    if is_encoder_decoder(model):
+        return generate_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens or generation_limit(model, tokenizer))
     logits = forward(model, batch.inputs, batch.attention_mask, pad_audio=pad_audio).logits
     return decode_logits(model, tokenizer, logits, batch.attention_mask)
 
@@ -96,7 +130,8 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
     elapsed = 0.0
     sr = int(feature_extractor.sampling_rate)
     check_decodable(model, feature_extractor, utts)
-    if all(u.text is not None for u in utts):
+    generative = is_encoder_decoder(model)
+    if all(u.text is not None for u in utts) and not generative:  # a BPE vocabulary spells any text
         report_unknown_characters([u.text for u in utts], tokenizer, what="references")
     batches = iter_batches(utts, feature_extractor, batch_size=batch_size)
     total = (len(utts) + batch_size - 1) // batch_size
@@ -108,7 +143,7 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
         audio += float(batch.lengths.sum()) / sr
         hyps.update(zip(batch.utt_ids, texts))
     return Transcription([u.utt_id for u in utts], [u.text for u in utts], [hyps[u.utt_id] for u in utts],
-                         audio, elapsed)
+                         audio, elapsed, normalize_words=generative)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,11 @@ from .decode import transcribe
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
 from .metrics import guess_unit
-from .model import LoadedModel, encoder_layers, forward, frame_mask, freeze_feature_encoder, load_model, prune, save_model
+from .hidden import teacher_forcing_labels
+from .model import (LoadedModel, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
+                    num_layers, prune, save_model)
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
-from .strategy import resolve_pruned
+from .strategy import StrategyFile, parse_layers, resolve_pruned, validate
 from .verify import verify_subset
 
 log = logging.getLogger("comflp.finetune")
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--strategy", type=Path, help="strategy JSON from the search")
     which.add_argument("--layers", help="1-based layers to prune, e.g. 1,3,5 (instead of --strategy)")
     p.add_argument("--rank", type=int, default=1, help="candidate of the strategy file, 1 = best (default: %(default)s)")
+    p.add_argument("--decoder_layers", default=None,
+                   help="encoder-decoder models (Whisper): 1-based decoder layers to prune as well (a strategy "
+                        "searched on the decoder names them itself); healing is then cross-entropy on the "
+                        "transcripts plus distillation of the token distributions")
     p.add_argument("--num_layers", type=int, default=None, help="expected layers of --model (checked)")
     p.add_argument("--num_clip_layers", type=int, default=None, help="expected number of pruned layers (checked)")
     p.add_argument("--output_dir", type=Path, default=None, help="experiment dir (default: exp/clip{L}to{L-K}_ft)")
@@ -142,23 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, list[int]]:
-    source = load_model(args.model, need_tokenizer=True, need_ctc_head=True)
-    total = len(encoder_layers(source.model))
+def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, list[int], list[int]]:
+    """The pruned student, the source as teacher (or None), and the layers pruned from each stack."""
+    source = load_model(args.model, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
+    stack = StrategyFile.load(args.strategy).stack if args.strategy is not None else "encoder"
+    if stack == "decoder" and args.decoder_layers is not None:
+        raise ComflpError(f"{args.strategy} prunes the decoder: drop --decoder_layers")
+    total = num_layers(source.model, stack)
     if args.num_layers is not None and args.num_layers != total:
         raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {total} layers")
-    pruned = resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model)
+    decoder = (validate(parse_layers(args.decoder_layers), num_layers(source.model, "decoder"))
+               if args.decoder_layers is not None else [])
+    pruned = ([] if args.strategy is None and args.layers is None and decoder else
+              resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model))
     if args.num_clip_layers is not None and args.num_clip_layers != len(pruned):
         raise ComflpError(f"--num_clip_layers {args.num_clip_layers} but the strategy prunes {len(pruned)} layers")
-    student = prune(source.model, pruned)
+    if stack == "decoder":
+        pruned, decoder = [], pruned
+    student = prune(source.model, pruned, decoder_pruned=decoder)
     student.config.layerdrop = args.layerdrop
-    # a per-utterance mean makes the DDP average over processes equal the one-process loss
-    student.config.ctc_loss_reduction = "mean"
-    student.config.ctc_zero_infinity = True
+    if not is_encoder_decoder(student):
+        # a per-utterance mean makes the DDP average over processes equal the one-process loss
+        student.config.ctc_loss_reduction = "mean"
+        student.config.ctc_zero_infinity = True
     teacher = source.model.to(device).eval() if args.distill else None
     if teacher is not None:
         teacher.requires_grad_(False)
-    return LoadedModel(student, source.feature_extractor, source.tokenizer, args.model), teacher, pruned
+    return LoadedModel(student, source.feature_extractor, source.tokenizer, args.model), teacher, pruned, decoder
 
 
 def _rng_state() -> dict:
@@ -173,9 +190,38 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
 
 
+def _shared_names(model) -> set[str]:
+    """State-dict names whose tensor shares storage with another (tied weights: Whisper's output projection)."""
+    by_storage: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+    return {name for names in by_storage.values() if len(names) > 1 for name in names}
+
+
+def _save_weights(model, path: Path) -> None:
+    """model.safetensors of ``model``, tied weights stored once (safetensors refuses shared tensors)."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(tensor.untyped_storage().data_ptr())
+        state[name] = tensor.detach().contiguous().cpu()
+    save_file(state, str(path))
+
+
+def _load_weights(model, path: Path) -> None:
+    """Load a model.safetensors written by :func:`_save_weights` or ``save_pretrained`` (tied weights once)."""
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    missing = set(missing) - _shared_names(model)
+    if missing or unexpected:
+        raise ComflpError(f"{path} does not hold this model's weights (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]})")
+
+
 def _save_last(target: Path, model, optimizer, scheduler, position: dict) -> None:
     with atomic.atomic_dir(target) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": _rng_state()}, tmp / "trainer_state.pt")
@@ -198,19 +244,20 @@ def train(args: argparse.Namespace) -> Path:
     world = accelerator.num_processes
     if args.batch_size % world:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
-    loaded, teacher, pruned = _student_and_teacher(args, accelerator.device)
-    total = len(pruned) + len(encoder_layers(loaded.model))
+    loaded, teacher, pruned, decoder_pruned = _student_and_teacher(args, accelerator.device)
+    total = len(pruned) + num_layers(loaded.model)
     out = Path(args.output_dir or EXP_DIR / f"clip{total}to{total - len(pruned)}_ft")
     afresh = args.overwrite or args.resume_epoch == 0
     lock = output_lock(out) if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
         if accelerator.is_main_process:
-            ExperimentDir.open(out, settings=run_settings(args, pruned), kind="finetune", afresh=afresh)
+            ExperimentDir.open(out, settings=run_settings(args, pruned, decoder_pruned), kind="finetune",
+                               afresh=afresh)
         accelerator.wait_for_everyone()
         return _train(args, accelerator, loaded, teacher, ExperimentDir(out))
 
 
-def run_settings(args: argparse.Namespace, pruned: list[int]) -> dict:
+def run_settings(args: argparse.Namespace, pruned: list[int], decoder_pruned: Sequence[int] = ()) -> dict:
     """The settings that define a fine-tuning run: a resumed run must have the same ones."""
     keys = ("max_train_utts", "batch_size", "grad_accum", "lr", "layerdrop", "max_grad_norm", "use_scheduler",
             "epochs", "max_updates", "test_num_batch", "valid_batch_size", "freeze_feature_encoder", "distill",
@@ -219,14 +266,22 @@ def run_settings(args: argparse.Namespace, pruned: list[int]) -> dict:
              "valid_dataset_split": args.valid_dataset_split, "audio_column": args.audio_column,
              "text_column": args.text_column} if args.dataset else
             {"train_data_dir": source_id(args.train_data_dir), "valid_data_dir": source_id(args.valid_data_dir)})
-    return {"model": source_id(args.model), "pruned": list(pruned), **data, **{k: getattr(args, k) for k in keys}}
+    decoder = {"decoder_pruned": list(decoder_pruned)} if decoder_pruned else {}  # CTC runs keep their run.json
+    return {"model": source_id(args.model), "pruned": list(pruned), **decoder, **data,
+            **{k: getattr(args, k) for k in keys}}
 
 
 def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
-    """Drop utterances too short for one frame per label (CTC needs it), and report unknown characters."""
+    """Drop utterances too short for one frame per label (CTC needs it), and report unknown characters.
+
+    An encoder-decoder model needs neither: it reads a fixed window and its BPE vocabulary spells any text.
+    """
     from .data import num_samples
     from .decode import report_unknown_characters
-    from .model import encoder_frames
+    from .model import encoder_frames, is_encoder_decoder
+
+    if is_encoder_decoder(model):
+        return list(utts)
 
     sampling_rate = int(feature_extractor.sampling_rate)
     samples = torch.tensor([num_samples(u, sampling_rate) for u in utts])
@@ -277,7 +332,7 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
     position = {"epoch": 0, "micro": 0, "update": 0, "loss_sum": 0.0, "loss_count": 0}
     last = atomic.recover_dir(exp.last)
     if args.resume_epoch == -1 and (last / "position.json").exists():
-        model.load_state_dict(load_file(str(last / "model.safetensors")))
+        _load_weights(model, last / "model.safetensors")
         state = torch.load(last / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
@@ -289,7 +344,7 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
         ckpt = exp.epoch(args.resume_epoch)
         if not (ckpt / "model.safetensors").exists():
             raise ComflpError(f"--resume_epoch {args.resume_epoch}: checkpoint not found: {ckpt}")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        _load_weights(model, ckpt / "model.safetensors")
         position = {"epoch": args.resume_epoch, "micro": 0, "update": args.resume_epoch * updates_per_epoch,
                     "loss_sum": 0.0, "loss_count": 0}
         for _ in range(position["update"]):
@@ -300,7 +355,8 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
     if accelerator.is_main_process and position["update"] == 0 and not any(
             r["epoch"] == 0 for r in exp.read_metrics()):
         # epoch 0: the pruned model before healing, and the unpruned source as the reference
-        source = teacher if teacher is not None else load_model(args.model, need_tokenizer=True).model
+        source = teacher if teacher is not None else load_model(args.model, need_tokenizer=True,
+                                                                             allow_encoder_decoder=True).model
         row = {"epoch": 0, "update": 0, "train_loss": None,
                "valid_cer": validation_cer(model, loaded, valid_utts, batch_size=args.valid_batch_size,
                                            device=accelerator.device, pad_audio=args.pad_audio),
@@ -314,6 +370,7 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     device = accelerator.device
+    generative = is_encoder_decoder(raw)  # Whisper: cross-entropy on the transcripts, not CTC
     bar = tqdm(total=total_updates, initial=position["update"], desc="fine-tuning", unit="update",
                disable=args.quiet or not accelerator.is_main_process)
     t0 = time.time()
@@ -327,7 +384,9 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
             for i, index in enumerate(group):
                 utts = micro[index][rank::world]
                 batch = collate(utts, loaded.feature_extractor).to(device)
-                labels = _labels(loaded.tokenizer, [u.text for u in utts], device)
+                labels = (teacher_forcing_labels(loaded.tokenizer, [u.text for u in utts],
+                                                 raw.config.decoder_start_token_id).to(device) if generative
+                          else _labels(loaded.tokenizer, [u.text for u in utts], device))
                 sync = i == len(group) - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
@@ -335,10 +394,12 @@ def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, 
                                      pad_audio=args.pad_audio)
                     loss = output.loss
                     if teacher is not None:
+                        # an encoder-decoder teacher reads the same transcripts (teacher forcing)
                         with torch.no_grad():
-                            t_logits = forward(teacher, batch.inputs, batch.attention_mask,
-                                               pad_audio=args.pad_audio).logits
-                        mask = frame_mask(raw, batch.attention_mask, output.logits.shape[1])
+                            t_logits = forward(teacher, batch.inputs, batch.attention_mask, pad_audio=args.pad_audio,
+                                               **({"labels": labels} if generative else {})).logits
+                        mask = (labels != -100 if generative
+                                else frame_mask(raw, batch.attention_mask, output.logits.shape[1]))
                         kd = distillation_loss(output.logits, t_logits, mask, temperature=args.temperature)
                         loss = (1 - args.distill_weight) * loss + args.distill_weight * kd
                     if not torch.isfinite(loss.detach()):

@@ -245,7 +245,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     Without ``preprocessor_config.json`` the feature extractor is None when
     ``need_features`` is False (commands that only touch weights), else the
     family default with a warning. An encoder-decoder model (Whisper) is refused unless
-    ``allow_encoder_decoder`` (the commands that handle both of its stacks: ``info``, ``prune``).
+    ``allow_encoder_decoder`` (the commands that handle both of its stacks).
     """
     source = str(source)
     if not Path(source).exists() and (source.startswith((".", "/")) or source.count("/") > 1):
@@ -257,8 +257,8 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     family = FAMILIES.get(config.model_type, DEFAULT_FAMILY)
     if family.decoder_layers and not allow_encoder_decoder:
         raise ComflpError(f"{source} is an encoder-decoder model ({config.model_type}): this command handles CTC "
-                          "models; for it: `comflp measure --stack encoder|decoder`, `comflp search "
-                          "--coarse_search_only true`, `comflp prune` (--layers, --decoder_layers), `comflp info`")
+                          "models; these take it: measure, search, glp (--stack), prune (--decoder_layers), "
+                          "finetune, test, info")
     try:
         import transformers
 

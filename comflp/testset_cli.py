@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _test(args: argparse.Namespace, model_src: str, out_dir: Path, report: Path, device) -> dict:
     setup_logging(out_dir / "test_asr.log")
-    loaded = load_model(model_src, device=device, need_tokenizer=True, need_ctc_head=True)
+    loaded = load_model(model_src, device=device, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
     utts = read_corpus_or_dataset(args, args.data_dir)
     scored = score(loaded, utts, batch_size=args.batch_size, unit=None if args.unit == "auto" else args.unit,
                    device=device, progress=True, pad_audio=args.pad_audio)

@@ -32,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
-from .decode import check_decodable, decode_batch, decode_logits, report_unknown_characters
+from .decode import (check_decodable, decode_batch, decode_logits, generate_batch, generation_limit, normalize_words,
+                     report_unknown_characters)
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
 from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
@@ -88,11 +89,9 @@ class FineSearch:
         check_decodable(self.loaded.model, self.loaded.feature_extractor, self.utts)
         self.generative = is_encoder_decoder(self.loaded.model)
         if self.generative:  # a byte-level BPE vocabulary spells any text: no unknown characters to report
-            tok = self.loaded.tokenizer
-            longest = max(len(tok(u.text).input_ids) for u in self.utts)
-            # a cap on generation, the same for every batch: a broken candidate that never emits its end
-            # token would otherwise run to the model's limit
-            self.max_new_tokens = min(2 * longest + 10, self.loaded.model.config.max_target_positions // 2)
+            # the same cap for every batch, from the whole subset's references
+            self.max_new_tokens = generation_limit(self.loaded.model, self.loaded.tokenizer,
+                                                   [u.text for u in self.utts])
             self.utts = [replace(u, text=self.normalize(u.text)) for u in self.utts]
         else:
             report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer,
@@ -104,11 +103,7 @@ class FineSearch:
 
     def normalize(self, text: str) -> str:
         """Whisper's basic normaliser for text in words (lower case, no punctuation); characters as they are."""
-        if not self.generative or self.unit != "word":
-            return text
-        from transformers.models.whisper.english_normalizer import BasicTextNormalizer
-
-        return BasicTextNormalizer()(text)
+        return normalize_words(text) if self.generative and self.unit == "word" else text
 
     def _generate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
@@ -125,10 +120,10 @@ class FineSearch:
                         else run_layers(model, seq, "decoder"))
             with switched:
                 extra = {"encoder_outputs": encoder_out} if encoder_out is not None else {}
-                ids = model.generate(batch.inputs, max_new_tokens=limit, do_sample=False, num_beams=1, **extra)
+                texts = generate_batch(model, tok, batch, max_new_tokens=limit, **extra)
             if self.stack == "decoder":
                 counter[0] += len(seq)
-            texts = [self.normalize(t) for t in tok.batch_decode(ids, skip_special_tokens=True)]
+            texts = [self.normalize(t) for t in texts]
             hyps[i].update(zip(batch.utt_ids, texts))
             bar.update(1)
 

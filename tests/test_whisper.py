@@ -295,3 +295,28 @@ def test_search_and_glp_verify_a_decoder_by_generation(tmp_path: Path) -> None:
     glp = search_cli.glp_main([*verify, "--stack", "decoder", "--output", str(tmp_path / "g.json")])
     assert glp.stack == "decoder" and len(glp.candidates[0].pruned) == 2
     assert glp.meta["evaluations"] == 4 + 3
+
+
+def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
+    """Fine-tuning an encoder-decoder: cross-entropy plus distillation from the unpruned teacher, then `comflp test`."""
+    from comflp import finetune, testset_cli
+
+    from conftest import make_corpus
+
+    model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    out = tmp_path / "ft"
+    finetune.main(["--model", str(model_dir), "--decoder_layers", "2,3", "--batch_size", "3", "--epochs", "3",
+                   "--grad_accum", "1", "--lr", "3e-3", "--test_num_batch", "1", "--valid_batch_size", "3", "--train_data_dir",
+                   str(corpus), "--valid_data_dir", str(corpus), "--output_dir", str(out), "--threads", "1",
+                   "--quiet"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and all(np.isfinite(r["train_loss"]) for r in rows[1:])
+    assert rows[3]["train_loss"] < rows[1]["train_loss"]  # it learns the transcripts
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["pruned"] == [] and settings["decoder_pruned"] == [2, 3]
+    healed, info = AutoModelForSpeechSeq2Seq.from_pretrained(out / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (healed.config.encoder_layers, healed.config.decoder_layers) == (4, 2)
+    report = testset_cli.main(["--model", str(out / "final"), "--data_dir", str(corpus), "--batch_size", "2",
+                               "--output_dir", str(tmp_path / "test")])
+    assert report["num_layers"] == 4 and 0 <= report["error_rate"]
