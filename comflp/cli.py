@@ -15,7 +15,7 @@ from .paths import DEMO_MODEL_DIR
 
 # name -> ("module:function" taking argv, one-line summary); modules load lazily so --help is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("comflp.cli:info_main", "describe a CTC model: family, layers, parameters, sizes (--json)"),
+    "info": ("comflp.cli:info_main", "describe a model: family, layers, parameters, sizes (--json)"),
     "prune": ("comflp.cli:prune_main", "remove layers (--layers or a strategy file) and save an HF-format model"),
     "corpus": ("comflp.demo_corpus:main", "generate the embedded synthetic Mandarin corpus"),
     "prepare-aishell": ("comflp.aishell:main", "build Kaldi dirs from an official AISHELL-1 download"),

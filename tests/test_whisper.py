@@ -299,7 +299,7 @@ def test_search_and_glp_verify_a_decoder_by_generation(tmp_path: Path) -> None:
 
 def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
     """Fine-tuning an encoder-decoder: cross-entropy plus distillation from the unpruned teacher, then `comflp test`."""
-    from comflp import finetune, testset_cli
+    from comflp import average, finetune, testset_cli
 
     from conftest import make_corpus
 
@@ -317,6 +317,7 @@ def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
     healed, info = AutoModelForSpeechSeq2Seq.from_pretrained(out / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (healed.config.encoder_layers, healed.config.decoder_layers) == (4, 2)
-    report = testset_cli.main(["--model", str(out / "final"), "--data_dir", str(corpus), "--batch_size", "2",
+    average.main(["--exp_dir", str(out), "--num", "2"])  # the best two epochs by validation CER
+    report = testset_cli.main(["--model", str(out / "model_avg"), "--data_dir", str(corpus), "--batch_size", "2",
                                "--output_dir", str(tmp_path / "test")])
     assert report["num_layers"] == 4 and 0 <= report["error_rate"]
