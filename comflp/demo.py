@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                          get_cosine_schedule_with_warmup)
+                          WhisperConfig, WhisperFeatureExtractor, get_cosine_schedule_with_warmup)
 
 from . import atomic
 from .data import length_sorted_batches, load_audio
@@ -65,6 +65,61 @@ def build_processor(vocab: str, out_dir: Path) -> tuple[Wav2Vec2FeatureExtractor
     fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                                   return_attention_mask=True)
     return fe, tok
+
+
+WHISPER_SPECIAL_TOKENS = ("<pad>", "<|startoftranscript|>", "<|endoftext|>", "<unk>")
+WHISPER_WINDOW_S = 4  # the corpus's longest utterance is 3.65 s; Whisper pads every input to its window
+
+
+def whisper_config(vocab_size: int, *, encoder_layers: int = 4, decoder_layers: int = 4,
+                   d_model: int = 192) -> WhisperConfig:
+    """The demo Whisper: Whisper's architecture at 192 wide, a 4-s window (200 encoder frames), characters."""
+    return WhisperConfig(
+        vocab_size=vocab_size, num_mel_bins=80, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+        encoder_attention_heads=4, decoder_attention_heads=4, d_model=d_model, encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model, max_source_positions=WHISPER_WINDOW_S * 50, max_target_positions=64,
+        pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, dropout=0.1,
+        begin_suppress_tokens=None, suppress_tokens=None)
+
+
+def build_whisper_processor(vocab: str) -> tuple[WhisperFeatureExtractor, object]:
+    """A 4-s Whisper feature extractor and a character tokenizer with Whisper's start and end tokens around
+    each transcript (spaces dropped: the corpus is Chinese characters)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = list(WHISPER_SPECIAL_TOKENS) + [c for c in vocab if c not in WHISPER_SPECIAL_TOKENS]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Split(Regex("."), behavior="isolated")])
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftranscript|> $A <|endoftext|>", special_tokens=[("<|startoftranscript|>", 1),
+                                                                          ("<|endoftext|>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftranscript|>",
+                                  eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>")
+    return WhisperFeatureExtractor(feature_size=80, chunk_length=WHISPER_WINDOW_S), tok
+
+
+def whisper_init(args: argparse.Namespace) -> Path:
+    """The demo Whisper's random start, saved as an HF model; ``comflp finetune --whole_model`` trains it."""
+    from transformers import GenerationConfig, WhisperForConditionalGeneration
+
+    from .model import save_model
+
+    train_utts = read_corpus(demo_split("train"))
+    vocab = "".join(sorted({c for u in train_utts for c in u.text if not c.isspace()}))
+    fe, tok = build_whisper_processor(vocab)
+    torch.manual_seed(args.seed)
+    model = WhisperForConditionalGeneration(whisper_config(len(tok), encoder_layers=args.encoder_layers,
+                                                           decoder_layers=args.decoder_layers, d_model=args.d_model))
+    # never generate the padding or the start token, nor end before the first character (as Whisper's own)
+    model.generation_config = GenerationConfig(decoder_start_token_id=1, bos_token_id=1, eos_token_id=2,
+                                               pad_token_id=0, suppress_tokens=[0, 1], begin_suppress_tokens=[2])
+    out = save_model(model, args.output, feature_extractor=fe, tokenizer=tok, overwrite=args.overwrite)
+    log.info("demo Whisper start: %d parameters, vocab %d -> %s", sum(p.numel() for p in model.parameters()),
+             len(tok), out)
+    return out
 
 
 def _save_state(path: Path, model, optimizer, scheduler, step: int, best: float) -> None:
@@ -187,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pad_audio", action="store_true",
                    help="train on zero-padded batches through the feature encoder (how demo-12l was trained); "
                         "default: each utterance's conv features computed unpadded, as comflp decodes")
+    w = sub.add_parser("whisper-init", help="the demo Whisper's random start (Whisper architecture, character "
+                                            "vocabulary, 4-s window); `comflp finetune --whole_model` "
+                                            "trains it")
+    w.add_argument("--output", type=Path, default=EXP_DIR / "demo-whisper-train" / "init",
+                   help="model dir (default: %(default)s)")
+    w.add_argument("--encoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
+    w.add_argument("--decoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
+    w.add_argument("--d_model", type=positive_int, default=192, help="width (default: %(default)s)")
+    w.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    w.add_argument("--overwrite", action="store_true", help="replace an earlier comflp output at --output")
     c = sub.add_parser("card", help="measure the shipped model and write its model card (README.md)")
     c.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="model dir (default: %(default)s)")
     c.add_argument("--exp_dir", type=Path, default=None, help="training exp dir (default: exp/<model name>-train)")
@@ -207,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.steps <= args.warmup:
             raise ComflpError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
         train(args)
+    elif args.command == "whisper-init":
+        print(whisper_init(args))
     else:
         from .model_card import write_card
 

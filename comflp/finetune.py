@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--strategy", type=Path, help="strategy JSON from the search")
     which.add_argument("--layers", help="1-based layers to prune, e.g. 1,3,5 (instead of --strategy)")
+    which.add_argument("--whole_model", action="store_true",
+                       help="prune nothing and train the whole model (the demo Whisper's recipe trains one from its "
+                            "random start this way, without --distill)")
     p.add_argument("--rank", type=int, default=1, help="candidate of the strategy file, 1 = best (default: %(default)s)")
     p.add_argument("--decoder_layers", default=None,
                    help="encoder-decoder models (Whisper): 1-based decoder layers to prune as well (a strategy "
@@ -134,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the front end (conv feature encoder, feature projection or subsampling)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="GPU only (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
-    p.add_argument("--distill_weight", type=float, default=0.5, help="w in (1-w) CTC + w KL (default: %(default)s)")
+    p.add_argument("--distill_weight", type=float, default=0.5, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
     p.add_argument("--temperature", type=positive_float, default=2.0,
                    help="distillation temperature, > 0 (default: %(default)s)")
     p.add_argument("--checkpoint_every", type=positive_int, default=50,
@@ -160,13 +164,16 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
         raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {total} layers")
     decoder = (validate(parse_layers(args.decoder_layers), num_layers(source.model, "decoder"))
                if args.decoder_layers is not None else [])
-    pruned = ([] if args.strategy is None and args.layers is None and decoder else
+    pruned = ([] if args.whole_model or (args.strategy is None and args.layers is None and decoder) else
               resolve_pruned(total, strategy=args.strategy, rank=args.rank, layers=args.layers, model_name=args.model))
     if args.num_clip_layers is not None and args.num_clip_layers != len(pruned):
         raise ComflpError(f"--num_clip_layers {args.num_clip_layers} but the strategy prunes {len(pruned)} layers")
     if stack == "decoder":
         pruned, decoder = [], pruned
-    student = prune(source.model, pruned, decoder_pruned=decoder)
+    if pruned or decoder:
+        student = prune(source.model, pruned, decoder_pruned=decoder)
+    else:  # --whole_model
+        student = copy.deepcopy(source.model)
     student.config.layerdrop = args.layerdrop
     if not is_encoder_decoder(student):
         # a per-utterance mean makes the DDP average over processes equal the one-process loss
