@@ -321,3 +321,41 @@ def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
     report = testset_cli.main(["--model", str(out / "model_avg"), "--data_dir", str(corpus), "--batch_size", "2",
                                "--output_dir", str(tmp_path / "test")])
     assert report["num_layers"] == 4 and 0 <= report["error_rate"]
+
+
+def test_demo_whisper_start_is_a_small_whisper_with_a_character_vocabulary(tmp_path: Path) -> None:
+    import argparse
+
+    from comflp.demo import whisper_init
+
+    out = whisper_init(argparse.Namespace(output=tmp_path / "init", encoder_layers=4, decoder_layers=4, d_model=192,
+                                          seed=0, overwrite=False))
+    loaded = load_model(out, allow_encoder_decoder=True, need_tokenizer=True)
+    assert 2 * sum(p.numel() for p in loaded.model.parameters()) <= 15e6  # the shipped fp16 size
+    from comflp.data import read_corpus_dir
+    from comflp.paths import demo_split
+
+    text = read_corpus_dir(demo_split("train"))[0].text
+    ids = loaded.tokenizer(text).input_ids
+    assert ids[0] == loaded.model.config.decoder_start_token_id and ids[-1] == loaded.model.config.eos_token_id
+    assert loaded.tokenizer.unk_token_id not in ids
+    assert loaded.tokenizer.decode(ids, skip_special_tokens=True) == "".join(text.split())
+    assert loaded.feature_extractor.nb_max_frames == 2 * loaded.model.config.max_source_positions
+
+
+def test_whole_model_training_prunes_nothing(tmp_path: Path) -> None:
+    from comflp import finetune
+
+    from conftest import make_corpus, save_plain, tiny_model
+
+    model = save_plain(tiny_model("wav2vec2-stable", seed=1), tmp_path / "m", tmp_path / "proc")
+    corpus = make_corpus(tmp_path / "corpus", n=6)
+    finetune.main(["--model", str(model), "--whole_model", "--batch_size", "3", "--epochs", "1", "--lr", "1e-3",
+                   "--test_num_batch", "1", "--valid_batch_size", "3", "--train_data_dir", str(corpus),
+                   "--valid_data_dir", str(corpus), "--output_dir", str(tmp_path / "ft"), "--threads", "1", "--quiet"])
+    assert json.loads((tmp_path / "ft" / "run.json").read_text())["settings"]["pruned"] == []
+    trained = load_model(tmp_path / "ft" / "final").model
+    assert num_layers(trained) == 6
+    with pytest.raises(SystemExit):  # nothing said about layers is still an error
+        finetune.main(["--model", str(model), "--train_data_dir", str(corpus), "--valid_data_dir", str(corpus),
+                       "--output_dir", str(tmp_path / "ft2"), "--quiet"])
