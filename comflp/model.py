@@ -52,9 +52,12 @@ class Family:
     ``depthwise_conv``: the path, inside each layer, of a "same"-padded depthwise convolution over time (a
     conformer's), whose input :func:`padding_exact` zeroes on padded frames, as an utterance alone has
     zeros there.
-    ``layers_see_padding``: the layers themselves mix padded frames into real ones (SEW's pooling and
-    upsampling), which :func:`padding_exact` does not yet undo: batched results of such a family depend on
-    the batching, and comflp says so.
+    ``pooled_mask``: for families that pool frames before their layers (SEW, SEW-D: ``squeeze_field``),
+    where the pooled frame mask reaches the layers, ``"layers"`` (a 4-D mask to each layer) or a module
+    path taking it as its second argument; :func:`padding_exact` gives them the ``floor(frames / squeeze)``
+    pooled frames an utterance has alone (the encoder's max-pooled mask also counts the window that
+    straddles its end). ``upsample``: the module that spreads the pooled frames back, whose output past
+    ``floor(frames / squeeze) * squeeze`` is zeroed, as the encoder pads a shorter utterance's output.
     ``default_features``: the feature extractor class assumed for a model saved without one.
     ``head``: the output head's attribute on the model (a CTC head, or Whisper's projection).
     ``decoder_layers``, ``decoder_depth_field``: the second layer stack of an encoder-decoder family
@@ -71,7 +74,8 @@ class Family:
     position_conv_layers: str | None = None
     front_end_exact: bool = False
     depthwise_conv: str | None = None
-    layers_see_padding: bool = False
+    pooled_mask: str | None = None
+    upsample: str | None = None
     squeeze_field: str | None = None  # config field: the layers run at 1/squeeze of the encoder's frame rate (SEW)
     default_features: str = "Wav2Vec2FeatureExtractor"
     head: str = "lm_head"
@@ -84,9 +88,10 @@ DEFAULT_FAMILY = Family()
 FAMILIES: dict[str, Family] = {
     "data2vec-audio": Family(position_conv_layers="encoder.pos_conv_embed.layers"),
     "wav2vec2-conformer": Family(depthwise_conv="conv_module.depthwise_conv"),
-    "sew": Family(layers_see_padding=True, squeeze_field="squeeze_factor"),
+    "sew": Family(squeeze_field="squeeze_factor", pooled_mask="layers", upsample="encoder.upsample"),
     # DeBERTa-style encoder: its relative-position embeddings sit beside the layers and are shared, so they stay
-    "sew-d": Family(layers="encoder.encoder.layer", layers_see_padding=True, squeeze_field="squeeze_factor"),
+    "sew-d": Family(layers="encoder.encoder.layer", squeeze_field="squeeze_factor", pooled_mask="encoder.encoder",
+                    upsample="encoder.upsample"),
     # log-mel frames stacked in pairs; causal depthwise convolution over masked frames: batch-invariant as is
     "wav2vec2-bert": Family(input_kind="input_features", feature_encoder="feature_projection", front_end_exact=True,
                             default_features="SeamlessM4TFeatureExtractor"),
@@ -103,7 +108,6 @@ FAMILIES: dict[str, Family] = {
                       auto_class="AutoModelForSpeechSeq2Seq"),
 }
 STACKS = ("encoder", "decoder")
-_WARNED_PADDING: set[str] = set()
 
 
 def family_of(model: PreTrainedModel) -> Family:
@@ -711,12 +715,49 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+def _pooled_mask_hooks(model: PreTrainedModel, base: nn.Module, family: Family, sample_lengths: torch.Tensor,
+                       device) -> list:
+    """Hooks giving a pooling family's layers the ``floor(frames / squeeze)`` pooled frames each utterance has
+    alone, and zeroing the upsampled output past ``floor(frames / squeeze) * squeeze`` (see ``Family``)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    pooled = _layer_lengths(model, sample_lengths).to(device)
+    mask = (torch.arange(int(pooled.max()) + 1, device=device)[None, :] < pooled[:, None]).long()  # [B, T] pooled
+    hooks = []
+    if family.pooled_mask == "layers":
+        def layer_mask(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["attention_mask"] = create_bidirectional_mask(
+                config=model.config, inputs_embeds=hidden, attention_mask=mask[:, : hidden.shape[1]])
+            return args, kwargs
+
+        hooks += [layer.register_forward_pre_hook(layer_mask, with_kwargs=True) for layer in encoder_layers(model)]
+    else:
+        def encoder_mask(module, args, kwargs):  # (hidden_states, attention_mask, ...)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if len(args) > 1:
+                args = (args[0], mask[:, : hidden.shape[1]], *args[2:])
+            else:
+                kwargs["attention_mask"] = mask[:, : hidden.shape[1]]
+            return args, kwargs
+
+        hooks.append(_get(base, family.pooled_mask).register_forward_pre_hook(encoder_mask, with_kwargs=True))
+    frames = pooled * int(getattr(encoder_config(model), family.squeeze_field))
+
+    def zero_tail(module, args, output):  # [B, T, D]: the frames an utterance alone does not have
+        keep = torch.arange(output.shape[1], device=output.device)[None, :] < frames[:, None]
+        return output * keep[..., None].to(output.dtype)
+
+    hooks.append(_get(base, family.upsample).register_forward_hook(zero_tail))
+    return hooks
+
+
 @contextlib.contextmanager
 def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iterator[PreTrainedModel]:
     """Within the block, a padded batch gives each utterance what it gives alone.
 
-    Two things read padding in the encoders comflp supports, and both are
-    switched off here:
+    Everything that reads padding in the encoders comflp supports is switched
+    off here:
 
     - group norm in the conv feature encoder normalises over time: it is
       replaced by :class:`_MaskedGroupNorm` (statistics over real frames),
@@ -726,7 +767,11 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
       family table's ``position_conv_layers``), padded frames between those
       layers are zeroed, as the unpadded convolution's own zero padding would be;
     - in conformer layers (the family table's ``depthwise_conv``), the depthwise
-      convolution's input is zeroed on padded frames for the same reason.
+      convolution's input is zeroed on padded frames for the same reason;
+    - in families that pool frames before their layers (SEW, SEW-D), the layers
+      get the ``floor(frames / squeeze)`` pooled frames an utterance has alone
+      (the encoder's max-pooled mask also counts the window straddling its end)
+      and the upsampled frames past them are zeroed (``pooled_mask``, ``upsample``).
 
     Feature-input families (``front_end_exact``) need neither: their features are computed per utterance
     and their front ends mask padded frames. ``sample_lengths`` are the input's real time steps (samples,
@@ -735,10 +780,6 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
     inner = getattr(model, "module", model)  # under DDP the HF model is the wrapper's .module
     base = base_model(inner)
     family = family_of(inner)
-    if family.layers_see_padding and len(set(sample_lengths)) > 1 and inner.config.model_type not in _WARNED_PADDING:
-        _WARNED_PADDING.add(inner.config.model_type)
-        log.warning("%s layers mix padded frames into real ones: batched results depend on the batching "
-                    "(use batch size 1 for exact numbers)", inner.config.model_type)
     device = next(inner.parameters()).device
     restore: list[tuple[object, str, object]] = []  # (owner, attribute or index, original)
     encoder = _get(base, family.feature_encoder)
@@ -764,6 +805,9 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
         for i, layer in enumerate(list(conv_stack)):
             restore.append((conv_stack, i, layer))
             conv_stack[i] = _MaskedPositions(layer, mask)
+    hooks = []  # forward hooks removed on exit
+    if family.pooled_mask:
+        hooks += _pooled_mask_hooks(inner, base, family, torch.as_tensor(list(sample_lengths)), device)
     if family.depthwise_conv:
         frames = _layer_lengths(inner, torch.as_tensor(list(sample_lengths)))
         mask = (torch.arange(int(frames.max()))[None, :] < frames[:, None]).to(device)
@@ -775,6 +819,8 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
     try:
         yield model
     finally:
+        for handle in hooks:
+            handle.remove()
         for owner, key, original in reversed(restore):
             if isinstance(key, int):
                 owner[key] = original

@@ -44,8 +44,6 @@ FAMILIES = {
     "wav2vec2-bert": (Wav2Vec2BertConfig, Wav2Vec2BertForCTC, None),  # input_features: stacked log-mel frames
     "parakeet_ctc": (ParakeetCTCConfig, ParakeetForCTC, None),  # input_features: log-mel frames, 8x subsampling
 }
-# the families whose layers mix padded frames into real ones (batched results depend on the batching)
-LAYERS_SEE_PADDING = ("sew", "sew-d")
 
 
 def _feature_input_config(family: str, overrides: dict):

@@ -14,7 +14,7 @@ from comflp.options import read_corpus
 from comflp.paths import DEMO_MODEL_DIR, demo_split
 from comflp.verify import FineSearch, evaluate_separately
 
-from conftest import LAYERS_SEE_PADDING, make_corpus, save_plain, tiny_model
+from conftest import FAMILIES, make_corpus, save_plain, tiny_model
 
 
 def test_demo_test_split_is_batch_invariant() -> None:
@@ -42,14 +42,7 @@ def test_fine_search_does_not_depend_on_verify_batch_size() -> None:
     assert [r.rate for r in alone] == rates[1]
 
 
-PADDING_IN_LAYERS = pytest.mark.xfail(strict=True, reason="the layers mix padded frames into real ones (issue 11): "
-                                      "comflp warns, and batch size 1 is exact")
-
-
-@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat",
-                                    "wav2vec2-bert", "parakeet_ctc",
-                                    "wav2vec2-conformer",
-                                    *(pytest.param(f, marks=PADDING_IN_LAYERS) for f in LAYERS_SEE_PADDING)])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_decodes_the_same_at_any_batch_size(family: str, tmp_path: Path) -> None:
     model_dir = save_plain(tiny_model(family, seed=5, feat_extract_norm="group"), tmp_path / "m", tmp_path / "p")
     loaded = load_model(model_dir, need_tokenizer=True)

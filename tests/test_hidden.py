@@ -20,7 +20,7 @@ from comflp.hidden import MeasureSettings, capture_layer_states, collect, plan_b
 
 from comflp.model import call, forward, num_layers
 
-from conftest import LAYERS_SEE_PADDING, make_corpus, processor_for, save_plain, tiny_model, tiny_processor
+from conftest import make_corpus, processor_for, save_plain, tiny_model, tiny_processor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,7 +230,6 @@ def test_layer_frame_mask_counts_the_frames_each_utterance_has_alone(setup, fami
         forward(model, batch.inputs, batch.attention_mask)
         mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
     assert mask.sum(-1).tolist() == alone and len(set(alone)) > 1
-    if family not in LAYERS_SEE_PADDING:  # hidden state 0 (the input of layer 1) and the rest, batch-invariant
-        for i, per_layer in enumerate(alone_states):
-            for got, want in zip(states, per_layer):
-                torch.testing.assert_close(got[i, : alone[i]], want, rtol=1e-4, atol=1e-5)
+    for i, per_layer in enumerate(alone_states):  # hidden state 0 (the input of layer 1) and the rest, batch-invariant
+        for got, want in zip(states, per_layer):
+            torch.testing.assert_close(got[i, : alone[i]], want, rtol=1e-4, atol=1e-5)
