@@ -59,7 +59,16 @@ def generate_batch(model, tokenizer, batch: AudioBatch, *, max_new_tokens: int, 
 
     ``kwargs`` go to ``generate`` (e.g. ``encoder_outputs`` computed once for many decoders).
     """
-    ids = model.generate(batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    # transformers warns on every call that the cap overrides its default max_length, and that Whisper passes
+    # its suppress tokens beside the generation config; neither is the user's doing, so silence both here
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        ids = model.generate(batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
