@@ -261,8 +261,8 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     family = FAMILIES.get(config.model_type, DEFAULT_FAMILY)
     if family.decoder_layers and not allow_encoder_decoder:
         raise ComflpError(f"{source} is an encoder-decoder model ({config.model_type}): this command handles CTC "
-                          "models; these take it: measure, search, glp (--stack), prune (--decoder_layers), "
-                          "finetune, test, info")
+                          "models; these take it: measure, search, glp (--stack), measure-report, prune "
+                          "(--decoder_layers), finetune, test, info")
     try:
         import transformers
 

@@ -106,17 +106,23 @@ def main(argv: list[str] | None = None) -> Path:
     for name, (m, meta, f) in entries.items():
         matrices[name] = check_matrix(m, L, name=f"{f}:{name}")
         check_matrix_model(meta, num_layers=L, model=args.model, where=str(f))
-    loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True)
-    if num_layers(loaded.model) != L:
-        raise ComflpError(f"the matrices are for {L} layers but {args.model} has {num_layers(loaded.model)}")
+    stacks = {meta.get("stack", "encoder") for _, meta, _ in entries.values()}
+    if len(stacks) != 1:
+        raise ComflpError(f"the matrices were measured on different layer stacks ({', '.join(sorted(stacks))})")
+    stack = stacks.pop()
+    loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True,
+                        allow_encoder_decoder=True)
+    if num_layers(loaded.model, stack) != L:
+        raise ComflpError(f"the matrices are for {L} layers but {args.model}'s {stack} has "
+                          f"{num_layers(loaded.model, stack)}")
     strategies = sample_strategies(matrices, K, args.num_strategies, seed=args.seed)
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
-                      pad_audio=args.pad_audio)
+                      pad_audio=args.pad_audio, stack=stack)
     start = time.perf_counter()
     cers = [r.rate for r in fine.evaluate(strategies)]
     settings = {"measure_files": list(args.measure_file), "model": str(args.model),
-                "num_layers": L, "num_clip_layers": K, "num_strategies": len(strategies), "seed": args.seed,
+                "stack": stack, "num_layers": L, "num_clip_layers": K, "num_strategies": len(strategies), "seed": args.seed,
                 "bootstrap": args.bootstrap, "verify_data_dir": str(args.verify_data_dir),
                 "verify_utterances": len(utts), "pad_audio": args.pad_audio,
                 "fine_search_seconds": round(time.perf_counter() - start, 2)}

@@ -359,3 +359,23 @@ def test_whole_model_training_prunes_nothing(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # nothing said about layers is still an error
         finetune.main(["--model", str(model), "--train_data_dir", str(corpus), "--valid_data_dir", str(corpus),
                        "--output_dir", str(tmp_path / "ft2"), "--quiet"])
+
+
+def test_measure_report_on_a_decoder(tmp_path: Path) -> None:
+    """Which measure predicts the generated CER of decoder strategies (measure-report with the decoder's matrices)."""
+    from comflp import analysis, report_cli
+
+    from conftest import make_corpus
+
+    model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    npz = tmp_path / "dec.npz"
+    analysis.measure_main(["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3", "--iter_num",
+                           "2", "--measures", "cosine,cka", "--stack", "decoder", "--no_plot", "--quiet",
+                           "--dump_dir", str(tmp_path), "--output", str(npz)])
+    out = report_cli.main(["--measure_file", str(npz), "--num_clip_layers", "2", "--num_strategies", "5",
+                           "--model", str(model_dir), "--verify_data_dir", str(corpus), "--test_num_batch", "2",
+                           "--verify_batch_size", "3", "--output", str(tmp_path / "r.json"), "--bootstrap", "20",
+                           "--quiet"])
+    report = json.loads(out.read_text())
+    assert report["settings"]["stack"] == "decoder" and set(report["measures"]) == {"cosine", "cka"}
+    assert len(report["strategies"]) == 5
