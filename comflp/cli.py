@@ -75,7 +75,7 @@ def info_main(argv: list[str] | None = None) -> None:
 def prune_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="comflp prune",
-        description="Remove transformer layers from a CTC model and save it in HuggingFace format "
+        description="Remove transformer layers from a CTC or Whisper model and save it in HuggingFace format "
                     "(config + model.safetensors + processor files); plain transformers loads the result.")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="source model dir or hub id (default: the demo model)")
     which = p.add_mutually_exclusive_group()

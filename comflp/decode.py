@@ -1,4 +1,4 @@
-"""Transcribe a corpus with a CTC model and score it."""
+"""Transcribe a corpus with a CTC model (best path) or an encoder-decoder model (greedy generation) and score it."""
 
 from __future__ import annotations
 
