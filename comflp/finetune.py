@@ -206,7 +206,11 @@ def _shared_names(model) -> set[str]:
 
 
 def _save_weights(model, path: Path) -> None:
-    """model.safetensors of ``model``, tied weights stored once (safetensors refuses shared tensors)."""
+    """model.safetensors of ``model``, tied weights stored once (safetensors refuses shared tensors).
+
+    Written out rather than safetensors' ``save_model`` so that tensors on any device are moved to the CPU
+    and made contiguous first, as before tied weights needed care.
+    """
     seen: set[int] = set()
     state = {}
     for name, tensor in model.state_dict().items():
@@ -218,7 +222,11 @@ def _save_weights(model, path: Path) -> None:
 
 
 def _load_weights(model, path: Path) -> None:
-    """Load a model.safetensors written by :func:`_save_weights` or ``save_pretrained`` (tied weights once)."""
+    """Load a model.safetensors written by :func:`_save_weights` or ``save_pretrained`` (tied weights once).
+
+    Not safetensors' ``load_model``: ``save_pretrained`` may keep the other name of a tied pair than safetensors
+    would, which its strict check calls missing; any name of a shared group may be the one stored.
+    """
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     missing = set(missing) - _shared_names(model)
     if missing or unexpected:

@@ -682,29 +682,19 @@ def _conv_stack(encoder: nn.Module) -> list[tuple[nn.Module, nn.Conv1d]] | None:
     return out
 
 
-class _MaskedInput(nn.Module):
-    """Zeroes the padded frames of the [B, C, T] input of ``conv`` (a "same"-padded conv over time), then runs it."""
-
-    def __init__(self, conv: nn.Module, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.conv = conv
-        self.mask = mask  # [B, T] bool
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.conv(hidden_states * self.mask[:, None, : hidden_states.shape[-1]].to(hidden_states.dtype))
+def _zero_padded_input(mask: torch.Tensor):
+    """A forward pre-hook zeroing the padded frames of a module's [B, C, T] input (mask: [B, T] bool)."""
+    def hook(module, args):
+        x = args[0]
+        return (x * mask[:, None, : x.shape[-1]].to(x.dtype), *args[1:])
+    return hook
 
 
-class _MaskedPositions(nn.Module):
-    """Runs ``layer`` on [B, D, F] and zeroes the padded frames of its output."""
-
-    def __init__(self, layer: nn.Module, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.layer = layer
-        self.mask = mask  # [B, F] bool
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.layer(hidden_states)
-        return out * self.mask[:, None, : out.shape[-1]].to(out.dtype)
+def _zero_padded_output(mask: torch.Tensor):
+    """A forward hook zeroing the padded frames of a module's [B, C, T] output (mask: [B, T] bool)."""
+    def hook(module, args, output):
+        return output * mask[:, None, : output.shape[-1]].to(output.dtype)
+    return hook
 
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
@@ -781,7 +771,7 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
     base = base_model(inner)
     family = family_of(inner)
     device = next(inner.parameters()).device
-    restore: list[tuple[object, str, object]] = []  # (owner, attribute or index, original)
+    restore: list[tuple[object, str, object]] = []  # (owner, attribute, original)
     encoder = _get(base, family.feature_encoder)
     stack = _conv_stack(encoder)
     if family.front_end_exact:
@@ -798,34 +788,26 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
         parent_path, _, name = family.feature_encoder.rpartition(".")
         restore.append((_get(base, parent_path) if parent_path else base, name, encoder))
         _set(base, family.feature_encoder, _UnpaddedFeatureEncoder(encoder, sample_lengths))
+    hooks = []  # forward hooks removed on exit
     conv_stack = _get(base, family.position_conv_layers) if family.position_conv_layers else None
     if conv_stack is not None:
         frames = feature_lengths(inner, torch.as_tensor(list(sample_lengths)))
         mask = (torch.arange(int(frames.max()))[None, :] < frames[:, None]).to(device)
-        for i, layer in enumerate(list(conv_stack)):
-            restore.append((conv_stack, i, layer))
-            conv_stack[i] = _MaskedPositions(layer, mask)
-    hooks = []  # forward hooks removed on exit
+        hooks += [layer.register_forward_hook(_zero_padded_output(mask)) for layer in conv_stack]
     if family.pooled_mask:
         hooks += _pooled_mask_hooks(inner, base, family, torch.as_tensor(list(sample_lengths)), device)
     if family.depthwise_conv:
         frames = _layer_lengths(inner, torch.as_tensor(list(sample_lengths)))
         mask = (torch.arange(int(frames.max()))[None, :] < frames[:, None]).to(device)
-        parent_path, _, name = family.depthwise_conv.rpartition(".")
-        for layer in encoder_layers(inner):
-            owner = _get(layer, parent_path) if parent_path else layer
-            restore.append((owner, name, getattr(owner, name)))
-            setattr(owner, name, _MaskedInput(getattr(owner, name), mask))
+        hooks += [_get(layer, family.depthwise_conv).register_forward_pre_hook(_zero_padded_input(mask))
+                  for layer in encoder_layers(inner)]
     try:
         yield model
     finally:
         for handle in hooks:
             handle.remove()
         for owner, key, original in reversed(restore):
-            if isinstance(key, int):
-                owner[key] = original
-            else:
-                setattr(owner, key, original)
+            setattr(owner, key, original)
 
 
 def call(model: PreTrainedModel, inputs: torch.Tensor, attention_mask: torch.Tensor, **kwargs):

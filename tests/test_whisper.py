@@ -16,23 +16,16 @@ from comflp.errors import ComflpError
 from comflp.model import load_model, model_info, num_layers, prune, stack_layers
 
 ALIGNMENT_HEADS = [[0, 1], [1, 0], [2, 1], [3, 0], [3, 1]]
-# a character vocabulary with Whisper's start and end tokens (its tokenizer writes both around the text)
+# the demo Whisper's character tokenizer (Whisper's start and end tokens around the text) over a few characters
 WHISPER_VOCAB = ["<pad>", "<|startoftranscript|>", "<|endoftext|>", "<unk>", *"你好世界我们是的人"]
 
 
 def whisper_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from comflp.demo import build_whisper_processor
 
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(WHISPER_VOCAB)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                     pre_tokenizers.Split(Regex("."), behavior="isolated")])
-    backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|startoftranscript|> $A <|endoftext|>",
-        special_tokens=[("<|startoftranscript|>", 1), ("<|endoftext|>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftranscript|>",
-                                   eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>")
+    tok = build_whisper_processor("".join(WHISPER_VOCAB[4:]))[1]
+    assert tok.convert_ids_to_tokens(list(range(len(WHISPER_VOCAB)))) == WHISPER_VOCAB
+    return tok
 
 
 def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
@@ -145,6 +138,16 @@ def _whisper_dir(tmp: Path) -> Path:
     return out
 
 
+def _measure(model_dir: Path, corpus: Path, out: Path, *, stack: str = "decoder", measures: str = "cosine",
+             batch_size: int = 3, iter_num: int = 2) -> Path:
+    from comflp import analysis
+
+    analysis.measure_main(["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", str(batch_size),
+                           "--iter_num", str(iter_num), "--measures", measures, "--stack", stack, "--no_plot",
+                           "--quiet", "--dump_dir", str(out.parent), "--output", str(out)])
+    return out
+
+
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])
 def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
     from comflp import analysis
@@ -154,10 +157,8 @@ def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> Non
     model, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
     matrices = []
     for bs, iters in ((3, 2), (1, 6)):
-        out = tmp_path / f"m{bs}.npz"
-        analysis.measure_main(["--model", str(model), "--data_dir", str(corpus), "--batch_size", str(bs),
-                               "--iter_num", str(iters), "--measures", "cosine,cka", "--stack", stack, "--no_plot",
-                               "--quiet", "--dump_dir", str(tmp_path), "--output", str(out)])
+        out = _measure(model, corpus, tmp_path / f"m{bs}.npz", stack=stack, measures="cosine,cka", batch_size=bs,
+                       iter_num=iters)
         m, meta = analysis.load_npz(out)
         assert meta["stack"] == stack and meta["num_layers"] == 4 and m["cosine"].shape == (5, 5)
         matrices.append(m)
@@ -199,31 +200,24 @@ def test_captured_states_are_each_stacks_hidden_states(tmp_path: Path) -> None:
 
 
 def test_measuring_a_decoder_needs_transcripts(tmp_path: Path) -> None:
-    from comflp import analysis
-
     from conftest import make_corpus
 
     corpus = make_corpus(tmp_path / "corpus", n=6)
     (corpus / "text").unlink()
     with pytest.raises(SystemExit) as err:
-        analysis.measure_main(["--model", str(_whisper_dir(tmp_path)), "--data_dir", str(corpus), "--stack",
-                               "decoder", "--batch_size", "3", "--iter_num", "2", "--no_plot", "--quiet",
-                               "--dump_dir", str(tmp_path), "--output", str(tmp_path / "m.npz")])
+        _measure(_whisper_dir(tmp_path), corpus, tmp_path / "m.npz")
     assert err.value.code != 0 and not (tmp_path / "m.npz").exists()
 
 
 def test_decoder_search_strategy_round_trips_and_prunes_the_decoder(tmp_path: Path) -> None:
     """measure --stack decoder -> search (coarse; and the linspace baseline) -> a strategy with stack -> prune."""
-    from comflp import analysis, search_cli
+    from comflp import search_cli
     from comflp.strategy import StrategyFile
 
     from conftest import make_corpus
 
     model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
-    npz = tmp_path / "dec.npz"
-    analysis.measure_main(["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3", "--iter_num",
-                           "2", "--measures", "cosine", "--stack", "decoder", "--no_plot", "--quiet", "--dump_dir",
-                           str(tmp_path), "--output", str(npz)])
+    npz = _measure(model_dir, corpus, tmp_path / "dec.npz", measures="cosine")
     common = ["--measure_file", str(npz), "--num_layers", "4", "--num_clip_layers", "2", "--coarse_search_only", "true",
               "--log_dir", str(tmp_path), "--quiet"]
     found = search_cli.search_main([*common, "--select_measure", "cosine", "--search_mode", "exact",
@@ -275,15 +269,12 @@ def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, t
 
 
 def test_search_and_glp_verify_a_decoder_by_generation(tmp_path: Path) -> None:
-    from comflp import analysis, search_cli
+    from comflp import search_cli
 
     from conftest import make_corpus
 
     model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
-    npz = tmp_path / "dec.npz"
-    analysis.measure_main(["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3", "--iter_num",
-                           "2", "--measures", "cosine", "--stack", "decoder", "--no_plot", "--quiet", "--dump_dir",
-                           str(tmp_path), "--output", str(npz)])
+    npz = _measure(model_dir, corpus, tmp_path / "dec.npz", measures="cosine")
     verify = ["--model", str(model_dir), "--verify_data_dir", str(corpus), "--num_layers", "4", "--num_clip_layers",
               "2", "--test_num_batch", "2", "--verify_batch_size", "3", "--log_dir", str(tmp_path), "--quiet"]
     found = search_cli.search_main([*verify, "--measure_file", str(npz), "--select_measure", "cosine",
@@ -363,15 +354,12 @@ def test_whole_model_training_prunes_nothing(tmp_path: Path) -> None:
 
 def test_measure_report_on_a_decoder(tmp_path: Path) -> None:
     """Which measure predicts the generated CER of decoder strategies (measure-report with the decoder's matrices)."""
-    from comflp import analysis, report_cli
+    from comflp import report_cli
 
     from conftest import make_corpus
 
     model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
-    npz = tmp_path / "dec.npz"
-    analysis.measure_main(["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3", "--iter_num",
-                           "2", "--measures", "cosine,cka", "--stack", "decoder", "--no_plot", "--quiet",
-                           "--dump_dir", str(tmp_path), "--output", str(npz)])
+    npz = _measure(model_dir, corpus, tmp_path / "dec.npz", measures="cosine,cka")
     out = report_cli.main(["--measure_file", str(npz), "--num_clip_layers", "2", "--num_strategies", "5",
                            "--model", str(model_dir), "--verify_data_dir", str(corpus), "--test_num_batch", "2",
                            "--verify_batch_size", "3", "--output", str(tmp_path / "r.json"), "--bootstrap", "20",
