@@ -233,7 +233,20 @@ def default_feature_extractor(model: PreTrainedModel) -> object:
     if name == "Wav2Vec2FeatureExtractor":
         return transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
                                                       do_normalize=True, return_attention_mask=True)
+    if name == "WhisperFeatureExtractor":  # the window the encoder takes: 2 frames of 10 ms per position
+        cfg = model.config
+        return transformers.WhisperFeatureExtractor(feature_size=cfg.num_mel_bins,
+                                                    chunk_length=cfg.max_source_positions * 2 // 100)
     return getattr(transformers, name)()
+
+
+def _check_window(model: PreTrainedModel, fe, source: str) -> None:
+    """One line when a fixed-window extractor (Whisper's) pads to another length than the encoder takes."""
+    frames = getattr(fe, "nb_max_frames", None)
+    positions = getattr(model.config, "max_source_positions", None)
+    if frames is not None and positions is not None and frames != 2 * positions:
+        raise ComflpError(f"{source}: the feature extractor pads to {frames} frames but the encoder takes "
+                          f"{2 * positions} (chunk_length {2 * positions // 100} s); save the matching one")
 
 
 def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torch.device = "cpu",
@@ -289,6 +302,8 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
             fe = default_feature_extractor(model)
             log.warning("%s has no preprocessor_config.json: using the family's default feature extractor (%s, "
                         "16 kHz); save the right one beside the model to silence this", source, type(fe).__name__)
+    if fe is not None:
+        _check_window(model, fe, source)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):

@@ -367,3 +367,13 @@ def test_measure_report_on_a_decoder(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["settings"]["stack"] == "decoder" and set(report["measures"]) == {"cosine", "cka"}
     assert len(report["strategies"]) == 5
+
+
+def test_whisper_without_its_processor_gets_its_window_and_a_wrong_one_is_named(tmp_path: Path) -> None:
+    model = tiny_whisper()
+    model.save_pretrained(tmp_path / "plain")  # no preprocessor_config.json
+    fe = load_model(tmp_path / "plain", allow_encoder_decoder=True).feature_extractor
+    assert fe.nb_max_frames == 2 * model.config.max_source_positions and fe.feature_size == 80
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp_path / "plain")  # 30 s: not this encoder's
+    with pytest.raises(ComflpError, match="pads to 3000 frames but the encoder takes 100"):
+        load_model(tmp_path / "plain", allow_encoder_decoder=True)
