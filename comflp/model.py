@@ -302,7 +302,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
             fe = default_feature_extractor(model)
             log.warning("%s has no preprocessor_config.json: using the family's default feature extractor (%s, "
                         "16 kHz); save the right one beside the model to silence this", source, type(fe).__name__)
-    if fe is not None:
+    if fe is not None and need_features:  # commands that only touch weights do not feed it
         _check_window(model, fe, source)
     try:
         tok = AutoTokenizer.from_pretrained(source)

@@ -104,7 +104,7 @@ def test_comflp_prune_saves_what_plain_transformers_reloads_and_generates(tmp_pa
     model = tiny_whisper(seed=3)
     src = tmp_path / "whisper"
     model.save_pretrained(src)
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(src)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(src)
     cli.prune_main(["--model", str(src), "--layers", "3", "--decoder_layers", "1,2", "--output", str(tmp_path / "p")])
     reloaded, info = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "p", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
