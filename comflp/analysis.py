@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import source_id, claim_file, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
+from .artifacts import claim_file, matrix_meta, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
 from .errors import ComflpError, exit_on_error
 from .hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings, collect
 from .logs import setup_logging
 from .model import load_model, num_layers
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, positive_float, positive_int,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
 from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
@@ -103,13 +103,11 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
                               tokenizer=loaded.tokenizer)
     if not is_main:
         return None
-    meta = {
-        "model": source_id(args.model),
-        "data_dir": f"{args.dataset} [{args.dataset_split}]" if args.dataset else str(args.data_dir), "num_layers": num_layers(model, args.stack),
-        "stack": args.stack, "use_pretrained": bool(args.use_pretrained), "settings": {**settings.__dict__, "measures": list(settings.measures)},
-        "num_utterances": stats.num_utterances, "num_frames": stats.num_frames, "num_batches": stats.num_batches,
-        "processes": accelerator.num_processes if accelerator else 1, "seconds": round(time.perf_counter() - start, 3),
-    }
+    meta = matrix_meta(model=args.model, data=data_label(args, args.data_dir), num_layers=num_layers(model, args.stack),
+                       stack=args.stack, settings=settings.to_dict(), num_utterances=stats.num_utterances,
+                       num_frames=stats.num_frames, num_batches=stats.num_batches,
+                       seconds=time.perf_counter() - start, use_pretrained=args.use_pretrained,
+                       processes=accelerator.num_processes if accelerator else 1)
     log.info("measured %s on %d utterances (%d frames) in %.1f s", ",".join(settings.measures),
              stats.num_utterances, stats.num_frames, meta["seconds"])
     return {k: v.numpy() for k, v in matrices.items()}, meta

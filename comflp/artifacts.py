@@ -216,6 +216,17 @@ def measures_name(batch_size: int, iter_num: int, sample_mode: str, *, stack: st
     return f"measures_bs{batch_size}_iter{iter_num}_{sample_mode}{_stack_suffix(stack)}.npz"
 
 
+def matrix_meta(*, model: str | os.PathLike, data: str, num_layers: int, stack: str, settings: dict,
+                num_utterances: int, num_frames: int, num_batches: int, seconds: float, use_pretrained: bool = True,
+                processes: int = 1) -> dict:
+    """What a matrix file records: the model and data it was measured on (checked by :func:`check_matrix_model`
+    before a search uses it), its depth and stack, the measuring settings and counts."""
+    return {"model": source_id(model), "data_dir": data, "num_layers": num_layers, "stack": stack,
+            "use_pretrained": bool(use_pretrained), "settings": settings, "num_utterances": num_utterances,
+            "num_frames": num_frames, "num_batches": num_batches, "processes": processes,
+            "seconds": round(seconds, 3)}
+
+
 def save_matrix(path: str | os.PathLike, matrix: np.ndarray, meta: dict, *, overwrite: bool) -> Path:
     """Write a paper-style ``.npy`` matrix and its sidecar ``.json`` (metadata, ownership)."""
     path = claim_file(path, overwrite=overwrite)
@@ -426,3 +437,72 @@ class ExperimentDir:
             exp._clear()
         atomic.write_json(exp.root / RUN_FILE, {"written_by": WRITTEN_BY, "settings": settings})
         return exp
+
+
+class DemoDir(ExperimentDir):
+    """The layout of a ``comflp demo`` run, known here only.
+
+    Besides the experiment files of :class:`ExperimentDir` (``run.json``), every pruned variant (a layer
+    stack and the method that chose its layers: ``comflp`` or the ``linspace`` baseline) has a strategy
+    file, a pruned model, a fine-tuning dir and two test dirs. The encoder's CoMFLP variant keeps the names
+    of the paper-style demo (``search.json``, ``pruned-<K>``, ``test_pruned``, ``finetune``, ``test_healed``);
+    the others add ``_decoder`` and ``_linspace``.
+    """
+
+    @staticmethod
+    def _suffix(stack: str, method: str) -> str:
+        return ("" if stack == "encoder" else f"_{stack}") + ("" if method == "comflp" else f"_{method}")
+
+    def done_marker(self, stage: int, name: str) -> Path:
+        return self.root / ".done" / f"{stage}-{name}"
+
+    def clear_done(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root / ".done", ignore_errors=True)
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "demo.log"
+
+    @property
+    def dump(self) -> Path:
+        return self.root / "dump"
+
+    @property
+    def figure(self) -> Path:
+        return self.root / "figure"
+
+    @property
+    def search_log_dir(self) -> Path:
+        return self.root / "log"
+
+    def strategy(self, stack: str, method: str = "comflp") -> Path:
+        return self.root / f"{'search' if method == 'comflp' else method}{_stack_suffix(stack)}.json"
+
+    def pruned(self, stack: str, method: str, k: int) -> Path:
+        return self.root / f"pruned-{k}{self._suffix(stack, method)}"
+
+    def test_full(self) -> Path:
+        return self.root / "test_full"
+
+    def test_pruned(self, stack: str, method: str) -> Path:
+        return self.root / f"test_pruned{self._suffix(stack, method)}"
+
+    def finetune(self, stack: str, method: str) -> ExperimentDir:
+        return ExperimentDir(self.root / f"finetune{self._suffix(stack, method)}")
+
+    def test_healed(self, stack: str, method: str) -> Path:
+        return self.root / f"test_healed{self._suffix(stack, method)}"
+
+    def report(self, stack: str) -> Path:
+        return self.root / f"measure_report{_stack_suffix(stack)}.json"
+
+    def speed(self) -> Path:
+        return self.test_pruned("encoder", "comflp") / "speed.json"
+
+    @staticmethod
+    def test_result(test_dir: Path) -> dict | None:
+        """The report of a test dir, or None if that test has not run."""
+        f = ExperimentDir(test_dir).test_report
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_
                       positive_int, read_corpus_or_dataset, str2bool)
 from .decode import transcribe
 from .errors import ComflpError, exit_on_error
-from .logs import setup_logging
+from .logs import logging_to
 from .metrics import guess_unit
 from .hidden import teacher_forcing_labels
 from .model import (LoadedModel, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
@@ -91,65 +92,112 @@ def _labels(tokenizer, texts: list[str], device) -> torch.Tensor:
     return out.to(device)
 
 
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run: the flags of ``comflp finetune`` (same names, same defaults; the
+    parser takes its defaults from here). What each means: ``comflp finetune --help``."""
+
+    model: str = str(DEMO_MODEL_DIR)
+    strategy: Path | None = None
+    layers: str | None = None
+    whole_model: bool = False
+    rank: int = 1
+    decoder_layers: str | None = None
+    num_layers: int | None = None
+    num_clip_layers: int | None = None
+    output_dir: Path | None = None
+    resume_epoch: int = -1
+    overwrite: bool = False
+    train_data_dir: Path = field(default_factory=lambda: demo_split("train"))
+    valid_data_dir: Path = field(default_factory=lambda: demo_split("dev"))
+    max_train_utts: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 8
+    lr: float = 2e-5
+    layerdrop: float = 0.1
+    max_grad_norm: float = 5.0
+    use_scheduler: bool = True
+    epochs: int = 50
+    max_updates: int | None = None
+    test_num_batch: int = 10
+    valid_batch_size: int = 32
+    freeze_feature_encoder: bool = False
+    mixed_precision: str = "no"
+    distill: bool = False
+    distill_weight: float = 0.5
+    temperature: float = 2.0
+    checkpoint_every: int = 50
+    pad_audio: bool = False
+    seed: int = 0
+    threads: int | None = None
+    dataset: str | None = None
+    dataset_split: str = "train"
+    audio_column: str = "audio"
+    text_column: str | None = None
+    valid_dataset_split: str = "validation"
+    quiet: bool = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python clip_finetune_train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Multi-GPU / multi-node: accelerate launch --multi_gpu --num_processes N "
                                        "[--num_machines M --machine_rank R --main_process_ip HOST] clip_finetune_train.py ...")
-    p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the unpruned source (and teacher) model (default: demo)")
+    p.add_argument("--model", help="the unpruned source (and teacher) model (default: demo)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--strategy", type=Path, help="strategy JSON from the search")
     which.add_argument("--layers", help="1-based layers to prune, e.g. 1,3,5 (instead of --strategy)")
     which.add_argument("--whole_model", action="store_true",
                        help="prune nothing and train the whole model (the demo Whisper's recipe trains one from its "
                             "random start this way, without --distill)")
-    p.add_argument("--rank", type=int, default=1, help="candidate of the strategy file, 1 = best (default: %(default)s)")
-    p.add_argument("--decoder_layers", default=None,
+    p.add_argument("--rank", type=int, help="candidate of the strategy file, 1 = best (default: %(default)s)")
+    p.add_argument("--decoder_layers",
                    help="encoder-decoder models (Whisper): 1-based decoder layers to prune as well (a strategy "
                         "searched on the decoder names them itself); healing is then cross-entropy on the "
                         "transcripts plus distillation of the token distributions")
-    p.add_argument("--num_layers", type=int, default=None, help="expected layers of --model (checked)")
-    p.add_argument("--num_clip_layers", type=int, default=None, help="expected number of pruned layers (checked)")
-    p.add_argument("--output_dir", type=Path, default=None, help="experiment dir (default: exp/clip{L}to{L-K}_ft)")
-    p.add_argument("--resume_epoch", type=int, default=-1,
+    p.add_argument("--num_layers", type=int, help="expected layers of --model (checked)")
+    p.add_argument("--num_clip_layers", type=int, help="expected number of pruned layers (checked)")
+    p.add_argument("--output_dir", type=Path, help="experiment dir (default: exp/clip{L}to{L-K}_ft)")
+    p.add_argument("--resume_epoch", type=int,
                    help="-1: resume from <output_dir>/last if present; 0: start afresh; N: restart after epoch N "
                         "from <output_dir>/epoch<N>. Only the same experiment (model, layers, data, "
                         "hyper-parameters, recorded in run.json) is resumed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an existing experiment dir written by comflp, removing its checkpoints")
-    p.add_argument("--train_data_dir", type=Path, default=demo_split("train"), help="(default: demo train)")
-    p.add_argument("--valid_data_dir", type=Path, default=demo_split("dev"), help="(default: demo dev)")
-    p.add_argument("--max_train_utts", type=positive_int, default=None,
+    p.add_argument("--train_data_dir", type=Path, help="(default: demo train)")
+    p.add_argument("--valid_data_dir", type=Path, help="(default: demo dev)")
+    p.add_argument("--max_train_utts", type=positive_int,
                    help="use only the first N training utterances (default: all)")
-    p.add_argument("--batch_size", type=positive_int, default=4,
+    p.add_argument("--batch_size", type=positive_int,
                    help="utterances per micro-batch, all processes together (default: %(default)s)")
-    p.add_argument("--grad_accum", type=positive_int, default=8, help="micro-batches per update (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--layerdrop", type=float, default=0.1, help="LayerDrop probability while training (default: %(default)s)")
-    p.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient clipping (default: %(default)s)")
-    p.add_argument("--use_scheduler", type=str2bool, default=True,
+    p.add_argument("--grad_accum", type=positive_int, help="micro-batches per update (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--layerdrop", type=float, help="LayerDrop probability while training (default: %(default)s)")
+    p.add_argument("--max_grad_norm", type=float, help="gradient clipping (default: %(default)s)")
+    p.add_argument("--use_scheduler", type=str2bool,
                    help="linear warm-up (10%% of updates) then linear decay (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=50, help="(default: %(default)s)")
-    p.add_argument("--max_updates", type=positive_int, default=None, help="stop after this many updates in total")
-    p.add_argument("--test_num_batch", type=positive_int, default=10, help="validation batches per epoch (default: %(default)s)")
-    p.add_argument("--valid_batch_size", type=positive_int, default=32,
+    p.add_argument("--epochs", type=positive_int, help="(default: %(default)s)")
+    p.add_argument("--max_updates", type=positive_int, help="stop after this many updates in total")
+    p.add_argument("--test_num_batch", type=positive_int, help="validation batches per epoch (default: %(default)s)")
+    p.add_argument("--valid_batch_size", type=positive_int,
                    help="validation decoding batch size; the validation subset is the first "
                         "test_num_batch x valid_batch_size utterances (default: %(default)s)")
     p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the front end (conv feature encoder, feature projection or subsampling)")
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="GPU only (default: %(default)s)")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="GPU only (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
-    p.add_argument("--distill_weight", type=float, default=0.5, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
-    p.add_argument("--temperature", type=positive_float, default=2.0,
+    p.add_argument("--distill_weight", type=float, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
+    p.add_argument("--temperature", type=positive_float,
                    help="distillation temperature, > 0 (default: %(default)s)")
-    p.add_argument("--checkpoint_every", type=positive_int, default=50,
+    p.add_argument("--checkpoint_every", type=positive_int,
                    help="updates between resumable checkpoints (default: %(default)s)")
     add_pad_audio(p)
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, help="(default: %(default)s)")
     add_threads(p)
     add_dataset_arguments(p, split="train", replaces="--train_data_dir (and --valid_data_dir)")
-    p.add_argument("--valid_dataset_split", default="validation",
+    p.add_argument("--valid_dataset_split",
                    help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(**asdict(FinetuneConfig()))  # one source of defaults for the command and the stage
     return p
 
 
@@ -243,7 +291,8 @@ def _save_last(target: Path, model, optimizer, scheduler, position: dict) -> Non
         (tmp / "position.json").write_text(json.dumps(position))
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(args: FinetuneConfig) -> Path:
+    """Run (or resume) the fine-tuning run ``args`` describes; returns its experiment dir."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     apply_threads(args.threads)
@@ -269,10 +318,11 @@ def train(args: argparse.Namespace) -> Path:
             ExperimentDir.open(out, settings=run_settings(args, pruned, decoder_pruned), kind="finetune",
                                afresh=afresh)
         accelerator.wait_for_everyone()
-        return _train(args, accelerator, loaded, teacher, ExperimentDir(out))
+        with logging_to(out / "train.log" if accelerator.is_main_process else None):
+            return _train(args, accelerator, loaded, teacher, ExperimentDir(out))
 
 
-def run_settings(args: argparse.Namespace, pruned: list[int], decoder_pruned: Sequence[int] = ()) -> dict:
+def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequence[int] = ()) -> dict:
     """The settings that define a fine-tuning run: a resumed run must have the same ones."""
     keys = ("max_train_utts", "batch_size", "grad_accum", "lr", "layerdrop", "max_grad_norm", "use_scheduler",
             "epochs", "max_updates", "test_num_batch", "valid_batch_size", "freeze_feature_encoder", "distill",
@@ -317,15 +367,14 @@ def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
     return kept
 
 
-def _train(args: argparse.Namespace, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir) -> Path:
+def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     out = exp.root
-    setup_logging(out / "train.log" if accelerator.is_main_process else None)
     train_utts = read_corpus_or_dataset(args, args.train_data_dir)
     if args.max_train_utts:
         train_utts = train_utts[: args.max_train_utts]
     train_utts = _check_training_data(train_utts, loaded.tokenizer, loaded.model, loaded.feature_extractor)
-    valid_args = argparse.Namespace(**{**vars(args), "dataset_split": args.valid_dataset_split})
+    valid_args = replace(args, dataset_split=args.valid_dataset_split)
     valid_utts = verify_subset(read_corpus_or_dataset(valid_args, args.valid_data_dir), args.test_num_batch,
                                args.valid_batch_size)
     micro = length_sorted_batches(train_utts, batch_size=args.batch_size)
@@ -476,8 +525,7 @@ def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, p
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    out = train(args)
+    out = train(FinetuneConfig(**vars(build_parser().parse_args(argv))))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"fine-tuned model: {out / 'final'}")
 

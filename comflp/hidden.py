@@ -116,6 +116,10 @@ class MeasureSettings:
     pool_padding: bool = False
     pad_audio: bool = False  # the paper's batching: padded audio through the feature encoder
 
+    def to_dict(self) -> dict:
+        """The settings as a matrix file records them (JSON types)."""
+        return {**self.__dict__, "measures": list(self.measures)}
+
     def validate(self) -> None:
         unknown = [m for m in self.measures if m not in ALL_MEASURES]
         if unknown:
@@ -483,6 +487,14 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
                         vectors = [v[..., :width] for v in vectors]
                     update_per_batch(stats, torch.cat(vectors, dim=1).cpu(), settings)
 
+    def maths(step, *args):
+        try:
+            return step(*args)
+        except ValueError as err:  # a measure undefined on these samples (measures.py says which and why)
+            raise ComflpError(f"cannot compute the matrices from {stats.num_utterances} utterances ({stats.count} "
+                              f"samples): {err}; measure more utterances (batch_size x iter_num) or leave that "
+                              "measure out") from None
+
     one_pass("measuring", first_pass=True)
     _reduce(stats, accelerator)
     if stats.band is not None:
@@ -490,10 +502,10 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         if len(bands) > 1:
             log.info("the moment of %d features exceeds --moment_memory_gb %g: %d passes over the data, one band "
                      "of layers each", sum(stats.dims), moment_memory_gb, len(bands))
-        finish_band(stats, settings)
+        maths(finish_band, stats, settings)
         for k, band in enumerate(bands[1:], 2):
             stats.band = band
             one_pass(f"measuring (pass {k}/{len(bands)}, layers {band[0]}-{band[1] - 1})", first_pass=False)
             _reduce(stats, accelerator, moment_only=True)
-            finish_band(stats, settings)
-    return finalize(stats, settings), stats
+            maths(finish_band, stats, settings)
+    return maths(finalize, stats, settings), stats

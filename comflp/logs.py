@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -24,3 +26,19 @@ def setup_logging(log_file: str | os.PathLike | None = None, *, level: int = log
             handler = logging.FileHandler(path, encoding="utf-8")
             handler.setFormatter(logging.Formatter(_FORMAT))
             root.addHandler(handler)
+
+
+@contextlib.contextmanager
+def logging_to(log_file: str | os.PathLike | None) -> Iterator[None]:
+    """:func:`setup_logging` for the block only: the file handler it added is closed and removed afterwards,
+    so a stage run inside a longer process (the demo pipeline) does not log the next stages to its file."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    setup_logging(log_file)
+    try:
+        yield
+    finally:
+        for h in set(root.handlers) - before:
+            if isinstance(h, logging.FileHandler):
+                root.removeHandler(h)
+                h.close()

@@ -136,6 +136,11 @@ def add_dataset_arguments(p: argparse.ArgumentParser, *, split: str, replaces: s
                         "normalized_text that exists)")
 
 
+def data_label(args: argparse.Namespace, data_dir) -> str:
+    """How outputs record where utterances came from: ``dataset [split]`` or the Kaldi dir."""
+    return f"{args.dataset} [{args.dataset_split}]" if getattr(args, "dataset", None) else str(data_dir)
+
+
 def read_corpus_or_dataset(args: argparse.Namespace, data_dir, *, require_text: bool = True):
     """The utterances of ``args.dataset`` (split ``args.dataset_split``) when given, else of the Kaldi dir ``data_dir``."""
     if getattr(args, "dataset", None):

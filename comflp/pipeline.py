@@ -5,19 +5,24 @@ a re-run resumes; ``--stage`` / ``--stop_stage`` select a range, ``--force``
 re-runs them); every file goes under ``--exp_dir``:
 
   0  corpus   generate the embedded corpus if missing
-  1  measure  DC (paper recipe) and SVCCA (mode T) matrices + heatmaps
+  1  measure  DC (paper recipe) and SVCCA (mode T) matrices + heatmaps, per layer stack
   2  search   exact top-10 coarse search L -> L-K on DC (the exhaustive top-10 without
-              enumerating), fine search (CER) on the dev split
+              enumerating), fine search (CER) on the dev split; the linspace baseline
+              (evenly spaced layers kept, first and last always: distil-whisper's choice)
   3  report   which measure predicts the CER: more measurement settings, rank correlations
               of every measure's score with the CER of sampled strategies (a table)
-  4  prune    save the best candidate as an HF model
-  5  test     full vs pruned model on the test split: CER, parameters, real-time factor
-  6  finetune heal the pruned model with CTC + distillation from the full model (a few epochs)
+  4  prune    save CoMFLP's pick and the baseline's as HF models
+  5  test     the full and the pruned models on the test split: CER, parameters, real-time factor
+  6  finetune heal the pruned models with CTC (Whisper: cross-entropy) + distillation from the
+              full model (a few epochs)
   7  average  average the best epochs by validation CER
-  8  retest   the healed model on the test split
+  8  retest   the healed models on the test split
 
-It ends with a summary table and PNGs under <exp_dir>/figure/: the correlation
-heatmaps, the candidates' score vs CER, and the healing curve.
+An encoder-decoder model (Whisper) goes through every stage once for its
+encoder and once for its decoder, each pruned by K layers with the other stack
+whole. It ends with a summary table (full model, linspace pick, CoMFLP pick,
+before and after healing) and PNGs under <exp_dir>/figure/: the correlation
+heatmaps, the candidates' score vs CER, and the healing curves.
 """
 
 from __future__ import annotations
@@ -25,243 +30,408 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .artifacts import ExperimentDir, dc_dump_name, source_id
-from .errors import exit_on_error
-from .options import ArgumentParser, positive_int
+from .artifacts import DemoDir, claim_file, load_matrix, source_id
+from .errors import ComflpError, exit_on_error
+from .hidden import MeasureSettings
 from .logs import setup_logging
+from .options import ArgumentParser, positive_int, read_corpus, str2bool
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
-log = logging.getLogger("comflp.demo")
+log = logging.getLogger("comflp.pipeline")
 
 STAGES = ("corpus", "measure", "search", "report", "prune", "test", "finetune", "average", "retest")
+PAPER_DC = MeasureSettings(measures=("dc",), batch_size=4, iter_num=10)  # the paper's DC recipe
+SVCCA_T = MeasureSettings(measures=("svcca",), batch_size=8, iter_num=4, sample_mode="T", thre=0.99)
+TOP_N = 10
+SEARCH_SEED = 42  # `comflp search`'s default: the order in which a race decodes the subset
+VERIFY_BATCHES, VERIFY_BATCH_SIZE = 10, 32  # the fine search's subset: the first 320 dev utterances
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="comflp demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--exp_dir", type=Path, default=None,
                    help="all outputs (default: exp/demo for the demo model, else exp/demo_<model dir name>_clip<K>); "
                         "a dir holding a run with other settings is refused unless --force")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model to prune (default: the demo model)")
-    p.add_argument("--num_clip_layers", type=positive_int, default=6, help="layers to prune (default: %(default)s)")
+    p.add_argument("--num_clip_layers", type=positive_int, default=None,
+                   help="layers to prune from each stack (default: half of them, 6 of the demo model's 12)")
     p.add_argument("--stage", type=int, default=0, help="first stage to run (default: %(default)s)")
     p.add_argument("--stop_stage", type=int, default=len(STAGES) - 1, help="last stage to run (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if done")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--ft_epochs", type=int, default=3, help="fine-tuning epochs (default: %(default)s)")
-    p.add_argument("--ft_max_train_utts", type=int, default=1800,
+    p.add_argument("--heal_baseline", type=str2bool, default=True,
+                   help="heal the linspace pick too, so that the two picks are compared after healing as well as "
+                        "before (default: %(default)s)")
+    p.add_argument("--ft_epochs", type=positive_int, default=3, help="fine-tuning epochs (default: %(default)s)")
+    p.add_argument("--ft_max_train_utts", type=positive_int, default=1800,
                    help="fine-tune on the first N training utterances, to keep the demo short (default: %(default)s)")
-    p.add_argument("--ft_batch_size", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--ft_batch_size", type=positive_int, default=8, help="(default: %(default)s)")
     p.add_argument("--ft_lr", type=float, default=1e-4,
                    help="the paper's 2e-5 suits a large pretrained model; the small demo model heals faster "
                         "with more. 3e-4 on 600 utterances healed within the first epoch and then wandered by "
                         "+-0.4 points, inside the dev subset's noise; 1e-4 on 1800 heals monotonically and "
                         "further (default: %(default)s)")
-    p.add_argument("--avg_num", type=int, default=2, help="epochs averaged (default: %(default)s)")
+    p.add_argument("--avg_num", type=positive_int, default=2, help="epochs averaged (default: %(default)s)")
     return p
 
 
-def _done(exp: Path, stage: int) -> Path:
-    return exp / ".done" / f"{stage}-{STAGES[stage]}"
+@dataclass(frozen=True)
+class Variant:
+    """A pruned model of the demo: the stack pruned and the method that chose its layers."""
+
+    stack: str
+    method: str  # "comflp" or "linspace"
+
+    def label(self, two_stacks: bool) -> str:
+        name = "CoMFLP pick" if self.method == "comflp" else "linspace pick"
+        return f"{self.stack}: {name}" if two_stacks else name
+
+
+@dataclass
+class Run:
+    """What every stage of one demo run needs."""
+
+    args: argparse.Namespace
+    exp: DemoDir
+    loaded: object  # comflp.model.LoadedModel
+    stacks: tuple[str, ...]
+    k: int
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [Variant(s, m) for s in self.stacks for m in ("comflp", "linspace")]
+
+    def healed_variants(self) -> list[Variant]:
+        """The variants healed: CoMFLP's picks, and the baseline's unless it is the same pick or not wanted."""
+        out = []
+        for v in self.variants:
+            if v.method == "linspace" and (not self.args.heal_baseline or self.same_as_comflp(v)):
+                continue
+            out.append(v)
+        return out
+
+    def pruned_layers(self, v: Variant) -> list[int]:
+        from .strategy import StrategyFile
+
+        return StrategyFile.load(self.exp.strategy(v.stack, v.method)).candidates[0].pruned
+
+    def same_as_comflp(self, v: Variant) -> bool:
+        return v.method != "comflp" and self.pruned_layers(v) == self.pruned_layers(Variant(v.stack, "comflp"))
+
+
+def _load(model: str):
+    from .model import load_model
+
+    return load_model(model, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.exp_dir is None:
-        default = Path(args.model).resolve() == DEMO_MODEL_DIR.resolve() and args.num_clip_layers == 6
-        args.exp_dir = EXP_DIR / ("demo" if default else f"demo_{Path(args.model).name}_clip{args.num_clip_layers}")
-    exp: Path = args.exp_dir
-    # a finished stage is skipped only if it was run with these settings: never resume another experiment
-    settings = {"model": source_id(args.model), "num_clip_layers": args.num_clip_layers,
-                **{k: getattr(args, k) for k in ("ft_epochs", "ft_max_train_utts", "ft_batch_size", "ft_lr", "avg_num")}}
-    afresh = args.force and args.stage == 0
-    ExperimentDir.open(exp, settings=settings, kind="demo", afresh=afresh, flag="--exp_dir",
-                       restart_flags="--force (from stage 0)")
-    if afresh:
-        import shutil
+    from .model import is_encoder_decoder, num_layers
 
-        shutil.rmtree(exp / ".done", ignore_errors=True)  # every stage of the new settings runs again
-    setup_logging(exp / "demo.log")
+    args = build_parser().parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    loaded = _load(args.model)
+    stacks = ("encoder", "decoder") if is_encoder_decoder(loaded.model) else ("encoder",)
+    depths = {s: num_layers(loaded.model, s) for s in stacks}
+    k = args.num_clip_layers or min(depths.values()) // 2
+    for s, depth in depths.items():
+        if not 0 < k < depth:
+            raise ComflpError(f"--num_clip_layers {k}: {args.model}'s {s} has {depth} layers (need 0 < K < {depth})")
+    if args.exp_dir is None:
+        default = Path(args.model).resolve() == DEMO_MODEL_DIR.resolve() and k == 6
+        args.exp_dir = EXP_DIR / ("demo" if default else f"demo_{Path(args.model).name}_clip{k}")
+    # a finished stage is skipped only if it was run with these settings: never resume another experiment
+    settings = {"model": source_id(args.model), "num_clip_layers": k,
+                **{n: getattr(args, n) for n in ("ft_epochs", "ft_max_train_utts", "ft_batch_size", "ft_lr", "avg_num",
+                                                 "heal_baseline")}}
+    afresh = args.force and args.stage == 0
+    exp = DemoDir.open(args.exp_dir, settings=settings, kind="demo", afresh=afresh, flag="--exp_dir",
+                       restart_flags="--force (from stage 0)")
+    if afresh:
+        exp.clear_done()  # every stage of the new settings runs again
+    setup_logging(exp.log_file)
+    run = Run(args, exp, loaded, stacks, k)
     t0 = time.perf_counter()
-    paths = {
-        "dump": exp / "dump", "figure": exp / "figure", "strategy": exp / "search.json",
-        "pruned": exp / f"pruned-{args.num_clip_layers}", "test_full": exp / "test_full", "test_pruned": exp / "test_pruned",
-        "finetune": exp / "finetune", "test_healed": exp / "test_healed", "report": exp / "measure_report.json",
-    }
     for stage in range(args.stage, args.stop_stage + 1):
-        marker = _done(exp, stage)
+        marker = exp.done_marker(stage, STAGES[stage])
         if marker.exists() and not args.force:
             log.info("stage %d (%s): done earlier, skipped", stage, STAGES[stage])
             continue
         log.info("stage %d (%s)", stage, STAGES[stage])
         start = time.perf_counter()
-        ran = _run_stage(stage, args, paths)
-        if ran:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{time.perf_counter() - start:.1f} s\n")
-    _summary(paths, time.perf_counter() - t0)
+        STAGE_FUNCTIONS[STAGES[stage]](run)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{time.perf_counter() - start:.1f} s\n")
+    _summary(run, time.perf_counter() - t0)
 
 
-DC_BATCH, DC_ITERS = 4, 10  # the paper's DC recipe
+def _corpus(run: Run) -> None:
+    from .demo_corpus import ensure_demo_corpus
+
+    for split in ("train", "dev", "test"):
+        ensure_demo_corpus(demo_split(split))
 
 
-def _run_stage(stage: int, args: argparse.Namespace, paths: dict[str, Path]) -> bool:
-    # every output lives under --exp_dir, which this pipeline owns: a re-run stage replaces its own outputs
-    common = ["--model", str(args.model)]
-    again = ["--overwrite"]
-    name = STAGES[stage]
-    if name == "corpus":
-        from .demo_corpus import ensure_demo_corpus
+def _dc_matrix(run: Run, stack: str) -> Path:
+    from .artifacts import dc_dump_name
 
-        for split in ("train", "dev", "test"):
-            ensure_demo_corpus(demo_split(split))
-    elif name == "measure":
-        from .analysis import dc_main, svcca_main
-
-        where = ["--dump_dir", str(paths["dump"]), "--figure_dir", str(paths["figure"])]
-        dc_main([*common, *where, *again, "--batch_size", str(DC_BATCH), "--iter_num", str(DC_ITERS)])
-        svcca_main([*common, *where, *again, "--batch_size", "8", "--iter_num", "4", "--mode", "T",
-                    "--thre", "0.99"])
-    elif name == "search":
-
-        from .search_cli import search_main
-
-        from .artifacts import load_matrix
-
-        matrix = paths["dump"] / dc_dump_name("mean", DC_BATCH, DC_ITERS)
-        layers = int(load_matrix(matrix)[1]["num_layers"])
-        search_main([*common, *again, "--num_layers", str(layers), "--num_clip_layers", str(args.num_clip_layers),
-                     "--search_mode", "exact", "--measure_file", str(matrix), "--topk_num", "10",
-                     "--output", str(paths["strategy"]), "--log_dir", str(Path(args.exp_dir) / "log")])
-        _scatter(paths)
-    elif name == "report":
-        _report(args, paths, common, again)
-    elif name == "prune":
-        from .cli import prune_main
-
-        prune_main(["--model", str(args.model), "--strategy", str(paths["strategy"]), "--rank", "1",
-                    "--output", str(paths["pruned"]), *again])
-    elif name == "test":
-        from .testset_cli import main as test_main
-
-        test_main(["--model", str(args.model), "--output_dir", str(paths["test_full"]), *again])
-        test_main(["--model", str(paths["pruned"]), "--output_dir", str(paths["test_pruned"]), *again])
-        _speed(args, paths)
-    elif name == "finetune":
-        from .finetune import main as finetune_main
-
-        # a forced re-run starts afresh; otherwise an interrupted run resumes from last/
-        finetune_main([*common, *(again if args.force else []), "--strategy", str(paths["strategy"]), "--rank", "1",
-                       "--output_dir", str(paths["finetune"]), "--epochs", str(args.ft_epochs),
-                       "--max_train_utts", str(args.ft_max_train_utts), "--batch_size", str(args.ft_batch_size),
-                       "--grad_accum", "1", "--lr", str(args.ft_lr), "--distill", "--test_num_batch", "4",
-                       "--valid_batch_size", "50", "--resume_epoch", "-1"])
-        _healing_curve(paths)
-    elif name == "average":
-        from .average import main as average_main
-
-        average_main(["--exp_dir", str(paths["finetune"]), "--num", str(min(args.avg_num, args.ft_epochs)),
-                      "--mode", "valid", *again])
-    elif name == "retest":
-        from .testset_cli import main as test_main
-
-        test_main(["--model", str(ExperimentDir(paths["finetune"]).averaged), "--output_dir",
-                   str(paths["test_healed"]), *again])
-    return True
+    return run.exp.dump / dc_dump_name("mean", PAPER_DC.batch_size, PAPER_DC.iter_num, stack=stack)
 
 
-def _scatter(paths: dict[str, Path]) -> None:
+def _save_measured(measured, path: Path, *, title: str | None, figure_dir: Path | None) -> Path:
+    """Save (replacing this run's earlier output) and draw a heatmap of each matrix."""
+    from .plots import heatmap
+
+    path = measured.save(path, overwrite=True)
+    if title is not None:
+        for name, m in measured.matrices.items():
+            png = (figure_dir or path.parent) / (f"{path.stem}.png" if path.suffix == ".npy" else f"{path.stem}_{name}.png")
+            heatmap(m, claim_file(png, overwrite=True), title=title if path.suffix == ".npy" else name)
+    log.info("matrices %s -> %s", ",".join(measured.matrices), path)
+    return path
+
+
+def _measure(run: Run) -> None:
+    from .artifacts import svcca_dump_name
+    from .stages import measure
+
+    train = demo_split("train")
+    utts = read_corpus(train)
+    for stack in run.stacks:
+        dc = measure(run.loaded, utts, PAPER_DC, stack=stack, data=str(train), progress=False)
+        _save_measured(dc, _dc_matrix(run, stack), title=f"DC (mean, dc){'' if stack == 'encoder' else ', ' + stack}",
+                       figure_dir=run.exp.figure)
+        svcca = measure(run.loaded, utts, SVCCA_T, stack=stack, data=str(train), progress=False)
+        name = svcca_dump_name(SVCCA_T.batch_size, SVCCA_T.iter_num, SVCCA_T.sample_mode, SVCCA_T.thre, stack=stack)
+        _save_measured(svcca, run.exp.dump / name, title=f"SVCCA (T, thre {SVCCA_T.thre})", figure_dir=run.exp.figure)
+
+
+def _engine(run: Run, stack: str):
+    from .verify import FineSearch, verify_subset
+
+    utts = verify_subset(read_corpus(demo_split("dev")), VERIFY_BATCHES, VERIFY_BATCH_SIZE)
+    return FineSearch(run.loaded, utts, batch_size=VERIFY_BATCH_SIZE, progress=False, stack=stack)
+
+
+def _search(run: Run) -> None:
+    from .artifacts import check_matrix_model
+    from .search import check_matrix
+    from .stages import coarse, fine
+    from .strategy import StrategyFile
+
+    for stack in run.stacks:
+        path = _dc_matrix(run, stack)
+        raw, meta = load_matrix(path)
+        depth = int(meta["num_layers"])
+        check_matrix_model(meta, num_layers=depth, model=run.args.model, where=str(path))
+        matrix = check_matrix(raw, depth, name=str(path))
+        engine = _engine(run, stack)
+        for method, mode in (("comflp", "exact"), ("linspace", "linspace")):
+            found = coarse(matrix, run.k, mode=mode, top_n=TOP_N)
+            checked = fine(engine, found.candidates, racing=method == "comflp", seed=SEARCH_SEED)
+            meta_out = {"search_mode": mode, "select_measure": "dc" if method == "comflp" else "linspace",
+                        "matrix": str(path), "coarse_seconds": found.seconds, "num_clip_layers": run.k,
+                        "race": method == "comflp", "decoded_utterances": checked.ranked_decoded,
+                        "pearson": checked.report.pearson, "fine_seconds": checked.seconds,
+                        "verify_data_dir": str(demo_split("dev")), "verify_utterances": len(engine.utts),
+                        "model": str(run.args.model)}
+            out = run.exp.strategy(stack, method)
+            StrategyFile(depth, checked.ranked, meta_out, stack=stack).save(out, overwrite=True)
+            best = checked.ranked[0]
+            log.info("%s %s pick: prune %s, dev-subset CER %.2f%% -> %s", stack, method, best.pruned,
+                     100 * best.cer, out)
+        _scatter(run, stack)
+
+
+def _scatter(run: Run, stack: str) -> None:
     from .plots import scatter
 
-    raw = json.loads(paths["strategy"].read_text(encoding="utf-8"))
+    raw = json.loads(run.exp.strategy(stack).read_text(encoding="utf-8"))
     cands = [c for c in raw["candidates"] if "cer" in c]
     if cands:
-        scatter([c["score"] for c in cands], [100 * c["cer"] for c in cands], paths["figure"] / "score_vs_cer.png",
-                xlabel="coarse score (DC)", ylabel="CER on dev subset (%)", title="Fine search: candidates")
+        suffix = "" if stack == "encoder" else f"_{stack}"
+        scatter([c["score"] for c in cands], [100 * c["cer"] for c in cands],
+                claim_file(run.exp.figure / f"score_vs_cer{suffix}.png", overwrite=True),
+                xlabel="coarse score (DC)", ylabel="CER on dev subset (%)",
+                title=f"Fine search: candidates{'' if stack == 'encoder' else ' (' + stack + ')'}")
 
 
-def _report(args: argparse.Namespace, paths: dict[str, Path], common: list[str], again: list[str]) -> None:
+def _report(run: Run) -> None:
     """Measure the settings worth comparing, then rank every measure by how well it predicts the CER."""
-    from .analysis import dc_main, measure_main
-    from .report_cli import main as report_main
+    from .artifacts import dc_dump_name
+    from .model import is_encoder_decoder
+    from .stages import measure, measure_report
 
-    where = ["--dump_dir", str(paths["dump"]), "--figure_dir", str(paths["figure"]), "--quiet"]
-    dc_main([*common, *where, *again, "--batch_size", "32", "--iter_num", "10"])
-    dc_main([*common, *where, *again, "--batch_size", "32", "--iter_num", "10", "--unbiased"])
-    # the paper's own DC recipe: padded audio through the encoder, padded frames averaged in
-    paper = paths["dump"] / "paper"
-    dc_main([*common, "--dump_dir", str(paper), "--figure_dir", str(paper), "--quiet", *again, "--batch_size",
-             str(DC_BATCH), "--iter_num", str(DC_ITERS), "--pad_audio", "--pool_padding", "--no_plot"])
-    streamed = paths["dump"] / "streamed_T.npz"
-    measure_main([*common, *where, *again, "--measures", "svcca,pwcca,cka,cosine,angular", "--svcca_mode", "T",
-                  "--batch_size", "8", "--iter_num", "10", "--output", str(streamed)])
-    labelled = {"dc_bs4": paths["dump"] / dc_dump_name("mean", DC_BATCH, DC_ITERS),
-                "dc_bs32": paths["dump"] / dc_dump_name("mean", 32, 10),
-                "dc_unbiased_bs32": paths["dump"] / dc_dump_name("mean", 32, 10, unbiased=True),
-                "dc_bs4_paper_padding": paper / dc_dump_name("mean", DC_BATCH, DC_ITERS)}
-    argv = [*common, *again, "--num_clip_layers", str(args.num_clip_layers), "--num_strategies", "40",
-            "--output", str(paths["report"]), "--quiet", "--measure_file", str(streamed)]
-    for label, f in labelled.items():
-        argv += ["--measure_file", f"{label}={f}"]
-    report_main(argv)
+    train = demo_split("train")
+    utts = read_corpus(train)
+    dump = run.exp.dump
+    for stack in run.stacks:
+        settings = {
+            "dc_bs4": (PAPER_DC, dump / dc_dump_name("mean", 4, 10, stack=stack)),
+            "dc_bs32": (MeasureSettings(measures=("dc",), batch_size=32, iter_num=10),
+                        dump / dc_dump_name("mean", 32, 10, stack=stack)),
+            "dc_unbiased_bs32": (MeasureSettings(measures=("dc_unbiased",), batch_size=32, iter_num=10),
+                                 dump / dc_dump_name("mean", 32, 10, unbiased=True, stack=stack)),
+        }
+        if not is_encoder_decoder(run.loaded.model):
+            # the paper's own DC recipe: padded audio through the feature encoder, padded frames averaged in
+            settings["dc_bs4_paper_padding"] = (
+                MeasureSettings(measures=("dc",), batch_size=4, iter_num=10, pad_audio=True, pool_padding=True),
+                dump / "paper" / dc_dump_name("mean", 4, 10, stack=stack))
+        streamed = MeasureSettings(measures=("svcca", "cka", "cosine", "angular"), batch_size=8, iter_num=10,
+                                   sample_mode="T")
+        matrices = {}
+        for label, (s, path) in settings.items():
+            if label != "dc_bs4":  # measured by stage 1
+                _save_measured(measure(run.loaded, utts, s, stack=stack, data=str(train), progress=False), path,
+                               title=None, figure_dir=None)
+            matrices[label] = load_matrix(path)[0]
+        suffix = "" if stack == "encoder" else f"_{stack}"
+        measured = measure(run.loaded, utts, streamed, stack=stack, data=str(train), progress=False)
+        _save_measured(measured, dump / f"streamed_T{suffix}.npz", title=None, figure_dir=None)
+        matrices.update(measured.matrices)
+        try:  # full CCA is undefined when the samples span too few directions (a small decoder's token states)
+            pwcca = measure(run.loaded, utts, replace(streamed, measures=("pwcca",)), stack=stack, data=str(train),
+                            progress=False)
+            _save_measured(pwcca, dump / f"pwcca_T{suffix}.npz", title=None, figure_dir=None)
+            matrices.update(pwcca.matrices)
+        except ComflpError as err:
+            log.warning("pwcca left out of the %s report: %s", stack, err)
+        depth = matrices["dc_bs4"].shape[0] - 1
+        measure_report(_engine(run, stack), matrices, run.k, num_strategies=min(40, math.comb(depth, run.k)),
+                       output=run.exp.report(stack), overwrite=True)
 
 
-def _healing_curve(paths: dict[str, Path]) -> None:
+def _prune(run: Run) -> None:
+    from .stages import prune
+
+    for v in run.variants:
+        layers = run.pruned_layers(v)
+        out = prune(run.loaded, layers if v.stack == "encoder" else [], run.exp.pruned(v.stack, v.method, run.k),
+                    decoder_layers=layers if v.stack == "decoder" else (), overwrite=True)
+        log.info("%s: pruned %s -> %s", v.label(len(run.stacks) > 1), layers, out.path)
+
+
+def _test_model(model: Path | str, out: Path) -> None:
+    from .stages import test
+
+    test(_load(str(model)), read_corpus(demo_split("test")), out, data=str(demo_split("test")), progress=False,
+         overwrite=True)
+
+
+def _test(run: Run) -> None:
+    from .stages import test
+
+    test(run.loaded, read_corpus(demo_split("test")), run.exp.test_full(), data=str(demo_split("test")),
+         overwrite=True)
+    for v in run.variants:
+        _test_model(run.exp.pruned(v.stack, v.method, run.k), run.exp.test_pruned(v.stack, v.method))
+    _speed(run)
+
+
+def _finetune(run: Run) -> None:
+    from .stages import finetune
+
+    for v in run.healed_variants():
+        # a forced re-run starts afresh; otherwise an interrupted run resumes from last/
+        exp = finetune(run.args.model, run.exp.finetune(v.stack, v.method).root,
+                       strategy=run.exp.strategy(v.stack, v.method), rank=1, overwrite=run.args.force,
+                       epochs=run.args.ft_epochs, max_train_utts=run.args.ft_max_train_utts,
+                       batch_size=run.args.ft_batch_size, grad_accum=1, lr=run.args.ft_lr, distill=True,
+                       test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=True)
+        log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
+    _healing_curves(run)
+
+
+def _average(run: Run) -> None:
+    from .stages import average
+
+    for v in run.healed_variants():
+        average(run.exp.finetune(v.stack, v.method), num=min(run.args.avg_num, run.args.ft_epochs), overwrite=True)
+
+
+def _retest(run: Run) -> None:
+    for v in run.healed_variants():
+        _test_model(run.exp.finetune(v.stack, v.method).averaged, run.exp.test_healed(v.stack, v.method))
+
+
+STAGE_FUNCTIONS = {"corpus": _corpus, "measure": _measure, "search": _search, "report": _report, "prune": _prune,
+                   "test": _test, "finetune": _finetune, "average": _average, "retest": _retest}
+
+
+def _healing_curves(run: Run) -> None:
     from .plots import curves
 
-    rows = ExperimentDir(paths["finetune"]).read_metrics()
-    reference = next((r["source_valid_cer"] for r in rows if r["epoch"] == 0 and "source_valid_cer" in r), None)
-    curves({"pruned model, dev CER": ([r["epoch"] for r in rows], [100 * r["valid_cer"] for r in rows])},
-           paths["figure"] / "healing_curve.png", xlabel="fine-tuning epoch (0 = pruned, before healing)",
-           ylabel="dev CER (%)", title="Healing the pruned model",
-           hlines={"unpruned model": 100 * reference} if reference is not None else None)
+    lines, reference = {}, None
+    for v in run.healed_variants():
+        rows = run.exp.finetune(v.stack, v.method).read_metrics()
+        reference = next((r["source_valid_cer"] for r in rows if r["epoch"] == 0 and "source_valid_cer" in r),
+                         reference)
+        lines[f"{v.label(len(run.stacks) > 1)}, dev CER"] = ([r["epoch"] for r in rows],
+                                                             [100 * r["valid_cer"] for r in rows])
+    curves(lines, claim_file(run.exp.figure / "healing_curve.png", overwrite=True),
+           xlabel="fine-tuning epoch (0 = pruned, before healing)", ylabel="dev CER (%)",
+           title="Healing the pruned models", hlines={"unpruned model": 100 * reference} if reference is not None else None)
 
 
-def _speed(args: argparse.Namespace, paths: dict[str, Path]) -> None:
-    """Decode speed-up of the pruned model, timed as a pair after warm-up on the same test batches."""
+def _speed(run: Run) -> None:
+    """Decode speed-up of CoMFLP's encoder pick, timed as a pair after warm-up on the same test batches."""
     from . import atomic
     from .decode import compare_speed
-    from .model import load_model
-    from .options import read_corpus
+    from .model import is_encoder_decoder
 
-    full = load_model(args.model, need_tokenizer=True)
-    pruned = load_model(paths["pruned"], need_tokenizer=True)
+    if is_encoder_decoder(run.loaded.model):
+        return  # compare_speed times CTC decoding; a generation-time comparison is not built yet
+    pruned = _load(str(run.exp.pruned("encoder", "comflp", run.k)))
     utts = read_corpus(demo_split("test"))[:64]
-    cmp = compare_speed(full.model, pruned.model, full.feature_extractor, full.tokenizer, utts, batch_size=16)
-    atomic.write_json(paths["test_pruned"] / "speed.json",
-                      {"utterances": len(utts), "audio_seconds": cmp.audio_seconds, "full_seconds": cmp.first_seconds,
-                       "pruned_seconds": cmp.second_seconds, "speedup": cmp.speedup})
+    cmp = compare_speed(run.loaded.model, pruned.model, run.loaded.feature_extractor, run.loaded.tokenizer, utts,
+                        batch_size=16)
+    atomic.write_json(run.exp.speed(), {"utterances": len(utts), "audio_seconds": cmp.audio_seconds,
+                                        "full_seconds": cmp.first_seconds, "pruned_seconds": cmp.second_seconds,
+                                        "speedup": cmp.speedup})
     log.info("decode speed-up of the pruned model: %.2fx (paired, after warm-up)", cmp.speedup)
 
 
-def _summary(paths: dict[str, Path], seconds: float) -> None:
+def _summary(run: Run, seconds: float) -> None:
+    exp, two = run.exp, len(run.stacks) > 1
     rows = []
-    for name, key in (("full model", "test_full"), ("pruned, before healing", "test_pruned"),
-                      ("pruned, after healing", "test_healed")):
-        f = paths[key] / "test_asr.json"
-        if f.exists():
-            r = json.loads(f.read_text())
-            rows.append((name, r["num_layers"], r["num_parameters"], 100 * r["error_rate"], r["rtf"]))
+    full = exp.test_result(exp.test_full())
+    if full:
+        rows.append(("full model", full, "-"))
+    for v in run.variants:
+        if not exp.strategy(v.stack, v.method).is_file():
+            continue
+        layers = run.pruned_layers(v)
+        before = exp.test_result(exp.test_pruned(v.stack, v.method))
+        same = run.same_as_comflp(v)
+        healed_dir = exp.test_healed(v.stack, "comflp" if same else v.method)
+        after = exp.test_result(healed_dir)
+        name = v.label(two) + (" (= CoMFLP's)" if same else "")
+        if before:
+            rows.append((f"{name}, before healing", before, layers))
+        if after:
+            rows.append((f"{name}, after healing", after, layers))
     if not rows:
         return
-    lines = ["", f"{'model':<24} {'layers':>6} {'parameters':>12} {'test CER':>9} {'RTF':>8}"]
-    lines += [f"{n:<24} {l:>6} {p:>12,} {c:>8.2f}% {rtf:>8.4f}" for n, l, p, c, rtf in rows]
-    speed = paths["test_pruned"] / "speed.json"
-    if speed.exists():
-        lines.append(f"decode speed-up of the pruned model: {json.loads(speed.read_text())['speedup']:.2f}x "
+    width = max(len(r[0]) for r in rows)
+    layer_head = "enc+dec layers" if two else "layers"
+    lines = ["", f"{'model':<{width}} {layer_head:>14} {'parameters':>12} {'test CER':>9} {'RTF':>8}  pruned"]
+    for name, r, pruned in rows:
+        depth = f"{r['num_layers']}+{r.get('decoder_layers', '?')}" if two else str(r["num_layers"])
+        lines.append(f"{name:<{width}} {depth:>14} {r['num_parameters']:>12,} {100 * r['error_rate']:>8.2f}% "
+                     f"{r['rtf']:>8.4f}  {pruned}")
+    if exp.speed().is_file():
+        lines.append(f"decode speed-up of CoMFLP's pick: {json.loads(exp.speed().read_text())['speedup']:.2f}x "
                      "(the two models timed as a pair on the same batches, after warm-up)")
-    s = paths["strategy"]
-    if s.exists():
-        best = json.loads(s.read_text())["candidates"][0]
-        lines.append(f"pruned layers {best['pruned']} (blocks {best['blocks']}), chosen by fine search")
-    lines.append(f"demo finished in {seconds:.0f} s; outputs under {paths['strategy'].parent}")
+    lines.append(f"demo finished in {seconds:.0f} s; outputs under {exp.root}")
     print("\n".join(lines))

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
-from . import atomic
-from .artifacts import WRITTEN_BY, check_matrix_model, claim_file, load_matrices, load_matrix, output_lock
+from .artifacts import check_matrix_model, claim_file, load_matrices, load_matrix
 from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, positive_int,
@@ -86,8 +84,7 @@ def _entries(args: list[str]) -> dict[str, tuple[object, dict, Path]]:
 @exit_on_error
 def main(argv: list[str] | None = None) -> Path:
     from .model import load_model, num_layers
-    from .plots import scatter_grid
-    from .report import build_report, sample_strategies
+    from .stages import measure_report
     from .verify import FineSearch, verify_subset
 
     args = build_parser().parse_args(argv)
@@ -115,26 +112,12 @@ def main(argv: list[str] | None = None) -> Path:
     if num_layers(loaded.model, stack) != L:
         raise ComflpError(f"the matrices are for {L} layers but {args.model}'s {stack} has "
                           f"{num_layers(loaded.model, stack)}")
-    strategies = sample_strategies(matrices, K, args.num_strategies, seed=args.seed)
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
                       pad_audio=args.pad_audio, stack=stack)
-    start = time.perf_counter()
-    cers = [r.rate for r in fine.evaluate(strategies)]
     settings = {"measure_files": list(args.measure_file), "model": str(args.model),
-                "stack": stack, "num_layers": L, "num_clip_layers": K, "num_strategies": len(strategies), "seed": args.seed,
-                "bootstrap": args.bootstrap, "verify_data_dir": str(args.verify_data_dir),
-                "verify_utterances": len(utts), "pad_audio": args.pad_audio,
-                "fine_search_seconds": round(time.perf_counter() - start, 2)}
-    report = build_report(matrices, strategies, cers, num_resamples=args.bootstrap, seed=args.seed,
-                          settings=settings)
-    with output_lock(out):
-        atomic.write_json(out, {"written_by": WRITTEN_BY, **report.to_dict()})
-        scatter_grid({name: ([s.scores[name] for s in report.strategies], [100 * s.cer for s in report.strategies])
-                      for name in report.measures}, png, xlabel="score (search objective)",
-                     ylabel="CER on the subset (%)",
-                     titles={n: f"{n}: rho {m.spearman:+.2f}" for n, m in report.measures.items()})
-    log.info("%d strategies of %d -> %d layers on %d utterances of %s\n%s", len(strategies), L, L - K, len(utts),
-             args.verify_data_dir, report.table())  # the log goes to the console and to <output>.log
+                "verify_data_dir": str(args.verify_data_dir), "pad_audio": args.pad_audio}
+    measure_report(fine, matrices, K, num_strategies=args.num_strategies, seed=args.seed, bootstrap=args.bootstrap,
+                   settings=settings, output=out, overwrite=args.overwrite)
     print(f"report: {out}")
     return out

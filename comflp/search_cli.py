@@ -226,21 +226,19 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         fine = _fine_search(args, stack)
         log.info("--- fine search on %d utterances of %s%s", len(fine.utts), args.verify_data_dir,
                  f" (race, confidence {args.race_confidence})" if args.race else "")
-        report = fine_stage(fine, cands, racing=args.race, confidence=args.race_confidence, seed=args.seed).report
+        found = fine_stage(fine, cands, racing=args.race, confidence=args.race_confidence, seed=args.seed)
+        report = found.report
         for c, n in zip(report.candidates, report.decoded):
             log.info("For %s: clipped wer : %r%%%s", [list(b) for b in c.blocks], 100 * c.cer,
                      f"  (dropped after {n} of {len(fine.utts)} utterances)" if n < len(fine.utts) else "")
         log.info("WERs: %s", [c.cer for c in report.candidates])
         if report.pearson is not None:
             log.info("correlation between wer and correlation measure: %r", report.pearson)
-        # survivors of a race first (their CERs are on the whole subset), then the dropped ones
-        order = sorted(range(len(report.candidates)),
-                       key=lambda i: (report.decoded[i] < len(fine.utts), report.candidates[i].cer, i))
-        cands = [report.candidates[i] for i in order]
+        cands = found.ranked
         log.info("pick: %s, CER %.2f%%; %d candidate-utterance decodes (full evaluation: %d)",
                  [list(b) for b in report.best.blocks], 100 * report.best.cer, sum(report.decoded),
                  len(fine.utts) * len(report.candidates))
-        meta.update(decoded_utterances=[report.decoded[i] for i in order], race=args.race,
+        meta.update(decoded_utterances=found.ranked_decoded, race=args.race,
                     race_confidence=args.race_confidence if args.race else None)
         meta.update(pearson=report.pearson, fine_seconds=fine.stats.seconds, verify_data_dir=str(args.verify_data_dir),
                     verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,

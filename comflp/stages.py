@@ -17,6 +17,7 @@ pruned model (and its MMS adapter files) for plain transformers, and
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import torch
 from .data import Utterance
 from .decode import Transcription, transcribe
 from .errors import ComflpError
+from .artifacts import ExperimentDir, matrix_meta, save_matrices, save_matrix
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
 from .metrics import ErrorRate, Unit, guess_unit
 from .model import (LoadedModel, adapter_files, base_model, count_parameters, is_encoder_decoder, num_layers,
@@ -37,16 +39,38 @@ from .search import SearchResult, search
 from .strategy import Candidate, validate
 from .verify import RACE_CONFIDENCE, FineSearch, GLPResult, VerifyReport, greedy_layer_pruning, race, verify
 
+log = logging.getLogger("comflp.stages")
+
 PAPER_DC = MeasureSettings(measures=("dc",), batch_size=4, iter_num=10)  # the paper's DC recipe
 
 
 @dataclass(frozen=True)
 class Measured:
-    """Correlation matrices [L+1, L+1] (float64, by measure name), the statistics behind them, and the seconds."""
+    """Correlation matrices [L+1, L+1] (float64, by measure name) of one layer stack of a model, the
+    statistics behind them, the settings, and the seconds."""
 
     matrices: dict[str, np.ndarray]
     stats: Statistics
     seconds: float
+    stack: str = "encoder"
+    num_layers: int = 0
+    settings: MeasureSettings = field(default_factory=lambda: PAPER_DC)
+    model: str = ""
+    data: str = ""
+
+    def meta(self) -> dict:
+        """What a matrix file records (:func:`comflp.artifacts.matrix_meta`)."""
+        return matrix_meta(model=self.model, data=self.data, num_layers=self.num_layers, stack=self.stack,
+                           settings=self.settings.to_dict(), num_utterances=self.stats.num_utterances,
+                           num_frames=self.stats.num_frames, num_batches=self.stats.num_batches,
+                           seconds=self.seconds)
+
+    def save(self, path: str | os.PathLike, measure: str | None = None, *, overwrite: bool = False) -> Path:
+        """One matrix (default: the first measured) as the paper's ``.npy`` + sidecar, or all of them to an
+        ``.npz`` when ``path`` ends so; ``overwrite`` replaces only an earlier comflp output."""
+        if Path(path).suffix == ".npz":
+            return save_matrices(path, self.matrices, self.meta(), overwrite=overwrite)
+        return save_matrix(path, self.matrices[measure or next(iter(self.matrices))], self.meta(), overwrite=overwrite)
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,21 @@ class Fine:
     engine: FineSearch = field(repr=False)
     seconds: float
 
+    def _order(self) -> list[int]:
+        full = len(self.engine.utts)
+        return sorted(range(len(self.report.candidates)),
+                      key=lambda i: (self.report.decoded[i] < full, self.report.candidates[i].cer, i))
+
+    @property
+    def ranked(self) -> list[Candidate]:
+        """The candidates best first: a race's survivors (error rates on the whole subset) before the dropped."""
+        return [self.report.candidates[i] for i in self._order()]
+
+    @property
+    def ranked_decoded(self) -> list[int]:
+        """Utterances decoded per candidate, in :attr:`ranked` order."""
+        return [self.report.decoded[i] for i in self._order()]
+
 
 @dataclass(frozen=True)
 class SearchRun:
@@ -88,12 +127,17 @@ class SearchRun:
 
 
 def measure(loaded: LoadedModel, utts: Sequence[Utterance], settings: MeasureSettings = PAPER_DC, *,
-            accelerator=None, progress: bool = True, moment_memory_gb: float = MOMENT_MEMORY_GB) -> Measured:
-    """Measure ``settings.measures`` on ``utts`` (:func:`comflp.hidden.collect`)."""
+            stack: str = "encoder", data: str = "", accelerator=None, progress: bool = True,
+            moment_memory_gb: float = MOMENT_MEMORY_GB) -> Measured:
+    """Measure ``settings.measures`` of the ``stack`` layers on ``utts`` (:func:`comflp.hidden.collect`; a
+    decoder is measured under teacher forcing on the transcripts). ``data`` names the utterances' source in
+    the saved matrix's record."""
     start = time.perf_counter()
     matrices, stats = collect(loaded.model, loaded.feature_extractor, utts, settings, accelerator=accelerator,
-                              progress=progress, moment_memory_gb=moment_memory_gb)
-    return Measured({k: v.numpy() for k, v in matrices.items()}, stats, time.perf_counter() - start)
+                              progress=progress, moment_memory_gb=moment_memory_gb, stack=stack,
+                              tokenizer=loaded.tokenizer)
+    return Measured({k: v.numpy() for k, v in matrices.items()}, stats, time.perf_counter() - start, stack,
+                    num_layers(loaded.model, stack), settings, str(loaded.source), data)
 
 
 def coarse(matrix: np.ndarray, k: int, *, mode: str = "exact", top_n: int = 10, beam_size: int = 10,
@@ -209,3 +253,121 @@ def score(loaded: LoadedModel, utts: Sequence[Utterance], *, batch_size: int = 1
                         device=device, progress=progress, pad_audio=pad_audio)
     unit = unit or guess_unit([u.text or "" for u in utts])
     return Scored(result.score(unit), unit, result, count_parameters(loaded.model), num_layers(loaded.model))
+
+
+@dataclass(frozen=True)
+class Tested:
+    """A test run: the scores, the report written (``test_asr.json``, beside ``hyp.txt``) and its contents."""
+
+    scored: Scored
+    report: Path
+    summary: dict
+
+
+def test(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.PathLike, *, data: str,
+         batch_size: int = 16, unit: Unit | None = None, device: str | torch.device = "cpu", progress: bool = False,
+         pad_audio: bool = False, overwrite: bool = False) -> Tested:
+    """:func:`score` ``utts`` and write the test report and the hypotheses under ``output_dir``.
+
+    ``data`` names the test set in the report. The report is refused if comflp did not write it, and replaced
+    only with ``overwrite``; the dir is locked while decoding.
+    """
+    import platform
+
+    from . import atomic
+    from .artifacts import claim_file, open_output_dir, output_lock
+
+    out = ExperimentDir(open_output_dir(output_dir, kind="test"))
+    report = claim_file(out.test_report, overwrite=overwrite, flag="test report")
+    with output_lock(report):
+        scored = score(loaded, utts, batch_size=batch_size, unit=unit, device=device, progress=progress,
+                       pad_audio=pad_audio)
+        er, result = scored.error_rate, scored.transcription
+        summary = {
+            "model": str(loaded.source), "data_dir": data, "num_utterances": len(utts), "unit": scored.unit,
+            "error_rate": er.rate, "substitutions": er.substitutions, "deletions": er.deletions,
+            "insertions": er.insertions, "num_ref_tokens": er.num_ref_tokens,
+            "audio_seconds": result.audio_seconds, "decode_seconds": result.decode_seconds, "rtf": scored.rtf,
+            "num_parameters": scored.num_parameters, "num_layers": scored.num_layers, "device": str(device),
+            "batch_size": batch_size, "pad_audio": pad_audio,
+            "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        }
+        if is_encoder_decoder(loaded.model):
+            summary["decoder_layers"] = num_layers(loaded.model, "decoder")
+        for utt, ref, hyp in zip(result.utt_ids, result.references, result.hypotheses):
+            logging.getLogger("comflp.test.hyp").debug("%s ref=%s hyp=%s", utt, ref, hyp)
+        atomic.write_json(report, summary)
+        atomic.write_text(out.root / "hyp.txt", "".join(f"{u} {h}\n" for u, h in zip(result.utt_ids, result.hypotheses)))
+    log.info("%s %.2f%% on %d utterances (%s); RTF %.4f; %d layers, %s parameters",
+             "CER" if scored.unit == "char" else "WER", 100 * er.rate, len(utts), data, scored.rtf,
+             scored.num_layers, f"{scored.num_parameters:,}")
+    return Tested(scored, report, summary)
+
+
+def finetune(model: str | os.PathLike, output_dir: str | os.PathLike, **settings) -> ExperimentDir:
+    """Fine-tune ("heal") ``model`` pruned as ``settings`` say, into the experiment dir ``output_dir``.
+
+    ``settings``: the fields of :class:`comflp.finetune.FinetuneConfig` (the flags of ``comflp finetune``:
+    ``strategy``/``rank``, ``layers`` or ``whole_model``; ``distill``, ``epochs``, ``lr``...). An interrupted run
+    of the same settings resumes from its ``last/``; another experiment in ``output_dir`` is refused.
+    Returns the experiment dir (``epoch<N>/``, ``final/``, ``metrics.jsonl``).
+    """
+    from dataclasses import fields
+
+    from .finetune import FinetuneConfig, train
+
+    unknown = sorted(set(settings) - ({f.name for f in fields(FinetuneConfig)} - {"model", "output_dir"}))
+    if unknown:
+        raise ComflpError(f"unknown fine-tuning setting(s) {', '.join(unknown)} (see comflp.finetune.FinetuneConfig)")
+    return ExperimentDir(train(FinetuneConfig(model=str(model), output_dir=Path(output_dir), **settings)))
+
+
+def average(exp: ExperimentDir, *, num: int, mode: str = "valid", overwrite: bool = False) -> Path:
+    """Average ``num`` epoch checkpoints of ``exp`` (``valid``: the best by validation CER; ``last``: the
+    newest) into its ``model_avg/``; returns that dir."""
+    from .average import average as average_checkpoints, select_epochs
+
+    saved = exp.saved_epochs()
+    if not saved:
+        raise ComflpError(f"no epoch<N>/ checkpoints in {exp.root}")
+    epochs = select_epochs(exp, last_epoch=saved[-1], num=min(num, len(saved)), mode=mode)
+    return average_checkpoints(exp, epochs, overwrite=overwrite)
+
+
+def measure_report(engine: FineSearch, matrices: dict[str, np.ndarray], k: int, *, num_strategies: int = 40,
+                   seed: int = 0, bootstrap: int = 1000, settings: dict | None = None,
+                   output: str | os.PathLike | None = None, overwrite: bool = False):
+    """Which measure predicts the error rate: decode ``num_strategies`` strategies of ``k`` layers (every
+    measure's top 3, then seeded random ones) on ``engine``'s subset and rank-correlate each matrix's score
+    with their error rates (:func:`comflp.report.build_report`).
+
+    ``matrices``: label -> [L+1, L+1] of the engine's stack. With ``output``, the report JSON and a PNG of
+    one scatter plot per measure (beside it) are written. Returns the :class:`comflp.report.MeasureReport`.
+    """
+    from . import atomic
+    from .artifacts import WRITTEN_BY, claim_file, output_lock
+    from .plots import scatter_grid
+    from .report import build_report, sample_strategies
+
+    out = png = None
+    if output is not None:
+        out = claim_file(output, overwrite=overwrite)
+        png = claim_file(Path(output).with_suffix(".png"), overwrite=overwrite)
+    strategies = sample_strategies(matrices, k, num_strategies, seed=seed)
+    start = time.perf_counter()
+    cers = [r.rate for r in engine.evaluate(strategies)]
+    depth = next(iter(matrices.values())).shape[0] - 1
+    settings = {**(settings or {}), "model": str(engine.loaded.source), "stack": engine.stack, "num_layers": depth,
+                "num_clip_layers": k, "num_strategies": len(strategies), "seed": seed, "bootstrap": bootstrap,
+                "verify_utterances": len(engine.utts), "fine_search_seconds": round(time.perf_counter() - start, 2)}
+    report = build_report(matrices, strategies, cers, num_resamples=bootstrap, seed=seed, settings=settings)
+    if out is not None:
+        with output_lock(out):
+            atomic.write_json(out, {"written_by": WRITTEN_BY, **report.to_dict()})
+            scatter_grid({name: ([s.scores[name] for s in report.strategies], [100 * s.cer for s in report.strategies])
+                          for name in report.measures}, png, xlabel="score (search objective)",
+                         ylabel="CER on the subset (%)",
+                         titles={n: f"{n}: rho {m.spearman:+.2f}" for n, m in report.measures.items()})
+    log.info("%d strategies of %d -> %d %s layers on %d utterances\n%s", len(strategies), depth, depth - k,
+             engine.stack, len(engine.utts), report.table())
+    return report
