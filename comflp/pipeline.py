@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all outputs (default: exp/demo for the demo model, else exp/demo_<model dir name>_clip<K>); "
                         "a dir holding a run with other settings is refused unless --force")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model to prune (default: the demo model)")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="a dir holding the Kaldi dirs train/ (measuring, healing), dev/ (fine search, validation) "
+                        "and test/ (default: the embedded corpus, generated if missing)")
     p.add_argument("--num_clip_layers", type=positive_int, default=None,
                    help="layers to prune from each stack (default: half of them, 6 of the demo model's 12)")
     p.add_argument("--stage", type=int, default=0, help="first stage to run (default: %(default)s)")
@@ -102,6 +105,10 @@ class Run:
     loaded: object  # comflp.model.LoadedModel
     stacks: tuple[str, ...]
     k: int
+
+    def split(self, name: str) -> Path:
+        """The Kaldi dir of one split (train, dev, test) of the corpus."""
+        return demo_split(name) if self.args.corpus is None else self.args.corpus / name
 
     @property
     def variants(self) -> list[Variant]:
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         args.exp_dir = EXP_DIR / ("demo" if default else f"demo_{Path(args.model).name}_clip{k}")
     # a finished stage is skipped only if it was run with these settings: never resume another experiment
     settings = {"model": source_id(args.model), "num_clip_layers": k,
+                **({"corpus": source_id(args.corpus)} if args.corpus is not None else {}),
                 **{n: getattr(args, n) for n in ("ft_epochs", "ft_max_train_utts", "ft_batch_size", "ft_lr", "avg_num",
                                                  "heal_baseline")}}
     afresh = args.force and args.stage == 0
@@ -179,7 +187,10 @@ def _corpus(run: Run) -> None:
     from .demo_corpus import ensure_demo_corpus
 
     for split in ("train", "dev", "test"):
-        ensure_demo_corpus(demo_split(split))
+        if run.args.corpus is None:
+            ensure_demo_corpus(demo_split(split))
+        elif not run.split(split).is_dir():
+            raise ComflpError(f"--corpus {run.args.corpus} has no {split}/ (a Kaldi dir with wav.scp and text)")
 
 
 def _dc_matrix(run: Run, stack: str) -> Path:
@@ -205,7 +216,7 @@ def _measure(run: Run) -> None:
     from .artifacts import svcca_dump_name
     from .stages import measure
 
-    train = demo_split("train")
+    train = run.split("train")
     utts = read_corpus(train)
     for stack in run.stacks:
         dc = measure(run.loaded, utts, PAPER_DC, stack=stack, data=str(train), progress=False)
@@ -219,7 +230,7 @@ def _measure(run: Run) -> None:
 def _engine(run: Run, stack: str):
     from .verify import FineSearch, verify_subset
 
-    utts = verify_subset(read_corpus(demo_split("dev")), VERIFY_BATCHES, VERIFY_BATCH_SIZE)
+    utts = verify_subset(read_corpus(run.split("dev")), VERIFY_BATCHES, VERIFY_BATCH_SIZE)
     return FineSearch(run.loaded, utts, batch_size=VERIFY_BATCH_SIZE, progress=False, stack=stack)
 
 
@@ -243,7 +254,7 @@ def _search(run: Run) -> None:
                         "matrix": str(path), "coarse_seconds": found.seconds, "num_clip_layers": run.k,
                         "race": method == "comflp", "decoded_utterances": checked.ranked_decoded,
                         "pearson": checked.report.pearson, "fine_seconds": checked.seconds,
-                        "verify_data_dir": str(demo_split("dev")), "verify_utterances": len(engine.utts),
+                        "verify_data_dir": str(run.split("dev")), "verify_utterances": len(engine.utts),
                         "model": str(run.args.model)}
             out = run.exp.strategy(stack, method)
             StrategyFile(depth, checked.ranked, meta_out, stack=stack).save(out, overwrite=True)
@@ -272,7 +283,7 @@ def _report(run: Run) -> None:
     from .model import is_encoder_decoder
     from .stages import measure, measure_report
 
-    train = demo_split("train")
+    train = run.split("train")
     utts = read_corpus(train)
     dump = run.exp.dump
     for stack in run.stacks:
@@ -322,20 +333,19 @@ def _prune(run: Run) -> None:
         log.info("%s: pruned %s -> %s", v.label(len(run.stacks) > 1), layers, out.path)
 
 
-def _test_model(model: Path | str, out: Path) -> None:
+def _test_model(run: Run, model: Path | str, out: Path) -> None:
     from .stages import test
 
-    test(_load(str(model)), read_corpus(demo_split("test")), out, data=str(demo_split("test")), progress=False,
-         overwrite=True)
+    test(_load(str(model)), read_corpus(run.split("test")), out, data=str(run.split("test")), overwrite=True)
 
 
 def _test(run: Run) -> None:
     from .stages import test
 
-    test(run.loaded, read_corpus(demo_split("test")), run.exp.test_full(), data=str(demo_split("test")),
+    test(run.loaded, read_corpus(run.split("test")), run.exp.test_full(), data=str(run.split("test")),
          overwrite=True)
     for v in run.variants:
-        _test_model(run.exp.pruned(v.stack, v.method, run.k), run.exp.test_pruned(v.stack, v.method))
+        _test_model(run, run.exp.pruned(v.stack, v.method, run.k), run.exp.test_pruned(v.stack, v.method))
     _speed(run)
 
 
@@ -348,7 +358,8 @@ def _finetune(run: Run) -> None:
                        strategy=run.exp.strategy(v.stack, v.method), rank=1, overwrite=run.args.force,
                        epochs=run.args.ft_epochs, max_train_utts=run.args.ft_max_train_utts,
                        batch_size=run.args.ft_batch_size, grad_accum=1, lr=run.args.ft_lr, distill=True,
-                       test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=True)
+                       test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=True,
+                       train_data_dir=run.split("train"), valid_data_dir=run.split("dev"))
         log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
     _healing_curves(run)
 
@@ -362,7 +373,7 @@ def _average(run: Run) -> None:
 
 def _retest(run: Run) -> None:
     for v in run.healed_variants():
-        _test_model(run.exp.finetune(v.stack, v.method).averaged, run.exp.test_healed(v.stack, v.method))
+        _test_model(run, run.exp.finetune(v.stack, v.method).averaged, run.exp.test_healed(v.stack, v.method))
 
 
 STAGE_FUNCTIONS = {"corpus": _corpus, "measure": _measure, "search": _search, "report": _report, "prune": _prune,
@@ -393,7 +404,7 @@ def _speed(run: Run) -> None:
     if is_encoder_decoder(run.loaded.model):
         return  # compare_speed times CTC decoding; a generation-time comparison is not built yet
     pruned = _load(str(run.exp.pruned("encoder", "comflp", run.k)))
-    utts = read_corpus(demo_split("test"))[:64]
+    utts = read_corpus(run.split("test"))[:64]
     cmp = compare_speed(run.loaded.model, pruned.model, run.loaded.feature_extractor, run.loaded.tokenizer, utts,
                         batch_size=16)
     atomic.write_json(run.exp.speed(), {"utterances": len(utts), "audio_seconds": cmp.audio_seconds,

@@ -21,3 +21,59 @@ def test_an_exp_dir_of_other_settings_is_refused_not_resumed(tmp_path: Path, cap
     # --force from stage 0 starts that experiment afresh there
     main(["--exp_dir", str(exp), "--num_clip_layers", "4", "--stage", "0", "--stop_stage", "0", "--force"])
     assert (exp / ".done" / "0-corpus").exists()
+
+
+def test_whisper_demo_prunes_both_stacks_against_linspace_and_heals(tmp_path: Path, capsys) -> None:
+    """`comflp demo` on an encoder-decoder model: each stack searched, pruned, tested and healed, beside the
+    linspace baseline; with 2 of 4 layers the fine search sees every strategy, so its pick is the brute-force
+    best on the dev subset and never worse there than linspace's."""
+    import itertools
+    import json
+
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    from comflp.model import load_model
+    from comflp.strategy import StrategyFile
+    from comflp.verify import FineSearch
+
+    from conftest import make_corpus
+    from test_whisper import _whisper_dir
+
+    model_dir = _whisper_dir(tmp_path)
+    corpus = tmp_path / "corpus"
+    for split in ("train", "dev", "test"):
+        make_corpus(corpus / split, n=6)
+    exp = tmp_path / "exp"
+    common = ["--model", str(model_dir), "--corpus", str(corpus), "--exp_dir", str(exp), "--threads", "1",
+              "--ft_epochs", "1", "--ft_max_train_utts", "6", "--ft_batch_size", "3", "--avg_num", "1"]
+    main([*common, "--stop_stage", "2"])
+    main([*common, "--stage", "4"])  # the report stage needs hundreds of utterances
+    table = capsys.readouterr().out
+    for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",
+                "decoder: linspace pick", "decoder: CoMFLP pick, after healing"):
+        assert row in table
+
+    loaded = load_model(model_dir, allow_encoder_decoder=True, need_tokenizer=True)
+    for stack, suffix in (("encoder", ""), ("decoder", "_decoder")):
+        comflp = StrategyFile.load(exp / f"search{suffix}.json")
+        linspace = StrategyFile.load(exp / f"linspace{suffix}.json")
+        assert comflp.stack == linspace.stack == stack and linspace.candidates[0].pruned == [2, 3]
+        engine = FineSearch(loaded, load_corpus(corpus / "dev"), batch_size=4, progress=False, stack=stack)
+        every = {tuple(p): r.rate for p, r in zip(itertools.combinations(range(1, 5), 2),
+                                                   engine.evaluate([list(p) for p in itertools.combinations(range(1, 5), 2)]))}
+        assert comflp.candidates[0].cer == min(every.values())
+        assert comflp.candidates[0].cer <= linspace.candidates[0].cer == every[(2, 3)]
+        pruned = AutoModelForSpeechSeq2Seq.from_pretrained(exp / f"pruned-2{suffix}")
+        depths = (pruned.config.encoder_layers, pruned.config.decoder_layers)
+        assert depths == ((2, 4) if stack == "encoder" else (4, 2))
+        report = json.loads((exp / f"test_healed{suffix}" / "test_asr.json").read_text())
+        assert (report["num_layers"], report["decoder_layers"]) == depths
+    # a finished run is resumed, not redone
+    main([*common])
+    assert "done earlier, skipped" in (exp / "demo.log").read_text()
+
+
+def load_corpus(path: Path):
+    from comflp.data import read_corpus_dir
+
+    return read_corpus_dir(path)
