@@ -36,7 +36,7 @@ from .errors import ComflpError, exit_on_error
 from .logs import setup_logging
 from .artifacts import ExperimentDir, claim_dir
 from .model import forward, save_model
-from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, EXP_DIR, demo_model_dir, demo_split
+from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, EXP_DIR, demo_model_dir, demo_split
 
 log = logging.getLogger("comflp.demo_recipe")  # `comflp demo` (pipeline.py) logs as comflp.demo
 
@@ -119,6 +119,17 @@ def whisper_init(args: argparse.Namespace) -> Path:
     out = save_model(model, args.output, feature_extractor=fe, tokenizer=tok, overwrite=args.overwrite)
     log.info("demo Whisper start: %d parameters, vocab %d -> %s", sum(p.numel() for p in model.parameters()),
              len(tok), out)
+    return out
+
+
+def ship(model: Path, output: Path, *, overwrite: bool = False) -> Path:
+    """``model`` saved to ``output`` in float16 with its processor (what the shipped demo models are)."""
+    from .model import load_model, save_model
+
+    loaded = load_model(model, need_tokenizer=True, allow_encoder_decoder=True)
+    out = save_model(loaded.model, output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+                     dtype=torch.float16, overwrite=overwrite)
+    log.info("shipped %s as float16 -> %s", model, out)
     return out
 
 
@@ -252,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--d_model", type=positive_int, default=192, help="width (default: %(default)s)")
     w.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     w.add_argument("--overwrite", action="store_true", help="replace an earlier comflp output at --output")
+    s = sub.add_parser("ship", help="save a trained model as a shipped demo model: float16 safetensors with its "
+                                    "processor and generation config (the demo Whisper's last step before its card)")
+    s.add_argument("--model", type=Path, required=True, help="the trained model dir, e.g. <exp>/model_avg")
+    s.add_argument("--output", type=Path, default=DEMO_WHISPER_DIR, help="(default: %(default)s)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier comflp output at --output")
     c = sub.add_parser("card", help="measure the shipped model and write its model card (README.md)")
     c.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="model dir (default: %(default)s)")
     c.add_argument("--exp_dir", type=Path, default=None, help="training exp dir (default: exp/<model name>-train)")
@@ -274,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     elif args.command == "whisper-init":
         print(whisper_init(args))
+    elif args.command == "ship":
+        print(ship(args.model, args.output, overwrite=args.overwrite))
     else:
         from .model_card import write_card
 

@@ -273,9 +273,9 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
         raise ComflpError(f"cannot load model config from {source}: {_first_line(err)}") from None
     family = FAMILIES.get(config.model_type, DEFAULT_FAMILY)
     if family.decoder_layers and not allow_encoder_decoder:
-        raise ComflpError(f"{source} is an encoder-decoder model ({config.model_type}): this command handles CTC "
-                          "models; these take it: measure, search, glp (--stack), measure-report, prune "
-                          "(--decoder_layers), finetune, test, info")
+        raise ComflpError(f"{source} is an encoder-decoder model ({config.model_type}): this step handles CTC "
+                          "models only; the comflp commands take it (measure, search and glp with --stack, prune "
+                          "with --decoder_layers, demo, finetune, test, measure-report, info)")
     try:
         import transformers
 

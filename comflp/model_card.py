@@ -10,7 +10,7 @@ from . import atomic
 from .artifacts import ExperimentDir
 from .errors import ComflpError
 from .options import read_corpus
-from .model import count_parameters, load_model, num_layers
+from .model import count_parameters, is_encoder_decoder, load_model, num_layers
 from .paths import demo_split
 from .verify import FineSearch
 
@@ -38,29 +38,31 @@ def half_sets(num_layers: int) -> dict[str, list[int]]:
     }
 
 
-def searched_picks(loaded, k: int, *, batch_size: int = 32) -> dict[str, list[int]]:
+def searched_picks(loaded, k: int, *, batch_size: int = 32, stack: str = "encoder") -> dict[str, list[int]]:
     """CoMFLP's pick (the paper's DC at batch 4 over 10 batches of train, exact top-10, fine search on dev)
-    and GLP's pick (greedy by dev CER), both searched on the whole dev split."""
+    and GLP's pick (greedy by dev CER), both searched on the whole dev split, of the ``stack`` layers."""
     from .stages import comflp_search
     from .verify import greedy_layer_pruning
 
-    dev = FineSearch(loaded, read_corpus(demo_split("dev")), batch_size=batch_size)
-    comflp = comflp_search(loaded, read_corpus(demo_split("train"), require_text=False), dev, k, progress=True).best.pruned
+    dev = FineSearch(loaded, read_corpus(demo_split("dev")), batch_size=batch_size, stack=stack)
+    # a decoder is measured under teacher forcing: its measuring utterances need their transcripts
+    train = read_corpus(demo_split("train"), require_text=stack == "decoder")
+    comflp = comflp_search(loaded, train, dev, k, progress=True).best.pruned
     glp = greedy_layer_pruning(dev, k).path[-1].pruned
     return {f"CoMFLP's pick ({','.join(map(str, comflp))})": comflp, f"GLP's pick ({','.join(map(str, glp))})": glp}
 
 
-def pruning_table(model_dir: Path, *, batch_size: int = 32, search_picks: bool = True) -> dict:
+def pruning_table(model_dir: Path, *, batch_size: int = 32, search_picks: bool = True, stack: str = "encoder") -> dict:
     """Test-split CER of the full model, every single-layer removal, and removals of half of the layers
-    (structured ones, and CoMFLP's and GLP's picks when ``search_picks``)."""
-    loaded = load_model(model_dir, need_tokenizer=True)
-    L = num_layers(loaded.model)
+    (structured ones, and CoMFLP's and GLP's picks when ``search_picks``) of the ``stack`` layers."""
+    loaded = load_model(model_dir, need_tokenizer=True, allow_encoder_decoder=True)
+    L = num_layers(loaded.model, stack)
     results: dict = {"num_layers": L, "num_parameters": count_parameters(loaded.model)}
     halves = half_sets(L)
     if search_picks:
-        halves.update(searched_picks(loaded, L // 2, batch_size=batch_size))
+        halves.update(searched_picks(loaded, L // 2, batch_size=batch_size, stack=stack))
     for split in ("dev", "test"):
-        fine = FineSearch(loaded, read_corpus(demo_split(split)), batch_size=batch_size)
+        fine = FineSearch(loaded, read_corpus(demo_split(split)), batch_size=batch_size, stack=stack)
         sets = [[]] if split == "dev" else [[]] + [[i] for i in range(1, L + 1)] + list(halves.values())
         rates = [r.rate for r in fine.evaluate(sets)]
         results[f"{split}_cer"] = rates[0]
@@ -88,9 +90,12 @@ def _recipe(model_dir: Path, exp_dir: Path, metrics: list[dict]) -> dict:
 
 
 def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_picks: bool = True) -> Path:
+    """Measure a shipped demo model and write its card, ``results.json`` and training curve beside it."""
     from .plots import curves
 
     model_dir = Path(model_dir)
+    if is_encoder_decoder(load_model(model_dir, need_tokenizer=True, allow_encoder_decoder=True).model):
+        return _write_seq2seq_card(model_dir, exp_dir, batch_size=batch_size, search_picks=search_picks)
     res = pruning_table(model_dir, batch_size=batch_size, search_picks=search_picks)
     L, name = res["num_layers"], model_dir.name
     metrics_file = Path(exp_dir) / "metrics.jsonl"
@@ -187,6 +192,130 @@ One layer removed:
 | removed layer | test CER (%) |
 |---:|---:|
 {single}
+"""
+    out = model_dir / "README.md"
+    atomic.write_text(out, text)
+    log.info("model card -> %s", out)
+    return out
+
+
+def linspace_layers(num_layers: int) -> list[int]:
+    """The layers distil-whisper's linspace choice removes from ``num_layers`` to keep half."""
+    import numpy as np
+
+    from .search import linspace
+
+    return linspace(np.eye(num_layers + 1), num_layers // 2).candidates[0].pruned
+
+
+def _training_rows(model_dir: Path, exp_dir: Path) -> list[dict]:
+    """The per-epoch rows of a ``comflp finetune`` run (epoch, train loss, validation CER): from its
+    experiment dir, else as recorded in ``results.json`` when the model was shipped."""
+    exp = ExperimentDir(exp_dir)
+    if exp.metrics_file.exists():
+        return [{k: r[k] for k in ("epoch", "train_loss", "valid_cer")} for r in exp.read_metrics()
+                if r["epoch"] > 0 and r.get("train_loss") is not None]
+    previous = model_dir / "results.json"
+    rows = json.loads(previous.read_text()).get("training", []) if previous.exists() else []
+    if not rows:
+        raise ComflpError(f"no training metrics: neither {exp.metrics_file} nor a 'training' entry in {previous}")
+    return rows
+
+
+def _write_seq2seq_card(model_dir: Path, exp_dir: Path, *, batch_size: int, search_picks: bool) -> Path:
+    """The card of the demo Whisper: both stacks' pruning tables, the training curve, the recipe."""
+    from .plots import curves
+
+    name = model_dir.name
+    stacks = {stack: pruning_table(model_dir, batch_size=batch_size, search_picks=search_picks, stack=stack)
+              for stack in ("encoder", "decoder")}
+    enc, dec = stacks["encoder"], stacks["decoder"]
+    rows = _training_rows(model_dir, Path(exp_dir))
+    curves({"dev CER (%), 64-utterance subset": ([r["epoch"] for r in rows], [100 * r["valid_cer"] for r in rows])},
+           model_dir / "training_curve.png", xlabel="epoch", ylabel="dev CER (%)", title=f"{name} training")
+    settings = ExperimentDir(exp_dir).settings() or {}
+    previous = model_dir / "results.json"
+    recorded = json.loads(previous.read_text()).get("recipe", {}) if previous.exists() else {}
+    recipe = {k: settings.get(k, recorded.get(k)) for k in ("lr", "epochs", "batch_size", "layerdrop")}
+    recipe["averaged_epochs"] = (json.loads((Path(exp_dir) / "model_avg" / "averaged_epochs.json").read_text())["epochs"]
+                                 if (Path(exp_dir) / "model_avg" / "averaged_epochs.json").exists()
+                                 else recorded.get("averaged_epochs"))
+    res = {"encoder_layers": enc["num_layers"], "decoder_layers": dec["num_layers"],
+           "num_parameters": enc["num_parameters"], "dev_cer": enc["dev_cer"], "test_cer": enc["test_cer"],
+           "stacks": stacks, "recipe": recipe, "training": rows}
+    atomic.write_json(model_dir / "results.json", res)
+    config = json.loads((model_dir / "config.json").read_text())
+
+    def table(stack: str) -> str:
+        r = stacks[stack]
+        half = "\n".join(f"| {n} | {100 * v:.2f} |" for n, v in r["half"].items())
+        single = "\n".join(f"| {i} | {100 * v:.2f} |" for i, v in r["single"].items())
+        return (f"{r['num_layers'] // 2} of {r['num_layers']} {stack} layers removed:\n\n| removed | test CER (%) |\n"
+                f"|---|---:|\n{half}\n\nOne {stack} layer removed:\n\n| removed layer | test CER (%) |\n"
+                f"|---:|---:|\n{single}")
+
+    curve_rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.3f} | {100 * r['valid_cer']:.2f} |" for r in rows)
+    averaged = recipe.get("averaged_epochs") or []
+    text = f"""---
+language: zh
+tags: [automatic-speech-recognition, whisper, comflp, synthetic]
+---
+
+# {name}: a small Whisper-architecture model for the comflp demo
+
+An encoder-decoder ASR model of Whisper's architecture trained **from scratch** on comflp's
+embedded synthetic Mandarin corpus (`AISHELL1/demo/`, espeak-ng speech), so that every comflp
+command on encoder-decoder models runs offline (`comflp demo --model models/{name}` prunes
+both of its stacks). It is not a real-world ASR model.
+
+| | |
+|---|---|
+| architecture | `WhisperForConditionalGeneration`, {enc['num_layers']} encoder + {dec['num_layers']} decoder layers, {config['d_model']} wide, {config['encoder_attention_heads']} heads, FFN {config['encoder_ffn_dim']}, 80 log-mel bins, a {2 * config['max_source_positions'] // 100}-s window |
+| parameters | {res['num_parameters']:,} |
+| vocabulary | {config['vocab_size']} tokens: `<pad>`, `<|startoftranscript|>`, `<|endoftext|>`, `<unk>` and one token per character of the training transcripts |
+| weights | `model.safetensors`, float16 |
+| **dev CER** (200 utt.) | **{100 * res['dev_cer']:.2f}%** |
+| **test CER** (200 utt.) | **{100 * res['test_cer']:.2f}%** |
+
+Greedy generation with the cache, CER over the whole split, measured by
+`python -m comflp.demo card --model models/{name}`.
+
+## Recipe
+
+```bash
+python -m comflp.demo whisper-init      # the random start: exp/demo-whisper-train/init
+python -m comflp finetune --model exp/demo-whisper-train/init --whole_model --batch_size {recipe['batch_size']} --grad_accum 1 \\
+    --lr {recipe['lr']} --epochs {recipe['epochs']} --test_num_batch 2 --valid_batch_size 32 --output_dir {exp_dir}
+python average_model_pts.py --exp_dir {exp_dir} --num {len(averaged) or 5}     # the best epochs by dev CER
+python -m comflp.demo ship --model {exp_dir}/model_avg --output models/{name}
+python -m comflp.demo card --model models/{name} --exp_dir {exp_dir}
+```
+
+Cross-entropy on the transcripts under teacher forcing, AdamW, linear warm-up over 10% of the
+updates then linear decay, LayerDrop {recipe['layerdrop']}, batches of {recipe['batch_size']} utterances; the
+averaged epochs were {averaged}. The first command resumes a killed run.
+
+Dev CER during training (a 64-utterance dev subset; curve in `training_curve.png`):
+
+| epoch | train loss | dev CER (%) |
+|---:|---:|---:|
+{curve_rows}
+
+## Pruning tables (test CER, no fine-tuning)
+
+Full model: **{100 * res['test_cer']:.2f}%**. Each stack pruned with the other whole; distil-whisper's
+linspace choice (evenly spaced layers kept, the first and the last always) removes {linspace_layers(enc['num_layers'])}
+of the encoder and {linspace_layers(dec['num_layers'])} of the decoder. CoMFLP's pick:
+the paper's DC at batch 4 over 10 batches of the train split (a decoder's under teacher forcing),
+exact top-10, fine search on the dev split; GLP: greedy by dev CER.
+
+### Encoder
+
+{table("encoder")}
+
+### Decoder
+
+{table("decoder")}
 """
     out = model_dir / "README.md"
     atomic.write_text(out, text)

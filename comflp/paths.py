@@ -25,6 +25,7 @@ def _root() -> Path:
 REPO_ROOT: Path = _root()
 MODELS_DIR: Path = REPO_ROOT / "models"
 DEMO_MODEL_DIR: Path = MODELS_DIR / "demo-12l"
+DEMO_WHISPER_DIR: Path = MODELS_DIR / "demo-whisper"
 DEMO_CORPUS_DIR: Path = REPO_ROOT / "AISHELL1" / "demo"
 DUMP_DIR: Path = REPO_ROOT / "dump"
 FIGURE_DIR: Path = REPO_ROOT / "figure"

@@ -200,7 +200,8 @@ def _dc_matrix(run: Run, stack: str) -> Path:
 
 
 def _save_measured(measured, path: Path, *, title: str | None, figure_dir: Path | None) -> Path:
-    """Save (replacing this run's earlier output) and draw a heatmap of each matrix."""
+    """Save (replacing this run's earlier output) and, unless ``title`` is None, draw a heatmap of each matrix
+    (an .npz's are titled by measure)."""
     from .plots import heatmap
 
     path = measured.save(path, overwrite=True)
@@ -309,7 +310,7 @@ def _report(run: Run) -> None:
             matrices[label] = load_matrix(path)[0]
         suffix = "" if stack == "encoder" else f"_{stack}"
         measured = measure(run.loaded, utts, streamed, stack=stack, data=str(train), progress=False)
-        _save_measured(measured, dump / f"streamed_T{suffix}.npz", title=None, figure_dir=None)
+        _save_measured(measured, dump / f"streamed_T{suffix}.npz", title="", figure_dir=run.exp.figure)
         matrices.update(measured.matrices)
         try:  # full CCA is undefined when the samples span too few directions (a small decoder's token states)
             pwcca = measure(run.loaded, utts, replace(streamed, measures=("pwcca",)), stack=stack, data=str(train),

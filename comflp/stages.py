@@ -166,7 +166,7 @@ def comflp_search(loaded: LoadedModel, measure_utts: Sequence[Utterance], engine
     ``measure_name``: which of the measured matrices scores the strategies (default: the first of
     ``settings.measures``).
     """
-    measured = measure(loaded, measure_utts, settings, progress=progress)
+    measured = measure(loaded, measure_utts, settings, stack=engine.stack, progress=progress)
     name = measure_name or settings.measures[0]
     if name not in measured.matrices:
         raise ComflpError(f"{name} was not measured (measured: {', '.join(measured.matrices)})")

@@ -43,3 +43,63 @@ def test_coarse_modes_agree_on_the_best_block_strategy() -> None:
     m = (m + m.T) / 2
     np.fill_diagonal(m, 1.0)
     assert coarse(m, 4, mode="exact", top_n=5).candidates == coarse(m, 4, mode="exhaustive", top_n=5).candidates
+
+
+def test_fine_tuning_config_is_the_flags_one_source_of_defaults() -> None:
+    from dataclasses import asdict
+
+    from comflp.finetune import FinetuneConfig, build_parser
+
+    assert vars(build_parser().parse_args([])) == asdict(FinetuneConfig())
+
+
+def test_finetune_stage_names_an_unknown_setting(tmp_path: Path) -> None:
+    import pytest
+
+    from comflp.errors import ComflpError
+    from comflp.stages import finetune
+
+    with pytest.raises(ComflpError, match="unknown fine-tuning setting.*learning_rate"):
+        finetune("any", tmp_path / "ft", learning_rate=1e-4)
+
+
+def test_measured_matrix_saves_with_the_record_a_search_checks(tmp_path: Path) -> None:
+    import pytest
+
+    from comflp.artifacts import check_matrix_model, load_matrices, load_matrix
+    from comflp.errors import ComflpError
+    from comflp.stages import measure
+
+    corpus_dir = make_corpus(tmp_path / "corpus", n=8)
+    model_dir = save_plain(tiny_model("wav2vec2", seed=2), tmp_path / "m", tmp_path / "proc")
+    loaded = load_model(model_dir)
+    measured = measure(loaded, read_corpus_dir(corpus_dir), MeasureSettings(measures=("dc", "cosine"), batch_size=4,
+                                                                            iter_num=2), data=str(corpus_dir),
+                       progress=False)
+    matrix, meta = load_matrix(measured.save(tmp_path / "dc.npy"))
+    np.testing.assert_array_equal(matrix, measured.matrices["dc"])
+    assert meta["num_layers"] == matrix.shape[0] - 1 and meta["stack"] == "encoder"
+    assert meta["data_dir"] == str(corpus_dir) and meta["settings"]["measures"] == ["dc", "cosine"]
+    check_matrix_model(meta, num_layers=matrix.shape[0] - 1, model=str(model_dir), where="dc.npy")
+    with pytest.raises(ComflpError):
+        check_matrix_model(meta, num_layers=matrix.shape[0] - 1, model=str(tmp_path / "other"), where="dc.npy")
+    both, _ = load_matrices(measured.save(tmp_path / "all.npz"))
+    assert set(both) == {"dc", "cosine"}
+    with pytest.raises(ComflpError, match="--overwrite|overwrite"):
+        measured.save(tmp_path / "dc.npy")  # an earlier output is replaced only when asked
+    measured.save(tmp_path / "dc.npy", overwrite=True)
+
+
+def test_test_stage_writes_the_report_and_hypotheses(tmp_path: Path) -> None:
+    import json
+
+    from comflp.stages import score, test
+
+    corpus = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
+    loaded = load_model(save_plain(tiny_model("wav2vec2", seed=2), tmp_path / "m", tmp_path / "proc"),
+                        need_tokenizer=True)
+    tested = test(loaded, corpus, tmp_path / "t", data="five utterances", batch_size=2)
+    report = json.loads(tested.report.read_text())
+    assert report == tested.summary and report["data_dir"] == "five utterances"
+    assert report["error_rate"] == score(loaded, corpus, batch_size=5).error_rate.rate  # batch size changes nothing
+    assert len((tmp_path / "t" / "hyp.txt").read_text().splitlines()) == 5
