@@ -328,6 +328,7 @@ LAST = "last"
 FINAL = "final"
 AVERAGED = "model_avg"
 TEST_REPORT = "test_asr.json"
+AVERAGED_EPOCHS = "averaged_epochs.json"
 _EPOCH_PREFIX = "epoch"
 
 
@@ -364,6 +365,15 @@ class ExperimentDir:
     @property
     def test_report(self) -> Path:
         return self.root / TEST_REPORT
+
+    def write_averaged_epochs(self, target: Path, epochs: list[int]) -> None:
+        """Record in an averaged model dir (``target``, before it is renamed into place) which epochs it averages."""
+        (Path(target) / AVERAGED_EPOCHS).write_text(json.dumps({"epochs": epochs}) + "\n")
+
+    def averaged_epochs(self) -> list[int] | None:
+        """The epochs ``model_avg/`` averages, or None if it has not been made."""
+        f = self.averaged / AVERAGED_EPOCHS
+        return json.loads(f.read_text(encoding="utf-8"))["epochs"] if f.is_file() else None
 
     def saved_epochs(self) -> list[int]:
         """Epochs with a complete HF checkpoint, ascending."""
@@ -474,6 +484,11 @@ class DemoDir(ExperimentDir):
         return self.root / "figure"
 
     @property
+    def paper_dump(self) -> Path:
+        """Matrices measured with the paper's own padding (beside ``dump/``, under the same names)."""
+        return self.dump / "paper"
+
+    @property
     def search_log_dir(self) -> Path:
         return self.root / "log"
 
@@ -497,6 +512,16 @@ class DemoDir(ExperimentDir):
 
     def report(self, stack: str) -> Path:
         return self.root / f"measure_report{_stack_suffix(stack)}.json"
+
+    def streamed_matrices(self, stack: str, measure_group: str = "streamed") -> Path:
+        """The report stage's frame-sampled matrices (``streamed_T.npz``; PWCCA alone in ``pwcca_T.npz``)."""
+        return self.dump / f"{measure_group}_T{_stack_suffix(stack)}.npz"
+
+    def score_plot(self, stack: str) -> Path:
+        return self.figure / f"score_vs_cer{_stack_suffix(stack)}.png"
+
+    def healing_plot(self) -> Path:
+        return self.figure / "healing_curve.png"
 
     def speed(self) -> Path:
         return self.test_pruned("encoder", "comflp") / "speed.json"

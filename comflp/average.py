@@ -10,7 +10,6 @@ checkpoint), which ``test_asr.py --output_dir <exp_dir>`` uses.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -88,7 +87,7 @@ def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False) -
             if f.name != "model.safetensors" and f.is_file():
                 shutil.copy2(f, tmp / f.name)
         save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "averaged_epochs.json").write_text(json.dumps({"epochs": epochs}) + "\n")
+        exp.write_averaged_epochs(tmp, epochs)
     log.info("averaged epochs %s -> %s", epochs, target)
     return target
 

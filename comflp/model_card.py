@@ -29,9 +29,14 @@ def half_sets(num_layers: int) -> dict[str, list[int]]:
     k = num_layers // 2
     mid = (num_layers - k) // 2 + 1
     layers = range(1, num_layers + 1)
+    odd, even = [i for i in layers if i % 2][:k], [i for i in layers if i % 2 == 0][:k]
+
+    def spell(picked: list[int]) -> str:
+        return ",".join(map(str, picked)) if len(picked) <= 3 else f"{picked[0]},{picked[1]},...,{picked[-1]}"
+
     return {
-        f"odd layers (1,3,...,{num_layers - 1 if num_layers % 2 == 0 else num_layers})": [i for i in layers if i % 2][:k],
-        f"even layers (2,4,...,{2 * k})": [i for i in layers if i % 2 == 0][:k],
+        f"odd layers ({spell(odd)})": odd,
+        f"even layers ({spell(even)})": even,
         f"first {k} (1-{k})": list(range(1, k + 1)),
         f"middle {k} ({mid}-{mid + k - 1})": list(range(mid, mid + k)),
         f"last {k} ({num_layers - k + 1}-{num_layers})": list(range(num_layers - k + 1, num_layers + 1)),
@@ -98,7 +103,7 @@ def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_p
         return _write_seq2seq_card(model_dir, exp_dir, batch_size=batch_size, search_picks=search_picks)
     res = pruning_table(model_dir, batch_size=batch_size, search_picks=search_picks)
     L, name = res["num_layers"], model_dir.name
-    metrics_file = Path(exp_dir) / "metrics.jsonl"
+    metrics_file = ExperimentDir(exp_dir).metrics_file
     if metrics_file.exists():
         metrics = ExperimentDir(exp_dir).read_metrics(key="step")
         curve = model_dir / "training_curve.png"
@@ -237,9 +242,7 @@ def _write_seq2seq_card(model_dir: Path, exp_dir: Path, *, batch_size: int, sear
     previous = model_dir / "results.json"
     recorded = json.loads(previous.read_text()).get("recipe", {}) if previous.exists() else {}
     recipe = {k: settings.get(k, recorded.get(k)) for k in ("lr", "epochs", "batch_size", "layerdrop")}
-    recipe["averaged_epochs"] = (json.loads((Path(exp_dir) / "model_avg" / "averaged_epochs.json").read_text())["epochs"]
-                                 if (Path(exp_dir) / "model_avg" / "averaged_epochs.json").exists()
-                                 else recorded.get("averaged_epochs"))
+    recipe["averaged_epochs"] = ExperimentDir(exp_dir).averaged_epochs() or recorded.get("averaged_epochs")
     res = {"encoder_layers": enc["num_layers"], "decoder_layers": dec["num_layers"],
            "num_parameters": enc["num_parameters"], "dev_cer": enc["dev_cer"], "test_cer": enc["test_cer"],
            "stacks": stacks, "recipe": recipe, "training": rows}

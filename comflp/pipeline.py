@@ -271,9 +271,8 @@ def _scatter(run: Run, stack: str) -> None:
     raw = json.loads(run.exp.strategy(stack).read_text(encoding="utf-8"))
     cands = [c for c in raw["candidates"] if "cer" in c]
     if cands:
-        suffix = "" if stack == "encoder" else f"_{stack}"
         scatter([c["score"] for c in cands], [100 * c["cer"] for c in cands],
-                claim_file(run.exp.figure / f"score_vs_cer{suffix}.png", overwrite=True),
+                claim_file(run.exp.score_plot(stack), overwrite=True),
                 xlabel="coarse score (DC)", ylabel="CER on dev subset (%)",
                 title=f"Fine search: candidates{'' if stack == 'encoder' else ' (' + stack + ')'}")
 
@@ -299,7 +298,7 @@ def _report(run: Run) -> None:
             # the paper's own DC recipe: padded audio through the feature encoder, padded frames averaged in
             settings["dc_bs4_paper_padding"] = (
                 MeasureSettings(measures=("dc",), batch_size=4, iter_num=10, pad_audio=True, pool_padding=True),
-                dump / "paper" / dc_dump_name("mean", 4, 10, stack=stack))
+                run.exp.paper_dump / dc_dump_name("mean", 4, 10, stack=stack))
         streamed = MeasureSettings(measures=("svcca", "cka", "cosine", "angular"), batch_size=8, iter_num=10,
                                    sample_mode="T")
         matrices = {}
@@ -308,14 +307,13 @@ def _report(run: Run) -> None:
                 _save_measured(measure(run.loaded, utts, s, stack=stack, data=str(train), progress=False), path,
                                title=None, figure_dir=None)
             matrices[label] = load_matrix(path)[0]
-        suffix = "" if stack == "encoder" else f"_{stack}"
         measured = measure(run.loaded, utts, streamed, stack=stack, data=str(train), progress=False)
-        _save_measured(measured, dump / f"streamed_T{suffix}.npz", title="", figure_dir=run.exp.figure)
+        _save_measured(measured, run.exp.streamed_matrices(stack), title="", figure_dir=run.exp.figure)
         matrices.update(measured.matrices)
         try:  # full CCA is undefined when the samples span too few directions (a small decoder's token states)
             pwcca = measure(run.loaded, utts, replace(streamed, measures=("pwcca",)), stack=stack, data=str(train),
                             progress=False)
-            _save_measured(pwcca, dump / f"pwcca_T{suffix}.npz", title=None, figure_dir=None)
+            _save_measured(pwcca, run.exp.streamed_matrices(stack, "pwcca"), title=None, figure_dir=None)
             matrices.update(pwcca.matrices)
         except ComflpError as err:
             log.warning("pwcca left out of the %s report: %s", stack, err)
@@ -391,7 +389,7 @@ def _healing_curves(run: Run) -> None:
                          reference)
         lines[f"{v.label(len(run.stacks) > 1)}, dev CER"] = ([r["epoch"] for r in rows],
                                                              [100 * r["valid_cer"] for r in rows])
-    curves(lines, claim_file(run.exp.figure / "healing_curve.png", overwrite=True),
+    curves(lines, claim_file(run.exp.healing_plot(), overwrite=True),
            xlabel="fine-tuning epoch (0 = pruned, before healing)", ylabel="dev CER (%)",
            title="Healing the pruned models", hlines={"unpruned model": 100 * reference} if reference is not None else None)
 
