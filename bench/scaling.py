@@ -34,7 +34,7 @@ import torch
 from transformers import Wav2Vec2ForCTC
 
 from comflp.atomic import write_json
-from comflp.demo import demo_config
+from comflp.demo.recipes import demo_config
 from comflp.hidden import collect
 from comflp.model import LoadedModel, load_model
 from comflp.options import read_corpus

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _API = {
     "load_model": "comflp.model",
     "read_corpus_dir": "comflp.data",
-    "ensure_demo_corpus": "comflp.demo_corpus",
+    "ensure_demo_corpus": "comflp.demo.corpus",
     "FineSearch": "comflp.verify",
     "MeasureSettings": "comflp.hidden",
     "PAPER_DC": "comflp.stages",

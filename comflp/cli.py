@@ -17,7 +17,7 @@ from .paths import DEMO_MODEL_DIR
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("comflp.cli:info_main", "describe a model: family, layers, parameters, sizes (--json)"),
     "prune": ("comflp.cli:prune_main", "remove layers (--layers or a strategy file) and save an HF-format model"),
-    "corpus": ("comflp.demo_corpus:main", "generate the embedded synthetic Mandarin corpus"),
+    "corpus": ("comflp.demo.corpus:main", "generate the embedded synthetic Mandarin corpus"),
     "prepare-aishell": ("comflp.aishell:main", "build Kaldi dirs from an official AISHELL-1 download"),
     "measure": ("comflp.analysis:main", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
     "search": ("comflp.search_cli:main", "coarse search on a matrix + fine search (CER) of the candidates"),
@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("comflp.finetune:main", "fine-tune a pruned model (DDP via accelerate, optional distillation)"),
     "average": ("comflp.average:main", "average fine-tuning checkpoints into an HF model"),
     "test": ("comflp.testset_cli:main", "decode a corpus: CER/WER, real-time factor, parameters"),
-    "demo": ("comflp.pipeline:main", "run the pipeline on the embedded default, as resumable stages"),
+    "demo": ("comflp.demo.pipeline:main", "run the pipeline on the embedded default, as resumable stages"),
 }
 
 

@@ -118,7 +118,7 @@ def read_corpus(data_dir, *, require_text: bool = True):
     data dirs; the data layer itself only reads.
     """
     from .data import read_corpus_dir
-    from .demo_corpus import ensure_demo_corpus
+    from .demo.corpus import ensure_demo_corpus
 
     ensure_demo_corpus(data_dir)
     return read_corpus_dir(data_dir, require_text=require_text)

@@ -6,8 +6,8 @@ from pathlib import Path
 import soundfile as sf
 
 from comflp.data import read_corpus_dir
-from comflp.demo_corpus import COMMON_CHARS, CorpusConfig, distinct_pronunciations, generate
-from comflp.tts import Espeak
+from comflp.demo.corpus import COMMON_CHARS, CorpusConfig, distinct_pronunciations, generate
+from comflp.demo.tts import Espeak
 
 TINY = CorpusConfig(seed=7, num_train=12, num_dev=4, num_test=4, speakers_train=3, speakers_dev=1, speakers_test=1)
 

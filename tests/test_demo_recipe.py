@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCTC
 
-from comflp.demo import main
+from comflp.demo.recipes import main
 
 from conftest import make_corpus
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from comflp.pipeline import main
+from comflp.demo.pipeline import main
 
 
 def test_an_exp_dir_of_other_settings_is_refused_not_resumed(tmp_path: Path, capsys) -> None:

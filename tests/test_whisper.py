@@ -21,7 +21,7 @@ WHISPER_VOCAB = ["<pad>", "<|startoftranscript|>", "<|endoftext|>", "<unk>", *"ä
 
 
 def whisper_tokenizer():
-    from comflp.demo import build_whisper_processor
+    from comflp.demo.recipes import build_whisper_processor
 
     tok = build_whisper_processor("".join(WHISPER_VOCAB[4:]))[1]
     assert tok.convert_ids_to_tokens(list(range(len(WHISPER_VOCAB)))) == WHISPER_VOCAB
@@ -317,7 +317,7 @@ def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
 def test_demo_whisper_start_is_a_small_whisper_with_a_character_vocabulary(tmp_path: Path) -> None:
     import argparse
 
-    from comflp.demo import whisper_init
+    from comflp.demo.recipes import whisper_init
 
     out = whisper_init(argparse.Namespace(output=tmp_path / "init", encoder_layers=4, decoder_layers=4, d_model=192,
                                           seed=0, overwrite=False))

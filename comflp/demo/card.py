@@ -6,13 +6,13 @@ import json
 import logging
 from pathlib import Path
 
-from . import atomic
-from .artifacts import ExperimentDir
-from .errors import ComflpError
-from .options import read_corpus
-from .model import count_parameters, is_encoder_decoder, load_model, num_layers
-from .paths import demo_split
-from .verify import FineSearch
+from .. import atomic
+from ..artifacts import ExperimentDir
+from ..errors import ComflpError
+from ..options import read_corpus
+from ..model import count_parameters, is_encoder_decoder, load_model, num_layers
+from ..paths import demo_split
+from ..verify import FineSearch
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def half_sets(num_layers: int) -> dict[str, list[int]]:
 def searched_picks(loaded, k: int, *, batch_size: int = 32, stack: str = "encoder") -> dict[str, list[int]]:
     """CoMFLP's pick (the paper's DC at batch 4 over 10 batches of train, exact top-10, fine search on dev)
     and GLP's pick (greedy by dev CER), both searched on the whole dev split, of the ``stack`` layers."""
-    from .stages import comflp_search
-    from .verify import greedy_layer_pruning
+    from ..stages import comflp_search
+    from ..verify import greedy_layer_pruning
 
     dev = FineSearch(loaded, read_corpus(demo_split("dev")), batch_size=batch_size, stack=stack)
     # a decoder is measured under teacher forcing: its measuring utterances need their transcripts
@@ -96,7 +96,7 @@ def _recipe(model_dir: Path, exp_dir: Path, metrics: list[dict]) -> dict:
 
 def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_picks: bool = True) -> Path:
     """Measure a shipped demo model and write its card, ``results.json`` and training curve beside it."""
-    from .plots import curves
+    from ..plots import curves
 
     model_dir = Path(model_dir)
     if is_encoder_decoder(load_model(model_dir, need_tokenizer=True, allow_encoder_decoder=True).model):
@@ -208,7 +208,7 @@ def linspace_layers(num_layers: int) -> list[int]:
     """The layers distil-whisper's linspace choice removes from ``num_layers`` to keep half."""
     import numpy as np
 
-    from .search import linspace
+    from ..search import linspace
 
     return linspace(np.eye(num_layers + 1), num_layers // 2).candidates[0].pruned
 
@@ -229,7 +229,7 @@ def _training_rows(model_dir: Path, exp_dir: Path) -> list[dict]:
 
 def _write_seq2seq_card(model_dir: Path, exp_dir: Path, *, batch_size: int, search_picks: bool) -> Path:
     """The card of the demo Whisper: both stacks' pruning tables, the training curve, the recipe."""
-    from .plots import curves
+    from ..plots import curves
 
     name = model_dir.name
     stacks = {stack: pruning_table(model_dir, batch_size=batch_size, search_picks=search_picks, stack=stack)

@@ -35,14 +35,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .artifacts import DemoDir, claim_file, load_matrix, source_id
-from .errors import ComflpError, exit_on_error
-from .hidden import MeasureSettings
-from .logs import setup_logging
-from .options import ArgumentParser, positive_int, read_corpus, str2bool
-from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from ..artifacts import DemoDir, claim_file, load_matrix, source_id
+from ..errors import ComflpError, exit_on_error
+from ..hidden import MeasureSettings
+from ..logs import setup_logging
+from ..options import ArgumentParser, positive_int, read_corpus, str2bool
+from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
-log = logging.getLogger("comflp.pipeline")
+log = logging.getLogger(__name__)
 
 STAGES = ("corpus", "measure", "search", "report", "prune", "test", "finetune", "average", "retest")
 PAPER_DC = MeasureSettings(measures=("dc",), batch_size=4, iter_num=10)  # the paper's DC recipe
@@ -124,7 +124,7 @@ class Run:
         return out
 
     def pruned_layers(self, v: Variant) -> list[int]:
-        from .strategy import StrategyFile
+        from ..strategy import StrategyFile
 
         return StrategyFile.load(self.exp.strategy(v.stack, v.method)).candidates[0].pruned
 
@@ -133,14 +133,14 @@ class Run:
 
 
 def _load(model: str):
-    from .model import load_model
+    from ..model import load_model
 
     return load_model(model, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from .model import is_encoder_decoder, num_layers
+    from ..model import is_encoder_decoder, num_layers
 
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _corpus(run: Run) -> None:
-    from .demo_corpus import ensure_demo_corpus
+    from .corpus import ensure_demo_corpus
 
     for split in ("train", "dev", "test"):
         if run.args.corpus is None:
@@ -194,7 +194,7 @@ def _corpus(run: Run) -> None:
 
 
 def _dc_matrix(run: Run, stack: str) -> Path:
-    from .artifacts import dc_dump_name
+    from ..artifacts import dc_dump_name
 
     return run.exp.dump / dc_dump_name("mean", PAPER_DC.batch_size, PAPER_DC.iter_num, stack=stack)
 
@@ -202,7 +202,7 @@ def _dc_matrix(run: Run, stack: str) -> Path:
 def _save_measured(measured, path: Path, *, title: str | None, figure_dir: Path | None) -> Path:
     """Save (replacing this run's earlier output) and, unless ``title`` is None, draw a heatmap of each matrix
     (an .npz's are titled by measure)."""
-    from .plots import heatmap
+    from ..plots import heatmap
 
     path = measured.save(path, overwrite=True)
     if title is not None:
@@ -214,8 +214,8 @@ def _save_measured(measured, path: Path, *, title: str | None, figure_dir: Path 
 
 
 def _measure(run: Run) -> None:
-    from .artifacts import svcca_dump_name
-    from .stages import measure
+    from ..artifacts import svcca_dump_name
+    from ..stages import measure
 
     train = run.split("train")
     utts = read_corpus(train)
@@ -229,17 +229,17 @@ def _measure(run: Run) -> None:
 
 
 def _engine(run: Run, stack: str):
-    from .verify import FineSearch, verify_subset
+    from ..verify import FineSearch, verify_subset
 
     utts = verify_subset(read_corpus(run.split("dev")), VERIFY_BATCHES, VERIFY_BATCH_SIZE)
     return FineSearch(run.loaded, utts, batch_size=VERIFY_BATCH_SIZE, progress=False, stack=stack)
 
 
 def _search(run: Run) -> None:
-    from .artifacts import check_matrix_model
-    from .search import check_matrix
-    from .stages import coarse, fine
-    from .strategy import StrategyFile
+    from ..artifacts import check_matrix_model
+    from ..search import check_matrix
+    from ..stages import coarse, fine
+    from ..strategy import StrategyFile
 
     for stack in run.stacks:
         path = _dc_matrix(run, stack)
@@ -266,7 +266,7 @@ def _search(run: Run) -> None:
 
 
 def _scatter(run: Run, stack: str) -> None:
-    from .plots import scatter
+    from ..plots import scatter
 
     raw = json.loads(run.exp.strategy(stack).read_text(encoding="utf-8"))
     cands = [c for c in raw["candidates"] if "cer" in c]
@@ -279,9 +279,9 @@ def _scatter(run: Run, stack: str) -> None:
 
 def _report(run: Run) -> None:
     """Measure the settings worth comparing, then rank every measure by how well it predicts the CER."""
-    from .artifacts import dc_dump_name
-    from .model import is_encoder_decoder
-    from .stages import measure, measure_report
+    from ..artifacts import dc_dump_name
+    from ..model import is_encoder_decoder
+    from ..stages import measure, measure_report
 
     train = run.split("train")
     utts = read_corpus(train)
@@ -323,7 +323,7 @@ def _report(run: Run) -> None:
 
 
 def _prune(run: Run) -> None:
-    from .stages import prune
+    from ..stages import prune
 
     for v in run.variants:
         layers = run.pruned_layers(v)
@@ -333,13 +333,13 @@ def _prune(run: Run) -> None:
 
 
 def _test_model(run: Run, model: Path | str, out: Path) -> None:
-    from .stages import test
+    from ..stages import test
 
     test(_load(str(model)), read_corpus(run.split("test")), out, data=str(run.split("test")), overwrite=True)
 
 
 def _test(run: Run) -> None:
-    from .stages import test
+    from ..stages import test
 
     test(run.loaded, read_corpus(run.split("test")), run.exp.test_full(), data=str(run.split("test")),
          overwrite=True)
@@ -349,7 +349,7 @@ def _test(run: Run) -> None:
 
 
 def _finetune(run: Run) -> None:
-    from .stages import finetune
+    from ..stages import finetune
 
     for v in run.healed_variants():
         # a forced re-run starts afresh; otherwise an interrupted run resumes from last/
@@ -364,7 +364,7 @@ def _finetune(run: Run) -> None:
 
 
 def _average(run: Run) -> None:
-    from .stages import average
+    from ..stages import average
 
     for v in run.healed_variants():
         average(run.exp.finetune(v.stack, v.method), num=min(run.args.avg_num, run.args.ft_epochs), overwrite=True)
@@ -380,7 +380,7 @@ STAGE_FUNCTIONS = {"corpus": _corpus, "measure": _measure, "search": _search, "r
 
 
 def _healing_curves(run: Run) -> None:
-    from .plots import curves
+    from ..plots import curves
 
     lines, reference = {}, None
     for v in run.healed_variants():
@@ -396,9 +396,9 @@ def _healing_curves(run: Run) -> None:
 
 def _speed(run: Run) -> None:
     """Decode speed-up of CoMFLP's encoder pick, timed as a pair after warm-up on the same test batches."""
-    from . import atomic
-    from .decode import compare_speed
-    from .model import is_encoder_decoder
+    from .. import atomic
+    from ..decode import compare_speed
+    from ..model import is_encoder_decoder
 
     if is_encoder_decoder(run.loaded.model):
         return  # compare_speed times CTC decoding; a generation-time comparison is not built yet

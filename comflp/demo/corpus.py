@@ -37,9 +37,9 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from .errors import ComflpError, exit_on_error
-from .options import ArgumentParser
-from .paths import DEMO_CORPUS_DIR
+from ..errors import ComflpError, exit_on_error
+from ..options import ArgumentParser
+from ..paths import DEMO_CORPUS_DIR
 from .tts import Espeak, Voice
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progres
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        code = ("import json, sys; from pathlib import Path; from comflp.demo_corpus import CorpusConfig, "
+        code = ("import json, sys; from pathlib import Path; from comflp.demo.corpus import CorpusConfig, "
                 "_synthesize_corpus; a = json.loads(sys.argv[1]); "
                 "_synthesize_corpus(Path(a['root']), CorpusConfig(**a['cfg']), a['progress'])")
         payload = json.dumps({"root": str(tmp_root), "cfg": asdict(cfg), "progress": progress})

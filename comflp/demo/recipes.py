@@ -1,9 +1,11 @@
-"""Recipe for the embedded demo models ``models/demo-12l`` and ``models/demo-24l``.
+"""Recipes for the embedded demo models ``models/demo-12l``, ``models/demo-24l`` and ``models/demo-whisper``.
 
 ``python -m comflp.demo train [--num_layers 24]`` trains a small wav2vec2-style
 CTC model (12 layers unless told) from scratch on the embedded synthetic corpus (generated if missing);
-``python -m comflp.demo card`` measures it and writes its model card with the
-pruning table. Both are deterministic from their seed on a given machine and
+``python -m comflp.demo whisper-init`` makes the demo Whisper's random start, which ``comflp finetune
+--whole_model`` trains; ``python -m comflp.demo ship`` saves a trained model as shipped (float16);
+``python -m comflp.demo card`` measures a shipped model and writes its model card with the
+pruning tables. All are deterministic from their seed on a given machine and
 torch build.
 
 Recipe (found to leave the blank plateau reliably on 2 CPU cores): Zipf
@@ -28,17 +30,17 @@ from tqdm import tqdm
 from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
                           WhisperConfig, WhisperFeatureExtractor, get_cosine_schedule_with_warmup)
 
-from . import atomic
-from .data import length_sorted_batches, load_audio
-from .options import ArgumentParser, positive_int, read_corpus
-from .decode import transcribe
-from .errors import ComflpError, exit_on_error
-from .logs import setup_logging
-from .artifacts import ExperimentDir, claim_dir
-from .model import forward, save_model
-from .paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, EXP_DIR, demo_model_dir, demo_split
+from .. import atomic
+from ..data import length_sorted_batches, load_audio
+from ..options import ArgumentParser, positive_int, read_corpus
+from ..decode import transcribe
+from ..errors import ComflpError, exit_on_error
+from ..logs import setup_logging
+from ..artifacts import ExperimentDir, claim_dir
+from ..model import forward, save_model
+from ..paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, EXP_DIR, demo_model_dir, demo_split
 
-log = logging.getLogger("comflp.demo_recipe")  # `comflp demo` (pipeline.py) logs as comflp.demo
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "|")
 
@@ -105,7 +107,7 @@ def whisper_init(args: argparse.Namespace) -> Path:
     """The demo Whisper's random start, saved as an HF model; ``comflp finetune --whole_model`` trains it."""
     from transformers import GenerationConfig, WhisperForConditionalGeneration
 
-    from .model import save_model
+    from ..model import save_model
 
     train_utts = read_corpus(demo_split("train"))
     vocab = "".join(sorted({c for u in train_utts for c in u.text if not c.isspace()}))
@@ -124,7 +126,7 @@ def whisper_init(args: argparse.Namespace) -> Path:
 
 def ship(model: Path, output: Path, *, overwrite: bool = False) -> Path:
     """``model`` saved to ``output`` in float16 with its processor (what the shipped demo models are)."""
-    from .model import load_model, save_model
+    from ..model import load_model, save_model
 
     loaded = load_model(model, need_tokenizer=True, allow_encoder_decoder=True)
     out = save_model(loaded.model, output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
@@ -220,7 +222,7 @@ def train(args: argparse.Namespace) -> None:
             _save_state(state_dir, model, optimizer, scheduler, step, best)
     bar.close()
     best_dir = exp / "best"
-    from .model import load_model
+    from ..model import load_model
 
     final = load_model(best_dir)
     save_model(final.model, args.output, feature_extractor=final.feature_extractor, tokenizer=final.tokenizer,
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ship":
         print(ship(args.model, args.output, overwrite=args.overwrite))
     else:
-        from .model_card import write_card
+        from .card import write_card
 
         write_card(args.model, args.exp_dir or EXP_DIR / f"{Path(args.model).name}-train", batch_size=args.batch_size,
                    search_picks=not args.no_search)

@@ -1,0 +1,3 @@
+from .recipes import main
+
+main()
