@@ -327,6 +327,7 @@ METRICS_FILE = "metrics.jsonl"
 LAST = "last"
 FINAL = "final"
 AVERAGED = "model_avg"
+BEST = "best"
 TEST_REPORT = "test_asr.json"
 AVERAGED_EPOCHS = "averaged_epochs.json"
 _EPOCH_PREFIX = "epoch"
@@ -357,6 +358,11 @@ class ExperimentDir:
     @property
     def averaged(self) -> Path:
         return self.root / AVERAGED
+
+    @property
+    def best(self) -> Path:
+        """The checkpoint of the best validation CER (``--keep_best``)."""
+        return self.root / BEST
 
     @property
     def metrics_file(self) -> Path:
@@ -419,7 +425,7 @@ class ExperimentDir:
 
         for entry in self.root.iterdir():
             name = entry.name
-            ours = (name in (LAST, FINAL, AVERAGED, METRICS_FILE, RUN_FILE, TEST_REPORT, "hyp.txt")
+            ours = (name in (LAST, FINAL, AVERAGED, BEST, METRICS_FILE, RUN_FILE, TEST_REPORT, "hyp.txt")
                     or (name.startswith(_EPOCH_PREFIX) and name[len(_EPOCH_PREFIX):].isdigit()))
             if ours:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

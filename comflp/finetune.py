@@ -112,8 +112,13 @@ class FinetuneConfig:
     valid_data_dir: Path = field(default_factory=lambda: demo_split("dev"))
     max_train_utts: int | None = None
     batch_size: int = 4
+    max_batch_seconds: float | None = None
     grad_accum: int = 8
     lr: float = 2e-5
+    schedule: str = "linear"
+    warmup_updates: int | None = None
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.01
     layerdrop: float = 0.1
     max_grad_norm: float = 5.0
     use_scheduler: bool = True
@@ -127,6 +132,7 @@ class FinetuneConfig:
     distill_weight: float = 0.5
     temperature: float = 2.0
     checkpoint_every: int = 50
+    keep_best: bool = False
     pad_audio: bool = False
     seed: int = 0
     threads: int | None = None
@@ -170,10 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N training utterances (default: all)")
     p.add_argument("--batch_size", type=positive_int,
                    help="utterances per micro-batch, all processes together (default: %(default)s)")
+    p.add_argument("--max_batch_seconds", type=positive_float,
+                   help="micro-batches of as many length-sorted utterances as fit in this many seconds of padded "
+                        "audio, instead of --batch_size utterances (the demo models' recipe: 16)")
     p.add_argument("--grad_accum", type=positive_int, help="micro-batches per update (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (default: %(default)s)")
     p.add_argument("--layerdrop", type=float, help="LayerDrop probability while training (default: %(default)s)")
     p.add_argument("--max_grad_norm", type=float, help="gradient clipping (default: %(default)s)")
+    p.add_argument("--schedule", choices=["linear", "cosine"],
+                   help="decay after the warm-up, to 0 at the last update (default: %(default)s)")
+    p.add_argument("--warmup_updates", type=int,
+                   help="linear warm-up updates (default: 10%% of the updates)")
+    p.add_argument("--adam_beta2", type=float, help="AdamW's second beta (default: %(default)s)")
+    p.add_argument("--weight_decay", type=float, help="AdamW's weight decay (default: %(default)s)")
     p.add_argument("--use_scheduler", type=str2bool,
                    help="linear warm-up (10%% of updates) then linear decay (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, help="(default: %(default)s)")
@@ -188,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill_weight", type=float, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
     p.add_argument("--temperature", type=positive_float,
                    help="distillation temperature, > 0 (default: %(default)s)")
+    p.add_argument("--keep_best", action="store_true",
+                   help="also keep the checkpoint of the best validation CER in <output_dir>/best (the demo "
+                        "models ship it)")
     p.add_argument("--checkpoint_every", type=positive_int,
                    help="updates between resumable checkpoints (default: %(default)s)")
     add_pad_audio(p)
@@ -306,7 +324,7 @@ def train(args: FinetuneConfig) -> Path:
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else args.mixed_precision,
                               kwargs_handlers=[ddp])
     world = accelerator.num_processes
-    if args.batch_size % world:
+    if args.max_batch_seconds is None and args.batch_size % world:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
     loaded, teacher, pruned, decoder_pruned = _student_and_teacher(args, accelerator.device)
     total = len(pruned) + num_layers(loaded.model)
@@ -332,8 +350,13 @@ def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequen
              "text_column": args.text_column} if args.dataset else
             {"train_data_dir": source_id(args.train_data_dir), "valid_data_dir": source_id(args.valid_data_dir)})
     decoder = {"decoder_pruned": list(decoder_pruned)} if decoder_pruned else {}  # CTC runs keep their run.json
+    # settings that did not exist when earlier runs were recorded are recorded only when not the default, so
+    # those runs still resume
+    newer = {k: getattr(args, k) for k in ("max_batch_seconds", "schedule", "warmup_updates", "adam_beta2",
+                                            "weight_decay", "keep_best")
+             if getattr(args, k) != getattr(FinetuneConfig, k)}
     return {"model": source_id(args.model), "pruned": list(pruned), **decoder, **data,
-            **{k: getattr(args, k) for k in keys}}
+            **{k: getattr(args, k) for k in keys}, **newer}
 
 
 def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
@@ -377,7 +400,8 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     valid_args = replace(args, dataset_split=args.valid_dataset_split)
     valid_utts = verify_subset(read_corpus_or_dataset(valid_args, args.valid_data_dir), args.test_num_batch,
                                args.valid_batch_size)
-    micro = length_sorted_batches(train_utts, batch_size=args.batch_size)
+    micro = (length_sorted_batches(train_utts, max_seconds=args.max_batch_seconds) if args.max_batch_seconds
+             else length_sorted_batches(train_utts, batch_size=args.batch_size))
     updates_per_epoch = math.ceil(len(micro) / args.grad_accum)
     total_updates = updates_per_epoch * args.epochs
     if args.max_updates:
@@ -386,12 +410,15 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     model = loaded.model
     if args.freeze_feature_encoder:
         freeze_feature_encoder(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
     scheduler = None
     if args.use_scheduler:
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-        scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_updates // 10), total_updates)
+        warmup = args.warmup_updates if args.warmup_updates is not None else max(1, total_updates // 10)
+        make = get_cosine_schedule_with_warmup if args.schedule == "cosine" else get_linear_schedule_with_warmup
+        scheduler = make(optimizer, warmup, total_updates)
 
     position = {"epoch": 0, "micro": 0, "update": 0, "loss_sum": 0.0, "loss_count": 0}
     last = atomic.recover_dir(exp.last)
@@ -419,17 +446,20 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     if accelerator.is_main_process and position["update"] == 0 and not any(
             r["epoch"] == 0 for r in exp.read_metrics()):
         # epoch 0: the pruned model before healing, and the unpruned source as the reference
-        source = teacher if teacher is not None else load_model(args.model, need_tokenizer=True,
-                                                                             allow_encoder_decoder=True).model
         row = {"epoch": 0, "update": 0, "train_loss": None,
                "valid_cer": validation_cer(model, loaded, valid_utts, batch_size=args.valid_batch_size,
                                            device=accelerator.device, pad_audio=args.pad_audio),
-               "source_valid_cer": validation_cer(source, loaded, valid_utts, batch_size=args.valid_batch_size,
-                                                  device=accelerator.device, pad_audio=args.pad_audio),
                "lr": 0.0, "seconds": 0.0}
+        if args.whole_model:  # the source is the model itself
+            log.info("----EPOCH: 0, Test wer : %s%% (before training)", 100 * row["valid_cer"])
+        else:
+            source = teacher if teacher is not None else load_model(args.model, need_tokenizer=True,
+                                                                    allow_encoder_decoder=True).model
+            row["source_valid_cer"] = validation_cer(source, loaded, valid_utts, batch_size=args.valid_batch_size,
+                                                     device=accelerator.device, pad_audio=args.pad_audio)
+            log.info("----EPOCH: 0, Test wer : %s%% (pruned, before fine-tuning; unpruned: %s%%)",
+                     100 * row["valid_cer"], 100 * row["source_valid_cer"])
         exp.write_metrics_row(row)
-        log.info("----EPOCH: 0, Test wer : %s%% (pruned, before fine-tuning; unpruned: %s%%)",
-                 100 * row["valid_cer"], 100 * row["source_valid_cer"])
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
@@ -481,7 +511,8 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
             bar.update(1)
             if position["update"] % args.checkpoint_every == 0 and accelerator.is_main_process:
                 _save_last(exp.last, raw, optimizer, scheduler, position)
-        if position["micro"] >= len(micro):
+        # an epoch ends with its last micro-batch, or (the budget spent: --max_updates) where training stops
+        if position["micro"] >= len(micro) or position["update"] >= total_updates:
             _end_epoch(args, accelerator, raw, loaded, valid_utts, exp, position, scheduler, t0)
             position = {"epoch": epoch + 1, "micro": 0, "update": position["update"], "loss_sum": 0.0,
                         "loss_count": 0}
@@ -519,8 +550,14 @@ def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, p
            "train_loss": position["loss_sum"] / count if count else None,
            "valid_cer": cer, "lr": scheduler.get_last_lr()[0] if scheduler is not None else args.lr,
            "seconds": round(time.time() - t0, 1)}
+    best_so_far = all(cer < r["valid_cer"] for r in exp.read_metrics() if r["epoch"] not in (0, epoch)
+                      and isinstance(r.get("valid_cer"), (int, float)))
     exp.write_metrics_row(row)
     log.info("----EPOCH: %d, Test wer : %s%%", epoch, 100 * cer)
+    if args.keep_best and best_so_far:
+        save_model(raw, exp.best, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+                   overwrite=True)
+        log.info("best validation CER so far -> %s", exp.best)
 
 
 @exit_on_error

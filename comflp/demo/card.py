@@ -77,17 +77,27 @@ def pruning_table(model_dir: Path, *, batch_size: int = 32, search_picks: bool =
     return results
 
 
+def _training_curve(exp: ExperimentDir) -> list[dict]:
+    """The dev CER rows of a demo CTC model's training run: {step, train_loss, dev_cer, elapsed_s}."""
+    settings = exp.settings() or {}
+    if "steps" in settings:  # the recipe before it ran on the fine-tuning loop: a row every --eval_every steps
+        return exp.read_metrics(key="step")
+    return [{"step": r["update"], "train_loss": r["train_loss"], "dev_cer": r["valid_cer"], "elapsed_s": r["seconds"]}
+            for r in exp.read_metrics() if r["epoch"] > 0]
+
+
 def _recipe(model_dir: Path, exp_dir: Path, metrics: list[dict]) -> dict:
     """Steps, padding, threads and minutes of the training run: from its experiment dir, else recorded earlier."""
     settings = ExperimentDir(exp_dir).settings() if Path(exp_dir).is_dir() else None
     if settings and metrics and "elapsed_s" in metrics[-1]:
-        # a resumed run restarted its clock in older recipe versions: add up the segments
+        # a resumed run restarts its clock: add up the segments
         seconds, last = 0.0, 0.0
         for row in metrics:
             if row["elapsed_s"] < last:
                 seconds += last
             last = row["elapsed_s"]
-        return {"steps": settings["steps"], "pad_audio": bool(settings["pad_audio"]), "threads": 2,
+        steps = settings["steps"] if "steps" in settings else settings["max_updates"]
+        return {"steps": steps, "pad_audio": bool(settings["pad_audio"]), "threads": 2,
                 "minutes": round((seconds + last) / 60)}
     previous = Path(model_dir) / "results.json"
     recorded = json.loads(previous.read_text()).get("recipe") if previous.exists() else None
@@ -105,7 +115,7 @@ def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_p
     L, name = res["num_layers"], model_dir.name
     metrics_file = ExperimentDir(exp_dir).metrics_file
     if metrics_file.exists():
-        metrics = ExperimentDir(exp_dir).read_metrics(key="step")
+        metrics = _training_curve(ExperimentDir(exp_dir))
         curve = model_dir / "training_curve.png"
         curves({"dev CER (%)": ([m["step"] for m in metrics], [100 * m["dev_cer"] for m in metrics])}, curve,
                xlabel="optimizer step", ylabel="dev CER (%)", title=f"{name} training")

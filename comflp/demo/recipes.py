@@ -17,27 +17,21 @@ audio, gradient clipping at 5.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                          WhisperConfig, WhisperFeatureExtractor, get_cosine_schedule_with_warmup)
+                          WhisperConfig, WhisperFeatureExtractor)
 
 from .. import atomic
-from ..data import length_sorted_batches, load_audio
 from ..options import ArgumentParser, positive_int, read_corpus
-from ..decode import transcribe
 from ..errors import ComflpError, exit_on_error
+from ..finetune import FinetuneConfig, run_settings, train as train_loop
 from ..logs import setup_logging
 from ..artifacts import ExperimentDir, claim_dir
-from ..model import forward, save_model
+from ..model import save_model
 from ..paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, EXP_DIR, demo_model_dir, demo_split
 
 log = logging.getLogger(__name__)
@@ -135,100 +129,52 @@ def ship(model: Path, output: Path, *, overwrite: bool = False) -> Path:
     return out
 
 
-def _save_state(path: Path, model, optimizer, scheduler, step: int, best: float) -> None:
-    # one atomic dir: a run killed while saving resumes from a consistent step (weights, optimizer, step)
-    with atomic.atomic_dir(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "best_dev_cer": best}))
+def training_config(args: argparse.Namespace, init: Path) -> FinetuneConfig:
+    """The demo CTC model's recipe as a run of the one training loop (:func:`comflp.finetune.train`): the whole
+    model from its random start ``init``, AdamW (betas 0.9/0.98, weight decay 0.01), ``--warmup`` linear
+    warm-up updates then cosine decay to 0 at ``--steps``, length-sorted batches of at most ``--max_seconds``
+    of padded audio, clipping at 5, no LayerDrop; validated on the whole dev split after every epoch (and
+    where training stops), its best checkpoint kept (``best/``)."""
+    dev = read_corpus(args.dev_data_dir)
+    return FinetuneConfig(
+        model=str(init), whole_model=True, output_dir=Path(args.exp_dir), train_data_dir=args.train_data_dir,
+        valid_data_dir=args.dev_data_dir, max_batch_seconds=args.max_seconds, grad_accum=1, lr=args.lr,
+        schedule="cosine", warmup_updates=args.warmup, adam_beta2=0.98, weight_decay=0.01, layerdrop=0.0,
+        max_grad_norm=5.0, epochs=10 ** 6, max_updates=args.steps, valid_batch_size=32,
+        test_num_batch=math.ceil(len(dev) / 32), keep_best=True, pad_audio=args.pad_audio, seed=args.seed,
+        threads=args.threads, resume_epoch=-1 if args.resume else 0, quiet=False)
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace) -> Path:
+    """Train the demo CTC model with the fine-tuning loop and ship its best checkpoint in float16.
+
+    The random start is saved to ``<exp_dir>/init-<L>l`` (deterministic from the seed), so a run resumed with
+    another depth is refused as another experiment.
+    """
     exp = Path(args.exp_dir)
     claim_dir(args.output, overwrite=args.overwrite)  # refuse now, not after hours of training
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k in ("num_layers", "train_data_dir", "dev_data_dir", "steps", "lr", "warmup", "max_seconds", "seed",
-                         "pad_audio")}
+    init = exp / f"init-{args.num_layers}l"
+    config = training_config(args, init)
     # --resume continues only the same recipe; without it the run starts over
-    ExperimentDir.open(exp, settings=settings, kind="demo-train", afresh=not args.resume, flag="--exp_dir",
-                       restart_flags="no --resume")
+    ExperimentDir.open(exp, settings=run_settings(config, []), kind="finetune", afresh=not args.resume,
+                       flag="--exp_dir", restart_flags="no --resume")
     setup_logging(exp / "train.log")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    train_utts = read_corpus(demo_split("train") if args.train_data_dir is None else args.train_data_dir)
-    dev_utts = read_corpus(demo_split("dev") if args.dev_data_dir is None else args.dev_data_dir)
+    train_utts = read_corpus(args.train_data_dir)
     vocab = "".join(sorted({c for u in train_utts for c in u.text if not c.isspace()}))
     fe, tok = build_processor(vocab, exp / "processor")
+    torch.manual_seed(args.seed)
     model = Wav2Vec2ForCTC(demo_config(len(tok), num_layers=args.num_layers))
-    log.info("model: %d parameters, vocab %d", sum(p.numel() for p in model.parameters()), len(tok))
-
-    waves = {u.utt_id: load_audio(u.path, 16000, utt_id=u.utt_id) for u in tqdm(train_utts, desc="loading audio")}
-    labels = {u.utt_id: tok(u.text.replace(" ", "")).input_ids for u in train_utts}
-    batches = length_sorted_batches(train_utts, max_seconds=args.max_seconds)
-    log.info("%d train utterances in %d batches of <= %.0f s", len(train_utts), len(batches), args.max_seconds)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
-    step, best = 0, math.inf
-    state_dir = atomic.recover_dir(exp / "last")
-    if args.resume and (state_dir / "state.json").exists():
-        model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
-        opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        st = json.loads((state_dir / "state.json").read_text())
-        step, best = st["step"], st["best_dev_cer"]
-        log.info("resumed at step %d", step)
-
-    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
-    model.train()
-    done_rows = ExperimentDir(exp).read_metrics(key="step") if step else []
-    t0 = time.time() - (done_rows[-1]["elapsed_s"] if done_rows else 0.0)  # a resumed run keeps counting
-    running = []
-    while step < args.steps:
-        epoch, pos = divmod(step, len(batches))
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(batches))
-        group = batches[order[pos]]
-        feats = fe([waves[u.utt_id] for u in group], sampling_rate=16000, padding=True,
-                   return_attention_mask=True, return_tensors="pt")
-        lab = [labels[u.utt_id] for u in group]
-        target = torch.full((len(lab), max(map(len, lab))), -100, dtype=torch.long)
-        for i, ids in enumerate(lab):
-            target[i, : len(ids)] = torch.tensor(ids)
-        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout depends on the step only: resumable
-        loss = forward(model, feats["input_values"], feats["attention_mask"], labels=target,
-                       pad_audio=args.pad_audio).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        running.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            dev = transcribe(model, fe, tok, dev_utts, batch_size=32).score("char")
-            model.train()
-            row = {"step": step, "epoch": epoch, "train_loss": float(np.mean(running)), "dev_cer": dev.rate,
-                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
-            running = []
-            ExperimentDir(exp).write_metrics_row(row, key="step")  # a resumed run replaces, never repeats, rows
-            log.info("step %d  loss %.3f  dev CER %.2f%%", step, row["train_loss"], 100 * dev.rate)
-            if dev.rate < best:
-                best = dev.rate
-                save_model(model, exp / "best", feature_extractor=fe, tokenizer=tok, overwrite=True)
-            _save_state(state_dir, model, optimizer, scheduler, step, best)
-    bar.close()
-    best_dir = exp / "best"
-    from ..model import load_model
-
-    final = load_model(best_dir)
-    save_model(final.model, args.output, feature_extractor=final.feature_extractor, tokenizer=final.tokenizer,
-               overwrite=args.overwrite,
-               dtype=torch.float16)
-    log.info("best dev CER %.2f%%; shipped fp16 model to %s", 100 * best, args.output)
+    save_model(model, init, feature_extractor=fe, tokenizer=tok, overwrite=True)
+    log.info("model: %d parameters, vocab %d; random start -> %s", sum(p.numel() for p in model.parameters()),
+             len(tok), init)
+    run = ExperimentDir(train_loop(config))
+    if not run.best.is_dir():
+        raise ComflpError(f"no best checkpoint in {run.root}: training was not validated")
+    out = ship(run.best, args.output, overwrite=args.overwrite)
+    best = min(r["valid_cer"] for r in run.read_metrics() if r["epoch"] > 0)
+    log.info("best dev CER %.2f%%; shipped fp16 model to %s", 100 * best, out)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
     t.add_argument("--warmup", type=int, default=300, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--max_seconds", type=float, default=16.0, help="padded audio seconds per batch (default: %(default)s)")
-    t.add_argument("--eval_every", type=int, default=500, help="steps between dev evaluations (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from <exp_dir>/last if present")
@@ -287,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             args.output = demo_model_dir(args.num_layers)
         if args.exp_dir is None:
             args.exp_dir = EXP_DIR / f"demo-{args.num_layers}l-train"
+        args.train_data_dir = args.train_data_dir or demo_split("train")
+        args.dev_data_dir = args.dev_data_dir or demo_split("dev")
         if args.steps <= args.warmup:
             raise ComflpError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
         train(args)
