@@ -1,6 +1,6 @@
 """Paper-compatible front-end: fine-tune a pruned model (optionally with distillation). See ``--help``."""
 
-from comflp.finetune import main
+from comflp.cli.finetune import main
 
 if __name__ == "__main__":
     main()

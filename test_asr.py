@@ -1,6 +1,6 @@
 """Paper-compatible front-end: decode a test set (CER/WER, RTF, parameters). See ``--help``."""
 
-from comflp.testset_cli import main
+from comflp.cli.testset import main
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     python AISHELL1/prepare_aishell.py /path/to/data_aishell
 """
 
-from comflp.aishell import main
+from comflp.cli.aishell import main
 
 if __name__ == "__main__":
     main()

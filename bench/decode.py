@@ -21,7 +21,7 @@ from transformers import Wav2Vec2Config
 from comflp.atomic import write_json
 from comflp.data import collate, length_sorted_batches
 from comflp.model import forward, frame_mask
-from comflp.options import read_corpus
+from comflp.cli.options import read_corpus
 from comflp.metrics import greedy_decode
 from comflp.model import ExtendedWav2Vec2ForCTC, load_model, prune
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from comflp.atomic import write_json
-from comflp.options import read_corpus
+from comflp.cli.options import read_corpus
 from comflp.model import load_model
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
 from comflp.stages import coarse, measure

@@ -12,14 +12,11 @@ transcript are dropped and the speaker is the directory the wav lies in.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from . import atomic
-from .errors import ComflpError, exit_on_error
-from .options import ArgumentParser
-from .logs import setup_logging
+from .errors import ComflpError
 from .paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -88,25 +85,3 @@ def prepare(corpus_root: str | Path, out_dir: str | Path = REPO_ROOT / "AISHELL1
         counts[split] = len(rows)
         log.info("%s: %d utterances (%d without transcript dropped) -> %s", split, len(rows), dropped, kaldi)
     return counts
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python AISHELL1/prepare_aishell.py",
-                                description="Build AISHELL-1 Kaldi dirs (wav.scp, text, utt2spk, spk2utt) "
-                                            "from the official corpus tree.")
-    p.add_argument("corpus_root", type=Path, help="the official data_aishell dir (wav/ and transcript/ inside)")
-    p.add_argument("--output", type=Path, default=REPO_ROOT / "AISHELL1",
-                   help="where aishell_{train,dev,test}/ are written (default: %(default)s)")
-    return p
-
-
-@exit_on_error
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    counts = prepare(args.corpus_root, args.output)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()))
-
-
-if __name__ == "__main__":
-    main()

@@ -472,6 +472,10 @@ class DemoDir(ExperimentDir):
     def done_marker(self, stage: int, name: str) -> Path:
         return self.root / ".done" / f"{stage}-{name}"
 
+    def done_markers(self) -> list[Path]:
+        """The markers of the finished stages (each holds the stage's seconds)."""
+        return sorted((self.root / ".done").glob("*-*"))
+
     def clear_done(self) -> None:
         import shutil
 

@@ -9,7 +9,6 @@ checkpoint), which ``test_asr.py --output_dir <exp_dir>`` uses.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -18,9 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .artifacts import ExperimentDir, claim_dir, write_dir
-from .errors import ComflpError, exit_on_error
-from .logs import setup_logging
-from .options import ArgumentParser, add_overwrite, positive_int
+from .errors import ComflpError
 
 log = logging.getLogger("comflp.average")
 
@@ -90,35 +87,3 @@ def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False) -
         exp.write_averaged_epochs(tmp, epochs)
     log.info("averaged epochs %s -> %s", epochs, target)
     return target
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python average_model_pts.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--exp_dir", type=Path, required=True, help="fine-tuning output dir (holds epoch<N>/)")
-    p.add_argument("--last_epoch", type=int, default=None, help="newest epoch considered (default: the newest saved)")
-    p.add_argument("--num", type=positive_int, default=5, help="checkpoints to average (default: %(default)s)")
-    p.add_argument("--mode", choices=["valid", "last"], default="valid",
-                   help="valid: the best by validation CER; last: the newest (default: %(default)s)")
-    add_overwrite(p, "<exp_dir>/model_avg")
-    return p
-
-
-@exit_on_error
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    if not args.exp_dir.is_dir():
-        raise ComflpError(f"exp dir not found: {args.exp_dir}")
-    exp = ExperimentDir(args.exp_dir)
-    setup_logging(exp.root / "average.log")
-    saved = exp.saved_epochs()
-    if not saved:
-        raise ComflpError(f"no epoch<N>/ checkpoints in {exp.root}")
-    last = args.last_epoch if args.last_epoch is not None else saved[-1]
-    epochs = select_epochs(exp, last_epoch=last, num=args.num, mode=args.mode)
-    out = average(exp, epochs, overwrite=args.overwrite)
-    print(out)
-    return out
-
-
-if __name__ == "__main__":
-    main()

@@ -23,16 +23,14 @@ the default) unless told otherwise.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 from pathlib import Path
 
@@ -45,10 +43,9 @@ from tqdm import tqdm
 from . import atomic
 from .artifacts import ExperimentDir, output_lock, source_id
 from .data import collate, length_sorted_batches
-from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_threads, apply_threads, positive_float,
-                      positive_int, read_corpus_or_dataset, str2bool)
+from .hfdata import read_corpus_or_dataset
 from .decode import transcribe
-from .errors import ComflpError, exit_on_error
+from .errors import ComflpError
 from .logs import logging_to
 from .metrics import guess_unit
 from .hidden import teacher_forcing_labels
@@ -142,81 +139,6 @@ class FinetuneConfig:
     text_column: str | None = None
     valid_dataset_split: str = "validation"
     quiet: bool = False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python clip_finetune_train.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Multi-GPU / multi-node: accelerate launch --multi_gpu --num_processes N "
-                                       "[--num_machines M --machine_rank R --main_process_ip HOST] clip_finetune_train.py ...")
-    p.add_argument("--model", help="the unpruned source (and teacher) model (default: demo)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--strategy", type=Path, help="strategy JSON from the search")
-    which.add_argument("--layers", help="1-based layers to prune, e.g. 1,3,5 (instead of --strategy)")
-    which.add_argument("--whole_model", action="store_true",
-                       help="prune nothing and train the whole model (the demo Whisper's recipe trains one from its "
-                            "random start this way, without --distill)")
-    p.add_argument("--rank", type=int, help="candidate of the strategy file, 1 = best (default: %(default)s)")
-    p.add_argument("--decoder_layers",
-                   help="encoder-decoder models (Whisper): 1-based decoder layers to prune as well (a strategy "
-                        "searched on the decoder names them itself); healing is then cross-entropy on the "
-                        "transcripts plus distillation of the token distributions")
-    p.add_argument("--num_layers", type=int, help="expected layers of --model (checked)")
-    p.add_argument("--num_clip_layers", type=int, help="expected number of pruned layers (checked)")
-    p.add_argument("--output_dir", type=Path, help="experiment dir (default: exp/clip{L}to{L-K}_ft)")
-    p.add_argument("--resume_epoch", type=int,
-                   help="-1: resume from <output_dir>/last if present; 0: start afresh; N: restart after epoch N "
-                        "from <output_dir>/epoch<N>. Only the same experiment (model, layers, data, "
-                        "hyper-parameters, recorded in run.json) is resumed (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an existing experiment dir written by comflp, removing its checkpoints")
-    p.add_argument("--train_data_dir", type=Path, help="(default: demo train)")
-    p.add_argument("--valid_data_dir", type=Path, help="(default: demo dev)")
-    p.add_argument("--max_train_utts", type=positive_int,
-                   help="use only the first N training utterances (default: all)")
-    p.add_argument("--batch_size", type=positive_int,
-                   help="utterances per micro-batch, all processes together (default: %(default)s)")
-    p.add_argument("--max_batch_seconds", type=positive_float,
-                   help="micro-batches of as many length-sorted utterances as fit in this many seconds of padded "
-                        "audio, instead of --batch_size utterances (the demo models' recipe: 16)")
-    p.add_argument("--grad_accum", type=positive_int, help="micro-batches per update (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--layerdrop", type=float, help="LayerDrop probability while training (default: %(default)s)")
-    p.add_argument("--max_grad_norm", type=float, help="gradient clipping (default: %(default)s)")
-    p.add_argument("--schedule", choices=["linear", "cosine"],
-                   help="decay after the warm-up, to 0 at the last update (default: %(default)s)")
-    p.add_argument("--warmup_updates", type=int,
-                   help="linear warm-up updates (default: 10%% of the updates)")
-    p.add_argument("--adam_beta2", type=float, help="AdamW's second beta (default: %(default)s)")
-    p.add_argument("--weight_decay", type=float, help="AdamW's weight decay (default: %(default)s)")
-    p.add_argument("--use_scheduler", type=str2bool,
-                   help="linear warm-up (10%% of updates) then linear decay (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, help="(default: %(default)s)")
-    p.add_argument("--max_updates", type=positive_int, help="stop after this many updates in total")
-    p.add_argument("--test_num_batch", type=positive_int, help="validation batches per epoch (default: %(default)s)")
-    p.add_argument("--valid_batch_size", type=positive_int,
-                   help="validation decoding batch size; the validation subset is the first "
-                        "test_num_batch x valid_batch_size utterances (default: %(default)s)")
-    p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the front end (conv feature encoder, feature projection or subsampling)")
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="GPU only (default: %(default)s)")
-    p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
-    p.add_argument("--distill_weight", type=float, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
-    p.add_argument("--temperature", type=positive_float,
-                   help="distillation temperature, > 0 (default: %(default)s)")
-    p.add_argument("--keep_best", action="store_true",
-                   help="also keep the checkpoint of the best validation CER in <output_dir>/best (the demo "
-                        "models ship it)")
-    p.add_argument("--checkpoint_every", type=positive_int,
-                   help="updates between resumable checkpoints (default: %(default)s)")
-    add_pad_audio(p)
-    p.add_argument("--seed", type=int, help="(default: %(default)s)")
-    add_threads(p)
-    add_dataset_arguments(p, split="train", replaces="--train_data_dir (and --valid_data_dir)")
-    p.add_argument("--valid_dataset_split",
-                   help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(**asdict(FinetuneConfig()))  # one source of defaults for the command and the stage
-    return p
 
 
 def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, list[int], list[int]]:
@@ -313,7 +235,8 @@ def train(args: FinetuneConfig) -> Path:
     """Run (or resume) the fine-tuning run ``args`` describes; returns its experiment dir."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    apply_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not 0 <= args.distill_weight <= 1:
         raise ComflpError(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
     if not 0 <= args.layerdrop < 1:
@@ -558,14 +481,3 @@ def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, p
         save_model(raw, exp.best, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                    overwrite=True)
         log.info("best validation CER so far -> %s", exp.best)
-
-
-@exit_on_error
-def main(argv: list[str] | None = None) -> None:
-    out = train(FinetuneConfig(**vars(build_parser().parse_args(argv))))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"fine-tuned model: {out / 'final'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -154,3 +154,17 @@ def _undecoded(table, audio_column: str):
     if isinstance(feature, datasets.Audio) and feature.decode:
         return table.cast_column(audio_column, datasets.Audio(decode=False))
     return table
+
+
+def read_corpus_or_dataset(source, data_dir, *, require_text: bool = True) -> list[Utterance]:
+    """The utterances of ``source.dataset`` (split ``source.dataset_split``, columns ``source.audio_column`` and
+    ``source.text_column``) when it is set, else of the Kaldi dir ``data_dir``; read only.
+
+    ``source``: any object with those attributes (parsed flags, :class:`comflp.finetune.FinetuneConfig`).
+    """
+    if getattr(source, "dataset", None):
+        return read_dataset(source.dataset, split=source.dataset_split, audio_column=source.audio_column,
+                            text_column=source.text_column, require_text=require_text)
+    from .data import read_corpus_dir
+
+    return read_corpus_dir(data_dir, require_text=require_text)

@@ -1,6 +1,6 @@
 """Paper-compatible front-end: coarse search on a correlation matrix, then fine search. See ``--help``."""
 
-from comflp.search_cli import search_main
+from comflp.cli.search import search_main
 
 if __name__ == "__main__":
     search_main()

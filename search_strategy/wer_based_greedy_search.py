@@ -1,6 +1,6 @@
 """Paper-compatible front-end: greedy layer pruning by CER/WER (the GLP baseline). See ``--help``."""
 
-from comflp.search_cli import glp_main
+from comflp.cli.search import glp_main
 
 if __name__ == "__main__":
     glp_main()

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import Wav2Vec2Model
 
-from comflp import analysis, average, cli, finetune, search_cli
-from comflp import testset_cli as test_asr
-from comflp.aishell import main as aishell_main
+from comflp.cli import average, finetune
+from comflp.cli import measure as analysis, model as cli, search as search_cli
+from comflp.cli import testset as test_asr
+from comflp.cli.aishell import main as aishell_main
 from comflp.artifacts import output_lock
 from comflp.strategy import Candidate, StrategyFile
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCTC
 
-from comflp import analysis, cli, finetune, search_cli, testset_cli
+from comflp.cli import finetune
+from comflp.cli import measure as analysis, model as cli, search as search_cli, testset as testset_cli
 from comflp.model import front_end, load_model, num_layers
 
 from conftest import FAMILIES, make_corpus, save_plain, tiny_model

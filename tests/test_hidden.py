@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from comflp import measures as M
-from comflp.analysis import load_npz
+from comflp.cli.measure import load_npz
 from comflp.errors import ComflpError
 from comflp.data import collate, read_corpus_dir
 from comflp.hidden import MeasureSettings, capture_layer_states, collect, plan_bands, select_utterances

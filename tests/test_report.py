@@ -78,7 +78,7 @@ def test_rank_statistics_need_three_strategies() -> None:
 def test_measure_report_command(tmp_path: Path) -> None:
     from conftest import make_corpus, save_plain, tiny_model
 
-    from comflp.report_cli import main
+    from comflp.cli.report import main
 
     model = save_plain(tiny_model("wav2vec2-stable", seed=1), tmp_path / "m", tmp_path / "p")
     corpus = make_corpus(tmp_path / "c", n=6)

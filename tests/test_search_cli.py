@@ -89,7 +89,7 @@ def test_fine_search_and_glp_on_a_model(tmp_path: Path) -> None:
 
 
 def test_comflp_search_defaults_to_the_measure_the_evidence_favours() -> None:
-    from comflp.search_cli import EVIDENCE_MEASURE, search_parser
+    from comflp.cli.search import EVIDENCE_MEASURE, search_parser
 
     assert search_parser().parse_args([]).select_measure == "dc"  # the paper's script keeps the paper's default
     assert search_parser(default_measure=EVIDENCE_MEASURE).parse_args([]).select_measure == "cosine"

@@ -82,7 +82,7 @@ def test_worse_than_leader_bootstrap_bounds() -> None:
 
 
 def test_race_picks_what_full_evaluation_picks_on_the_demo_model() -> None:
-    from comflp.options import read_corpus
+    from comflp.cli.options import read_corpus
     from comflp.paths import DEMO_MODEL_DIR, demo_split
     from comflp.verify import race
 

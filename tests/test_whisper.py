@@ -11,7 +11,7 @@ import torch
 from transformers import (AutoModelForSpeechSeq2Seq, GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                           WhisperForConditionalGeneration)
 
-from comflp import cli
+from comflp.cli import model as cli
 from comflp.errors import ComflpError
 from comflp.model import load_model, model_info, num_layers, prune, stack_layers
 
@@ -140,7 +140,7 @@ def _whisper_dir(tmp: Path) -> Path:
 
 def _measure(model_dir: Path, corpus: Path, out: Path, *, stack: str = "decoder", measures: str = "cosine",
              batch_size: int = 3, iter_num: int = 2) -> Path:
-    from comflp import analysis
+    from comflp.cli import measure as analysis
 
     analysis.measure_main(["--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", str(batch_size),
                            "--iter_num", str(iter_num), "--measures", measures, "--stack", stack, "--no_plot",
@@ -150,7 +150,7 @@ def _measure(model_dir: Path, corpus: Path, out: Path, *, stack: str = "decoder"
 
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])
 def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
-    from comflp import analysis
+    from comflp.cli import measure as analysis
 
     from conftest import make_corpus
 
@@ -211,7 +211,7 @@ def test_measuring_a_decoder_needs_transcripts(tmp_path: Path) -> None:
 
 def test_decoder_search_strategy_round_trips_and_prunes_the_decoder(tmp_path: Path) -> None:
     """measure --stack decoder -> search (coarse; and the linspace baseline) -> a strategy with stack -> prune."""
-    from comflp import search_cli
+    from comflp.cli import search as search_cli
     from comflp.strategy import StrategyFile
 
     from conftest import make_corpus
@@ -269,7 +269,7 @@ def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, t
 
 
 def test_search_and_glp_verify_a_decoder_by_generation(tmp_path: Path) -> None:
-    from comflp import search_cli
+    from comflp.cli import search as search_cli
 
     from conftest import make_corpus
 
@@ -290,7 +290,7 @@ def test_search_and_glp_verify_a_decoder_by_generation(tmp_path: Path) -> None:
 
 def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
     """Fine-tuning an encoder-decoder: cross-entropy plus distillation from the unpruned teacher, then `comflp test`."""
-    from comflp import average, finetune, testset_cli
+    from comflp.cli import average, finetune, testset as testset_cli
 
     from conftest import make_corpus
 
@@ -335,7 +335,7 @@ def test_demo_whisper_start_is_a_small_whisper_with_a_character_vocabulary(tmp_p
 
 
 def test_whole_model_training_prunes_nothing(tmp_path: Path) -> None:
-    from comflp import finetune
+    from comflp.cli import finetune
 
     from conftest import make_corpus, save_plain, tiny_model
 
@@ -354,7 +354,7 @@ def test_whole_model_training_prunes_nothing(tmp_path: Path) -> None:
 
 def test_measure_report_on_a_decoder(tmp_path: Path) -> None:
     """Which measure predicts the generated CER of decoder strategies (measure-report with the decoder's matrices)."""
-    from comflp import report_cli
+    from comflp.cli import report as report_cli
 
     from conftest import make_corpus
 

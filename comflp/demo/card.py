@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import atomic
 from ..artifacts import ExperimentDir
 from ..errors import ComflpError
-from ..options import read_corpus
+from ..cli.options import read_corpus
 from ..model import count_parameters, is_encoder_decoder, load_model, num_layers
 from ..paths import demo_split
 from ..verify import FineSearch

@@ -38,7 +38,7 @@ import soxr
 from tqdm import tqdm
 
 from ..errors import ComflpError, exit_on_error
-from ..options import ArgumentParser
+from ..cli.options import ArgumentParser
 from ..paths import DEMO_CORPUS_DIR
 from .tts import Espeak, Voice
 

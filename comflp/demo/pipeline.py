@@ -39,7 +39,7 @@ from ..artifacts import DemoDir, claim_file, load_matrix, source_id
 from ..errors import ComflpError, exit_on_error
 from ..hidden import MeasureSettings
 from ..logs import setup_logging
-from ..options import ArgumentParser, positive_int, read_corpus, str2bool
+from ..cli.options import ArgumentParser, positive_int, read_corpus, str2bool
 from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
 log = logging.getLogger(__name__)
@@ -443,5 +443,6 @@ def _summary(run: Run, seconds: float) -> None:
     if exp.speed().is_file():
         lines.append(f"decode speed-up of CoMFLP's pick: {json.loads(exp.speed().read_text())['speedup']:.2f}x "
                      "(the two models timed as a pair on the same batches, after warm-up)")
-    lines.append(f"demo finished in {seconds:.0f} s; outputs under {exp.root}")
+    stages = sum(float(m.read_text().split()[0]) for m in exp.done_markers())
+    lines.append(f"the stages took {stages:.0f} s in all ({seconds:.0f} s in this run); outputs under {exp.root}")
     print("\n".join(lines))

@@ -26,7 +26,7 @@ from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureE
                           WhisperConfig, WhisperFeatureExtractor)
 
 from .. import atomic
-from ..options import ArgumentParser, positive_int, read_corpus
+from ..cli.options import ArgumentParser, positive_int, read_corpus
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig, run_settings, train as train_loop
 from ..logs import setup_logging

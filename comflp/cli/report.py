@@ -6,14 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from .artifacts import check_matrix_model, claim_file, load_matrices, load_matrix
-from .errors import ComflpError, exit_on_error
-from .logs import setup_logging
+from ..artifacts import check_matrix_model, claim_file, load_matrices, load_matrix
+from ..errors import ComflpError, exit_on_error
+from ..logs import setup_logging
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
-from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
-from .search import check_matrix
+from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from ..search import check_matrix
 
 log = logging.getLogger("comflp.report")
 
@@ -83,9 +83,9 @@ def _entries(args: list[str]) -> dict[str, tuple[object, dict, Path]]:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> Path:
-    from .model import load_model, num_layers
-    from .stages import measure_report
-    from .verify import FineSearch, verify_subset
+    from ..model import load_model, num_layers
+    from ..stages import measure_report
+    from ..verify import FineSearch, verify_subset
 
     args = build_parser().parse_args(argv)
     entries = _entries(args.measure_file)

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import claim_file, matrix_meta, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
-from .errors import ComflpError, exit_on_error
-from .hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings, collect
-from .logs import setup_logging
-from .model import load_model, num_layers
+from ..artifacts import claim_file, matrix_meta, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
+from ..errors import ComflpError, exit_on_error
+from ..hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings, collect
+from ..logs import setup_logging
+from ..model import load_model, num_layers
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
-from .paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
+from ..paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
 
 log = logging.getLogger("comflp.measure")
 
@@ -121,7 +121,7 @@ def _heatmap_paths(args: argparse.Namespace, stems: list[str]) -> list[Path]:
 
 
 def _plot(matrix: np.ndarray, path: Path, title: str) -> None:
-    from .plots import heatmap
+    from ..plots import heatmap
 
     heatmap(matrix, path, title=title)
     log.info("heatmap -> %s", path)

@@ -1,54 +1,14 @@
-"""``comflp`` command line: ``comflp <command> [options]``; ``comflp <command> --help`` explains each."""
+"""``comflp info`` and ``comflp prune``: describe a model; remove layers and save it for plain transformers."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
 
-
-from .errors import exit_on_error
+from ..errors import exit_on_error
+from ..paths import DEMO_MODEL_DIR
 from .options import ArgumentParser, add_overwrite
-from .paths import DEMO_MODEL_DIR
-
-# name -> ("module:function" taking argv, one-line summary); modules load lazily so --help is instant.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("comflp.cli:info_main", "describe a model: family, layers, parameters, sizes (--json)"),
-    "prune": ("comflp.cli:prune_main", "remove layers (--layers or a strategy file) and save an HF-format model"),
-    "corpus": ("comflp.demo.corpus:main", "generate the embedded synthetic Mandarin corpus"),
-    "prepare-aishell": ("comflp.aishell:main", "build Kaldi dirs from an official AISHELL-1 download"),
-    "measure": ("comflp.analysis:main", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
-    "search": ("comflp.search_cli:main", "coarse search on a matrix + fine search (CER) of the candidates"),
-    "glp": ("comflp.search_cli:glp_main", "greedy layer pruning by CER (the slow baseline)"),
-    "measure-report": ("comflp.report_cli:main", "which measure predicts the CER on this model: rank correlations, regret"),
-    "finetune": ("comflp.finetune:main", "fine-tune a pruned model (DDP via accelerate, optional distillation)"),
-    "average": ("comflp.average:main", "average fine-tuning checkpoints into an HF model"),
-    "test": ("comflp.testset_cli:main", "decode a corpus: CER/WER, real-time factor, parameters"),
-    "demo": ("comflp.demo.pipeline:main", "run the pipeline on the embedded default, as resumable stages"),
-}
-
-
-def _overview() -> str:
-    width = max(map(len, COMMANDS))
-    lines = [__doc__.strip(), "", "commands:"]
-    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", "Every command uses the embedded demo model and corpus unless --model / --data_dir say otherwise."]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_overview())
-        return
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"error: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        raise SystemExit(2)
-    module, function = COMMANDS[name][0].split(":")
-    getattr(importlib.import_module(module), function)(rest)
 
 
 def info_parser() -> argparse.ArgumentParser:
@@ -61,7 +21,7 @@ def info_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def info_main(argv: list[str] | None = None) -> None:
-    from .model import load_model, model_info
+    from ..model import load_model, model_info
 
     args = info_parser().parse_args(argv)
     info = model_info(load_model(args.model, need_features=False, allow_encoder_decoder=True))
@@ -95,11 +55,11 @@ def prune_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def prune_main(argv: list[str] | None = None) -> None:
-    from .artifacts import claim_dir
-    from .errors import ComflpError
-    from .model import load_model, num_layers
-    from .stages import prune
-    from .strategy import StrategyFile, parse_layers, resolve_pruned
+    from ..artifacts import claim_dir
+    from ..errors import ComflpError
+    from ..model import load_model, num_layers
+    from ..stages import prune
+    from ..strategy import StrategyFile, parse_layers, resolve_pruned
 
     args = prune_parser().parse_args(argv)
     if args.layers is None and args.strategy is None and args.decoder_layers is None:
@@ -124,7 +84,3 @@ def prune_main(argv: list[str] | None = None) -> None:
         left = (f"{out.num_layers} encoder and {out.decoder_layers} decoder layers left (decoder layers "
                 f"{out.decoder_removed} removed)")
     print(f"pruned layers {out.removed} of {total}: {left}, saved to {args.output}{extra}")
-
-
-if __name__ == "__main__":
-    main()

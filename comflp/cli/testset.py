@@ -9,14 +9,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from .artifacts import ExperimentDir, claim_file, open_output_dir
-from .errors import ComflpError, exit_on_error
-from .logs import setup_logging
+from ..artifacts import ExperimentDir, claim_file, open_output_dir
+from ..errors import ComflpError, exit_on_error
+from ..logs import setup_logging
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, data_label, positive_int, read_corpus_or_dataset,
                       resolve_device)
-from .model import load_model
-from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
-from .stages import test
+from ..model import load_model
+from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from ..stages import test
 
 log = logging.getLogger("comflp.test")
 

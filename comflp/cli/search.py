@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrices, load_matrix, svcca_dump_name
-from .errors import ComflpError, exit_on_error
+from ..artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrices, load_matrix, svcca_dump_name
+from ..errors import ComflpError, exit_on_error
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
-from .logs import setup_logging
-from .paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
-from .search import SEARCH_MODES, check_matrix, search
-from .strategy import Candidate, StrategyFile
+from ..logs import setup_logging
+from ..paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
+from ..search import SEARCH_MODES, check_matrix, search
+from ..strategy import Candidate, StrategyFile
 
 log = logging.getLogger("comflp.search")
 
@@ -133,7 +133,7 @@ def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, dict, Path]:
 
 def _find_measures_file(measure: str) -> tuple[np.ndarray, dict, Path]:
     """The one ``comflp measure`` file under dump/ that holds ``measure`` (measures without a paper file name)."""
-    from .artifacts import load_matrices
+    from ..artifacts import load_matrices
 
     found = []
     for f in sorted(DUMP_DIR.glob("measures_*.npz")):
@@ -176,8 +176,8 @@ def _table(cands: list[Candidate]) -> str:
 
 
 def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
-    from .model import load_model, num_layers
-    from .verify import FineSearch, verify_subset
+    from ..model import load_model, num_layers
+    from ..verify import FineSearch, verify_subset
 
     loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True,
                         allow_encoder_decoder=True)
@@ -218,8 +218,8 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
             "coarse_seconds": coarse_s, "num_clip_layers": K}
     if verifying:
-        from .stages import fine as fine_stage
-        from .verify import RACE_CONFIDENCE
+        from ..stages import fine as fine_stage
+        from ..verify import RACE_CONFIDENCE
 
         if args.race_confidence is None:
             args.race_confidence = RACE_CONFIDENCE  # imported here: coarse-only runs do not load transformers
@@ -265,7 +265,7 @@ def glp_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def glp_main(argv: list[str] | None = None) -> StrategyFile:
-    from .verify import greedy_layer_pruning
+    from ..verify import greedy_layer_pruning
 
     args = glp_parser().parse_args(argv)
     L, K = args.num_layers, args.num_clip_layers

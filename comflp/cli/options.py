@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .errors import ComflpError
+from ..errors import ComflpError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -111,16 +111,22 @@ def check_num_layers(expected: int | None, actual: int, model_name: str) -> None
         raise ComflpError(f"--num_layers {expected} but {model_name} has {actual} layers")
 
 
+def ensure_corpus(data_dir) -> None:
+    """Generate the embedded corpus if ``data_dir`` is one of its missing splits (any other dir: nothing)."""
+    from ..demo.corpus import ensure_demo_corpus
+
+    ensure_demo_corpus(data_dir)
+
+
 def read_corpus(data_dir, *, require_text: bool = True):
     """Read a corpus dir named on the command line; the embedded corpus is generated first if it is missing.
 
     Generating the demo corpus is a command-line convenience for the default
     data dirs; the data layer itself only reads.
     """
-    from .data import read_corpus_dir
-    from .demo.corpus import ensure_demo_corpus
+    from ..data import read_corpus_dir
 
-    ensure_demo_corpus(data_dir)
+    ensure_corpus(data_dir)
     return read_corpus_dir(data_dir, require_text=require_text)
 
 
@@ -142,10 +148,10 @@ def data_label(args: argparse.Namespace, data_dir) -> str:
 
 
 def read_corpus_or_dataset(args: argparse.Namespace, data_dir, *, require_text: bool = True):
-    """The utterances of ``args.dataset`` (split ``args.dataset_split``) when given, else of the Kaldi dir ``data_dir``."""
-    if getattr(args, "dataset", None):
-        from .hfdata import read_dataset
+    """The utterances of ``args.dataset`` (split ``args.dataset_split``) when given, else of the Kaldi dir
+    ``data_dir`` (the embedded corpus generated first if it is that and missing)."""
+    from ..hfdata import read_corpus_or_dataset as read
 
-        return read_dataset(args.dataset, split=args.dataset_split, audio_column=args.audio_column,
-                            text_column=args.text_column, require_text=require_text)
-    return read_corpus(data_dir, require_text=require_text)
+    if not getattr(args, "dataset", None):
+        ensure_corpus(data_dir)
+    return read(args, data_dir, require_text=require_text)

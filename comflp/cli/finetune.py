@@ -1,0 +1,104 @@
+"""``comflp finetune`` / ``clip_finetune_train.py``: the flags of :class:`comflp.finetune.FinetuneConfig`.
+
+Fine-tune ("heal") a pruned CTC or Whisper model (:func:`comflp.finetune.train`, whose docstring says what
+one update is and what the output dir holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import exit_on_error
+from .. import finetune as library
+from ..finetune import FinetuneConfig, train
+from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
+                      positive_int, str2bool)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python clip_finetune_train.py", description=library.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Multi-GPU / multi-node: accelerate launch --multi_gpu --num_processes N "
+                                       "[--num_machines M --machine_rank R --main_process_ip HOST] clip_finetune_train.py ...")
+    p.add_argument("--model", help="the unpruned source (and teacher) model (default: demo)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--strategy", type=Path, help="strategy JSON from the search")
+    which.add_argument("--layers", help="1-based layers to prune, e.g. 1,3,5 (instead of --strategy)")
+    which.add_argument("--whole_model", action="store_true",
+                       help="prune nothing and train the whole model (the demo Whisper's recipe trains one from its "
+                            "random start this way, without --distill)")
+    p.add_argument("--rank", type=int, help="candidate of the strategy file, 1 = best (default: %(default)s)")
+    p.add_argument("--decoder_layers",
+                   help="encoder-decoder models (Whisper): 1-based decoder layers to prune as well (a strategy "
+                        "searched on the decoder names them itself); healing is then cross-entropy on the "
+                        "transcripts plus distillation of the token distributions")
+    p.add_argument("--num_layers", type=int, help="expected layers of --model (checked)")
+    p.add_argument("--num_clip_layers", type=int, help="expected number of pruned layers (checked)")
+    p.add_argument("--output_dir", type=Path, help="experiment dir (default: exp/clip{L}to{L-K}_ft)")
+    p.add_argument("--resume_epoch", type=int,
+                   help="-1: resume from <output_dir>/last if present; 0: start afresh; N: restart after epoch N "
+                        "from <output_dir>/epoch<N>. Only the same experiment (model, layers, data, "
+                        "hyper-parameters, recorded in run.json) is resumed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an existing experiment dir written by comflp, removing its checkpoints")
+    p.add_argument("--train_data_dir", type=Path, help="(default: demo train)")
+    p.add_argument("--valid_data_dir", type=Path, help="(default: demo dev)")
+    p.add_argument("--max_train_utts", type=positive_int,
+                   help="use only the first N training utterances (default: all)")
+    p.add_argument("--batch_size", type=positive_int,
+                   help="utterances per micro-batch, all processes together (default: %(default)s)")
+    p.add_argument("--max_batch_seconds", type=positive_float,
+                   help="micro-batches of as many length-sorted utterances as fit in this many seconds of padded "
+                        "audio, instead of --batch_size utterances (the demo models' recipe: 16)")
+    p.add_argument("--grad_accum", type=positive_int, help="micro-batches per update (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--layerdrop", type=float, help="LayerDrop probability while training (default: %(default)s)")
+    p.add_argument("--max_grad_norm", type=float, help="gradient clipping (default: %(default)s)")
+    p.add_argument("--schedule", choices=["linear", "cosine"],
+                   help="decay after the warm-up, to 0 at the last update (default: %(default)s)")
+    p.add_argument("--warmup_updates", type=int,
+                   help="linear warm-up updates (default: 10%% of the updates)")
+    p.add_argument("--adam_beta2", type=float, help="AdamW's second beta (default: %(default)s)")
+    p.add_argument("--weight_decay", type=float, help="AdamW's weight decay (default: %(default)s)")
+    p.add_argument("--use_scheduler", type=str2bool,
+                   help="linear warm-up (10%% of updates) then linear decay (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, help="(default: %(default)s)")
+    p.add_argument("--max_updates", type=positive_int, help="stop after this many updates in total")
+    p.add_argument("--test_num_batch", type=positive_int, help="validation batches per epoch (default: %(default)s)")
+    p.add_argument("--valid_batch_size", type=positive_int,
+                   help="validation decoding batch size; the validation subset is the first "
+                        "test_num_batch x valid_batch_size utterances (default: %(default)s)")
+    p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the front end (conv feature encoder, feature projection or subsampling)")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="GPU only (default: %(default)s)")
+    p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
+    p.add_argument("--distill_weight", type=float, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
+    p.add_argument("--temperature", type=positive_float,
+                   help="distillation temperature, > 0 (default: %(default)s)")
+    p.add_argument("--keep_best", action="store_true",
+                   help="also keep the checkpoint of the best validation CER in <output_dir>/best (the demo "
+                        "models ship it)")
+    p.add_argument("--checkpoint_every", type=positive_int,
+                   help="updates between resumable checkpoints (default: %(default)s)")
+    add_pad_audio(p)
+    p.add_argument("--seed", type=int, help="(default: %(default)s)")
+    add_threads(p)
+    add_dataset_arguments(p, split="train", replaces="--train_data_dir (and --valid_data_dir)")
+    p.add_argument("--valid_dataset_split",
+                   help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(**asdict(FinetuneConfig()))  # one source of defaults for the command and the stage
+    return p
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    config = FinetuneConfig(**vars(build_parser().parse_args(argv)))
+    if not config.dataset:
+        for data_dir in (config.train_data_dir, config.valid_data_dir):
+            ensure_corpus(data_dir)
+    out = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fine-tuned model: {out / 'final'}")
