@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     for s, depth in depths.items():
         if not 0 < k < depth:
             raise ComflpError(f"--num_clip_layers {k}: {args.model}'s {s} has {depth} layers (need 0 < K < {depth})")
+    if args.corpus is not None:  # before anything is written
+        for split in ("train", "dev", "test"):
+            if not (args.corpus / split).is_dir():
+                raise ComflpError(f"--corpus {args.corpus} has no {split}/ (a Kaldi dir with wav.scp and text)")
     if args.exp_dir is None:
         default = Path(args.model).resolve() == DEMO_MODEL_DIR.resolve() and k == 6
         args.exp_dir = EXP_DIR / ("demo" if default else f"demo_{Path(args.model).name}_clip{k}")
@@ -186,11 +190,9 @@ def main(argv: list[str] | None = None) -> None:
 def _corpus(run: Run) -> None:
     from .corpus import ensure_demo_corpus
 
-    for split in ("train", "dev", "test"):
-        if run.args.corpus is None:
+    if run.args.corpus is None:
+        for split in ("train", "dev", "test"):
             ensure_demo_corpus(demo_split(split))
-        elif not run.split(split).is_dir():
-            raise ComflpError(f"--corpus {run.args.corpus} has no {split}/ (a Kaldi dir with wav.scp and text)")
 
 
 def _dc_matrix(run: Run, stack: str) -> Path:
