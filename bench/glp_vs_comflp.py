@@ -23,7 +23,8 @@ from comflp.model import load_model
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
 from comflp.stages import comflp_search
 from comflp.stages import fine as fine_stage
-from comflp.verify import FineSearch, greedy_layer_pruning, verify_subset
+from comflp.stages import glp as glp_stage
+from comflp.verify import FineSearch, verify_subset
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     comflp_race_s = measure_s + coarse_s + race_s
 
     t = time.perf_counter()
-    glp = greedy_layer_pruning(fine, k, progress=False)
+    glp = glp_stage(fine, k)
     glp_s = time.perf_counter() - t
     glp_pick = glp.path[-1]
 

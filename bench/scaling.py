@@ -42,7 +42,8 @@ from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
 from comflp.plots import curves
 from comflp.stages import PAPER_DC, comflp_search
 from comflp.stages import fine as fine_stage
-from comflp.verify import FineSearch, glp_evaluations, greedy_layer_pruning, verify_subset
+from comflp.stages import glp as glp_stage
+from comflp.verify import FineSearch, glp_evaluations, verify_subset
 
 
 def random_model(num_layers: int, processor: LoadedModel, seed: int) -> LoadedModel:
@@ -63,7 +64,7 @@ def time_depth(loaded: LoadedModel, num_layers: int, train, subset, glp_budget_s
     race_run = fine_stage(fine, cands, racing=True)
     raced, race_s = race_run.report, race_run.seconds
     t = time.perf_counter()
-    glp = greedy_layer_pruning(fine, k, progress=False, max_seconds=glp_budget_s)
+    glp = glp_stage(fine, k, max_seconds=glp_budget_s)
     glp_run_s = time.perf_counter() - t
     complete = len(glp.path) == k
     total_evals = glp_evaluations(num_layers, k)

@@ -48,7 +48,8 @@ def test_coarse_modes_agree_on_the_best_block_strategy() -> None:
 def test_fine_tuning_config_is_the_flags_one_source_of_defaults() -> None:
     from dataclasses import asdict
 
-    from comflp.finetune import FinetuneConfig, build_parser
+    from comflp.cli.finetune import build_parser
+    from comflp.finetune import FinetuneConfig
 
     assert vars(build_parser().parse_args([])) == asdict(FinetuneConfig())
 

@@ -12,20 +12,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..artifacts import claim_file, matrix_meta, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
+from ..artifacts import source_id, claim_file, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
 from ..errors import ComflpError, exit_on_error
-from ..hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings, collect
+from ..hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings
 from ..logs import setup_logging
 from ..model import load_model, num_layers
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
+from ..stages import measure as measure_stage
 from ..paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
 
 log = logging.getLogger("comflp.measure")
@@ -92,25 +93,19 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     decoder = args.stack == "decoder"
     loaded = load_model(args.model, device=device, allow_encoder_decoder=True, need_tokenizer=decoder)
     utts = read_corpus_or_dataset(args, args.data_dir, require_text=decoder)
-    model = loaded.model
-    check_num_layers(args.num_layers, num_layers(model, args.stack), args.model)
-    if not args.use_pretrained:
+    check_num_layers(args.num_layers, num_layers(loaded.model, args.stack), args.model)
+    if not args.use_pretrained:  # the control: a random initialisation of the same config
         torch.manual_seed(settings.seed)
-        model = type(model)(model.config).eval().to(device)
-    start = time.perf_counter()
-    matrices, stats = collect(model, loaded.feature_extractor, utts, settings, accelerator=accelerator,
-                              progress=not args.quiet, moment_memory_gb=args.moment_memory_gb, stack=args.stack,
-                              tokenizer=loaded.tokenizer)
+        loaded = replace(loaded, model=type(loaded.model)(loaded.model.config).eval().to(device))
+    measured = measure_stage(loaded, utts, settings, stack=args.stack, data=data_label(args, args.data_dir),
+                       accelerator=accelerator, progress=not args.quiet, moment_memory_gb=args.moment_memory_gb)
     if not is_main:
         return None
-    meta = matrix_meta(model=args.model, data=data_label(args, args.data_dir), num_layers=num_layers(model, args.stack),
-                       stack=args.stack, settings=settings.to_dict(), num_utterances=stats.num_utterances,
-                       num_frames=stats.num_frames, num_batches=stats.num_batches,
-                       seconds=time.perf_counter() - start, use_pretrained=args.use_pretrained,
-                       processes=accelerator.num_processes if accelerator else 1)
+    meta = {**measured.meta(), "model": source_id(args.model), "use_pretrained": bool(args.use_pretrained),
+            "processes": accelerator.num_processes if accelerator else 1}
     log.info("measured %s on %d utterances (%d frames) in %.1f s", ",".join(settings.measures),
-             stats.num_utterances, stats.num_frames, meta["seconds"])
-    return {k: v.numpy() for k, v in matrices.items()}, meta
+             measured.stats.num_utterances, measured.stats.num_frames, meta["seconds"])
+    return measured.matrices, meta
 
 
 def _heatmap_paths(args: argparse.Namespace, stems: list[str]) -> list[Path]:

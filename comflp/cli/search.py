@@ -265,7 +265,7 @@ def glp_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def glp_main(argv: list[str] | None = None) -> StrategyFile:
-    from ..verify import greedy_layer_pruning
+    from ..stages import glp
 
     args = glp_parser().parse_args(argv)
     L, K = args.num_layers, args.num_clip_layers
@@ -275,7 +275,7 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     claim_file(out, overwrite=args.overwrite)
     setup_logging(Path(args.log_dir) / f"WER_greedy_clip{L}to{L - K}.log")
     fine = _fine_search(args, args.stack)
-    result = greedy_layer_pruning(fine, K, progress=not args.quiet)
+    result = glp(fine, K, progress=not args.quiet)
     final = result.path[-1]
     meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
             "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),

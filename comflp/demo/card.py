@@ -46,15 +46,14 @@ def half_sets(num_layers: int) -> dict[str, list[int]]:
 def searched_picks(loaded, k: int, *, batch_size: int = 32, stack: str = "encoder") -> dict[str, list[int]]:
     """CoMFLP's pick (the paper's DC at batch 4 over 10 batches of train, exact top-10, fine search on dev)
     and GLP's pick (greedy by dev CER), both searched on the whole dev split, of the ``stack`` layers."""
-    from ..stages import comflp_search
-    from ..verify import greedy_layer_pruning
+    from ..stages import comflp_search, glp
 
     dev = FineSearch(loaded, read_corpus(demo_split("dev")), batch_size=batch_size, stack=stack)
     # a decoder is measured under teacher forcing: its measuring utterances need their transcripts
     train = read_corpus(demo_split("train"), require_text=stack == "decoder")
     comflp = comflp_search(loaded, train, dev, k, progress=True).best.pruned
-    glp = greedy_layer_pruning(dev, k).path[-1].pruned
-    return {f"CoMFLP's pick ({','.join(map(str, comflp))})": comflp, f"GLP's pick ({','.join(map(str, glp))})": glp}
+    glp_pick = glp(dev, k).path[-1].pruned
+    return {f"CoMFLP's pick ({','.join(map(str, comflp))})": comflp, f"GLP's pick ({','.join(map(str, glp_pick))})": glp_pick}
 
 
 def pruning_table(model_dir: Path, *, batch_size: int = 32, search_picks: bool = True, stack: str = "encoder") -> dict:
