@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import atomic
+from .data import write_corpus_dir
 from .errors import ComflpError
 from .paths import REPO_ROOT
 
@@ -75,13 +75,7 @@ def prepare(corpus_root: str | Path, out_dir: str | Path = REPO_ROOT / "AISHELL1
         wavs, rows = found[split]
         dropped = len(wavs) - len(rows)
         kaldi = Path(out_dir) / f"aishell_{split}"
-        atomic.write_text(kaldi / "wav.scp", "".join(f"{u} {p}\n" for u, p, _ in rows))
-        atomic.write_text(kaldi / "text", "".join(f"{u} {texts[u]}\n" for u, _, _ in rows))
-        atomic.write_text(kaldi / "utt2spk", "".join(f"{u} {s}\n" for u, _, s in rows))
-        spk2utt: dict[str, list[str]] = {}
-        for u, _, s in rows:
-            spk2utt.setdefault(s, []).append(u)
-        atomic.write_text(kaldi / "spk2utt", "".join(f"{s} {' '.join(us)}\n" for s, us in sorted(spk2utt.items())))
+        write_corpus_dir(kaldi, [(u, p, texts[u], s) for u, p, s in rows])
         counts[split] = len(rows)
         log.info("%s: %d utterances (%d without transcript dropped) -> %s", split, len(rows), dropped, kaldi)
     return counts

@@ -323,6 +323,11 @@ def check_matrix_model(meta: dict, *, num_layers: int, model: str | None, where:
 
 
 RUN_FILE = "run.json"
+# transformers.utils.SAFE_WEIGHTS_NAME, spelled here so that reading a layout does not import transformers
+WEIGHTS_FILE = "model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"
+POSITION_FILE = "position.json"
+HYPOTHESES_FILE = "hyp.txt"
 METRICS_FILE = "metrics.jsonl"
 LAST = "last"
 FINAL = "final"
@@ -372,6 +377,30 @@ class ExperimentDir:
     def test_report(self) -> Path:
         return self.root / TEST_REPORT
 
+    @property
+    def hypotheses(self) -> Path:
+        """The test's hypotheses, one ``<utt> <text>`` line each (Kaldi's text layout)."""
+        return self.root / HYPOTHESES_FILE
+
+    def command_log(self, command: str) -> Path:
+        """The log of one command run on this dir (``train``, ``average``, ``test_asr``)."""
+        return self.root / f"{command}.log"
+
+    @staticmethod
+    def weights(checkpoint: Path) -> Path:
+        """The weights file of a checkpoint dir (``epoch<N>/``, ``last/``, ...)."""
+        return Path(checkpoint) / WEIGHTS_FILE
+
+    @staticmethod
+    def trainer_state(checkpoint: Path) -> Path:
+        """Optimizer, scheduler and RNG states of the resumable ``last/``."""
+        return Path(checkpoint) / TRAINER_STATE_FILE
+
+    @staticmethod
+    def position(checkpoint: Path) -> Path:
+        """Where in the run ``last/`` stands (epoch, micro-batch, update, running loss)."""
+        return Path(checkpoint) / POSITION_FILE
+
     def write_averaged_epochs(self, target: Path, epochs: list[int]) -> None:
         """Record in an averaged model dir (``target``, before it is renamed into place) which epochs it averages."""
         (Path(target) / AVERAGED_EPOCHS).write_text(json.dumps({"epochs": epochs}) + "\n")
@@ -386,7 +415,7 @@ class ExperimentDir:
         out = []
         for d in self.root.glob(f"{_EPOCH_PREFIX}*"):
             suffix = d.name[len(_EPOCH_PREFIX):]
-            if suffix.isdigit() and (d / "model.safetensors").is_file():
+            if suffix.isdigit() and self.weights(d).is_file():
                 out.append(int(suffix))
         return sorted(out)
 
@@ -425,7 +454,7 @@ class ExperimentDir:
 
         for entry in self.root.iterdir():
             name = entry.name
-            ours = (name in (LAST, FINAL, AVERAGED, BEST, METRICS_FILE, RUN_FILE, TEST_REPORT, "hyp.txt")
+            ours = (name in (LAST, FINAL, AVERAGED, BEST, METRICS_FILE, RUN_FILE, TEST_REPORT, HYPOTHESES_FILE)
                     or (name.startswith(_EPOCH_PREFIX) and name[len(_EPOCH_PREFIX):].isdigit()))
             if ours:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -541,3 +570,143 @@ class DemoDir(ExperimentDir):
         """The report of a test dir, or None if that test has not run."""
         f = ExperimentDir(test_dir).test_report
         return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# names of the command lines' default outputs, logs and plots (the paper's where it has one)
+
+
+def is_matrix_set(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an ``.npz`` of several measures rather than one paper ``.npy`` matrix."""
+    return Path(path).suffix == ".npz"
+
+
+def matrix_set_files(dump_dir: str | os.PathLike) -> list[Path]:
+    """The ``comflp measure`` files (:func:`measures_name`) under ``dump_dir``, sorted."""
+    return sorted(Path(dump_dir).glob("measures_*.npz"))
+
+
+def plot_of(path: str | os.PathLike) -> Path:
+    """The figure that goes with a JSON or matrix output: same stem, ``.png``."""
+    return Path(path).with_suffix(".png")
+
+
+def log_of(path: str | os.PathLike) -> Path:
+    """The log that goes with an output file: same stem, ``.log``."""
+    return Path(path).with_suffix(".log")
+
+
+def heatmap_file(figure_dir: str | os.PathLike, matrix_file: str | os.PathLike, measure: str | None = None) -> Path:
+    """The heatmap of a saved matrix: ``<stem>.png`` for a paper ``.npy``, ``<stem>_<measure>.png`` for each
+    measure of an ``.npz``."""
+    stem = Path(matrix_file).stem
+    return Path(figure_dir) / (f"{stem}_{measure}.png" if measure is not None and is_matrix_set(matrix_file)
+                               else f"{stem}.png")
+
+
+def measure_log(dump_dir: str | os.PathLike) -> Path:
+    return Path(dump_dir) / "measure.log"
+
+
+def search_output(exp_dir: str | os.PathLike, num_layers: int, num_clip: int, select_measure: str, mode: str) -> Path:
+    """``comflp search``'s default strategy file."""
+    return Path(exp_dir) / "search" / f"clip{num_layers}to{num_layers - num_clip}_{select_measure}_{mode}.json"
+
+
+def test_output(exp_dir: str | os.PathLike, model: str | os.PathLike) -> Path:
+    """``comflp test``'s default test dir, named after the model tested."""
+    return Path(exp_dir) / f"test_{Path(model).name}"
+
+
+def finetune_output(exp_dir: str | os.PathLike, num_layers: int, num_clip: int) -> Path:
+    """``comflp finetune``'s default experiment dir."""
+    return Path(exp_dir) / f"clip{num_layers}to{num_layers - num_clip}_ft"
+
+
+def glp_output(exp_dir: str | os.PathLike, num_layers: int, num_clip: int) -> Path:
+    """``comflp glp``'s default strategy file."""
+    return Path(exp_dir) / "search" / f"clip{num_layers}to{num_layers - num_clip}_glp.json"
+
+
+def report_output(exp_dir: str | os.PathLike, num_layers: int, num_clip: int) -> Path:
+    """``comflp measure-report``'s default report (its plot and log sit beside it)."""
+    return Path(exp_dir) / "report" / f"clip{num_layers}to{num_layers - num_clip}_measures.json"
+
+
+def paper_search_log_name(num_layers: int, num_clip: int, select_measure: str, *, batch_size: int, iter_num: int,
+                          search_mode: str, svcca_mode: str, thre: float) -> str:
+    """The log file name the paper's ``search_then_verify.py`` writes for these flags."""
+    stem = f"clip{num_layers}to{num_layers - num_clip}_search_then_verify"
+    if select_measure == "svcca":
+        return f"{stem}_SVCCA_thre{thre}_{batch_size * iter_num}{svcca_mode}_{search_mode}.log"
+    if select_measure == "rand":
+        return f"{stem}_RANDmix.log"
+    if select_measure == "linspace":
+        return f"{stem}_linspace.log"
+    if select_measure == "dc":
+        return f"{stem}_bs{batch_size}_iter{iter_num}_{search_mode}.log"
+    return f"{stem}_{select_measure}_{search_mode}.log"
+
+
+def glp_log_name(num_layers: int, num_clip: int) -> str:
+    """The log file name of the paper's ``wer_based_greedy_search.py``."""
+    return f"WER_greedy_clip{num_layers}to{num_layers - num_clip}.log"
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo's own files: the corpus manifest and what a shipped demo model carries beside its weights
+
+
+CORPUS_MANIFEST = "corpus.json"
+
+
+def corpus_manifest(corpus_root: str | os.PathLike) -> Path:
+    """The synthetic corpus' record of how it was made (config, voices, vocabulary), at its root."""
+    return Path(corpus_root) / CORPUS_MANIFEST
+
+
+class RecipeDir(ExperimentDir):
+    """A demo model's training experiment (``exp/<model name>-train``): the experiment files plus its random
+    start ``init-<L>l/`` and its ``processor/``."""
+
+    @classmethod
+    def of(cls, exp_dir: str | os.PathLike, model_name: str) -> "RecipeDir":
+        """The default training dir of the shipped model ``model_name`` under ``exp_dir``."""
+        return cls(Path(exp_dir) / f"{model_name}-train")
+
+    def init(self, num_layers: int | None = None) -> Path:
+        """The random start (``init-<L>l`` for a CTC model of L layers, ``init`` for the demo Whisper)."""
+        return self.root / ("init" if num_layers is None else f"init-{num_layers}l")
+
+    @property
+    def processor(self) -> Path:
+        return self.root / "processor"
+
+
+class ShippedModelDir:
+    """A shipped demo model: HF files plus ``results.json`` (its measured tables, recipe and training rows)
+    and ``training_curve.png``, both written by its model card."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @property
+    def results_file(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def training_curve(self) -> Path:
+        return self.root / "training_curve.png"
+
+    @property
+    def card(self) -> Path:
+        return self.root / "README.md"  # the Hub shows a repository's README.md as its model card
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.json"  # transformers.utils.CONFIG_NAME
+
+    def results(self) -> dict:
+        """The recorded results, or ``{}`` for a model without them."""
+        f = self.results_file
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}

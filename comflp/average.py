@@ -75,15 +75,15 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False) -> Path:
     dirs = [exp.epoch(e) for e in epochs]
     for e, d in zip(epochs, dirs):
-        if not (d / "model.safetensors").is_file():
-            raise ComflpError(f"checkpoint of epoch {e} not found: {d / 'model.safetensors'}")
+        if not exp.weights(d).is_file():
+            raise ComflpError(f"checkpoint of epoch {e} not found: {exp.weights(d)}")
     target = claim_dir(exp.averaged, overwrite=overwrite, flag="averaged model")
-    averaged = average_state_dicts([_load_checkpoint(d / "model.safetensors") for d in dirs])
+    averaged = average_state_dicts([_load_checkpoint(exp.weights(d)) for d in dirs])
     with write_dir(target, kind="model", overwrite=overwrite, flag="averaged model") as tmp:
         for f in dirs[-1].iterdir():
-            if f.name != "model.safetensors" and f.is_file():
+            if f != exp.weights(dirs[-1]) and f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(averaged, str(exp.weights(tmp)), metadata={"format": "pt"})
         exp.write_averaged_epochs(tmp, epochs)
     log.info("averaged epochs %s -> %s", epochs, target)
     return target

@@ -25,6 +25,8 @@ import torch
 from .errors import ComflpError
 
 _FIRST_FEW = 3
+# the Kaldi data dir: one "<utt> <value>" line per utterance in each table
+WAV_SCP, TEXT, UTT2SPK, SPK2UTT = "wav.scp", "text", "utt2spk", "spk2utt"
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def read_corpus_dir(data_dir: str | os.PathLike, *, require_text: bool = True,
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ComflpError(f"corpus dir not found: {data_dir}")
-    scp = data_dir / "wav.scp"
+    scp = data_dir / WAV_SCP
     if not scp.is_file():
         raise ComflpError(f"no wav.scp in corpus dir {data_dir}")
     wavs = _read_table(scp)
@@ -99,7 +101,7 @@ def read_corpus_dir(data_dir: str | os.PathLike, *, require_text: bool = True,
                               "extract the audio to files and list their paths")
 
     texts: dict[str, str] | None = None
-    text_file = data_dir / "text"
+    text_file = data_dir / TEXT
     if text_file.is_file():
         text_rows = _read_table(text_file, allow_empty_value=True)
         empty = [u for u, t in text_rows if not t.strip()]
@@ -117,8 +119,8 @@ def read_corpus_dir(data_dir: str | os.PathLike, *, require_text: bool = True,
         raise ComflpError(f"no text file in corpus dir {data_dir} (transcripts are needed here)")
 
     speakers: dict[str, str] = {}
-    if (data_dir / "utt2spk").is_file():
-        speakers = dict(_read_table(data_dir / "utt2spk"))
+    if (data_dir / UTT2SPK).is_file():
+        speakers = dict(_read_table(data_dir / UTT2SPK))
 
     utts = []
     for utt, value in wavs:
@@ -127,6 +129,30 @@ def read_corpus_dir(data_dir: str | os.PathLike, *, require_text: bool = True,
             raise ComflpError(f"utterance {utt}: audio file not found: {path}")
         utts.append(Utterance(utt, path, texts[utt] if texts is not None else None, speakers.get(utt)))
     return utts
+
+
+def is_corpus_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Kaldi data dir (it has a ``wav.scp``)."""
+    return (Path(path) / WAV_SCP).is_file()
+
+
+def write_corpus_dir(data_dir: str | os.PathLike, rows: Sequence[tuple[str, str, str, str]]) -> Path:
+    """Write a Kaldi data dir from ``(utt, wav path, transcript, speaker)`` rows, in their order.
+
+    Writes ``wav.scp``, ``text``, ``utt2spk`` and ``spk2utt`` (speakers sorted),
+    each atomically, so that :func:`read_corpus_dir` reads back the same rows.
+    """
+    from . import atomic
+
+    data_dir = Path(data_dir)
+    atomic.write_text(data_dir / WAV_SCP, "".join(f"{u} {w}\n" for u, w, _, _ in rows))
+    atomic.write_text(data_dir / TEXT, "".join(f"{u} {t}\n" for u, _, t, _ in rows))
+    atomic.write_text(data_dir / UTT2SPK, "".join(f"{u} {s}\n" for u, _, _, s in rows))
+    spk2utt: dict[str, list[str]] = {}
+    for u, _, _, s in rows:
+        spk2utt.setdefault(s, []).append(u)
+    atomic.write_text(data_dir / SPK2UTT, "".join(f"{s} {' '.join(us)}\n" for s, us in sorted(spk2utt.items())))
+    return data_dir
 
 
 def _readable(path) -> object:

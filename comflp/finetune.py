@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import atomic
-from .artifacts import ExperimentDir, output_lock, source_id
+from .artifacts import ExperimentDir, finetune_output, output_lock, source_id
 from .data import collate, length_sorted_batches
 from .hfdata import read_corpus_or_dataset
 from .decode import transcribe
@@ -224,11 +224,11 @@ def _load_weights(model, path: Path) -> None:
 
 def _save_last(target: Path, model, optimizer, scheduler, position: dict) -> None:
     with atomic.atomic_dir(target) as tmp:
-        _save_weights(model, tmp / "model.safetensors")
+        _save_weights(model, ExperimentDir.weights(tmp))
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": _rng_state()}, tmp / "trainer_state.pt")
-        (tmp / "position.json").write_text(json.dumps(position))
+                    "rng": _rng_state()}, ExperimentDir.trainer_state(tmp))
+        ExperimentDir.position(tmp).write_text(json.dumps(position))
 
 
 def train(args: FinetuneConfig) -> Path:
@@ -251,7 +251,7 @@ def train(args: FinetuneConfig) -> Path:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
     loaded, teacher, pruned, decoder_pruned = _student_and_teacher(args, accelerator.device)
     total = len(pruned) + num_layers(loaded.model)
-    out = Path(args.output_dir or EXP_DIR / f"clip{total}to{total - len(pruned)}_ft")
+    out = Path(args.output_dir or finetune_output(EXP_DIR, total, len(pruned)))
     afresh = args.overwrite or args.resume_epoch == 0
     lock = output_lock(out) if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
@@ -259,8 +259,9 @@ def train(args: FinetuneConfig) -> Path:
             ExperimentDir.open(out, settings=run_settings(args, pruned, decoder_pruned), kind="finetune",
                                afresh=afresh)
         accelerator.wait_for_everyone()
-        with logging_to(out / "train.log" if accelerator.is_main_process else None):
-            return _train(args, accelerator, loaded, teacher, ExperimentDir(out))
+        exp = ExperimentDir(out)
+        with logging_to(exp.command_log("train") if accelerator.is_main_process else None):
+            return _train(args, accelerator, loaded, teacher, exp)
 
 
 def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequence[int] = ()) -> dict:
@@ -345,20 +346,20 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
 
     position = {"epoch": 0, "micro": 0, "update": 0, "loss_sum": 0.0, "loss_count": 0}
     last = atomic.recover_dir(exp.last)
-    if args.resume_epoch == -1 and (last / "position.json").exists():
-        _load_weights(model, last / "model.safetensors")
-        state = torch.load(last / "trainer_state.pt", weights_only=True)
+    if args.resume_epoch == -1 and ExperimentDir.position(last).exists():
+        _load_weights(model, ExperimentDir.weights(last))
+        state = torch.load(ExperimentDir.trainer_state(last), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
-        position = json.loads((last / "position.json").read_text())
+        position = json.loads(ExperimentDir.position(last).read_text())
         log.info("resumed from %s at epoch %d, update %d", last, position["epoch"] + 1, position["update"])
     elif args.resume_epoch > 0:
         ckpt = exp.epoch(args.resume_epoch)
-        if not (ckpt / "model.safetensors").exists():
+        if not ExperimentDir.weights(ckpt).exists():
             raise ComflpError(f"--resume_epoch {args.resume_epoch}: checkpoint not found: {ckpt}")
-        _load_weights(model, ckpt / "model.safetensors")
+        _load_weights(model, ExperimentDir.weights(ckpt))
         position = {"epoch": args.resume_epoch, "micro": 0, "update": args.resume_epoch * updates_per_epoch,
                     "loss_sum": 0.0, "loss_count": 0}
         for _ in range(position["update"]):

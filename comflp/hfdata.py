@@ -109,10 +109,12 @@ def read_dataset(source: str | os.PathLike, *, split: str, audio_column: str = "
                  require_text: bool = True) -> list[Utterance]:
     """The utterances of one split of a dataset (see the module docstring for the sources)."""
     import datasets
+    from datasets.config import DATASET_INFO_FILENAME, DATASET_STATE_JSON_FILENAME, DATASETDICT_JSON_FILENAME
 
     path = Path(source)
     name = str(source)
-    if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
+    saved_by_datasets = (DATASETDICT_JSON_FILENAME, DATASET_STATE_JSON_FILENAME, DATASET_INFO_FILENAME)
+    if path.is_dir() and any((path / f).is_file() for f in saved_by_datasets):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:  # the library raises several types for a damaged dir

@@ -176,7 +176,8 @@ class ModelInfo:
 def _weight_keys(source: str) -> set[str]:
     """Parameter names stored in a local dir or hub repo, read without loading tensors."""
     from safetensors import safe_open
-    from transformers.utils import cached_file
+    from transformers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
+                                    cached_file)
 
     def fetch(name: str) -> str | None:
         try:
@@ -184,14 +185,14 @@ def _weight_keys(source: str) -> set[str]:
         except OSError:
             return None
 
-    if (index := fetch("model.safetensors.index.json")) is not None:
+    if (index := fetch(SAFE_WEIGHTS_INDEX_NAME)) is not None:
         return set(json.loads(Path(index).read_text())["weight_map"])
-    if (st := fetch("model.safetensors")) is not None:
+    if (st := fetch(SAFE_WEIGHTS_NAME)) is not None:
         with safe_open(st, framework="pt") as f:
             return set(f.keys())
-    if (index := fetch("pytorch_model.bin.index.json")) is not None:
+    if (index := fetch(WEIGHTS_INDEX_NAME)) is not None:
         return set(json.loads(Path(index).read_text())["weight_map"])
-    if (binary := fetch("pytorch_model.bin")) is not None:
+    if (binary := fetch(WEIGHTS_NAME)) is not None:
         try:
             state = torch.load(binary, map_location="meta", weights_only=True, mmap=True)
         except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped; plain transformers loads it

@@ -30,7 +30,7 @@ import torch
 from .data import Utterance
 from .decode import Transcription, transcribe
 from .errors import ComflpError
-from .artifacts import ExperimentDir, matrix_meta, save_matrices, save_matrix
+from .artifacts import ExperimentDir, is_matrix_set, matrix_meta, save_matrices, save_matrix
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
 from .metrics import ErrorRate, Unit, guess_unit
 from .model import (LoadedModel, adapter_files, base_model, count_parameters, is_encoder_decoder, num_layers,
@@ -68,7 +68,7 @@ class Measured:
     def save(self, path: str | os.PathLike, measure: str | None = None, *, overwrite: bool = False) -> Path:
         """One matrix (default: the first measured) as the paper's ``.npy`` + sidecar, or all of them to an
         ``.npz`` when ``path`` ends so; ``overwrite`` replaces only an earlier comflp output."""
-        if Path(path).suffix == ".npz":
+        if is_matrix_set(path):
             return save_matrices(path, self.matrices, self.meta(), overwrite=overwrite)
         return save_matrix(path, self.matrices[measure or next(iter(self.matrices))], self.meta(), overwrite=overwrite)
 
@@ -297,7 +297,7 @@ def test(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.Pa
         for utt, ref, hyp in zip(result.utt_ids, result.references, result.hypotheses):
             logging.getLogger("comflp.test.hyp").debug("%s ref=%s hyp=%s", utt, ref, hyp)
         atomic.write_json(report, summary)
-        atomic.write_text(out.root / "hyp.txt", "".join(f"{u} {h}\n" for u, h in zip(result.utt_ids, result.hypotheses)))
+        atomic.write_text(out.hypotheses, "".join(f"{u} {h}\n" for u, h in zip(result.utt_ids, result.hypotheses)))
     log.info("%s %.2f%% on %d utterances (%s); RTF %.4f; %d layers, %s parameters",
              "CER" if scored.unit == "char" else "WER", 100 * er.rate, len(utts), data, scored.rtf,
              scored.num_layers, f"{scored.num_parameters:,}")
@@ -345,14 +345,14 @@ def measure_report(engine: FineSearch, matrices: dict[str, np.ndarray], k: int, 
     one scatter plot per measure (beside it) are written. Returns the :class:`comflp.report.MeasureReport`.
     """
     from . import atomic
-    from .artifacts import WRITTEN_BY, claim_file, output_lock
+    from .artifacts import WRITTEN_BY, claim_file, output_lock, plot_of
     from .plots import scatter_grid
     from .report import build_report, sample_strategies
 
     out = png = None
     if output is not None:
         out = claim_file(output, overwrite=overwrite)
-        png = claim_file(Path(output).with_suffix(".png"), overwrite=overwrite)
+        png = claim_file(plot_of(output), overwrite=overwrite)
     strategies = sample_strategies(matrices, k, num_strategies, seed=seed)
     start = time.perf_counter()
     cers = [r.rate for r in engine.evaluate(strategies)]

@@ -125,3 +125,19 @@ def test_kaldi_files_accept_tabs_and_a_bom(tmp_path: Path) -> None:
     utts = read_corpus_dir(d)
     assert [(u.utt_id, u.text) for u in utts] == [("A", "你好"), ("B", "世界")]
     assert utts[1].path == d / "b.wav"
+
+
+def test_written_corpus_dir_reads_back_the_same_rows(tmp_path: Path) -> None:
+    from comflp.data import is_corpus_dir, write_corpus_dir
+
+    rows = []
+    for i, spk in enumerate(["S2", "S1", "S2"]):
+        (tmp_path / "wav").mkdir(exist_ok=True)
+        write_wav(tmp_path / "wav" / f"u{i}.wav", 0.1, seed=i)
+        rows.append((f"u{i}", f"wav/u{i}.wav", f"第{i}句", spk))
+    assert not is_corpus_dir(tmp_path / "c")
+    write_corpus_dir(tmp_path / "c", [(u, f"../{w}", t, s) for u, w, t, s in rows])
+    assert is_corpus_dir(tmp_path / "c")
+    utts = read_corpus_dir(tmp_path / "c")
+    assert [(u.utt_id, u.text, u.speaker) for u in utts] == [(u, t, s) for u, _, t, s in rows]
+    assert (tmp_path / "c" / "spk2utt").read_text() == "S1 u1\nS2 u0 u2\n"

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not args.exp_dir.is_dir():
         raise ComflpError(f"exp dir not found: {args.exp_dir}")
     exp = ExperimentDir(args.exp_dir)
-    setup_logging(exp.root / "average.log")
+    setup_logging(exp.command_log("average"))
     saved = exp.saved_epochs()
     if not saved:
         raise ComflpError(f"no epoch<N>/ checkpoints in {exp.root}")

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import source_id, claim_file, dc_dump_name, load_matrices, measures_name, save_matrices, save_matrix, svcca_dump_name
+from ..artifacts import (claim_file, dc_dump_name, heatmap_file, load_matrices, measure_log, measures_name,
+                         save_matrices, save_matrix, source_id, svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from ..hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings
 from ..logs import setup_logging
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     apply_threads(args.threads)
     accelerator = _accelerator()
     is_main = accelerator is None or accelerator.is_main_process
-    setup_logging(Path(args.dump_dir) / "measure.log" if is_main else None)
+    setup_logging(measure_log(args.dump_dir) if is_main else None)
     device = accelerator.device if accelerator else resolve_device(args.device)
     decoder = args.stack == "decoder"
     loaded = load_model(args.model, device=device, allow_encoder_decoder=True, need_tokenizer=decoder)
@@ -108,11 +109,11 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     return measured.matrices, meta
 
 
-def _heatmap_paths(args: argparse.Namespace, stems: list[str]) -> list[Path]:
+def _heatmap_paths(args: argparse.Namespace, matrix_file: Path, measures: list[str | None]) -> list[Path]:
     if args.no_plot:
         return []
-    return [claim_file(Path(args.figure_dir) / f"{stem}.png", overwrite=args.overwrite, flag="--figure_dir")
-            for stem in stems]
+    return [claim_file(heatmap_file(args.figure_dir, matrix_file, m), overwrite=args.overwrite, flag="--figure_dir")
+            for m in measures]
 
 
 def _plot(matrix: np.ndarray, path: Path, title: str) -> None:
@@ -125,7 +126,7 @@ def _plot(matrix: np.ndarray, path: Path, title: str) -> None:
 def _write_paper_matrix(matrix: np.ndarray, meta: dict, args: argparse.Namespace, name: str, title: str) -> Path:
     path = save_matrix(Path(args.dump_dir) / name, matrix, meta, overwrite=args.overwrite)
     log.info("matrix -> %s", path)
-    for png in _heatmap_paths(args, [path.stem]):
+    for png in _heatmap_paths(args, path, [None]):
         _plot(matrix, png, title)
     return path
 
@@ -134,7 +135,8 @@ def _check_outputs(args: argparse.Namespace, outputs: list[Path]) -> None:
     """Refuse before measuring (minutes of work) if an output may not be written."""
     for out in outputs:
         claim_file(out, overwrite=args.overwrite)
-    _heatmap_paths(args, [Path(o).stem for o in outputs])
+    for out in outputs:
+        _heatmap_paths(args, out, [None])
 
 
 def dc_parser() -> argparse.ArgumentParser:
@@ -229,7 +231,7 @@ def measure_main(argv: list[str] | None = None) -> None:
     out = Path(args.output or Path(args.dump_dir) / measures_name(args.batch_size, args.iter_num, args.svcca_mode,
                                                                         stack=args.stack))
     claim_file(out, overwrite=args.overwrite)
-    pngs = _heatmap_paths(args, [f"{out.stem}_{name}" for name in names])
+    pngs = _heatmap_paths(args, out, list(names))
     result = run(args, settings)
     if result is None:
         return

@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..artifacts import check_matrix_model, claim_file, load_matrices, load_matrix
+from ..artifacts import (check_matrix_model, claim_file, is_matrix_set, load_matrices, load_matrix, log_of, plot_of,
+                         report_output)
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, positive_int,
@@ -65,7 +66,7 @@ def _entries(args: list[str]) -> dict[str, tuple[object, dict, Path]]:
     raw: list[tuple[str, object, dict, Path]] = []
     for arg in args:
         label, f = _split_label(arg)
-        if f.suffix == ".npz":
+        if is_matrix_set(f):
             mats, meta = load_matrices(f)
             raw += [(f"{label}:{name}" if label else name, m, meta, f) for name, m in mats.items()]
         else:
@@ -94,11 +95,11 @@ def main(argv: list[str] | None = None) -> Path:
         raise ComflpError(f"the matrices have different shapes {sorted(sizes)}: they come from different models")
     L = next(iter(sizes))[0] - 1
     K = args.num_clip_layers
-    out = Path(args.output or EXP_DIR / "report" / f"clip{L}to{L - K}_measures.json")
-    png = out.with_suffix(".png")
+    out = Path(args.output or report_output(EXP_DIR, L, K))
+    png = plot_of(out)
     claim_file(out, overwrite=args.overwrite)
     claim_file(png, overwrite=args.overwrite)
-    setup_logging(out.with_suffix(".log"))
+    setup_logging(log_of(out))
     matrices = {}
     for name, (m, meta, f) in entries.items():
         matrices[name] = check_matrix(m, L, name=f"{f}:{name}")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import check_matrix_model, claim_file, dc_dump_name, load_matrices, load_matrix, svcca_dump_name
+from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_name, glp_output, is_matrix_set,
+                         load_matrices, load_matrix, matrix_set_files, paper_search_log_name, search_output,
+                         svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
@@ -108,7 +110,7 @@ def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, dict, Path]:
         path = Path(args.measure_file)
         if not path.is_file():
             raise ComflpError(f"--measure_file not found: {path}")
-        if args.select_measure in BASELINES and path.suffix == ".npz":
+        if args.select_measure in BASELINES and is_matrix_set(path):
             mats, _ = load_matrices(path)
             measure = measure if measure in mats else next(iter(mats))
         matrix, meta = load_matrix(path, measure)
@@ -133,10 +135,8 @@ def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, dict, Path]:
 
 def _find_measures_file(measure: str) -> tuple[np.ndarray, dict, Path]:
     """The one ``comflp measure`` file under dump/ that holds ``measure`` (measures without a paper file name)."""
-    from ..artifacts import load_matrices
-
     found = []
-    for f in sorted(DUMP_DIR.glob("measures_*.npz")):
+    for f in matrix_set_files(DUMP_DIR):
         try:
             mats, meta = load_matrices(f)
         except ComflpError:
@@ -150,20 +150,6 @@ def _find_measures_file(measure: str) -> tuple[np.ndarray, dict, Path]:
                           f"`comflp measure --measures {measure}` or pass --measure_file")
     raise ComflpError(f"{len(found)} files under {DUMP_DIR} hold {measure} ({', '.join(f.name for *_, f in found)}): "
                       "choose one with --measure_file")
-
-
-def _paper_log_name(args: argparse.Namespace) -> str:
-    L, K = args.num_layers, args.num_clip_layers
-    stem = f"clip{L}to{L - K}_search_then_verify"
-    if args.select_measure == "svcca":
-        return f"{stem}_SVCCA_thre{args.thre}_{args.bs * args.iter}{args.svcca_mode}_{args.search_mode}.log"
-    if args.select_measure == "rand":
-        return f"{stem}_RANDmix.log"
-    if args.select_measure == "linspace":
-        return f"{stem}_linspace.log"
-    if args.select_measure == "dc":
-        return f"{stem}_bs{args.bs}_iter{args.iter}_{args.search_mode}.log"
-    return f"{stem}_{args.select_measure}_{args.search_mode}.log"
 
 
 def _table(cands: list[Candidate]) -> str:
@@ -191,11 +177,13 @@ def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
 def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None) -> StrategyFile:
     args = (parser or search_parser()).parse_args(argv)
     L, K = args.num_layers, args.num_clip_layers
-    setup_logging(Path(args.log_dir) / _paper_log_name(args))
+    setup_logging(Path(args.log_dir) / paper_search_log_name(L, K, args.select_measure, batch_size=args.bs,
+                                                             iter_num=args.iter, search_mode=args.search_mode,
+                                                             svcca_mode=args.svcca_mode, thre=args.thre))
     if not 0 < K < L:
         raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
     mode = args.select_measure if args.select_measure in BASELINES else args.search_mode
-    out = Path(args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_{args.select_measure}_{mode}.json")
+    out = Path(args.output or search_output(EXP_DIR, L, K, args.select_measure, mode))
     claim_file(out, overwrite=args.overwrite)
     raw, matrix_meta, matrix_path = locate_matrix(args)
     matrix = check_matrix(raw, L, name=str(matrix_path))
@@ -271,9 +259,9 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     L, K = args.num_layers, args.num_clip_layers
     if not 0 < K < L:
         raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
-    out = Path(args.output or EXP_DIR / "search" / f"clip{L}to{L - K}_glp.json")
+    out = Path(args.output or glp_output(EXP_DIR, L, K))
     claim_file(out, overwrite=args.overwrite)
-    setup_logging(Path(args.log_dir) / f"WER_greedy_clip{L}to{L - K}.log")
+    setup_logging(Path(args.log_dir) / glp_log_name(L, K))
     fine = _fine_search(args, args.stack)
     result = glp(fine, K, progress=not args.quiet)
     final = result.path[-1]

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from .. import atomic
-from ..artifacts import ExperimentDir
+from ..artifacts import ExperimentDir, ShippedModelDir, corpus_manifest
 from ..errors import ComflpError
 from ..cli.options import read_corpus
 from ..model import count_parameters, is_encoder_decoder, load_model, num_layers
@@ -98,9 +98,7 @@ def _recipe(model_dir: Path, exp_dir: Path, metrics: list[dict]) -> dict:
         steps = settings["steps"] if "steps" in settings else settings["max_updates"]
         return {"steps": steps, "pad_audio": bool(settings["pad_audio"]), "threads": 2,
                 "minutes": round((seconds + last) / 60)}
-    previous = Path(model_dir) / "results.json"
-    recorded = json.loads(previous.read_text()).get("recipe") if previous.exists() else None
-    return recorded or DEMO_12L_RECIPE
+    return ShippedModelDir(model_dir).results().get("recipe") or DEMO_12L_RECIPE
 
 
 def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_picks: bool = True) -> Path:
@@ -115,19 +113,20 @@ def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_p
     metrics_file = ExperimentDir(exp_dir).metrics_file
     if metrics_file.exists():
         metrics = _training_curve(ExperimentDir(exp_dir))
-        curve = model_dir / "training_curve.png"
+        curve = ShippedModelDir(model_dir).training_curve
         curves({"dev CER (%)": ([m["step"] for m in metrics], [100 * m["dev_cer"] for m in metrics])}, curve,
                xlabel="optimizer step", ylabel="dev CER (%)", title=f"{name} training")
     else:  # a fresh clone has no training run: keep the curve recorded when the model was trained
-        previous = model_dir / "results.json"
-        metrics = json.loads(previous.read_text())["training"] if previous.exists() else []
+        shipped = ShippedModelDir(model_dir)
+        metrics = shipped.results().get("training", [])
         if not metrics:
-            raise ComflpError(f"no training metrics: neither {metrics_file} nor a 'training' entry in {previous}")
-        log.info("training curve from %s (no %s)", previous, metrics_file)
+            raise ComflpError(f"no training metrics: neither {metrics_file} nor a 'training' entry in "
+                              f"{shipped.results_file}")
+        log.info("training curve from %s (no %s)", shipped.results_file, metrics_file)
     res["recipe"] = _recipe(model_dir, exp_dir, metrics)
     res["training"] = [{k: m[k] for k in ("step", "train_loss", "dev_cer")} for m in metrics]
-    atomic.write_json(model_dir / "results.json", res)
-    corpus = json.loads((demo_split("train").parent / "corpus.json").read_text(encoding="utf-8"))
+    atomic.write_json(ShippedModelDir(model_dir).results_file, res)
+    corpus = json.loads(corpus_manifest(demo_split("train").parent).read_text(encoding="utf-8"))
     single = "\n".join(f"| {i} | {100 * r:.2f} |" for i, r in res["single"].items())
     half = "\n".join(f"| {name} | {100 * r:.2f} |" for name, r in res["half"].items())
     curve_rows = "\n".join(f"| {m['step']} | {m['train_loss']:.3f} | {100 * m['dev_cer']:.2f} |" for m in metrics)
@@ -207,7 +206,7 @@ One layer removed:
 |---:|---:|
 {single}
 """
-    out = model_dir / "README.md"
+    out = ShippedModelDir(model_dir).card
     atomic.write_text(out, text)
     log.info("model card -> %s", out)
     return out
@@ -229,10 +228,11 @@ def _training_rows(model_dir: Path, exp_dir: Path) -> list[dict]:
     if exp.metrics_file.exists():
         return [{k: r[k] for k in ("epoch", "train_loss", "valid_cer")} for r in exp.read_metrics()
                 if r["epoch"] > 0 and r.get("train_loss") is not None]
-    previous = model_dir / "results.json"
-    rows = json.loads(previous.read_text()).get("training", []) if previous.exists() else []
+    shipped = ShippedModelDir(model_dir)
+    rows = shipped.results().get("training", [])
     if not rows:
-        raise ComflpError(f"no training metrics: neither {exp.metrics_file} nor a 'training' entry in {previous}")
+        raise ComflpError(f"no training metrics: neither {exp.metrics_file} nor a 'training' entry in "
+                          f"{shipped.results_file}")
     return rows
 
 
@@ -246,17 +246,16 @@ def _write_seq2seq_card(model_dir: Path, exp_dir: Path, *, batch_size: int, sear
     enc, dec = stacks["encoder"], stacks["decoder"]
     rows = _training_rows(model_dir, Path(exp_dir))
     curves({"dev CER (%), 64-utterance subset": ([r["epoch"] for r in rows], [100 * r["valid_cer"] for r in rows])},
-           model_dir / "training_curve.png", xlabel="epoch", ylabel="dev CER (%)", title=f"{name} training")
+           ShippedModelDir(model_dir).training_curve, xlabel="epoch", ylabel="dev CER (%)", title=f"{name} training")
     settings = ExperimentDir(exp_dir).settings() or {}
-    previous = model_dir / "results.json"
-    recorded = json.loads(previous.read_text()).get("recipe", {}) if previous.exists() else {}
+    recorded = ShippedModelDir(model_dir).results().get("recipe", {})
     recipe = {k: settings.get(k, recorded.get(k)) for k in ("lr", "epochs", "batch_size", "layerdrop")}
     recipe["averaged_epochs"] = ExperimentDir(exp_dir).averaged_epochs() or recorded.get("averaged_epochs")
     res = {"encoder_layers": enc["num_layers"], "decoder_layers": dec["num_layers"],
            "num_parameters": enc["num_parameters"], "dev_cer": enc["dev_cer"], "test_cer": enc["test_cer"],
            "stacks": stacks, "recipe": recipe, "training": rows}
-    atomic.write_json(model_dir / "results.json", res)
-    config = json.loads((model_dir / "config.json").read_text())
+    atomic.write_json(ShippedModelDir(model_dir).results_file, res)
+    config = json.loads(ShippedModelDir(model_dir).config_file.read_text())
 
     def table(stack: str) -> str:
         r = stacks[stack]
@@ -329,7 +328,7 @@ exact top-10, fine search on the dev split; GLP: greedy by dev CER.
 
 {table("decoder")}
 """
-    out = model_dir / "README.md"
+    out = ShippedModelDir(model_dir).card
     atomic.write_text(out, text)
     log.info("model card -> %s", out)
     return out

@@ -37,6 +37,8 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from ..artifacts import corpus_manifest
+from ..data import is_corpus_dir, write_corpus_dir
 from ..errors import ComflpError, exit_on_error
 from ..cli.options import ArgumentParser
 from ..paths import DEMO_CORPUS_DIR
@@ -224,24 +226,14 @@ def _synthesize_corpus(root: Path, cfg: CorpusConfig, progress: bool) -> None:
             sf.write(wav_path, wave, SAMPLE_RATE, subtype="PCM_16")
             rows.append((utt, rel.as_posix(), text, spk))
         rows.sort()
-        _write_kaldi(kaldi, rows)
+        write_corpus_dir(kaldi, rows)
     manifest = {
         "config": asdict(cfg),
         "espeakng_loader": metadata.version("espeakng-loader"),
         "vocab": "".join(vocab),
         "speakers": {split: {spk: asdict(v) for spk, v in spk_list} for split, spk_list in speakers.items()},
     }
-    (root / "corpus.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _write_kaldi(kaldi: Path, rows: list[tuple[str, str, str, str]]) -> None:
-    (kaldi / "wav.scp").write_text("".join(f"{u} {w}\n" for u, w, _, _ in rows), encoding="utf-8")
-    (kaldi / "text").write_text("".join(f"{u} {t}\n" for u, _, t, _ in rows), encoding="utf-8")
-    (kaldi / "utt2spk").write_text("".join(f"{u} {s}\n" for u, _, _, s in rows), encoding="utf-8")
-    spk2utt: dict[str, list[str]] = {}
-    for u, _, _, s in rows:
-        spk2utt.setdefault(s, []).append(u)
-    (kaldi / "spk2utt").write_text("".join(f"{s} {' '.join(us)}\n" for s, us in sorted(spk2utt.items())), encoding="utf-8")
+    corpus_manifest(root).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def ensure_demo_corpus(data_dir: str | Path) -> None:
@@ -251,7 +243,7 @@ def ensure_demo_corpus(data_dir: str | Path) -> None:
     """
     data_dir = Path(data_dir).resolve()
     root = DEMO_CORPUS_DIR.resolve()
-    if data_dir.parent == root and data_dir.name in SPLITS and not (data_dir / "wav.scp").exists():
+    if data_dir.parent == root and data_dir.name in SPLITS and not is_corpus_dir(data_dir):
         log.info("embedded corpus missing at %s: generating it (about half a minute)", root)
         generate(root)
 

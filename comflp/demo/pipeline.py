@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..artifacts import DemoDir, claim_file, load_matrix, source_id
+from ..artifacts import DemoDir, claim_file, heatmap_file, is_matrix_set, load_matrix, source_id
 from ..errors import ComflpError, exit_on_error
 from ..hidden import MeasureSettings
 from ..logs import setup_logging
@@ -209,8 +209,8 @@ def _save_measured(measured, path: Path, *, title: str | None, figure_dir: Path 
     path = measured.save(path, overwrite=True)
     if title is not None:
         for name, m in measured.matrices.items():
-            png = (figure_dir or path.parent) / (f"{path.stem}.png" if path.suffix == ".npy" else f"{path.stem}_{name}.png")
-            heatmap(m, claim_file(png, overwrite=True), title=title if path.suffix == ".npy" else name)
+            png = heatmap_file(figure_dir or path.parent, path, name)
+            heatmap(m, claim_file(png, overwrite=True), title=name if is_matrix_set(path) else title)
     log.info("matrices %s -> %s", ",".join(measured.matrices), path)
     return path
 

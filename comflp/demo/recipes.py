@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
                           WhisperConfig, WhisperFeatureExtractor)
+from transformers.models.wav2vec2.tokenization_wav2vec2 import VOCAB_FILES_NAMES
 
 from .. import atomic
 from ..cli.options import ArgumentParser, positive_int, read_corpus
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig, run_settings, train as train_loop
 from ..logs import setup_logging
-from ..artifacts import ExperimentDir, claim_dir
+from ..artifacts import ExperimentDir, RecipeDir, claim_dir
 from ..model import save_model
 from ..paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, EXP_DIR, demo_model_dir, demo_split
 
@@ -54,7 +55,7 @@ def build_processor(vocab: str, out_dir: Path) -> tuple[Wav2Vec2FeatureExtractor
     """Character tokenizer (``<pad>`` is the CTC blank) and a 16 kHz feature extractor."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = list(SPECIAL_TOKENS) + [c for c in vocab if c not in SPECIAL_TOKENS]
-    vocab_file = out_dir / "vocab.json"
+    vocab_file = out_dir / VOCAB_FILES_NAMES["vocab_file"]
     atomic.write_json(vocab_file, {t: i for i, t in enumerate(tokens)})
     tok = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|",
                                bos_token=None, eos_token=None)
@@ -153,16 +154,16 @@ def train(args: argparse.Namespace) -> Path:
     """
     exp = Path(args.exp_dir)
     claim_dir(args.output, overwrite=args.overwrite)  # refuse now, not after hours of training
-    init = exp / f"init-{args.num_layers}l"
+    init = RecipeDir(exp).init(args.num_layers)
     config = training_config(args, init)
     # --resume continues only the same recipe; without it the run starts over
     ExperimentDir.open(exp, settings=run_settings(config, []), kind="finetune", afresh=not args.resume,
                        flag="--exp_dir", restart_flags="no --resume")
-    setup_logging(exp / "train.log")
+    setup_logging(ExperimentDir(exp).command_log("train"))
     torch.set_num_threads(args.threads)
     train_utts = read_corpus(args.train_data_dir)
     vocab = "".join(sorted({c for u in train_utts for c in u.text if not c.isspace()}))
-    fe, tok = build_processor(vocab, exp / "processor")
+    fe, tok = build_processor(vocab, RecipeDir(exp).processor)
     torch.manual_seed(args.seed)
     model = Wav2Vec2ForCTC(demo_config(len(tok), num_layers=args.num_layers))
     save_model(model, init, feature_extractor=fe, tokenizer=tok, overwrite=True)
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("whisper-init", help="the demo Whisper's random start (Whisper architecture, character "
                                             "vocabulary, 4-s window); `comflp finetune --whole_model` "
                                             "trains it")
-    w.add_argument("--output", type=Path, default=EXP_DIR / "demo-whisper-train" / "init",
+    w.add_argument("--output", type=Path, default=RecipeDir.of(EXP_DIR, DEMO_WHISPER_DIR.name).init(),
                    help="model dir (default: %(default)s)")
     w.add_argument("--encoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
     w.add_argument("--decoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.output is None:
             args.output = demo_model_dir(args.num_layers)
         if args.exp_dir is None:
-            args.exp_dir = EXP_DIR / f"demo-{args.num_layers}l-train"
+            args.exp_dir = RecipeDir.of(EXP_DIR, demo_model_dir(args.num_layers).name).root
         args.train_data_dir = args.train_data_dir or demo_split("train")
         args.dev_data_dir = args.dev_data_dir or demo_split("dev")
         if args.steps <= args.warmup:
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .card import write_card
 
-        write_card(args.model, args.exp_dir or EXP_DIR / f"{Path(args.model).name}-train", batch_size=args.batch_size,
+        write_card(args.model, args.exp_dir or RecipeDir.of(EXP_DIR, Path(args.model).name).root,
+                   batch_size=args.batch_size,
                    search_picks=not args.no_search)
 
 
