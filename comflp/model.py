@@ -45,6 +45,9 @@ class Family:
     ``output_lengths``: the model's method mapping input lengths to the layers' input frames.
     ``feature_encoder``: the front end between the input and the first layer (frozen when fine-tuning,
     computed once per batch in fine search).
+    ``per_batch``: further modules before the first layer whose output depends on the batch only (the feature
+    projection, the positional convolution), computed once per batch in fine search beside the front end;
+    a path whose module the model does not have (or holds None) is passed over.
     ``position_conv_layers``: the path of a positional convolution built as a stack of conv layers, whose
     padded frames must be zeroed between layers for batching to be exact (see :func:`padding_exact`).
     ``front_end_exact``: the front end gives each utterance of a padded batch what it gives alone (feature
@@ -71,6 +74,7 @@ class Family:
     input_kind: str = "input_values"
     output_lengths: str = "_get_feat_extract_output_lengths"
     feature_encoder: str = "feature_extractor"
+    per_batch: tuple[str, ...] = ("feature_projection", "encoder.pos_conv_embed")
     position_conv_layers: str | None = None
     front_end_exact: bool = False
     depthwise_conv: str | None = None
@@ -93,17 +97,18 @@ FAMILIES: dict[str, Family] = {
     "sew-d": Family(layers="encoder.encoder.layer", squeeze_field="squeeze_factor", pooled_mask="encoder.encoder",
                     upsample="encoder.upsample"),
     # log-mel frames stacked in pairs; causal depthwise convolution over masked frames: batch-invariant as is
-    "wav2vec2-bert": Family(input_kind="input_features", feature_encoder="feature_projection", front_end_exact=True,
-                            default_features="SeamlessM4TFeatureExtractor"),
+    "wav2vec2-bert": Family(input_kind="input_features", feature_encoder="feature_projection", per_batch=(),
+                            front_end_exact=True, default_features="SeamlessM4TFeatureExtractor"),
     # FastConformer: 8x conv subsampling of log-mel frames (masked per conv), the relative positions are
     # computed once before the layers and passed to each, so they stay
     "parakeet_ctc": Family(config="encoder_config", input_kind="input_features",
                            output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampling",
-                           front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head"),
+                           per_batch=(), front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head"),
     # encoder-decoder: log-mel frames padded to 30 s, two conv layers, then the encoder's layers; the decoder's
     # layers carry their cache index (``layer_idx``), renumbered when layers go
     "whisper": Family(layers="encoder.layers", depth_field="encoder_layers", input_kind="input_features",
-                      feature_encoder="encoder.conv1", front_end_exact=True, default_features="WhisperFeatureExtractor",
+                      feature_encoder="encoder.conv1", per_batch=(), front_end_exact=True,
+                      default_features="WhisperFeatureExtractor",
                       head="proj_out", decoder_layers="decoder.layers", decoder_depth_field="decoder_layers",
                       auto_class="AutoModelForSpeechSeq2Seq"),
 }
@@ -484,19 +489,24 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
 
 @contextlib.contextmanager
 def frozen_features(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-    """Within the block, the feature encoder runs once: every forward after the first reuses its output.
+    """Within the block, the front end and the family's ``per_batch`` modules run once: every forward after
+    the first reuses their outputs.
 
     Valid while every forward in the block gets the same input batch (fine search decodes one batch under
-    many layer sets).
+    many layer sets): what runs before the first layer is then the same for every layer set.
     """
     base = base_model(model)
-    path = family_of(model).feature_encoder
-    encoder = _get(base, path)
-    _set(base, path, _OutputOnce(encoder))
+    family = family_of(model)
+    originals = {}
+    for path in (family.feature_encoder, *family.per_batch):
+        if (module := _get(base, path)) is not None:
+            originals[path] = module
+            _set(base, path, _OutputOnce(module))
     try:
         yield model
     finally:
-        _set(base, path, encoder)
+        for path, module in originals.items():
+            _set(base, path, module)
 
 
 def front_end(model: PreTrainedModel) -> nn.Module:
