@@ -469,17 +469,18 @@ def run_layers_cached(model: PreTrainedModel, kept: Sequence[int], cache: dict, 
 
 
 class _OutputOnce(nn.Module):
-    """Stands in for the feature encoder: runs it on the first call and returns that output on every later one."""
+    """Stands in for a module before the layers: runs it unless ``outputs`` holds its output under ``key``."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, module: nn.Module, outputs: dict, key: str) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.output = None
+        self.module = module
+        self.outputs = outputs
+        self.key = key
 
     def forward(self, *args, **kwargs):
-        if self.output is None:
-            self.output = self.encoder(*args, **kwargs)
-        return self.output
+        if self.key not in self.outputs:
+            self.outputs[self.key] = self.module(*args, **kwargs)
+        return self.outputs[self.key]
 
 
 def _set(module: nn.Module, path: str, value: nn.Module) -> None:
@@ -488,20 +489,23 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def frozen_features(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+def frozen_features(model: PreTrainedModel, outputs: dict | None = None) -> Iterator[PreTrainedModel]:
     """Within the block, the front end and the family's ``per_batch`` modules run once: every forward after
     the first reuses their outputs.
 
     Valid while every forward in the block gets the same input batch (fine search decodes one batch under
     many layer sets): what runs before the first layer is then the same for every layer set.
+    ``outputs``: module path -> output, kept by the caller to reuse them in a later block on the same batch
+    (filled in by the first forward).
     """
     base = base_model(model)
     family = family_of(model)
+    outputs = {} if outputs is None else outputs
     originals = {}
     for path in (family.feature_encoder, *family.per_batch):
         if (module := _get(base, path)) is not None:
             originals[path] = module
-            _set(base, path, _OutputOnce(module))
+            _set(base, path, _OutputOnce(module, outputs, path))
     try:
         yield model
     finally:

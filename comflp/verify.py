@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +60,18 @@ class FineSearchStats:
     seconds: float = 0.0
 
 
+def _tensors(value) -> Iterator[torch.Tensor]:
+    """The tensors in a module output (a tensor, or tuples, lists, dicts and model outputs of them)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):  # transformers' ModelOutput is a dict
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
 @dataclass
 class FineSearch:
     """Evaluate many pruning strategies of one model on one labelled subset.
@@ -68,6 +80,9 @@ class FineSearch:
     greedy generation with the cache; its references and hypotheses in words go through Whisper's basic
     text normaliser (characters are scored as they are). Encoder strategies share the kept-layer prefixes
     as for CTC; decoder strategies share the batch's encoder output.
+    ``front_end_cache_gb``: memory for keeping each batch's front-end outputs (the modules before the first
+    layer) from one evaluation to the next, as GLP's steps and a measure report evaluate again and again;
+    batches past it recompute theirs. 0 keeps none.
     """
 
     loaded: LoadedModel
@@ -77,6 +92,7 @@ class FineSearch:
     progress: bool = True
     pad_audio: bool = False
     stack: str = "encoder"
+    front_end_cache_gb: float = 2.0
     stats: FineSearchStats = field(default_factory=FineSearchStats)
     hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
 
@@ -100,6 +116,8 @@ class FineSearch:
         groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
         self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
         self.num_layers = num_layers(self.loaded.model, self.stack)
+        self._front_ends: dict[int, dict] = {}  # batch index -> front-end outputs kept (frozen_features)
+        self._front_end_bytes = 0
 
     def normalize(self, text: str) -> str:
         """Whisper's basic normaliser for text in words (lower case, no punctuation); characters as they are."""
@@ -127,12 +145,20 @@ class FineSearch:
             hyps[i].update(zip(batch.utt_ids, texts))
             bar.update(1)
 
-    def _evaluate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
+    def _keep_front_end(self, index: int, outputs: dict) -> None:
+        """Keep batch ``index``'s front-end outputs for later evaluations while they fit the budget."""
+        size = sum(t.numel() * t.element_size() for t in _tensors(outputs))
+        if self._front_end_bytes + size <= self.front_end_cache_gb * 2**30:
+            self._front_ends[index] = outputs
+            self._front_end_bytes += size
+
+    def _evaluate_batch(self, batch: AudioBatch, index: int, kept: list[tuple[int, ...]], order: list[int],
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
         """Decode one batch under every kept sequence, walking the trie of kept sequences in DFS order."""
         model = self.loaded.model
         cache: dict[tuple[int, ...], object] = {}
-        with frozen_features(model):
+        outputs = self._front_ends.get(index, {})
+        with frozen_features(model, outputs):
             for i in order:
                 seq = kept[i]
                 for key in [k for k in cache if seq[: len(k)] != k]:
@@ -142,9 +168,13 @@ class FineSearch:
                 texts = decode_logits(model, self.loaded.tokenizer, logits, batch.attention_mask)
                 hyps[i].update(zip(batch.utt_ids, texts))
                 bar.update(1)
+        if index not in self._front_ends:
+            self._keep_front_end(index, outputs)
 
-    def _decode(self, pruned_sets: Sequence[Sequence[int]], batches: Sequence[AudioBatch]) -> list[dict[str, str]]:
-        """Hypotheses of each pruned set (1-based layers) on the utterances of ``batches``, keyed by utterance id."""
+    def _decode(self, pruned_sets: Sequence[Sequence[int]], indices: Sequence[int]) -> list[dict[str, str]]:
+        """Hypotheses of each pruned set (1-based layers) on the utterances of the batches ``indices``, keyed by
+        utterance id."""
+        batches = [self._batches[i] for i in indices]
         sets = [validate(p, self.num_layers) if p else [] for p in pruned_sets]
         kept = [tuple(i for i in range(self.num_layers) if i + 1 not in set(p)) for p in sets]
         order = sorted(range(len(sets)), key=lambda i: kept[i])  # DFS order of the trie
@@ -154,7 +184,7 @@ class FineSearch:
         counter = [0]
         bar = tqdm(total=len(batches) * len(sets), desc="fine search", unit="cand-batch", disable=not self.progress)
         with torch.inference_mode():
-            for batch in batches:
+            for index, batch in zip(indices, batches):
                 batch = batch.to(self.device)
                 if self.generative:
                     self._generate_batch(batch, kept, order, hyps, counter, bar)
@@ -162,7 +192,7 @@ class FineSearch:
                 exact = (contextlib.nullcontext() if self.pad_audio
                          else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
                 with exact:
-                    self._evaluate_batch(batch, kept, order, hyps, counter, bar)
+                    self._evaluate_batch(batch, index, kept, order, hyps, counter, bar)
         bar.close()
         self.stats.layer_applications += counter[0]
         self.stats.naive_layer_applications += len(batches) * sum(len(k) for k in kept)
@@ -177,11 +207,11 @@ class FineSearch:
 
     def decode_batches(self, pruned_sets: Sequence[Sequence[int]], indices: Sequence[int]) -> list[dict[str, str]]:
         """Hypotheses of each pruned set on the batches ``indices`` of :attr:`batches`, keyed by utterance id."""
-        return self._decode(pruned_sets, [self._batches[i] for i in indices])
+        return self._decode(pruned_sets, indices)
 
     def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
         """Error rate of each pruned set (1-based layers) on the whole subset, in the order given."""
-        hyps = self._decode(pruned_sets, self._batches)
+        hyps = self._decode(pruned_sets, range(len(self._batches)))
         refs = [u.text for u in self.utts]
         self.hypotheses = [[h[u.utt_id] for u in self.utts] for h in hyps]
         return [error_rate(refs, h, unit=self.unit) for h in self.hypotheses]

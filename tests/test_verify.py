@@ -42,6 +42,27 @@ def test_shared_prefix_equals_separately_built_models(family: str, corpus: Path,
     assert fine.stats.layer_applications == 3 * len(nodes)
 
 
+@pytest.mark.parametrize("family", ["wav2vec2", "data2vec-audio", "sew-d"])
+def test_front_end_outputs_are_kept_across_evaluations_within_the_budget(family: str, corpus: Path,
+                                                                          tmp_path: Path) -> None:
+    from comflp.model import front_end
+
+    loaded = load_model(save_plain(tiny_model(family, seed=5), tmp_path / "m", tmp_path / "proc"))
+    calls = [0]
+    front_end(loaded.model).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    utts = read_corpus_dir(corpus)
+    kept = FineSearch(loaded, utts, batch_size=3, progress=False)  # 3 batches
+    first = kept.evaluate(SETS[:3])
+    assert calls[0] == 3  # once per batch for three layer sets
+    again = kept.evaluate(SETS[3:])
+    assert calls[0] == 3  # the second evaluation reuses them
+    none_kept = FineSearch(loaded, utts, batch_size=3, progress=False, front_end_cache_gb=0)
+    assert [r.rate for r in none_kept.evaluate(SETS[:3]) + none_kept.evaluate(SETS[3:])] == \
+        [r.rate for r in first + again]
+    assert none_kept.hypotheses == kept.hypotheses
+    assert calls[0] == 3 + 6
+
+
 def test_subset_is_first_n_in_wav_scp_order(corpus: Path) -> None:
     utts = read_corpus_dir(corpus)
     assert [u.utt_id for u in verify_subset(utts, 2, 2)] == ["U000", "U001", "U002", "U003"]
