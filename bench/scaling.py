@@ -57,14 +57,16 @@ def time_depth(loaded: LoadedModel, num_layers: int, train, subset, glp_budget_s
     k = num_layers // 2
     collect(loaded.model, loaded.feature_extractor, train, replace(PAPER_DC, iter_num=1),
             progress=False)  # warm-up: one-time allocations stay out of the timers
-    fine = FineSearch(loaded, subset, batch_size=32, progress=False)  # audio loaded here, outside the timers
-    run = comflp_search(loaded, train, fine, k, racing=False)
+    # one engine per timed search, audio loaded outside the timers: each pays for its own front-end outputs
+    full_engine, race_engine, glp_engine = (FineSearch(loaded, subset, batch_size=32, progress=False)
+                                            for _ in range(3))
+    run = comflp_search(loaded, train, full_engine, k, racing=False)
     measure_s, coarse_s, fine_s = run.measured.seconds, run.coarse.seconds, run.fine.seconds
     full, cands = run.fine.report, run.coarse.candidates
-    race_run = fine_stage(fine, cands, racing=True)
+    race_run = fine_stage(race_engine, cands, racing=True)
     raced, race_s = race_run.report, race_run.seconds
     t = time.perf_counter()
-    glp = glp_stage(fine, k, max_seconds=glp_budget_s)
+    glp = glp_stage(glp_engine, k, max_seconds=glp_budget_s)
     glp_run_s = time.perf_counter() - t
     complete = len(glp.path) == k
     total_evals = glp_evaluations(num_layers, k)

@@ -46,6 +46,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def add_front_end_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--front_end_cache_gb", type=non_negative_float, default=2.0,
+                   help="memory (GiB) for keeping each subset batch's front-end outputs (the modules before the "
+                        "first layer) between evaluations, so that GLP's steps and a report's strategies compute "
+                        "them once; 0 recomputes them every time. Changes speed, never a CER (default: %(default)s)")
+
+
 def str2bool(text: str) -> bool:
     """argparse type for the paper's ``--flag true|false`` options; anything else is an error."""
     if text.lower() in ("1", "true", "yes", "y", "t"):

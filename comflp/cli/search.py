@@ -14,7 +14,7 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
                          load_matrices, load_matrix, matrix_set_files, paper_search_log_name, search_output,
                          svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
 from ..paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
@@ -41,6 +41,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     add_dataset_arguments(p, split="validation", replaces="--verify_data_dir")
     add_pad_audio(p)
+    add_front_end_cache(p)
     add_device(p)
     add_overwrite(p, "strategy file")
     p.add_argument("--log_dir", type=Path, default=LOG_DIR, help="where the paper-style log goes (default: %(default)s)")
@@ -170,7 +171,7 @@ def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
     check_num_layers(args.num_layers, num_layers(loaded.model, stack), args.model)
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
-                      pad_audio=args.pad_audio, stack=stack)
+                      pad_audio=args.pad_audio, stack=stack, front_end_cache_gb=args.front_end_cache_gb)
 
 
 @exit_on_error
