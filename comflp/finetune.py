@@ -52,7 +52,7 @@ from .hidden import teacher_forcing_labels
 from .model import (LoadedModel, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
                     num_layers, prune, save_model)
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
-from .strategy import StrategyFile, parse_layers, resolve_pruned, validate
+from .strategy import StrategyFile, check_num_layers, parse_layers, resolve_pruned, validate
 from .verify import verify_subset
 
 log = logging.getLogger("comflp.finetune")
@@ -148,8 +148,7 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
     if stack == "decoder" and args.decoder_layers is not None:
         raise ComflpError(f"{args.strategy} prunes the decoder: drop --decoder_layers")
     total = num_layers(source.model, stack)
-    if args.num_layers is not None and args.num_layers != total:
-        raise ComflpError(f"--num_layers {args.num_layers} but {args.model} has {total} layers")
+    check_num_layers(args.num_layers, total, args.model)
     decoder = (validate(parse_layers(args.decoder_layers), num_layers(source.model, "decoder"))
                if args.decoder_layers is not None else [])
     pruned = ([] if args.whole_model or (args.strategy is None and args.layers is None and decoder) else

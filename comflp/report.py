@@ -27,6 +27,7 @@ from scipy import stats
 
 from .errors import ComflpError
 from .search import exact, score
+from .strategy import check_prune_count
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,7 @@ def sample_strategies(matrices: dict[str, np.ndarray], k: int, num_strategies: i
     random K-subsets of 1..L fill up to ``num_strategies`` (all distinct).
     """
     num_layers = next(iter(matrices.values())).shape[0] - 1
-    if not 0 < k < num_layers:
-        raise ComflpError(f"cannot prune {k} of {num_layers} layers: need 0 < K < {num_layers}")
+    check_prune_count(num_layers, k)
     total = math.comb(num_layers, k)
     if num_strategies > total:
         raise ComflpError(f"--num_strategies {num_strategies} exceeds the {total} strategies of {k} of "

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ComflpError
-from .strategy import Candidate, to_blocks
+from .strategy import Candidate, check_prune_count, to_blocks
 
 SEARCH_MODES = ("exhaustive", "greedy", "beam", "exact", "rand", "linspace")
 MAX_EXHAUSTIVE = 5_000_000
@@ -51,11 +51,6 @@ def check_matrix(matrix: np.ndarray, num_layers: int | None = None, *, name: str
     if not np.all(np.isfinite(m)):
         raise ComflpError(f"{name} contains NaN or infinite values")
     return m.astype(np.float64)
-
-
-def check_k(num_layers: int, k: int) -> None:
-    if not 0 < k < num_layers:
-        raise ComflpError(f"cannot prune {k} of {num_layers} layers: need 0 < K < {num_layers}")
 
 
 def score(matrix: np.ndarray, pruned: Sequence[int]) -> float:
@@ -115,7 +110,7 @@ def exhaustive(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
     """All C(L, K) sets; top-N by the paper's ``np.argsort`` ranking."""
     m = check_matrix(matrix)
     L = m.shape[0] - 1
-    check_k(L, k)
+    check_prune_count(L, k)
     total = math.comb(L, k)
     if total > MAX_EXHAUSTIVE:
         raise ComflpError(f"exhaustive search over C({L},{k}) = {total:,} sets is too large; use --search_mode exact")
@@ -137,7 +132,7 @@ def beam(matrix: np.ndarray, k: int, beam_size: int = 10) -> SearchResult:
     """
     m = check_matrix(matrix)
     L = m.shape[0] - 1
-    check_k(L, k)
+    check_prune_count(L, k)
     if beam_size < 1:
         raise ComflpError(f"--beam_size must be positive, got {beam_size}")
     rng = np.random.default_rng(0)
@@ -215,7 +210,7 @@ def random_search(matrix: np.ndarray, k: int, top_n: int = 10, *, seed: int = 42
     """
     m = check_matrix(matrix)
     L = m.shape[0] - 1
-    check_k(L, k)
+    check_prune_count(L, k)
     total = math.comb(L, k)
     top_n = min(top_n, total)
     rs = np.random.RandomState(seed)
@@ -245,7 +240,7 @@ def linspace(matrix: np.ndarray, k: int) -> SearchResult:
     """
     m = check_matrix(matrix)
     L = m.shape[0] - 1
-    check_k(L, k)
+    check_prune_count(L, k)
     kept = set(np.linspace(0, L - 1, L - k, dtype=int).tolist())
     pruned = [i + 1 for i in range(L) if i not in kept]  # the spacing is >= 1, so the kept layers are distinct
     return SearchResult([Candidate(pruned, float(score_masks(m, _to_mask([pruned], L))[0]))], "linspace")
@@ -329,7 +324,7 @@ def exact(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
     """
     m = check_matrix(matrix)
     L = m.shape[0] - 1
-    check_k(L, k)
+    check_prune_count(L, k)
     top_n = min(top_n, math.comb(L, k))
     seen: dict[tuple[int, ...], float] = {}
 

@@ -61,6 +61,18 @@ def from_blocks(blocks: Iterable[Sequence[int]]) -> list[int]:
     return sorted(layers)
 
 
+def check_num_layers(expected: int | None, actual: int, model_name: str) -> None:
+    """The ``--num_layers`` check: one line when the flag and the model disagree (None: not given)."""
+    if expected is not None and expected != actual:
+        raise ComflpError(f"--num_layers {expected} but {model_name} has {actual} layers")
+
+
+def check_prune_count(num_layers: int, k: int) -> None:
+    """ComflpError unless 0 < k < num_layers: pruning removes a layer and keeps one."""
+    if not 0 < k < num_layers:
+        raise ComflpError(f"cannot prune {k} of {num_layers} layers: need 0 < K < {num_layers}")
+
+
 def validate(pruned: Iterable[int], num_layers: int) -> list[int]:
     """Sorted unique layers; ComflpError unless all lie in 1..num_layers and 0 < K < num_layers."""
     pruned = list(pruned)
@@ -69,8 +81,7 @@ def validate(pruned: Iterable[int], num_layers: int) -> list[int]:
     bad = [p for p in pruned if not 1 <= p <= num_layers]
     if bad:
         raise ComflpError(f"layer(s) {bad} outside the model's layers 1..{num_layers}")
-    if not 0 < len(pruned) < num_layers:
-        raise ComflpError(f"cannot prune {len(pruned)} of {num_layers} layers: need 0 < K < {num_layers}")
+    check_prune_count(num_layers, len(pruned))
     return sorted(pruned)
 
 

@@ -38,7 +38,7 @@ from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
 from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
                     run_layers, run_layers_cached)
-from .strategy import Candidate, validate
+from .strategy import Candidate, check_prune_count, validate
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +380,7 @@ def greedy_layer_pruning(fine: FineSearch, k: int, *, progress: bool = True,
 
     ``max_seconds`` stops after the first step that ends past that time (for benchmarks that extrapolate).
     """
-    if not 0 < k < fine.num_layers:
-        raise ComflpError(f"cannot prune {k} of {fine.num_layers} layers: need 0 < K < {fine.num_layers}")
+    check_prune_count(fine.num_layers, k)
     start = time.perf_counter()
     pruned: list[int] = []
     path: list[Candidate] = []

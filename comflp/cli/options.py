@@ -14,6 +14,7 @@ import sys
 import torch
 
 from ..errors import ComflpError
+from ..strategy import check_num_layers  # noqa: F401 (the commands' shared flag check, here with the others)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -121,12 +122,6 @@ def add_overwrite(p: argparse.ArgumentParser, what: str = "output") -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an existing {what} written earlier by comflp (a path comflp did not write is "
                         "never replaced)")
-
-
-def check_num_layers(expected: int | None, actual: int, model_name: str) -> None:
-    """The ``--num_layers`` check: one line when the flag and the model disagree."""
-    if expected is not None and expected != actual:
-        raise ComflpError(f"--num_layers {expected} but {model_name} has {actual} layers")
 
 
 def ensure_corpus(data_dir) -> None:

@@ -19,7 +19,7 @@ from .options import (ArgumentParser, add_dataset_arguments, add_device, add_fro
 from ..logs import setup_logging
 from ..paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
 from ..search import SEARCH_MODES, check_matrix, search
-from ..strategy import Candidate, StrategyFile
+from ..strategy import Candidate, StrategyFile, check_prune_count
 
 log = logging.getLogger("comflp.search")
 
@@ -181,8 +181,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     setup_logging(Path(args.log_dir) / paper_search_log_name(L, K, args.select_measure, batch_size=args.bs,
                                                              iter_num=args.iter, search_mode=args.search_mode,
                                                              svcca_mode=args.svcca_mode, thre=args.thre))
-    if not 0 < K < L:
-        raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
+    check_prune_count(L, K)
     mode = args.select_measure if args.select_measure in BASELINES else args.search_mode
     out = Path(args.output or search_output(EXP_DIR, L, K, args.select_measure, mode))
     claim_file(out, overwrite=args.overwrite)
@@ -258,8 +257,7 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
 
     args = glp_parser().parse_args(argv)
     L, K = args.num_layers, args.num_clip_layers
-    if not 0 < K < L:
-        raise ComflpError(f"cannot prune {K} of {L} layers: need 0 < K < {L}")
+    check_prune_count(L, K)
     out = Path(args.output or glp_output(EXP_DIR, L, K))
     claim_file(out, overwrite=args.overwrite)
     setup_logging(Path(args.log_dir) / glp_log_name(L, K))
