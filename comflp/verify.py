@@ -82,7 +82,8 @@ class FineSearch:
     as for CTC; decoder strategies share the batch's encoder output.
     ``front_end_cache_gb``: memory for keeping each batch's front-end outputs (the modules before the first
     layer) from one evaluation to the next, as GLP's steps and a measure report evaluate again and again;
-    batches past it recompute theirs. 0 keeps none.
+    batches past it recompute theirs. 0 keeps none. The kept outputs belong to the model's weights at the
+    time: an engine is for one frozen model (build a new one after changing its weights).
     """
 
     loaded: LoadedModel
