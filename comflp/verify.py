@@ -61,7 +61,10 @@ class FineSearchStats:
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
-    """The tensors in a module output (a tensor, or tuples, lists, dicts and model outputs of them)."""
+    """The tensors in a module output (a tensor, or tuples, lists, dicts and model outputs of them).
+
+    Written here because torch's tree flattening (``torch.utils._pytree``) is a private API.
+    """
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):  # transformers' ModelOutput is a dict
