@@ -5,6 +5,9 @@
 Both search on the same fine-search subset (first 10 x 32 utterances of the dev split)
 with the same shared-prefix engine; their picks are then scored on the test split.
 Goal: CoMFLP >= 10x faster, its pick's test CER within 10% (relative) of GLP's.
+It also measures the cost model behind the ratio (the front end's seconds, the seconds per
+layer application of a batch) and the most any fine search could reach: measuring, the
+front end and the winner's layers alone.
 Writes bench/results/glp_vs_comflp.json.
 """
 
