@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 from comflp.atomic import write_json
+from comflp.errors import ComflpError
+from comflp.model import load_model
+from comflp.model import num_layers as stack_depth
 from comflp.paths import REPO_ROOT, demo_model_dir
 
 
@@ -45,12 +48,17 @@ def main() -> None:
                    help="comma-separated sizes of the fine search (the coarse search's top N), each run with full "
                         "evaluation and racing; the issue's goals are stated for 10")
     args = p.parse_args()
-    num_layers = json.loads((args.model / "config.json").read_text())["num_hidden_layers"]
+    try:
+        num_layers = stack_depth(load_model(args.model).model)
+    except ComflpError as err:
+        sys.exit(f"--model {args.model}: {err}")
     k = args.num_clip_layers or num_layers // 2
     try:
         topk_nums = [int(n) for n in args.topk_nums.split(",")]
     except ValueError:
-        sys.exit(f"--topk_nums {args.topk_nums!r}: expected comma-separated integers")
+        topk_nums = []
+    if not topk_nums or min(topk_nums) < 1:
+        sys.exit(f"--topk_nums {args.topk_nums!r}: expected comma-separated positive integers")
     py = sys.executable
     verify = ["--model", str(args.model), "--num_layers", str(num_layers), "--num_clip_layers", str(k),
               "--test_num_batch", "7", "--verify_batch_size", "32", "--quiet"]
