@@ -70,10 +70,10 @@ def main() -> None:
         t = time.perf_counter()
         probe.evaluate([[]])
         times.append(time.perf_counter() - t)
-    front_end_s = max(times[0] - times[1], 0.0)
-    layer_s = times[1] / probe.stats.layer_applications * 2  # per layer application of one batch
-    comflp_apps, glp_apps = full_engine.stats.layer_applications, glp_engine.stats.layer_applications
     num_batches = len(probe.batches)
+    front_end_s = max(times[0] - times[1], 0.0)
+    layer_s = times[1] / (probe.num_layers * num_batches)  # per layer application of one batch
+    comflp_apps, glp_apps = full_engine.stats.layer_applications, glp_engine.stats.layer_applications
     floor_s = measure_s + coarse_s + front_end_s + (probe.num_layers - k) * num_batches * layer_s
     print(f"cost model: front end {front_end_s:.2f} s, {1000 * layer_s:.1f} ms per layer application of a batch; "
           f"CoMFLP's fine search {comflp_apps} applications (model {front_end_s + comflp_apps * layer_s:.2f} s, "

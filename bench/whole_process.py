@@ -102,5 +102,6 @@ def main() -> None:
         "comflp": rows, "threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": platform.processor() or platform.machine()})
 
+
 if __name__ == "__main__":
     main()
