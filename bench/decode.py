@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Wav2Vec2Config
 
+from comflp.cli.argtypes import positive_int, threads
 from comflp.atomic import write_json
 from comflp.data import collate, length_sorted_batches
 from comflp.model import forward, frame_mask
@@ -69,10 +70,10 @@ def main() -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR))
     p.add_argument("--data_dir", type=Path, default=demo_split("test"))
     p.add_argument("--layers", default="1,3,5,7,9,11", help="layers removed for the 6-layer model")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--paper_utts", type=int, default=16, help="utterances for the paper-size model")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--repeat", type=positive_int, default=3)
+    p.add_argument("--paper_utts", type=positive_int, default=16, help="utterances for the paper-size model")
+    p.add_argument("--threads", type=threads, default=None)
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "decode.json")
     args = p.parse_args()
     if args.threads:

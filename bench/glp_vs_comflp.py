@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from comflp.cli.argtypes import positive_int, threads
 from comflp.atomic import write_json
 from comflp.cli.options import read_corpus
 from comflp.model import load_model
@@ -34,8 +35,8 @@ from comflp.verify import FineSearch, verify_subset
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(DEMO_MODEL_DIR))
-    p.add_argument("--num_clip_layers", type=int, default=6)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--num_clip_layers", type=positive_int, default=6)
+    p.add_argument("--threads", type=threads, default=None)
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "glp_vs_comflp.json")
     args = p.parse_args()
     if args.threads:

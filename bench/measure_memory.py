@@ -31,6 +31,7 @@ from pathlib import Path
 
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
+from comflp.cli.argtypes import positive_float, threads
 from comflp.atomic import write_json
 from comflp.hidden import MOMENT_MEMORY_GB
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
@@ -75,9 +76,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="48x512,24x1024", help="LxD cases (default: %(default)s)")
     p.add_argument("--data_dir", type=Path, default=demo_split("train"))
-    p.add_argument("--whole_up_to_gb", type=float, default=6.0,
+    p.add_argument("--whole_up_to_gb", type=positive_float, default=6.0,
                    help="run the whole-moment baseline only when its moment is under this (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=threads, default=2)
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "measure_memory.json")
     args = p.parse_args()
     rows = []

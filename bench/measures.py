@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from comflp.cli.argtypes import positive_int, threads
 from comflp.atomic import write_json
 from comflp.data import collate
 from comflp.model import forward, layer_frame_mask
@@ -38,11 +39,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(DEMO_MODEL_DIR))
     p.add_argument("--data_dir", type=Path, default=demo_split("train"))
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--iter_num", type=int, default=10)
+    p.add_argument("--batch_size", type=positive_int, default=32)
+    p.add_argument("--iter_num", type=positive_int, default=10)
     p.add_argument("--mode", choices=["U", "T"], default="U")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--whole_iter_num", type=int, default=20,
+    p.add_argument("--threads", type=threads, default=None)
+    p.add_argument("--whole_iter_num", type=positive_int, default=20,
                    help="batches of 32 in the whole-pass comparison (the paper's command used 300)")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "measures.json")
     args = p.parse_args()

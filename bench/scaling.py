@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import Wav2Vec2ForCTC
 
+from comflp.cli.argtypes import positive_float, positive_int, seed, threads
 from comflp.atomic import write_json
 from comflp.demo.recipes import demo_config
 from comflp.hidden import collect
@@ -105,11 +106,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", default="12,24,48,96", help="comma-separated layer counts (default: %(default)s)")
-    p.add_argument("--subset", type=int, default=64, help="fine-search utterances of the dev split (default: %(default)s)")
-    p.add_argument("--glp_budget_s", type=float, default=900.0,
+    p.add_argument("--subset", type=positive_int, default=64, help="fine-search utterances of the dev split (default: %(default)s)")
+    p.add_argument("--glp_budget_s", type=positive_float, default=900.0,
                    help="run GLP in full while under this; extrapolate beyond (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=threads, default=None)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "scaling.json")
     p.add_argument("--keep_rows", action="store_true",
                    help="keep the rows of other depths already in --output (each row records its own run's date)")

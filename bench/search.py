@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comflp.cli.argtypes import positive_int
 from comflp.atomic import write_json
 from comflp.search import beam, exact, exhaustive
 
@@ -43,7 +44,7 @@ def correlation_like(L: int, seed: int) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=positive_int, default=3)
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "search.json")
     args = p.parse_args()
     paper = np.load(REFERENCE) if REFERENCE.exists() else correlation_like(12, 0)

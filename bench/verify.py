@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from comflp.cli.argtypes import positive_int, threads
 from comflp.atomic import write_json
 from comflp.cli.options import read_corpus
 from comflp.model import load_model
@@ -29,9 +30,9 @@ def main() -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR))
     p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"))
     p.add_argument("--measure_data_dir", type=Path, default=demo_split("train"))
-    p.add_argument("--test_num_batch", type=int, default=10)
-    p.add_argument("--verify_batch_size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--test_num_batch", type=positive_int, default=10)
+    p.add_argument("--verify_batch_size", type=positive_int, default=32)
+    p.add_argument("--threads", type=threads, default=None)
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "verify.json")
     args = p.parse_args()
     if args.threads:

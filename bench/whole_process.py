@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from comflp.cli.argtypes import positive_int
 from comflp.atomic import write_json
 from comflp.errors import ComflpError
 from comflp.model import load_model
@@ -43,7 +44,7 @@ def timed(cmd: list[str]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=demo_model_dir(24))
-    p.add_argument("--num_clip_layers", type=int, default=None, help="K (default: half the layers)")
+    p.add_argument("--num_clip_layers", type=positive_int, default=None, help="K (default: half the layers)")
     p.add_argument("--topk_nums", default="10",
                    help="comma-separated sizes of the fine search (the coarse search's top N), each run with full "
                         "evaluation and racing; the issue's goals are stated for 10")

@@ -8,6 +8,7 @@ or written) is reported the same way, naming the path.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -17,6 +18,17 @@ F = TypeVar("F", bound=Callable[..., object])
 
 class ComflpError(Exception):
     """Bad input or an impossible request, explained in one line."""
+
+
+# errors met while writing: the message says "cannot write", not "cannot access"
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError``: what could not be done, the path, the system's reason."""
+    where = f" {err.filename}" if err.filename else ""
+    verb = "write" if err.errno in _WRITE_ERRORS else "access"
+    return f"cannot {verb}{where}: {err.strerror or err}"
 
 
 def exit_on_error(main: F) -> F:
@@ -32,8 +44,7 @@ def exit_on_error(main: F) -> F:
         except OSError as err:
             # unwritable outputs (read-only dir, file where a dir is needed, full disk) surface here
             # from whichever writer met them; the path and the system's reason are the culprit
-            where = f" {err.filename}" if err.filename else ""
-            print(f"error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
+            print(f"error: {describe_os_error(err)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -140,6 +140,58 @@ class FinetuneConfig:
     valid_dataset_split: str = "validation"
     quiet: bool = False
 
+    def validate(self) -> None:
+        """Every numeric setting in its range, one line naming the flag otherwise (the API takes what the
+        command line's types check; torch's own errors name no flag, and some values train silently wrong:
+        ``max_grad_norm`` 0 leaves the weights as they were)."""
+        for name, ok, what in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ComflpError(f"--{name} must be {what}, got {value}")
+
+
+_RANGES = (
+    ("rank", lambda v: v >= 1, "a positive integer"),
+    ("num_layers", lambda v: v >= 1, "a positive integer"),
+    ("num_clip_layers", lambda v: v >= 1, "a positive integer"),
+    ("resume_epoch", lambda v: v >= -1, "-1 (resume from last/), 0 (afresh) or an epoch"),
+    ("max_train_utts", lambda v: v >= 1, "a positive integer"),
+    ("batch_size", lambda v: v >= 1, "a positive integer"),
+    ("max_batch_seconds", lambda v: 0 < v < math.inf, "a positive number"),
+    ("grad_accum", lambda v: v >= 1, "a positive integer"),
+    ("lr", lambda v: 0 < v < math.inf, "a positive number"),
+    ("warmup_updates", lambda v: v >= 0, "an integer >= 0"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
+    ("layerdrop", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("max_grad_norm", lambda v: 0 < v < math.inf, "a positive number (0 would leave the weights unchanged)"),
+    ("epochs", lambda v: v >= 1, "a positive integer"),
+    ("max_updates", lambda v: v >= 1, "a positive integer"),
+    ("test_num_batch", lambda v: v >= 1, "a positive integer"),
+    ("valid_batch_size", lambda v: v >= 1, "a positive integer"),
+    ("distill_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("temperature", lambda v: 0 < v < math.inf, "a positive number"),
+    ("checkpoint_every", lambda v: v >= 1, "a positive integer"),
+    ("seed", lambda v: 0 <= v <= 2**32 - 1, "in [0, 4294967295]"),
+    ("threads", lambda v: v >= 1, "a positive integer"),
+)
+
+
+def lr_factor(update: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The share of the peak learning rate that update ``update`` (1-based, of ``total``) trains with.
+
+    Warm-up: update n <= W trains at n / W, so the first update moves the weights and update W is at the
+    peak. Then a linear or cosine decay that would reach 0 one update after the last, so the last update
+    trains too. (transformers' schedules give the first update a learning rate of 0 and the last one 0 as
+    well: a ``--max_updates 1`` run changed nothing.)
+    """
+    if update <= warmup:
+        return update / warmup
+    progress = (update - warmup) / (total + 1 - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
 
 def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, list[int], list[int]]:
     """The pruned student, the source as teacher (or None), and the layers pruned from each stack."""
@@ -234,12 +286,9 @@ def train(args: FinetuneConfig) -> Path:
     """Run (or resume) the fine-tuning run ``args`` describes; returns its experiment dir."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    args.validate()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not 0 <= args.distill_weight <= 1:
-        raise ComflpError(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
-    if not 0 <= args.layerdrop < 1:
-        raise ComflpError(f"--layerdrop must be in [0, 1), got {args.layerdrop}")
     use_cpu = not torch.cuda.is_available()
     # LayerDrop and a frozen encoder leave parameters without gradients in some updates
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -337,11 +386,11 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
                                   betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
     scheduler = None
     if args.use_scheduler:
-        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
-        warmup = args.warmup_updates if args.warmup_updates is not None else max(1, total_updates // 10)
-        make = get_cosine_schedule_with_warmup if args.schedule == "cosine" else get_linear_schedule_with_warmup
-        scheduler = make(optimizer, warmup, total_updates)
+        warmup = min(total_updates, args.warmup_updates if args.warmup_updates is not None
+                     else max(1, total_updates // 10))
+        # step s of LambdaLR is the learning rate of update s + 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step + 1, warmup=warmup, total=total_updates, schedule=args.schedule))
 
     position = {"epoch": 0, "micro": 0, "update": 0, "loss_sum": 0.0, "loss_count": 0}
     last = atomic.recover_dir(exp.last)

@@ -365,21 +365,41 @@ def finalize(stats: Statistics, settings: MeasureSettings) -> dict[str, torch.Te
     return out
 
 
+# repeating a corpus more often than this adds no information, only time (and the order list's memory)
+MAX_PASSES = 100
+
+
 def select_utterances(utts: Sequence[Utterance], settings: MeasureSettings) -> list[Utterance]:
     """The seeded sample measured: the first N of seeded permutations of the corpus.
 
     Like iterating a shuffled loader for more steps than one epoch, a request
     for more utterances than the corpus holds continues with a new permutation
-    (utterances then repeat; a warning says so).
+    (utterances then repeat; a warning says so). A batch never holds an
+    utterance twice: it is drawn from one permutation (a permutation's tail too
+    short for a whole batch is skipped), so a batch statistic (DC) never sees
+    copies. A batch larger than the corpus, or more than ``MAX_PASSES`` passes
+    over it, is refused.
     """
     need = settings.utterances_needed
+    per_batch = settings.batch_size * settings.accum_batch
+    if per_batch > len(utts):
+        raise ComflpError(f"a batch of {per_batch} utterances (batch_size x accum_batch) needs {per_batch} "
+                          f"distinct utterances, and the corpus has {len(utts)}: a batch statistic of repeated "
+                          "clips would be meaningless; lower --batch_size or measure a larger corpus")
+    if need > MAX_PASSES * len(utts):
+        raise ComflpError(f"{need} utterances requested (batch_size x accum_batch x iter_num) from a corpus of "
+                          f"{len(utts)}: {need / len(utts):.0f} passes over it; at most {MAX_PASSES} (repeating "
+                          "utterances adds no information): lower --iter_num")
     gen = torch.Generator().manual_seed(settings.seed)
-    order: list[int] = []
-    while len(order) < need:
-        order += torch.randperm(len(utts), generator=gen).tolist()
-    if need > len(utts):
-        log.warning("%d utterances requested from a corpus of %d: %.1f passes, utterances repeat",
-                    need, len(utts), need / len(utts))
+    if need <= len(utts):
+        order = torch.randperm(len(utts), generator=gen)[:need].tolist()
+    else:
+        log.warning("%d utterances requested from a corpus of %d: %.1f passes, utterances repeat (never within "
+                    "a batch)", need, len(utts), need / len(utts))
+        order = []
+        whole = len(utts) - len(utts) % per_batch  # the batches one permutation holds whole
+        while len(order) < need:
+            order += torch.randperm(len(utts), generator=gen)[:whole].tolist()
     return [utts[i] for i in order[:need]]
 
 

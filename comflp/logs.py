@@ -5,10 +5,37 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LogFile(logging.FileHandler):
+    """A log file that is created by its first record (a command refused before it logs writes nothing) and
+    that stops the command when it cannot be written: logging's own handler prints a traceback per record
+    and carries on, so a full disk would scroll tracebacks and lose the log. The ``OSError`` raised names
+    the log file and reaches the command's one-line error."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            # drop the stream: a later record (the error line itself) must not meet the same full disk
+            logging.getLogger().removeHandler(self)
+            with contextlib.suppress(OSError):
+                self.close()
+                if os.path.getsize(self.baseFilename) == 0:  # created by this run, nothing in it
+                    os.unlink(self.baseFilename)
+            raise OSError(err.errno, err.strerror or str(err), self.baseFilename) from err
+        super().handleError(record)
 
 
 def setup_logging(log_file: str | os.PathLike | None = None, *, level: int = logging.INFO) -> None:
@@ -21,9 +48,8 @@ def setup_logging(log_file: str | os.PathLike | None = None, *, level: int = log
         root.addHandler(console)
     if log_file is not None:
         path = Path(log_file).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
-            handler = logging.FileHandler(path, encoding="utf-8")
+            handler = LogFile(path)
             handler.setFormatter(logging.Formatter(_FORMAT))
             root.addHandler(handler)
 

@@ -15,7 +15,7 @@ from .options import ArgumentParser, add_overwrite, positive_int
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python average_model_pts.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--exp_dir", type=Path, required=True, help="fine-tuning output dir (holds epoch<N>/)")
-    p.add_argument("--last_epoch", type=int, default=None, help="newest epoch considered (default: the newest saved)")
+    p.add_argument("--last_epoch", type=positive_int, default=None, help="newest epoch considered (default: the newest saved)")
     p.add_argument("--num", type=positive_int, default=5, help="checkpoints to average (default: %(default)s)")
     p.add_argument("--mode", choices=["valid", "last"], default="valid",
                    help="valid: the best by validation CER; last: the newest (default: %(default)s)")

@@ -14,6 +14,8 @@ from pathlib import Path
 from ..errors import exit_on_error
 from .. import finetune as library
 from ..finetune import FinetuneConfig, train
+from .argtypes import (epoch_or_last, fraction, non_negative_float, non_negative_int, probability_below_one,
+                       seed)
 from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
                       positive_int, str2bool)
 
@@ -30,22 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--whole_model", action="store_true",
                        help="prune nothing and train the whole model (the demo Whisper's recipe trains one from its "
                             "random start this way, without --distill)")
-    p.add_argument("--rank", type=int, help="candidate of the strategy file, 1 = best (default: %(default)s)")
+    p.add_argument("--rank", type=positive_int, help="candidate of the strategy file, 1 = best (default: %(default)s)")
     p.add_argument("--decoder_layers",
                    help="encoder-decoder models (Whisper): 1-based decoder layers to prune as well (a strategy "
                         "searched on the decoder names them itself); healing is then cross-entropy on the "
                         "transcripts plus distillation of the token distributions")
-    p.add_argument("--num_layers", type=int, help="expected layers of --model (checked)")
-    p.add_argument("--num_clip_layers", type=int, help="expected number of pruned layers (checked)")
+    p.add_argument("--num_layers", type=positive_int, help="expected layers of --model (checked)")
+    p.add_argument("--num_clip_layers", type=positive_int, help="expected number of pruned layers (checked)")
     p.add_argument("--output_dir", type=Path, help="experiment dir (default: exp/clip{L}to{L-K}_ft)")
-    p.add_argument("--resume_epoch", type=int,
+    p.add_argument("--resume_epoch", type=epoch_or_last,
                    help="-1: resume from <output_dir>/last if present; 0: start afresh; N: restart after epoch N "
                         "from <output_dir>/epoch<N>. Only the same experiment (model, layers, data, "
                         "hyper-parameters, recorded in run.json) is resumed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an existing experiment dir written by comflp, removing its checkpoints")
-    p.add_argument("--train_data_dir", type=Path, help="(default: demo train)")
-    p.add_argument("--valid_data_dir", type=Path, help="(default: demo dev)")
+    train_dir = p.add_argument("--train_data_dir", type=Path, help="(default: demo train)")
+    valid_dir = p.add_argument("--valid_data_dir", type=Path, help="(default: demo dev)")
     p.add_argument("--max_train_utts", type=positive_int,
                    help="use only the first N training utterances (default: all)")
     p.add_argument("--batch_size", type=positive_int,
@@ -55,16 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "audio, instead of --batch_size utterances (the demo models' recipe: 16)")
     p.add_argument("--grad_accum", type=positive_int, help="micro-batches per update (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--layerdrop", type=float, help="LayerDrop probability while training (default: %(default)s)")
-    p.add_argument("--max_grad_norm", type=float, help="gradient clipping (default: %(default)s)")
+    p.add_argument("--layerdrop", type=probability_below_one, help="LayerDrop probability while training, in [0, 1) (default: %(default)s)")
+    p.add_argument("--max_grad_norm", type=positive_float, help="clip the gradient's global norm to this, > 0 (default: %(default)s)")
     p.add_argument("--schedule", choices=["linear", "cosine"],
-                   help="decay after the warm-up, to 0 at the last update (default: %(default)s)")
-    p.add_argument("--warmup_updates", type=int,
-                   help="linear warm-up updates (default: 10%% of the updates)")
-    p.add_argument("--adam_beta2", type=float, help="AdamW's second beta (default: %(default)s)")
-    p.add_argument("--weight_decay", type=float, help="AdamW's weight decay (default: %(default)s)")
+                   help="decay after the warm-up, reaching 0 one update after the last, so every update trains "
+                        "(default: %(default)s)")
+    p.add_argument("--warmup_updates", type=non_negative_int,
+                   help="linear warm-up updates W, >= 0: update n <= W trains at n/W of --lr, so the first update "
+                        "already moves the weights (default: 10%% of the updates, at least 1)")
+    p.add_argument("--adam_beta2", type=probability_below_one, help="AdamW's second beta, in [0, 1) (default: %(default)s)")
+    p.add_argument("--weight_decay", type=non_negative_float, help="AdamW's weight decay, >= 0 (default: %(default)s)")
     p.add_argument("--use_scheduler", type=str2bool,
-                   help="linear warm-up (10%% of updates) then linear decay (default: %(default)s)")
+                   help="warm-up (--warmup_updates) then decay (--schedule); false: --lr throughout (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, help="(default: %(default)s)")
     p.add_argument("--max_updates", type=positive_int, help="stop after this many updates in total")
     p.add_argument("--test_num_batch", type=positive_int, help="validation batches per epoch (default: %(default)s)")
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the front end (conv feature encoder, feature projection or subsampling)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="GPU only (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
-    p.add_argument("--distill_weight", type=float, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
+    p.add_argument("--distill_weight", type=fraction, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
     p.add_argument("--temperature", type=positive_float,
                    help="distillation temperature, > 0 (default: %(default)s)")
     p.add_argument("--keep_best", action="store_true",
@@ -83,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint_every", type=positive_int,
                    help="updates between resumable checkpoints (default: %(default)s)")
     add_pad_audio(p)
-    p.add_argument("--seed", type=int, help="(default: %(default)s)")
+    p.add_argument("--seed", type=seed, help="batch order, dropout and LayerDrop, in [0, 2**32 - 1] (default: %(default)s)")
     add_threads(p)
-    add_dataset_arguments(p, split="train", replaces="--train_data_dir (and --valid_data_dir)")
+    add_dataset_arguments(p, split="train", replaces=[train_dir, valid_dir])
     p.add_argument("--valid_dataset_split",
                    help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -24,6 +24,7 @@ from ..errors import ComflpError, exit_on_error
 from ..hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings
 from ..logs import setup_logging
 from ..model import load_model, num_layers
+from .argtypes import open_unit_upper, seed
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
@@ -35,7 +36,7 @@ log = logging.getLogger("comflp.measure")
 
 def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_num: int) -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
-    p.add_argument("--data_dir", type=Path, default=demo_split("train"),
+    data_dir = p.add_argument("--data_dir", type=Path, default=demo_split("train"),
                    help="Kaldi dir to measure on; transcripts not needed (default: the embedded corpus's train split)")
     p.add_argument("--batch_size", type=positive_int, default=batch_size,
                    help="utterances per batch; per-batch measures (DC) are defined on batches of this size "
@@ -43,10 +44,10 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     p.add_argument("--iter_num", type=positive_int, default=iter_num, help="number of batches (default: %(default)s)")
     p.add_argument("--accum_batch", type=positive_int, default=1,
                    help="micro-batches joined into one batch for per-batch measures (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="selects the utterances; same seed, same matrix (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="selects the utterances; same seed, same matrix (default: %(default)s)")
     p.add_argument("--use_pretrained", type=int, choices=[0, 1], default=1,
                    help="1: the model's trained weights; 0: a random initialisation of its config, a control (default: %(default)s)")
-    p.add_argument("--num_layers", type=int, default=None, help="expected number of layers; checked against the model")
+    p.add_argument("--num_layers", type=positive_int, default=None, help="expected number of layers; checked against the model")
     p.add_argument("--stack", choices=["encoder", "decoder"], default="encoder",
                    help="the layer stack to measure: an encoder-decoder model (Whisper) has two; the encoder's "
                         "states are pooled over each utterance's real frames, the decoder's come under teacher "
@@ -58,7 +59,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     add_device(p)
     add_overwrite(p, "matrix file or heatmap")
     add_threads(p)
-    add_dataset_arguments(p, split="train", replaces="--data_dir")
+    add_dataset_arguments(p, split="train", replaces=[data_dir])
     p.add_argument("--moment_memory_gb", type=positive_float, default=MOMENT_MEMORY_GB,
                    help="memory for the second moment of SVCCA/PWCCA/CKA, (L+1)D x (L+1)D float64; when it does not "
                         "fit, the moment is built one band of layers per pass over the same utterances (same "
@@ -176,7 +177,7 @@ def svcca_parser() -> argparse.ArgumentParser:
                                 description="SVCCA matrix of hidden states 0..L (the paper's SVCCA), streamed. "
                                             "Writes dump/cca_mat_{bs*iter}{mode}_svthre{thre}.npy and a heatmap.")
     add_common_arguments(p, batch_size=32, iter_num=300)
-    p.add_argument("--thre", type=float, default=0.99,
+    p.add_argument("--thre", type=open_unit_upper, default=0.99,
                    help="keep top singular directions whose singular values sum past this fraction (default: %(default)s)")
     p.add_argument("--mode", choices=["U", "T"], default="U",
                    help="U: one time-pooled vector per utterance; T: every frame a sample (default: %(default)s)")
@@ -209,7 +210,7 @@ def measure_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["mean", "seq"], default="mean", help="DC/unbiased-CKA vectors (default: %(default)s)")
     p.add_argument("--svcca_mode", choices=["U", "T"], default="U",
                    help="samples of svcca/pwcca/cka/cosine/angular: utterances or frames (default: %(default)s)")
-    p.add_argument("--thre", type=float, default=0.99, help="SVCCA threshold (default: %(default)s)")
+    p.add_argument("--thre", type=open_unit_upper, default=0.99, help="SVCCA threshold (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None,
                    help="the .npz (default: <dump_dir>/measures_bs{bs}_iter{iter}_{svcca_mode}.npz)")
     return p

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import exit_on_error
 from ..paths import DEMO_MODEL_DIR
+from .argtypes import positive_int
 from .options import ArgumentParser, add_overwrite
 
 
@@ -42,7 +43,7 @@ def prune_parser() -> argparse.ArgumentParser:
     which.add_argument("--layers", help="1-based layers to remove, e.g. 1,3,5 or 2-4 (of an encoder-decoder model: "
                                         "its encoder's)")
     which.add_argument("--strategy", type=Path, help="strategy JSON written by the search")
-    p.add_argument("--rank", type=int, default=1, help="with --strategy: which candidate, 1 = best (default: %(default)s)")
+    p.add_argument("--rank", type=positive_int, default=1, help="with --strategy: which candidate, 1 = best (default: %(default)s)")
     p.add_argument("--decoder_layers", default=None,
                    help="encoder-decoder models (Whisper): 1-based decoder layers to remove, e.g. 2,3 (the config's "
                         "decoder_layers, the cache indices and generation_config.alignment_heads follow)")

@@ -15,47 +15,35 @@ import torch
 
 from ..errors import ComflpError
 from ..strategy import check_num_layers  # noqa: F401 (the commands' shared flag check, here with the others)
+from .argtypes import (fraction, non_negative_float, non_negative_int, positive_float,  # noqa: F401 (re-exported)
+                       positive_int, seed, str2bool, threads)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error: ``error: <prog>: <what is wrong>`` and exit 2 (no usage dump)."""
+    """argparse with a one-line error: ``error: <prog>: <what is wrong>`` and exit 2 (no usage dump).
+
+    Flags that name one input two ways (``--dataset`` and a Kaldi dir flag) are exclusive: given both, the
+    command would read one and silently ignore the other.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exclusive_inputs: list[tuple[str, list[argparse.Action]]] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, rest = super().parse_known_args(args, namespace)
+        for flag, actions in self.exclusive_inputs:
+            dest = flag.lstrip("-")
+            # a value given on the command line is a new object, never the default itself (argparse's own
+            # test for mutually exclusive flags); set_defaults keeps action.default in step
+            given = [a.option_strings[0] for a in actions if getattr(parsed, a.dest, None) is not a.default]
+            if getattr(parsed, dest, None) and given:
+                self.error(f"{flag} and {' / '.join(given)} both name the input; give one of them")
+        return parsed, rest
 
     def error(self, message: str):  # type: ignore[override]
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def add_front_end_cache(p: argparse.ArgumentParser) -> None:
@@ -63,15 +51,6 @@ def add_front_end_cache(p: argparse.ArgumentParser) -> None:
                    help="memory (GiB) for keeping each subset batch's front-end outputs (the modules before the "
                         "first layer) between evaluations, so that GLP's steps and a report's strategies compute "
                         "them once; 0 recomputes them every time. Changes speed, never a CER (default: %(default)s)")
-
-
-def str2bool(text: str) -> bool:
-    """argparse type for the paper's ``--flag true|false`` options; anything else is an error."""
-    if text.lower() in ("1", "true", "yes", "y", "t"):
-        return True
-    if text.lower() in ("0", "false", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -102,7 +81,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def apply_threads(threads: int | None) -> None:
@@ -143,10 +122,13 @@ def read_corpus(data_dir, *, require_text: bool = True):
     return read_corpus_dir(data_dir, require_text=require_text)
 
 
-def add_dataset_arguments(p: argparse.ArgumentParser, *, split: str, replaces: str) -> None:
-    """``--dataset`` (instead of the Kaldi dir ``replaces``), ``--dataset_split``, ``--audio_column``, ``--text_column``."""
+def add_dataset_arguments(p: ArgumentParser, *, split: str, replaces: list[argparse.Action]) -> None:
+    """``--dataset`` (instead of the Kaldi dir flags ``replaces``, exclusive with them), ``--dataset_split``,
+    ``--audio_column``, ``--text_column``."""
+    names = " and ".join(a.option_strings[0] for a in replaces)
+    p.exclusive_inputs.append(("--dataset", list(replaces)))
     p.add_argument("--dataset", default=None,
-                   help=f"a HuggingFace dataset instead of {replaces}: a dir written by save_to_disk, an "
+                   help=f"a HuggingFace dataset instead of {names} (not both): a dir written by save_to_disk, an "
                         "audiofolder dir (metadata.csv/jsonl with file_name), or a hub id when a hub is reachable")
     p.add_argument("--dataset_split", default=split, help="the split of --dataset to read (default: %(default)s)")
     p.add_argument("--audio_column", default="audio", help="the audio column of --dataset (default: %(default)s)")

@@ -10,6 +10,7 @@ from ..artifacts import (check_matrix_model, claim_file, is_matrix_set, load_mat
                          report_output)
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
+from .argtypes import seed
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
@@ -33,19 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers pruned (default: %(default)s)")
     p.add_argument("--num_strategies", type=positive_int, default=40,
                    help="strategies decoded: the top 3 of every measure, then random ones (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random strategies and bootstrap (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="random strategies and bootstrap (default: %(default)s)")
     p.add_argument("--bootstrap", type=positive_int, default=1000,
                    help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the model the matrices were measured on "
                                                                  "(default: the demo model)")
-    p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
+    data_dir = p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
                    help="labelled Kaldi dir (default: the embedded corpus's dev split)")
     p.add_argument("--test_num_batch", type=positive_int, default=10, help="(default: %(default)s)")
     p.add_argument("--verify_batch_size", type=positive_int, default=32,
                    help="the subset is the first test_num_batch x verify_batch_size utterances (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None,
                    help="report JSON (default: exp/report/clip{L}to{L-K}_measures.json; the PNG beside it)")
-    add_dataset_arguments(p, split="validation", replaces="--verify_data_dir")
+    add_dataset_arguments(p, split="validation", replaces=[data_dir])
     add_pad_audio(p)
     add_front_end_cache(p)
     add_device(p)

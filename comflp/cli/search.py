@@ -14,6 +14,7 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
                          load_matrices, load_matrix, matrix_set_files, paper_search_log_name, search_output,
                          svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
+from .argtypes import confidence, open_unit_upper, seed
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
@@ -30,7 +31,7 @@ LOG_DIR = REPO_ROOT / "search_strategy" / "log"
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
-    p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
+    data_dir = p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
                    help="labelled Kaldi dir for fine search (default: the embedded corpus's dev split; "
                         "the paper verified on its test set)")
     p.add_argument("--test_num_batch", type=positive_int, default=10,
@@ -39,7 +40,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="utterances per batch; the subset is the first test_num_batch x verify_batch_size "
                         "utterances in wav.scp order; how they are batched does not change the CERs "
                         "(default: %(default)s)")
-    add_dataset_arguments(p, split="validation", replaces="--verify_data_dir")
+    add_dataset_arguments(p, split="validation", replaces=[data_dir])
     add_pad_audio(p)
     add_front_end_cache(p)
     add_device(p)
@@ -83,8 +84,8 @@ def search_parser(*, default_measure: str = PAPER_MEASURE,
     p.add_argument("--iter", type=positive_int, default=10, help="iterations in the DC/SVCCA dump name (default: %(default)s)")
     p.add_argument("--mode", default="mean", help="DC mode in the dump name (default: %(default)s)")
     p.add_argument("--svcca_mode", default="U", help="SVCCA mode in the dump name (default: %(default)s)")
-    p.add_argument("--thre", type=float, default=0.99, help="SVCCA threshold in the dump name (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42,
+    p.add_argument("--thre", type=open_unit_upper, default=0.99, help="SVCCA threshold in the dump name (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=42,
                    help="seed of the rand baseline and of the race's utterance order (default: %(default)s)")
     p.add_argument("--race", type=str2bool, default=True,
                    help="racing fine search: decode the candidates on growing chunks of the subset and drop one "
@@ -92,7 +93,7 @@ def search_parser(*, default_measure: str = PAPER_MEASURE,
                         "utterances); survivors are decoded on the whole subset, so the pick is full evaluation's "
                         "unless a drop was wrong (it picked full evaluation's on demo-12l and demo-24l); "
                         "false decodes every candidate on the whole subset, as the paper (default: %(default)s)")
-    p.add_argument("--race_confidence", type=float, default=None,
+    p.add_argument("--race_confidence", type=confidence, default=None,
                    help="one-sided confidence of a drop in the race, in [0.5, 1) (default: "
                         "comflp.verify.RACE_CONFIDENCE, 0.99)")
     p.add_argument("--measure_file", type=Path, default=None,

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the paper's usage; it must exist), else the demo model")
     p.add_argument("--output_dir", type=Path, default=None,
                    help="where test_asr.log and test_asr.json go (default: exp/test_<model name>)")
-    p.add_argument("--data_dir", type=Path, default=demo_split("test"),
+    data_dir = p.add_argument("--data_dir", type=Path, default=demo_split("test"),
                    help="Kaldi dir to decode (default: the embedded corpus's test split)")
     p.add_argument("--batch_size", type=positive_int, default=16,
                    help="utterances per batch; does not change the transcripts (default: %(default)s)")
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score characters (CER) or words (WER); auto = char for CJK text (default: %(default)s)")
     add_device(p)
     add_threads(p)
-    add_dataset_arguments(p, split="test", replaces="--data_dir")
+    add_dataset_arguments(p, split="test", replaces=[data_dir])
     add_pad_audio(p)
     add_overwrite(p, "test report (test_asr.json, hyp.txt)")
     return p

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from ..artifacts import corpus_manifest
 from ..data import is_corpus_dir, write_corpus_dir
 from ..errors import ComflpError, exit_on_error
+from ..cli.argtypes import positive_int, seed
 from ..cli.options import ArgumentParser
 from ..paths import DEMO_CORPUS_DIR
 from .tts import Espeak, Voice
@@ -256,14 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", type=Path, default=DEMO_CORPUS_DIR,
                    help="root dir; train/dev/test Kaldi dirs are written below it (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed; the same seed gives identical files (default: %(default)s)")
-    p.add_argument("--num_train", type=int, default=d.num_train, help="train utterances (default: %(default)s)")
-    p.add_argument("--num_dev", type=int, default=d.num_dev, help="dev utterances (default: %(default)s)")
-    p.add_argument("--num_test", type=int, default=d.num_test, help="test utterances (default: %(default)s)")
-    p.add_argument("--speakers", type=int, nargs=3, metavar=("TRAIN", "DEV", "TEST"),
+    p.add_argument("--seed", type=seed, default=d.seed, help="random seed; the same seed gives identical files (default: %(default)s)")
+    p.add_argument("--num_train", type=positive_int, default=d.num_train, help="train utterances (default: %(default)s)")
+    p.add_argument("--num_dev", type=positive_int, default=d.num_dev, help="dev utterances (default: %(default)s)")
+    p.add_argument("--num_test", type=positive_int, default=d.num_test, help="test utterances (default: %(default)s)")
+    p.add_argument("--speakers", type=positive_int, nargs=3, metavar=("TRAIN", "DEV", "TEST"),
                    default=(d.speakers_train, d.speakers_dev, d.speakers_test),
                    help="disjoint speakers per split (default: %(default)s)")
-    p.add_argument("--vocab_size", type=int, default=d.vocab_size, help="characters in the vocabulary (default: %(default)s)")
+    p.add_argument("--vocab_size", type=positive_int, default=d.vocab_size, help="characters in the vocabulary (default: %(default)s)")
     return p
 
 

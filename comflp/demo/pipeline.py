@@ -39,7 +39,8 @@ from ..artifacts import DemoDir, claim_file, heatmap_file, is_matrix_set, load_m
 from ..errors import ComflpError, exit_on_error
 from ..hidden import MeasureSettings
 from ..logs import setup_logging
-from ..cli.options import ArgumentParser, positive_int, read_corpus, str2bool
+from ..cli.argtypes import non_negative_int, positive_float, positive_int, str2bool, threads
+from ..cli.options import ArgumentParser, read_corpus
 from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and test/ (default: the embedded corpus, generated if missing)")
     p.add_argument("--num_clip_layers", type=positive_int, default=None,
                    help="layers to prune from each stack (default: half of them, 6 of the demo model's 12)")
-    p.add_argument("--stage", type=int, default=0, help="first stage to run (default: %(default)s)")
-    p.add_argument("--stop_stage", type=int, default=len(STAGES) - 1, help="last stage to run (default: %(default)s)")
+    p.add_argument("--stage", type=non_negative_int, default=0, help="first stage to run (default: %(default)s)")
+    p.add_argument("--stop_stage", type=non_negative_int, default=len(STAGES) - 1, help="last stage to run (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if done")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--heal_baseline", type=str2bool, default=True,
                    help="heal the linspace pick too, so that the two picks are compared after healing as well as "
                         "before (default: %(default)s)")
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft_max_train_utts", type=positive_int, default=1800,
                    help="fine-tune on the first N training utterances, to keep the demo short (default: %(default)s)")
     p.add_argument("--ft_batch_size", type=positive_int, default=8, help="(default: %(default)s)")
-    p.add_argument("--ft_lr", type=float, default=1e-4,
+    p.add_argument("--ft_lr", type=positive_float, default=1e-4,
                    help="the paper's 2e-5 suits a large pretrained model; the small demo model heals faster "
                         "with more. 3e-4 on 600 utterances healed within the first epoch and then wandered by "
                         "+-0.4 points, inside the dev subset's noise; 1e-4 on 1800 heals monotonically and "

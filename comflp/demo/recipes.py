@@ -27,7 +27,8 @@ from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureE
 from transformers.models.wav2vec2.tokenization_wav2vec2 import VOCAB_FILES_NAMES
 
 from .. import atomic
-from ..cli.options import ArgumentParser, positive_int, read_corpus
+from ..cli.argtypes import non_negative_int, positive_float, positive_int, seed, threads
+from ..cli.options import ArgumentParser, read_corpus
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig, run_settings, train as train_loop
 from ..logs import setup_logging
@@ -190,12 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log, metrics.jsonl, best and last checkpoints (default: exp/demo-<num_layers>l-train)")
     t.add_argument("--train_data_dir", type=Path, default=None, help=f"default: {DEMO_CORPUS_DIR}/train")
     t.add_argument("--dev_data_dir", type=Path, default=None, help=f"default: {DEMO_CORPUS_DIR}/dev")
-    t.add_argument("--steps", type=int, default=9000, help="optimizer steps (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
-    t.add_argument("--warmup", type=int, default=300, help="linear warm-up steps (default: %(default)s)")
-    t.add_argument("--max_seconds", type=float, default=16.0, help="padded audio seconds per batch (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    t.add_argument("--steps", type=positive_int, default=9000, help="optimizer steps (default: %(default)s)")
+    t.add_argument("--lr", type=positive_float, default=5e-4, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--warmup", type=non_negative_int, default=300, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--max_seconds", type=positive_float, default=16.0, help="padded audio seconds per batch (default: %(default)s)")
+    t.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
+    t.add_argument("--threads", type=threads, default=2, help="torch CPU threads (default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from <exp_dir>/last if present")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output model written by comflp")
     t.add_argument("--pad_audio", action="store_true",
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--encoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
     w.add_argument("--decoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
     w.add_argument("--d_model", type=positive_int, default=192, help="width (default: %(default)s)")
-    w.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    w.add_argument("--seed", type=seed, default=0, help="(default: %(default)s)")
     w.add_argument("--overwrite", action="store_true", help="replace an earlier comflp output at --output")
     s = sub.add_parser("ship", help="save a trained model as a shipped demo model: float16 safetensors with its "
                                     "processor and generation config (the demo Whisper's last step before its card)")
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exp_dir", type=Path, default=None, help="training exp dir (default: exp/<model name>-train)")
     c.add_argument("--no_search", action="store_true",
                    help="leave CoMFLP's and GLP's picks out of the pruning table (GLP takes minutes)")
-    c.add_argument("--batch_size", type=int, default=32, help="decoding batch size (default: %(default)s)")
+    c.add_argument("--batch_size", type=positive_int, default=32, help="decoding batch size (default: %(default)s)")
     return p
 
 

@@ -1,0 +1,144 @@
+"""argparse types: every numeric flag of every command is range-checked by one of these.
+
+A value outside its range ends in argparse's one-line error naming the flag
+(:class:`comflp.cli.options.ArgumentParser`), before anything is loaded or
+written. A test walks every command's parser and fails on a numeric flag that
+takes a bare ``int`` or ``float``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+# numpy's legacy seeding and torch.manual_seed both take [0, 2**32 - 1]; numpy refuses negatives and torch
+# overflows past 2**64, so one range serves every command
+SEED_MAX = 2**32 - 1
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _int(text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _int(text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, which a container or ``taskset`` may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads(text: str) -> int:
+    """CPU threads: 1 to the CPUs this process may use. More only slows torch down, and a huge count makes
+    every thread pool allocate its buffers (an out-of-memory error far from the flag)."""
+    value = positive_int(text)
+    cpus = available_cpus()
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"this machine gives this process {cpus} CPU(s); use at most {cpus}, "
+                                         f"got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**32 - 1], the range numpy and torch both accept."""
+    value = _int(text, f"a seed in [0, {SEED_MAX}]")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, {SEED_MAX}], got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = _float(text, "a positive number")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite float >= 0."""
+    value = _float(text, "a number >= 0")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A float in [0, 1] (a weight between two terms)."""
+    value = _float(text, "a number in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def probability_below_one(text: str) -> float:
+    """A float in [0, 1): a probability that may not be certain (LayerDrop, Adam's betas)."""
+    value = _float(text, "a number in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def open_unit_upper(text: str) -> float:
+    """A float in (0, 1] (a share of variance to keep)."""
+    value = _float(text, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def confidence(text: str) -> float:
+    """A one-sided confidence in [0.5, 1)."""
+    value = _float(text, "a confidence in [0.5, 1)")
+    if not 0.5 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0.5, 1), got {text}")
+    return value
+
+
+def epoch_or_last(text: str) -> int:
+    """``--resume_epoch``: -1 (the last checkpoint), 0 (afresh) or an epoch number."""
+    value = _int(text, "-1, 0 or an epoch number")
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (resume from last/), 0 (afresh) or an epoch, got {value}")
+    return value
+
+
+def str2bool(text: str) -> bool:
+    """The paper's ``--flag true|false`` options; anything else is an error."""
+    if text.lower() in ("1", "true", "yes", "y", "t"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+# types a numeric flag may take (the parser walk in tests/test_cli.py checks every command against this)
+NUMERIC_TYPES = (positive_int, non_negative_int, threads, seed, positive_float, non_negative_float, fraction,
+                 probability_below_one, open_unit_upper, confidence, epoch_or_last)
