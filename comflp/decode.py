@@ -87,6 +87,38 @@ def unknown_characters(texts: Sequence[str], tokenizer) -> tuple[dict[str, int],
     return unknown, total
 
 
+# refuse to train or measure on transcripts when more than this share is unknown to the model
+MAX_UNKNOWN_SHARE = 0.10
+
+
+def unknown_token_share(texts: Sequence[str], tokenizer) -> float:
+    """The share of the transcripts' tokens that are the tokenizer's unknown token, special tokens aside; a
+    transcript that gives no token at all counts as one unknown token. Exact for any tokenizer (a byte-level
+    BPE has no unknown characters, a character vocabulary may have many), unlike a character lookup."""
+    special = set(tokenizer.all_special_ids)
+    unk = tokenizer.unk_token_id
+    unknown = total = 0
+    for text in texts:
+        ids = [i for i in tokenizer(text).input_ids if i not in special or i == unk]
+        if not ids:
+            unknown, total = unknown + 1, total + 1
+            continue
+        unknown += sum(1 for i in ids if i == unk)
+        total += len(ids)
+    return unknown / max(total, 1)
+
+
+def check_known_tokens(texts: Sequence[str], tokenizer, *, what: str) -> None:
+    """Refuse (one line) transcripts whose tokens are mostly unknown to the model: teacher forcing on them
+    measures or trains on nothing the model can say; warn when some are."""
+    share = unknown_token_share(texts, tokenizer)
+    if share > MAX_UNKNOWN_SHARE:
+        raise ComflpError(f"{100 * share:.0f}% of the tokens of the {what} are unknown to the model's tokenizer: "
+                          "wrong corpus or wrong model?")
+    if share:
+        log.warning("%.1f%% of the tokens of the %s are unknown to the model's tokenizer", 100 * share, what)
+
+
 def report_unknown_characters(texts: Sequence[str], tokenizer, *, what: str = "transcripts") -> float:
     """Log how many reference characters the model cannot emit (count and a few examples); returns their share."""
     unknown, total = unknown_characters(texts, tokenizer)

@@ -57,9 +57,6 @@ from .verify import verify_subset
 
 log = logging.getLogger("comflp.finetune")
 
-# refuse to fine-tune when more than this share of transcript characters is missing from the vocabulary
-MAX_UNKNOWN_SHARE = 0.10
-
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
                       temperature: float = 2.0) -> torch.Tensor:
@@ -337,10 +334,11 @@ def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
     An encoder-decoder model needs neither: it reads a fixed window and its BPE vocabulary spells any text.
     """
     from .data import num_samples
-    from .decode import report_unknown_characters
+    from .decode import MAX_UNKNOWN_SHARE, check_known_tokens, report_unknown_characters
     from .model import encoder_frames, is_encoder_decoder
 
     if is_encoder_decoder(model):
+        check_known_tokens([u.text for u in utts], tokenizer, what="training transcripts")
         return list(utts)
 
     sampling_rate = int(feature_extractor.sampling_rate)

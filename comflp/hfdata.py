@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .data import Utterance
 from .errors import ComflpError
+from .paths import missing_local_path
 
 TEXT_COLUMNS = ("text", "sentence", "transcription", "normalized_text")
 ID_COLUMNS = ("id", "utt_id", "audio_id", "segment_id")
@@ -67,10 +68,15 @@ def _utterances(table, source: str, split: str, *, audio_column: str, text_colum
     columns = list(table.column_names)
     if audio_column not in columns:
         raise ComflpError(f"{where}: no audio column {audio_column!r} (--audio_column); columns: {', '.join(columns)}")
+    if len(table) == 0:
+        raise ComflpError(f"{where} has no rows (--dataset_split)")
     text_col = _pick_text_column(columns, text_column, where)
     if require_text and text_col is None:
         raise ComflpError(f"{where}: no transcript column (one of {', '.join(TEXT_COLUMNS)}; or --text_column); "
                           f"columns: {', '.join(columns)}")
+    if text_col is not None and not _is_text(table.features.get(text_col)):
+        raise ComflpError(f"{where}: column {text_col!r} holds {_describe(table.features.get(text_col))}, not "
+                          f"transcripts (--text_column); columns: {', '.join(columns)}")
     id_col = next((c for c in ID_COLUMNS if c in columns), None)
     texts = table[text_col] if text_col else [None] * len(table)
     ids = [str(x) for x in table[id_col]] if id_col else [f"{split}-{i:06d}" for i in range(len(table))]
@@ -87,6 +93,21 @@ def _utterances(table, source: str, split: str, *, audio_column: str, text_colum
             audio = DatasetAudio(table, i, audio_column, name)
         utts.append(Utterance(utt, audio, None if text is None else str(text)))
     return utts
+
+
+def _is_text(feature) -> bool:
+    """A column of strings (a table read from metadata.csv may infer numbers: those are no transcripts)."""
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _describe(feature) -> str:
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return f"{feature.dtype} values"
+    return f"{type(feature).__name__} values"
 
 
 def _audiofolder(root: Path, split: str) -> tuple[object, Path] | None:
@@ -136,8 +157,9 @@ def read_dataset(source: str | os.PathLike, *, split: str, audio_column: str = "
         column = "file_name" if audio_column == "audio" else audio_column
         return _utterances(table, name, split, audio_column=column, text_column=text_column,
                            require_text=require_text, files_root=base)
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise ComflpError(f"dataset dir not found: {name} (a hub id looks like name or org/name)")
+    if missing_local_path(name):
+        raise ComflpError(f"dataset dir not found: {name} (no such local dir, and not a hub id: those read name "
+                          "or org/name)")
     try:
         loaded = datasets.load_dataset(name, split=split)
     except ValueError as err:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from . import measures as M
 from .data import Utterance, collate, num_samples
+from .decode import check_known_tokens
 from .errors import ComflpError
 from .model import call, forward, layer_frame_mask, min_audio_samples, stack_layers
 
@@ -474,6 +475,8 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
 
     if stack == "decoder" and (tokenizer is None or any(u.text is None for u in chosen)):
         raise ComflpError("measuring a decoder needs transcripts and the model's tokenizer (teacher forcing)")
+    if stack == "decoder":
+        check_known_tokens([u.text for u in chosen], tokenizer, what="transcripts measured")
 
     def run_batch(batch) -> torch.Tensor:
         """Forward ``batch``; the [B, T] mask of the real positions of the captured stack."""

@@ -25,7 +25,7 @@ from transformers import Wav2Vec2ForCTC
 
 from .artifacts import write_dir
 from .errors import ComflpError
-from .paths import DEMO_MODEL_DIR
+from .paths import DEMO_MODEL_DIR, missing_local_path
 from .strategy import validate as validate_strategy
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ class ModelInfo:
     decoder_layers: int | None = None  # encoder-decoder models: the decoder's layers (num_layers: the encoder's)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, without ``decoder_layers`` for a model that has no decoder (a CTC model)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "decoder_layers" and v is None)}
 
 
 def _weight_keys(source: str) -> set[str]:
@@ -271,8 +272,9 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     ``allow_encoder_decoder`` (the commands that handle both of its stacks).
     """
     source = str(source)
-    if not Path(source).exists() and (source.startswith((".", "/")) or source.count("/") > 1):
-        raise ComflpError(f"model not found: {source} (neither a local dir nor a hub id)")
+    if missing_local_path(source):
+        raise ComflpError(f"model not found: {source} (no such local dir, and not a hub id: those read name or "
+                          "org/name)")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -295,6 +297,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
                           f"{_first_line(err)}") from None
     except Exception as err:  # safetensors and pickle raise their own types for bad files
         raise _weights_error(source, err) from None
+    _check_weights_match_config(model, info, source)
     head = family_of(model).head
     has_head = not any(k.startswith(head + ".") for k in info.get("missing_keys", ()))
     if need_ctc_head and not has_head:
@@ -319,6 +322,37 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     encoder_layers(model)  # fail early on an unsupported architecture
     model.eval().to(device)
     return LoadedModel(model, fe, tok, source, has_head)
+
+
+def _check_weights_match_config(model: PreTrainedModel, info: dict, source: str) -> None:
+    """Refuse a checkpoint whose weights do not fill its config's layer stacks and head.
+
+    transformers initialises missing layers at random and drops surplus ones, with only a load report: a
+    config that says 16 layers over weights of 12 would decode through 4 random layers and report a CER.
+    ``info``: from_pretrained's loading info (missing and unexpected parameter names).
+    """
+    import re
+
+    missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
+    if not missing and not unexpected:
+        return
+    family = family_of(model)
+    for stack in ("encoder", "decoder") if family.decoder_layers else ("encoder",):
+        path, depth_field = _stack_fields(model, stack)
+        index = re.compile(rf"(?:^|\.){re.escape(path)}\.(\d+)\.")
+        lacking = {int(m.group(1)) for k in missing if (m := index.search(k))}
+        surplus = {int(m.group(1)) for k in unexpected if (m := index.search(k))}
+        if lacking or surplus:
+            depth = num_layers(model, stack)
+            held = len(set(range(depth)) - lacking) + len(surplus)
+            raise ComflpError(f"{source}: config.json says {depth} {stack} layers ({depth_field}), the weights hold "
+                              f"{held}; the config and the weights disagree (a hand-edited config.json?)")
+    head_keys = sorted(k for k in unexpected if k.split(".")[0] == family.head)
+    partial = {k for k in missing if k.split(".")[0] == family.head}
+    present = {k for k, _ in model.named_parameters() if k.split(".")[0] == family.head} - partial
+    if head_keys or (partial and present):
+        raise ComflpError(f"{source}: the weights of the head ({family.head}) do not match config.json "
+                          f"({'unexpected ' + head_keys[0] if head_keys else 'missing ' + sorted(partial)[0]})")
 
 
 def base_model(model: PreTrainedModel) -> nn.Module:

@@ -40,3 +40,17 @@ def demo_split(split: str) -> Path:
 def demo_model_dir(num_layers: int) -> Path:
     """Where the embedded demo model of that depth is shipped (``models/demo-<L>l``)."""
     return MODELS_DIR / f"demo-{num_layers}l"
+
+
+def missing_local_path(name: str) -> bool:
+    """True when ``name`` reads as a local path that does not exist, so it must not be tried as a hub id.
+
+    A hub id is ``name`` or ``org/name``. A missing path is one that starts with ``/``, ``.`` or ``~``, has
+    more than one ``/``, or whose first component exists here (``models/nonexist`` beside a ``models/`` dir):
+    trying those on the hub only ends, after its retries, in a connection error that hides the typo.
+    """
+    if Path(name).expanduser().exists():
+        return False
+    parts = Path(name).parts
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or (len(parts) > 1 and Path(parts[0]).exists()))
