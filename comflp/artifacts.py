@@ -105,9 +105,18 @@ def _check_parents(path: Path, flag: str) -> None:
             return
 
 
+def _follow(path: str | os.PathLike, flag: str) -> Path:
+    """The output ``path`` names: a symbolic link's target (written through, the link kept); a dangling link
+    is refused naming the flag, before anything is written."""
+    try:
+        return atomic.follow_link(path)
+    except ComflpError as err:
+        raise ComflpError(f"{flag} {err}") from None
+
+
 def claim_file(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output") -> Path:
-    """Check that comflp may write the file ``path``; one line naming the path if not."""
-    path = Path(path)
+    """Check that comflp may write the file ``path`` (a link: its target); one line naming the path if not."""
+    path = _follow(path, flag)
     if path.is_dir():
         raise ComflpError(f"{flag} {path} is a directory; a file path is needed here")
     _check_parents(path, flag)
@@ -122,8 +131,9 @@ def claim_file(path: str | os.PathLike, *, overwrite: bool, flag: str = "--outpu
 
 
 def claim_dir(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output") -> Path:
-    """Check that comflp may (re)create the directory ``path``; one line naming the path if not."""
-    path = Path(path)
+    """Check that comflp may (re)create the directory ``path`` (a link: its target); one line naming the path
+    if not."""
+    path = _follow(path, flag)
     if path.exists() and not path.is_dir():
         raise ComflpError(f"{flag} {path} is a file; a directory is needed here")
     _check_parents(path, flag)
@@ -144,7 +154,7 @@ def open_output_dir(path: str | os.PathLike, *, kind: str, flag: str = "--output
     comflp did not write is refused (nothing in it is touched). The files
     inside are then claimed one by one (:func:`claim_file`).
     """
-    path = Path(path)
+    path = _follow(path, flag)
     if path.exists() and not path.is_dir():
         raise ComflpError(f"{flag} {path} is a file; a directory is needed here")
     _check_parents(path, flag)
@@ -165,7 +175,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
     released by the kernel if the process dies, so a killed run never leaves a
     stale lock behind.
     """
-    path = Path(path).absolute()
+    path = atomic.follow_link(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_file = path.parent / f".{path.name}.lock"
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,11 +35,12 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from ..artifacts import corpus_manifest
+from .. import atomic
+from ..artifacts import corpus_manifest, write_dir
 from ..data import is_corpus_dir, write_corpus_dir
 from ..errors import ComflpError, exit_on_error
 from ..cli.argtypes import positive_int, seed
-from ..cli.options import ArgumentParser
+from ..cli.options import ArgumentParser, add_overwrite
 from ..paths import DEMO_CORPUS_DIR
 from .tts import Espeak, Voice
 
@@ -168,19 +167,19 @@ def synthesize_utterance(text: str, voice: Voice, rng: np.random.Generator, cfg:
     return np.clip(wave, -1.0, 1.0)
 
 
-def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progress: bool = True) -> Path:
+def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progress: bool = True,
+             overwrite: bool = False) -> Path:
     """Write the corpus to ``out_dir`` atomically (built in a temp dir, then renamed).
 
-    Returns ``out_dir``. An existing ``out_dir`` is replaced. Synthesis runs
+    Returns ``out_dir``. An existing ``out_dir`` is replaced only if comflp wrote it and ``overwrite`` is
+    set; a dir comflp did not write is never touched (:func:`comflp.artifacts.write_dir`). Synthesis runs
     in a fresh Python process: espeak-ng carries state from one utterance to
     the next (output lengths drift by a sample) that even ``espeak_Terminate``
     does not reset, so only a fresh library gives the same bytes for the same
     seed, whatever the calling process synthesised before.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with write_dir(out_dir, kind="corpus", overwrite=overwrite, flag="--output") as tmp_root:
         code = ("import json, sys; from pathlib import Path; from comflp.demo.corpus import CorpusConfig, "
                 "_synthesize_corpus; a = json.loads(sys.argv[1]); "
                 "_synthesize_corpus(Path(a['root']), CorpusConfig(**a['cfg']), a['progress'])")
@@ -188,12 +187,6 @@ def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progres
         done = subprocess.run([sys.executable, "-c", code, payload])
         if done.returncode != 0:
             raise ComflpError(f"corpus synthesis failed (exit {done.returncode}); see the messages above")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp_root.rename(out_dir)
-    finally:
-        if tmp_root.exists():
-            shutil.rmtree(tmp_root)
     return out_dir
 
 
@@ -234,7 +227,7 @@ def _synthesize_corpus(root: Path, cfg: CorpusConfig, progress: bool) -> None:
         "vocab": "".join(vocab),
         "speakers": {split: {spk: asdict(v) for spk, v in spk_list} for split, spk_list in speakers.items()},
     }
-    corpus_manifest(root).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic.write_json(corpus_manifest(root), manifest)
 
 
 def ensure_demo_corpus(data_dir: str | Path) -> None:
@@ -246,7 +239,7 @@ def ensure_demo_corpus(data_dir: str | Path) -> None:
     root = DEMO_CORPUS_DIR.resolve()
     if data_dir.parent == root and data_dir.name in SPLITS and not is_corpus_dir(data_dir):
         log.info("embedded corpus missing at %s: generating it (about half a minute)", root)
-        generate(root)
+        generate(root, overwrite=True)  # a comflp corpus with a split missing is made anew; nothing else
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", type=Path, default=DEMO_CORPUS_DIR,
                    help="root dir; train/dev/test Kaldi dirs are written below it (default: %(default)s)")
+    add_overwrite(p, "corpus dir")
     p.add_argument("--seed", type=seed, default=d.seed, help="random seed; the same seed gives identical files (default: %(default)s)")
     p.add_argument("--num_train", type=positive_int, default=d.num_train, help="train utterances (default: %(default)s)")
     p.add_argument("--num_dev", type=positive_int, default=d.num_dev, help="dev utterances (default: %(default)s)")
@@ -276,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = CorpusConfig(seed=args.seed, num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test,
                        speakers_train=args.speakers[0], speakers_dev=args.speakers[1], speakers_test=args.speakers[2],
                        vocab_size=args.vocab_size)
-    out = generate(args.output, cfg)
+    out = generate(args.output, cfg, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .. import atomic
 from ..artifacts import DemoDir, claim_file, heatmap_file, is_matrix_set, load_matrix, source_id
 from ..errors import ComflpError, exit_on_error
 from ..hidden import MeasureSettings
@@ -183,8 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("stage %d (%s)", stage, STAGES[stage])
         start = time.perf_counter()
         STAGE_FUNCTIONS[STAGES[stage]](run)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{time.perf_counter() - start:.1f} s\n")
+        atomic.write_text(marker, f"{time.perf_counter() - start:.1f} s\n")
     _summary(run, time.perf_counter() - t0)
 
 
