@@ -147,13 +147,9 @@ def claim_dir(path: str | os.PathLike, *, overwrite: bool, flag: str = "--output
     return path
 
 
-def open_output_dir(path: str | os.PathLike, *, kind: str, flag: str = "--output_dir") -> Path:
-    """Create or reuse a directory comflp writes several outputs into (an experiment or report dir).
-
-    It may not exist, be empty, or be marked as comflp's; a non-empty directory
-    comflp did not write is refused (nothing in it is touched). The files
-    inside are then claimed one by one (:func:`claim_file`).
-    """
+def check_output_dir(path: str | os.PathLike, *, flag: str = "--output_dir") -> Path:
+    """The checks of :func:`open_output_dir` without creating anything: a command refuses a bad output before
+    its work, and creates the dir only once its inputs have passed their own checks."""
     path = _follow(path, flag)
     if path.exists() and not path.is_dir():
         raise ComflpError(f"{flag} {path} is a file; a directory is needed here")
@@ -161,6 +157,17 @@ def open_output_dir(path: str | os.PathLike, *, kind: str, flag: str = "--output
     if path.is_dir() and any(path.iterdir()) and dir_kind(path) is None:
         raise ComflpError(f"{flag} {path} exists and was not written by comflp; refusing to write into it "
                           "(choose another path)")
+    return path
+
+
+def open_output_dir(path: str | os.PathLike, *, kind: str, flag: str = "--output_dir") -> Path:
+    """Create or reuse a directory comflp writes several outputs into (an experiment or report dir).
+
+    It may not exist, be empty, or be marked as comflp's; a non-empty directory
+    comflp did not write is refused (nothing in it is touched). The files
+    inside are then claimed one by one (:func:`claim_file`).
+    """
+    path = check_output_dir(path, flag=flag)
     path.mkdir(parents=True, exist_ok=True)
     if dir_kind(path) is None:
         mark_dir(path, kind)

@@ -95,6 +95,27 @@ def _utterances(table, source: str, split: str, *, audio_column: str, text_colum
     return utts
 
 
+def _saved_splits(dict_json: Path, name: str) -> list[str]:
+    """The splits a saved DatasetDict lists."""
+    import json
+
+    try:
+        splits = json.loads(dict_json.read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ComflpError(f"cannot read dataset {name}: {dict_json.name} is damaged ({err})") from None
+    return [str(s) for s in splits]
+
+
+def _saved_without_rows(state_json: Path) -> bool:
+    """True when a saved table's state lists no data file (a table saved with no rows)."""
+    import json
+
+    try:
+        return json.loads(state_json.read_text(encoding="utf-8")).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False  # a damaged state is named by the library's load
+
+
 def _is_text(feature) -> bool:
     """A column of strings (a table read from metadata.csv may infer numbers: those are no transcripts)."""
     import datasets
@@ -136,15 +157,21 @@ def read_dataset(source: str | os.PathLike, *, split: str, audio_column: str = "
     name = str(source)
     saved_by_datasets = (DATASETDICT_JSON_FILENAME, DATASET_STATE_JSON_FILENAME, DATASET_INFO_FILENAME)
     if path.is_dir() and any((path / f).is_file() for f in saved_by_datasets):
+        table_dir = path
+        if (path / DATASETDICT_JSON_FILENAME).is_file():
+            # the split's own dir is read alone: the library cannot load a dict that holds an empty split
+            splits = _saved_splits(path / DATASETDICT_JSON_FILENAME, name)
+            if split not in splits:
+                raise ComflpError(f"dataset {name} has no split {split!r} (--dataset_split); splits: "
+                                  f"{', '.join(splits)}")
+            table_dir = path / split
+        if _saved_without_rows(table_dir / DATASET_STATE_JSON_FILENAME):
+            # checked here: the library's own load of a saved table without rows fails with an IndexError
+            raise ComflpError(f"dataset {name} [{split}] has no rows (--dataset_split)")
         try:
-            loaded = datasets.load_from_disk(str(path))
+            loaded = datasets.load_from_disk(str(table_dir))
         except Exception as err:  # the library raises several types for a damaged dir
             raise ComflpError(f"cannot read dataset {name}: {str(err).splitlines()[0]}") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ComflpError(f"dataset {name} has no split {split!r} (--dataset_split); splits: "
-                                  f"{', '.join(loaded)}")
-            loaded = loaded[split]
         return _utterances(_undecoded(loaded, audio_column), name, split, audio_column=audio_column,
                            text_column=text_column, require_text=require_text)
     if path.is_dir():

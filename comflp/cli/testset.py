@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..artifacts import ExperimentDir, claim_file, open_output_dir, test_output
+from ..artifacts import ExperimentDir, check_output_dir, claim_file, open_output_dir, test_output
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
 from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, data_label, positive_int, read_corpus_or_dataset,
@@ -60,15 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
             model_src = str(DEMO_MODEL_DIR)
     out_dir = Path(args.output_dir or test_output(EXP_DIR, model_src))
     report = ExperimentDir(out_dir).test_report
-    open_output_dir(out_dir, kind="test")  # refuses a file, or a dir comflp did not write, before anything else
+    check_output_dir(out_dir)  # refuses a file, or a dir comflp did not write, before anything else
     claim_file(report, overwrite=args.overwrite, flag="test report")
     return _test(args, model_src, out_dir, device)
 
 
 def _test(args: argparse.Namespace, model_src: str, out_dir: Path, device) -> dict:
-    setup_logging(ExperimentDir(out_dir).command_log("test_asr"))
     loaded = load_model(model_src, device=device, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
     utts = read_corpus_or_dataset(args, args.data_dir)
+    # the dir is made (and logged to) once the model and the corpus have passed their checks: a refused
+    # command writes nothing
+    open_output_dir(out_dir, kind="test")
+    setup_logging(ExperimentDir(out_dir).command_log("test_asr"))
     tested = test(loaded, utts, out_dir, data=data_label(args, args.data_dir), batch_size=args.batch_size,
                   unit=None if args.unit == "auto" else args.unit, device=device, progress=True,
                   pad_audio=args.pad_audio, overwrite=args.overwrite)
