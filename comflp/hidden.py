@@ -378,12 +378,12 @@ def select_utterances(utts: Sequence[Utterance], settings: MeasureSettings) -> l
     (utterances then repeat; a warning says so). A batch never holds an
     utterance twice: it is drawn from one permutation (a permutation's tail too
     short for a whole batch is skipped), so a batch statistic (DC) never sees
-    copies. A batch larger than the corpus, or more than ``MAX_PASSES`` passes
-    over it, is refused.
+    copies. For a per-batch measure a batch larger than the corpus is refused;
+    more than ``MAX_PASSES`` passes over the corpus always are.
     """
     need = settings.utterances_needed
     per_batch = settings.batch_size * settings.accum_batch
-    if per_batch > len(utts):
+    if per_batch > len(utts) and set(PER_BATCH) & set(settings.measures):
         raise ComflpError(f"a batch of {per_batch} utterances (batch_size x accum_batch) needs {per_batch} "
                           f"distinct utterances, and the corpus has {len(utts)}: a batch statistic of repeated "
                           "clips would be meaningless; lower --batch_size or measure a larger corpus")
@@ -398,7 +398,9 @@ def select_utterances(utts: Sequence[Utterance], settings: MeasureSettings) -> l
         log.warning("%d utterances requested from a corpus of %d: %.1f passes, utterances repeat (never within "
                     "a batch)", need, len(utts), need / len(utts))
         order = []
-        whole = len(utts) - len(utts) % per_batch  # the batches one permutation holds whole
+        # the batches one permutation holds whole (a batch larger than the corpus, allowed for streamed
+        # measures, whose value a batch does not change, takes whole permutations)
+        whole = len(utts) - len(utts) % per_batch if per_batch <= len(utts) else len(utts)
         while len(order) < need:
             order += torch.randperm(len(utts), generator=gen)[:whole].tolist()
     return [utts[i] for i in order[:need]]
@@ -464,6 +466,10 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         raise ComflpError(f"--moment_memory_gb must be positive, not {moment_memory_gb}")
     chosen = select_utterances(usable, settings)
     per_batch = settings.batch_size * settings.accum_batch
+    # streamed measures do not depend on how utterances are batched (batch invariance): a batch larger than
+    # the corpus runs in forward passes of at most the corpus, so memory does not grow with --batch_size
+    # (per-batch measures never get here with such a batch: select_utterances refuses it)
+    forward_batch = min(settings.batch_size, len(usable))
     batches = [chosen[i: i + per_batch] for i in range(0, len(chosen), per_batch)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if len(batches) < world:
@@ -491,8 +497,8 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         with capture_layer_states(model, stack) as states:
             for group in tqdm(mine, desc=desc, unit="batch", disable=not progress or rank != 0):
                 vectors = []
-                for start in range(0, len(group), settings.batch_size):
-                    batch = collate(group[start: start + settings.batch_size], feature_extractor).to(device)
+                for start in range(0, len(group), forward_batch):
+                    batch = collate(group[start: start + forward_batch], feature_extractor).to(device)
                     mask = run_batch(batch)
                     if mask is None:
                         mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])

@@ -20,7 +20,7 @@ def _digest(root: Path) -> dict[str, str]:
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     a = _digest(generate(tmp_path / "a", TINY, progress=False))
     b = _digest(generate(tmp_path / "b", TINY, progress=False))
-    assert a == b and len(a) == 12 + 4 + 4 + 4 * 3 + 1
+    assert a == b and len(a) == 12 + 4 + 4 + 4 * 3 + 1 + 1  # + the ownership mark
     c = _digest(generate(tmp_path / "c", CorpusConfig(**{**TINY.__dict__, "seed": 8}), progress=False))
     assert c != a
 

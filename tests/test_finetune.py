@@ -195,8 +195,11 @@ def test_a_dataset_trains_as_its_kaldi_dir(setup, tmp_path: Path) -> None:
 
     datasets.DatasetDict({"train": split(utts), "validation": split(utts)}).save_to_disk(str(tmp_path / "ds"))
     kaldi = _train(_args(model, corpus, tmp_path / "kaldi"))
-    hf = _train([a if a != str(corpus) else "unused" for a in _args(model, corpus, tmp_path / "hf")]
-                + ["--dataset", str(tmp_path / "ds")])
+    kaldi_flags = _args(model, corpus, tmp_path / "hf")
+    for flag in ("--train_data_dir", "--valid_data_dir"):  # a dataset replaces them (giving both is refused)
+        i = kaldi_flags.index(flag)
+        del kaldi_flags[i: i + 2]
+    hf = _train(kaldi_flags + ["--dataset", str(tmp_path / "ds")])
     assert kaldi.returncode == 0 and hf.returncode == 0, kaldi.stderr + hf.stderr
     a, b = _weights(tmp_path / "kaldi"), _weights(tmp_path / "hf")
     for k in a:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -337,6 +338,20 @@ def test_measuring_refuses_repeated_clips_and_endless_passes(world, tmp_path: Pa
     refused(analysis.dc_main, common + ["--data_dir", str(corpus), "--iter_num", "1000000000"], capsys,
             "--iter_num", f"at most {MAX_PASSES}")
     assert not dump.exists() and not (tmp_path / "fig").exists()
+    # a streamed measure does not depend on the batch: a batch larger than the corpus is run in forward passes
+    # of at most the corpus, and gives the matrix of a small batch over the same utterances
+    matrices = {}
+    for batch, iters in ((16, 1), (2, 8)):
+        out = tmp_path / f"m{batch}.npz"
+        code, err = run(analysis.measure_main, ["--model", str(model), "--data_dir", str(corpus), "--measures",
+                                                "cosine,cka", "--batch_size", str(batch), "--iter_num", str(iters),
+                                                "--no_plot", "--quiet", "--dump_dir", str(tmp_path), "--output",
+                                                str(out)], capsys)
+        assert code == 0, err
+        with np.load(out, allow_pickle=False) as z:
+            matrices[batch] = {k: z[k] for k in ("cosine", "cka")}
+    for k in ("cosine", "cka"):
+        np.testing.assert_allclose(matrices[16][k], matrices[2][k], atol=1e-6)
 
 
 def test_repeated_utterances_never_share_a_batch_and_one_pass_is_unchanged(world) -> None:
@@ -436,3 +451,19 @@ def test_info_on_a_ctc_model_has_no_decoder_line(world, capsys) -> None:
     assert "num_layers" in shown and "decoder_layers" not in shown
     cli.info_main([str(model), "--json"])
     assert "decoder_layers" not in json.loads(capsys.readouterr().out)
+
+
+def test_a_corpus_made_before_the_mark_is_replaced_with_overwrite(tmp_path: Path, capsys) -> None:
+    from comflp.artifacts import corpus_manifest, dir_kind
+    from comflp.demo.corpus import main as corpus_main
+
+    earlier = tmp_path / "demo"
+    (earlier / "train").mkdir(parents=True)
+    corpus_manifest(earlier).write_text(json.dumps({"config": {}, "espeakng_loader": "0", "vocab": "你"}))
+    tiny = ["--output", str(earlier), "--num_train", "1", "--num_dev", "1", "--num_test", "1", "--speakers", "1",
+            "1", "1", "--vocab_size", "20"]
+    refused(corpus_main, tiny, capsys, "--overwrite")
+    code, err = run(corpus_main, tiny + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert dir_kind(earlier) == "corpus"
+    assert len(read_corpus_dir(earlier / "test")) == 1

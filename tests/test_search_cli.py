@@ -78,7 +78,7 @@ def test_fine_search_and_glp_on_a_model(tmp_path: Path) -> None:
     assert r["meta"]["race"] is True and len(r["meta"]["decoded_utterances"]) == 4
     assert r["candidates"][0] == raw["candidates"][0]  # the pick of full evaluation
     assert "race round" in (tmp_path / "clip6to4_search_then_verify_bs32_iter10_exhaustive.log").read_text()
-    assert "race confidence 1.5" in _error(run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"),
+    assert "--race_confidence: must be in [0.5, 1), got 1.5" in _error(run(SCRIPT, *common, "--measure_file", str(tmp_path / "m.npy"),
                                                   "--race", "true", "--race_confidence", "1.5"))
     glp = run(REPO / "search_strategy" / "wer_based_greedy_search.py", *common, "--output", str(tmp_path / "g.json"))
     assert glp.returncode == 0, glp.stderr

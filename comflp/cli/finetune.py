@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_utts", type=positive_int,
                    help="use only the first N training utterances (default: all)")
     p.add_argument("--batch_size", type=positive_int,
-                   help="utterances per micro-batch, all processes together (default: %(default)s)")
+                   help="utterances per micro-batch, all processes together; memory grows with it (activations and "
+                        "their gradients for the batch's longest utterance) (default: %(default)s)")
     p.add_argument("--max_batch_seconds", type=positive_float,
                    help="micro-batches of as many length-sorted utterances as fit in this many seconds of padded "
                         "audio, instead of --batch_size utterances (the demo models' recipe: 16)")

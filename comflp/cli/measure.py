@@ -39,9 +39,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     data_dir = p.add_argument("--data_dir", type=Path, default=demo_split("train"),
                    help="Kaldi dir to measure on; transcripts not needed (default: the embedded corpus's train split)")
     p.add_argument("--batch_size", type=positive_int, default=batch_size,
-                   help="utterances per batch; per-batch measures (DC) are defined on batches of this size "
-                        "(default: %(default)s)")
-    p.add_argument("--iter_num", type=positive_int, default=iter_num, help="number of batches (default: %(default)s)")
+                   help="utterances per batch; per-batch measures (DC) are defined on batches of this size, so it may "
+                        "not exceed the corpus. Memory grows with it: every layer's hidden states of one batch are "
+                        "held at once, batch x frames x (L+1) x width floats (default: %(default)s)")
+    p.add_argument("--iter_num", type=positive_int, default=iter_num, help="number of batches; utterances repeat (never within a batch) once the corpus is used up, at "
+                        "most 100 passes over it (default: %(default)s)")
     p.add_argument("--accum_batch", type=positive_int, default=1,
                    help="micro-batches joined into one batch for per-batch measures (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=0, help="selects the utterances; same seed, same matrix (default: %(default)s)")

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir = p.add_argument("--data_dir", type=Path, default=demo_split("test"),
                    help="Kaldi dir to decode (default: the embedded corpus's test split)")
     p.add_argument("--batch_size", type=positive_int, default=16,
-                   help="utterances per batch; does not change the transcripts (default: %(default)s)")
+                   help="utterances per batch; does not change the transcripts, only speed and memory (which grows with "
+                        "the batch times its longest utterance) (default: %(default)s)")
     p.add_argument("--unit", choices=["auto", "char", "word"], default="auto",
                    help="score characters (CER) or words (WER); auto = char for CJK text (default: %(default)s)")
     add_device(p)

@@ -36,7 +36,7 @@ import soxr
 from tqdm import tqdm
 
 from .. import atomic
-from ..artifacts import corpus_manifest, write_dir
+from ..artifacts import corpus_manifest, dir_kind, mark_dir, write_dir
 from ..data import is_corpus_dir, write_corpus_dir
 from ..errors import ComflpError, exit_on_error
 from ..cli.argtypes import positive_int, seed
@@ -179,6 +179,7 @@ def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progres
     seed, whatever the calling process synthesised before.
     """
     out_dir = Path(out_dir)
+    _adopt_earlier_corpus(out_dir)
     with write_dir(out_dir, kind="corpus", overwrite=overwrite, flag="--output") as tmp_root:
         code = ("import json, sys; from pathlib import Path; from comflp.demo.corpus import CorpusConfig, "
                 "_synthesize_corpus; a = json.loads(sys.argv[1]); "
@@ -188,6 +189,18 @@ def generate(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig(), *, progres
         if done.returncode != 0:
             raise ComflpError(f"corpus synthesis failed (exit {done.returncode}); see the messages above")
     return out_dir
+
+
+def _adopt_earlier_corpus(root: Path) -> None:
+    """Mark a corpus that comflp generated before corpora carried the ownership mark (it has comflp's manifest
+    at its root), so that ``--overwrite`` may replace it like any other comflp output."""
+    if root.is_dir() and dir_kind(root) is None:
+        try:
+            manifest = json.loads(corpus_manifest(root).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(manifest, dict) and {"config", "espeakng_loader", "vocab"} <= set(manifest):
+            mark_dir(root, "corpus")
 
 
 def _synthesize_corpus(root: Path, cfg: CorpusConfig, progress: bool) -> None:

@@ -305,7 +305,11 @@ def _report(run: Run) -> None:
         streamed = MeasureSettings(measures=("svcca", "cka", "cosine", "angular"), batch_size=8, iter_num=10,
                                    sample_mode="T")
         matrices = {}
-        for label, (s, path) in settings.items():
+        for label, (s, path) in list(settings.items()):
+            if s.batch_size * s.accum_batch > len(utts):  # a batch statistic needs that many distinct utterances
+                log.warning("%s left out of the %s report: a batch of %d needs more than the %d utterances of %s",
+                            label, stack, s.batch_size * s.accum_batch, len(utts), train)
+                continue
             if label != "dc_bs4":  # measured by stage 1
                 _save_measured(measure(run.loaded, utts, s, stack=stack, data=str(train), progress=False), path,
                                title=None, figure_dir=None)
