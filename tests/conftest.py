@@ -151,3 +151,13 @@ def make_corpus(root: Path, n: int = 6, texts: list[str] | None = None) -> Path:
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return make_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(tmp dir, a tiny stable-layer-norm wav2vec2 saved with its processor, an 8-utterance corpus): what the
+    unhappy-path tests feed to the commands."""
+    tmp = tmp_path_factory.mktemp("world")
+    model = save_plain(tiny_model("wav2vec2-stable", seed=2), tmp / "model", tmp / "proc")
+    corpus = make_corpus(tmp / "corpus", n=8)
+    return tmp, model, corpus

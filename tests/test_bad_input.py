@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from transformers import Wav2Vec2Model
 
@@ -19,7 +18,7 @@ from comflp.cli.aishell import main as aishell_main
 from comflp.artifacts import output_lock
 from comflp.strategy import Candidate, StrategyFile
 
-from conftest import make_corpus, save_plain, tiny_model
+from conftest import save_plain, tiny_model
 
 
 def run(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -42,14 +41,6 @@ def refused(main, argv: list[str], capsys, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad")
-    model = save_plain(tiny_model("wav2vec2-stable", seed=2), tmp / "model", tmp / "proc")
-    corpus = make_corpus(tmp / "corpus", n=8)
-    return tmp, model, corpus
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:

@@ -90,36 +90,29 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def fraction(text: str) -> float:
-    """A float in [0, 1] (a weight between two terms)."""
-    value = _float(text, "a number in [0, 1]")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _interval(low: float, high: float, *, low_open: bool, high_open: bool, name: str, doc: str):
+    """An argparse type for a finite float in an interval, e.g. [0, 1) for ``low_open=False, high_open=True``."""
+    shown = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def check(text: str) -> float:
+        value = _float(text, f"a number in {shown}")
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"must be in {shown}, got {text}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    check.__doc__ = f"A float in {shown}: {doc}."
+    return check
 
 
-def probability_below_one(text: str) -> float:
-    """A float in [0, 1): a probability that may not be certain (LayerDrop, Adam's betas)."""
-    value = _float(text, "a number in [0, 1)")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def open_unit_upper(text: str) -> float:
-    """A float in (0, 1] (a share of variance to keep)."""
-    value = _float(text, "a number in (0, 1]")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def confidence(text: str) -> float:
-    """A one-sided confidence in [0.5, 1)."""
-    value = _float(text, "a confidence in [0.5, 1)")
-    if not 0.5 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0.5, 1), got {text}")
-    return value
+fraction = _interval(0, 1, low_open=False, high_open=False, name="fraction", doc="a weight between two terms")
+probability_below_one = _interval(0, 1, low_open=False, high_open=True, name="probability_below_one",
+                                  doc="a probability that may not be certain (LayerDrop, Adam's betas)")
+open_unit_upper = _interval(0, 1, low_open=True, high_open=False, name="open_unit_upper",
+                            doc="a share of variance to keep")
+confidence = _interval(0.5, 1, low_open=False, high_open=True, name="confidence", doc="a one-sided confidence")
 
 
 def epoch_or_last(text: str) -> int:

@@ -38,8 +38,8 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="batches in the fine-search subset (default: %(default)s)")
     p.add_argument("--verify_batch_size", type=positive_int, default=32,
                    help="utterances per batch; the subset is the first test_num_batch x verify_batch_size "
-                        "utterances in wav.scp order; how they are batched does not change the CERs "
-                        "(default: %(default)s)")
+                        "utterances in wav.scp order; how they are batched does not change the CERs, only speed "
+                        "and memory (which grows with the batch times its longest utterance) (default: %(default)s)")
     add_dataset_arguments(p, split="validation", replaces=[data_dir])
     add_pad_audio(p)
     add_front_end_cache(p)
