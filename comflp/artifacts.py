@@ -168,9 +168,16 @@ def open_output_dir(path: str | os.PathLike, *, kind: str, flag: str = "--output
     inside are then claimed one by one (:func:`claim_file`).
     """
     path = check_output_dir(path, flag=flag)
+    made = [d for d in (path, *path.parents) if not d.exists()]
     path.mkdir(parents=True, exist_ok=True)
     if dir_kind(path) is None:
-        mark_dir(path, kind)
+        try:
+            mark_dir(path, kind)
+        except OSError:
+            for d in made:  # innermost first: a dir that could not be marked is not left behind
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
     return path
 
 

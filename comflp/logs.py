@@ -20,9 +20,14 @@ class LogFile(logging.FileHandler):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, encoding="utf-8", delay=True)
+        self._made: list[Path] = []  # the dirs its first record created, removed again if nothing could be written
+        self._existed = True  # whether the file was there before this run (then it is never removed)
 
     def _open(self):
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        parent = Path(self.baseFilename).parent
+        self._made = [d for d in (parent, *parent.parents) if not d.exists()]
+        parent.mkdir(parents=True, exist_ok=True)
+        self._existed = Path(self.baseFilename).exists()
         return super()._open()
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
@@ -32,8 +37,11 @@ class LogFile(logging.FileHandler):
             logging.getLogger().removeHandler(self)
             with contextlib.suppress(OSError):
                 self.close()
-                if os.path.getsize(self.baseFilename) == 0:  # created by this run, nothing in it
+            with contextlib.suppress(OSError):
+                if not self._existed and os.path.getsize(self.baseFilename) == 0:  # made by this run, empty
                     os.unlink(self.baseFilename)
+                    for made in self._made:  # innermost first
+                        made.rmdir()
             raise OSError(err.errno, err.strerror or str(err), self.baseFilename) from err
         super().handleError(record)
 

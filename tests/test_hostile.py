@@ -229,7 +229,11 @@ def test_a_log_that_cannot_be_written_stops_the_command_in_one_line(world, tmp_p
     run(analysis.measure_main, ["--model", str(model), "--data_dir", str(corpus), "--batch_size", "4", "--iter_num",
                                 "2", "--measures", "cosine", "--no_plot", "--quiet", "--dump_dir", str(tmp_path),
                                 "--output", str(matrix)], capsys)
-    monkeypatch.setattr(LogFile, "_open", lambda self: FullDisk())
+    def full_disk_file(self):
+        Path(self.baseFilename).touch()  # the file is created; its first write meets the full disk
+        return FullDisk()
+
+    monkeypatch.setattr(logging.FileHandler, "_open", full_disk_file)
     log_dir = tmp_path / "log"
     out = tmp_path / "s.json"
     try:
@@ -244,6 +248,18 @@ def test_a_log_that_cannot_be_written_stops_the_command_in_one_line(world, tmp_p
     assert "Traceback" not in err and "Logging error" not in err, err
     assert str(log_dir) in lines[0] and "No space left on device" in lines[0]
     assert not out.exists()
+    assert not log_dir.exists()  # the empty log, and the dir made for it, are gone
+
+
+def test_a_dir_that_cannot_be_marked_is_not_left_behind(world, tmp_path: Path, monkeypatch, capsys) -> None:
+    from comflp import artifacts
+
+    _, model, corpus = world
+    monkeypatch.setattr(artifacts, "mark_dir", _no_space)
+    out = tmp_path / "deep" / "t"
+    refused(test_asr.main, ["--model", str(model), "--data_dir", str(corpus), "--output_dir", str(out)], capsys,
+            "No space left on device")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- a user's file or link
