@@ -54,6 +54,38 @@ def generation_limit(model, tokenizer, references: Sequence[str] | None = None) 
     return cap
 
 
+def language_is_forced(model) -> bool:
+    """Whether generation's prompt has its language decided without looking at the audio: the model has no
+    language tokens (``lang_to_id``), or its generation config sets ``language``, or its ``forced_decoder_ids``
+    name one after the start token. Otherwise transformers detects each utterance's language (its rule in
+    ``WhisperGenerationMixin._retrieve_init_tokens``)."""
+    config = getattr(model, "generation_config", None)
+    if not getattr(config, "lang_to_id", None) or getattr(config, "language", None):
+        return True
+    if getattr(config, "task", None) is not None:  # transformers then ignores forced_decoder_ids
+        return False
+    forced = getattr(config, "forced_decoder_ids", None) or getattr(model.config, "forced_decoder_ids", None)
+    return bool(forced) and forced[0][0] == 1 and forced[0][1] is not None
+
+
+def detect_languages(model, batch: AudioBatch) -> list[str] | None:
+    """The language token (``<|en|>``…) that ``model`` detects for each utterance of ``batch``, or None when
+    the prompt's language is forced (:func:`language_is_forced`).
+
+    Detected once with the full model, the languages become every pruned candidate's prompt, so candidates
+    are compared on one prompt (a pruned model would detect its own, often wrongly), and generation from
+    shared encoder outputs needs no detection (transformers refuses to detect from them and the features
+    at once).
+    """
+    if language_is_forced(model) or not hasattr(model, "detect_language"):
+        return None
+    config = model.generation_config
+    ids = model.detect_language(input_features=batch.inputs, generation_config=config,
+                                num_segment_frames=batch.inputs.shape[-1])
+    names = {int(v): k for k, v in config.lang_to_id.items()}
+    return [names[int(i)] for i in ids]
+
+
 def generate_batch(model, tokenizer, batch: AudioBatch, *, max_new_tokens: int, **kwargs) -> list[str]:
     """Greedy generation with the cache (encoder-decoder models): one transcript per utterance of ``batch``.
 

@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
-from .decode import (check_decodable, decode_batch, decode_logits, generate_batch, generation_limit, normalize_words,
-                     report_unknown_characters)
+from .decode import (check_decodable, decode_batch, decode_logits, detect_languages, generate_batch, generation_limit,
+                     normalize_words, report_unknown_characters)
 from .errors import ComflpError
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
 from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
@@ -99,6 +99,7 @@ class FineSearch:
     front_end_cache_gb: float = 2.0
     stats: FineSearchStats = field(default_factory=FineSearchStats)
     hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
+    languages: dict[str, str] = field(default_factory=dict)  # utterance -> language token detected (multilingual)
 
     def __post_init__(self) -> None:
         if self.loaded.tokenizer is None:
@@ -122,16 +123,23 @@ class FineSearch:
         self.num_layers = num_layers(self.loaded.model, self.stack)
         self._front_ends: dict[int, dict] = {}  # batch index -> front-end outputs kept (frozen_features)
         self._front_end_bytes = 0
+        self._languages: dict[int, list[str] | None] = {}  # batch index -> languages the full model detected
 
     def normalize(self, text: str) -> str:
         """Whisper's basic normaliser for text in words (lower case, no punctuation); characters as they are."""
         return normalize_words(text) if self.generative and self.unit == "word" else text
 
-    def _generate_batch(self, batch: AudioBatch, kept: list[tuple[int, ...]], order: list[int],
+    def _generate_batch(self, batch: AudioBatch, index: int, kept: list[tuple[int, ...]], order: list[int],
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
-        """Greedy-generate one batch under every kept sequence of the stack (encoder-decoder models)."""
+        """Greedy-generate one batch under every kept sequence of the stack (encoder-decoder models), each with
+        the prompt language the full model detects (when the generation config forces none)."""
         model, tok = self.loaded.model, self.loaded.tokenizer
         limit = self.max_new_tokens
+        if index not in self._languages:  # the full model's detected languages: every candidate's prompt
+            self._languages[index] = detect_languages(model, batch)
+            if self._languages[index] is not None:
+                self.languages.update(zip(batch.utt_ids, self._languages[index]))
+        languages = self._languages[index]
         encoder_out = call(model, batch.inputs, batch.attention_mask) if self.stack == "decoder" else None
         cache: dict[tuple[int, ...], object] = {}
         for i in order:
@@ -142,6 +150,8 @@ class FineSearch:
                         else run_layers(model, seq, "decoder"))
             with switched:
                 extra = {"encoder_outputs": encoder_out} if encoder_out is not None else {}
+                if languages is not None:
+                    extra["language"] = languages
                 texts = generate_batch(model, tok, batch, max_new_tokens=limit, **extra)
             if self.stack == "decoder":
                 counter[0] += len(seq)
@@ -191,7 +201,7 @@ class FineSearch:
             for index, batch in zip(indices, batches):
                 batch = batch.to(self.device)
                 if self.generative:
-                    self._generate_batch(batch, kept, order, hyps, counter, bar)
+                    self._generate_batch(batch, index, kept, order, hyps, counter, bar)
                     continue
                 exact = (contextlib.nullcontext() if self.pad_audio
                          else padding_exact(model, batch.attention_mask.sum(-1).tolist()))

@@ -377,3 +377,102 @@ def test_whisper_without_its_processor_gets_its_window_and_a_wrong_one_is_named(
     WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp_path / "plain")  # 30 s: not this encoder's
     with pytest.raises(ComflpError, match="pads to 3000 frames but the encoder takes 100"):
         load_model(tmp_path / "plain", allow_encoder_decoder=True)
+
+
+# a multilingual Whisper's prompt tokens, as the hub's openai/whisper-* generation configs name them
+MULTILINGUAL_TOKENS = ["<|en|>", "<|zh|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>"]
+
+
+def multilingual_whisper_dir(tmp: Path, seed: int = 7) -> Path:
+    """A tiny multilingual Whisper whose generation config forces no language, as a real multilingual
+    checkpoint's does (lang_to_id, task_to_id, is_multilingual, forced_decoder_ids without a language,
+    alignment heads, suppress tokens): generation detects each utterance's language."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = WHISPER_VOCAB + MULTILINGUAL_TOKENS
+    ids = {t: i for i, t in enumerate(tokens)}
+    backend = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Split(Regex("."), behavior="isolated")])
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftranscript|> <|notimestamps|> $A <|endoftext|>",
+        special_tokens=[("<|startoftranscript|>", 1), ("<|notimestamps|>", ids["<|notimestamps|>"]),
+                        ("<|endoftext|>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftranscript|>",
+                                  eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=MULTILINGUAL_TOKENS)
+    torch.manual_seed(seed)
+    config = WhisperConfig(vocab_size=len(tokens), num_mel_bins=80, encoder_layers=4, decoder_layers=4,
+                           encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, encoder_ffn_dim=48,
+                           decoder_ffn_dim=48, max_source_positions=50, max_target_positions=32,
+                           decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+                           begin_suppress_tokens=None, suppress_tokens=None, init_std=0.3)
+    model = WhisperForConditionalGeneration(config).eval()
+    lang = {t: ids[t] for t in ("<|en|>", "<|zh|>")}
+    task = {"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]}
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=1, eos_token_id=2, pad_token_id=0, alignment_heads=ALIGNMENT_HEADS,
+        suppress_tokens=[0], begin_suppress_tokens=[2], lang_to_id=lang, task_to_id=task, is_multilingual=True,
+        forced_decoder_ids=[[1, None], [2, task["transcribe"]]], no_timestamps_token_id=ids["<|notimestamps|>"],
+        max_length=32)
+    out = tmp / "whisper-multilingual"
+    model.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_fine_search_on_a_multilingual_whisper_gives_every_candidate_the_full_models_language(
+        stack: str, tmp_path: Path) -> None:
+    """A generation config that forces no language: the full model detects each utterance's language once and
+    every candidate decodes with that prompt (it used to end in transformers' ValueError for the decoder's
+    shared encoder outputs), equal to separately pruned models given the same languages."""
+    from comflp.data import collate, read_corpus_dir
+    from comflp.decode import detect_languages, language_is_forced
+    from comflp.strategy import Candidate
+    from comflp.verify import FineSearch, verify
+
+    from conftest import make_corpus
+
+    loaded = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    assert not language_is_forced(loaded.model)
+    utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
+    sets = [[1], [2, 3], [4]]
+    engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
+    verify(engine, [Candidate(s) for s in sets])
+    languages = {u.utt_id: detect_languages(loaded.model, collate([u], loaded.feature_extractor))[0] for u in utts}
+    assert engine.languages == languages and set(languages.values()) <= {"<|en|>", "<|zh|>"}
+    for s, hyps in zip(sets, engine.hypotheses):
+        model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
+        separately = []
+        for u in utts:
+            ids = model.generate(collate([u], loaded.feature_extractor).inputs, max_new_tokens=engine.max_new_tokens,
+                                 do_sample=False, num_beams=1, language=languages[u.utt_id])
+            separately.append(loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)[0])
+        assert hyps == separately
+
+
+def test_search_and_glp_on_a_multilingual_whisper_record_the_languages(tmp_path: Path) -> None:
+    from comflp.cli import search as search_cli
+
+    from conftest import make_corpus
+
+    model_dir, corpus = multilingual_whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    npz = _measure(model_dir, corpus, tmp_path / "dec.npz", measures="cosine")
+    verify = ["--model", str(model_dir), "--verify_data_dir", str(corpus), "--num_layers", "4", "--num_clip_layers",
+              "2", "--test_num_batch", "2", "--verify_batch_size", "3", "--log_dir", str(tmp_path), "--quiet"]
+    found = search_cli.search_main([*verify, "--measure_file", str(npz), "--select_measure", "cosine",
+                                    "--search_mode", "exact", "--topk_num", "3", "--output", str(tmp_path / "s.json")])
+    assert sum(found.meta["languages"].values()) == 6
+    glp = search_cli.glp_main([*verify, "--stack", "decoder", "--output", str(tmp_path / "g.json")])
+    assert glp.meta["languages"] == found.meta["languages"]
+    # a forced language needs no detection
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["forced_decoder_ids"][0][1] = config["lang_to_id"]["<|en|>"]
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    forced = search_cli.search_main([*verify, "--measure_file", str(npz), "--select_measure", "cosine",
+                                     "--search_mode", "exact", "--topk_num", "3", "--output", str(tmp_path / "f.json")])
+    assert "languages" not in forced.meta

@@ -4,6 +4,7 @@ and ``comflp glp`` / ``search_strategy/wer_based_greedy_search.py``."""
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import logging
 import time
 from pathlib import Path
@@ -232,11 +233,21 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         meta.update(pearson=report.pearson, fine_seconds=fine.stats.seconds, verify_data_dir=str(args.verify_data_dir),
                     verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,
                     naive_layer_applications=fine.stats.naive_layer_applications, model=str(args.model))
+        _record_languages(fine, meta)
     strategy = StrategyFile(L, cands, meta, stack=stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(cands))
     print(f"strategy file: {out}")
     return strategy
+
+
+def _record_languages(fine, meta: dict) -> None:
+    """Log and record the prompt languages a multilingual model detected (once, with the full model)."""
+    if fine.languages:
+        counts = dict(Counter(fine.languages.values()).most_common())
+        log.info("prompt languages, detected by the full model and given to every candidate: %s",
+                 ", ".join(f"{k} x{n}" for k, n in counts.items()))
+        meta["languages"] = counts
 
 
 def glp_parser() -> argparse.ArgumentParser:
@@ -268,6 +279,7 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
             "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),
             "verify_utterances": len(fine.utts), "model": str(args.model)}
+    _record_languages(fine, meta)
     strategy = StrategyFile(L, [final], meta, stack=args.stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(result.path))
