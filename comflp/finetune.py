@@ -49,8 +49,8 @@ from .errors import ComflpError
 from .logs import logging_to
 from .metrics import guess_unit
 from .hidden import teacher_forcing_labels
-from .model import (LoadedModel, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
-                    num_layers, prune, save_model)
+from .model import (LoadedModel, family_of, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
+                    num_layers, prune, save_model, set_layerdrop)
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 from .strategy import StrategyFile, check_num_layers, parse_layers, resolve_pruned, validate
 from .verify import verify_subset
@@ -210,7 +210,9 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
         student = prune(source.model, pruned, decoder_pruned=decoder)
     else:  # --whole_model
         student = copy.deepcopy(source.model)
-    student.config.layerdrop = args.layerdrop
+    if not set_layerdrop(student, args.layerdrop) and args.layerdrop > 0:
+        log.warning("%s has no LayerDrop: training without it (--layerdrop %s not applied)",
+                    student.config.model_type, args.layerdrop)
     if not is_encoder_decoder(student):
         # a per-utterance mean makes the DDP average over processes equal the one-process loss
         student.config.ctc_loss_reduction = "mean"
@@ -295,6 +297,8 @@ def train(args: FinetuneConfig) -> Path:
     if args.max_batch_seconds is None and args.batch_size % world:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
     loaded, teacher, pruned, decoder_pruned = _student_and_teacher(args, accelerator.device)
+    if not family_of(loaded.model).layerdrop:
+        args = replace(args, layerdrop=0.0)  # what the run does, and so what run.json records
     total = len(pruned) + num_layers(loaded.model)
     out = Path(args.output_dir or finetune_output(EXP_DIR, total, len(pruned)))
     afresh = args.overwrite or args.resume_epoch == 0

@@ -66,6 +66,9 @@ class Family:
     ``decoder_layers``, ``decoder_depth_field``: the second layer stack of an encoder-decoder family
     (Whisper), pruned beside the encoder's; ``layers`` and ``depth_field`` then name the encoder's.
     ``auto_class``: the transformers auto class that loads the family.
+    ``layerdrop``: the fields of ``config`` that hold the LayerDrop probability; ``layerdrop_modules``: the
+    modules (paths under the base model) that copied it when they were built (Whisper's stacks, Parakeet's
+    encoder) and read their own ``layerdrop`` when training. A family with neither has no LayerDrop (SEW-D).
     """
 
     layers: str = "encoder.layers"
@@ -86,6 +89,8 @@ class Family:
     decoder_layers: str | None = None
     decoder_depth_field: str | None = None
     auto_class: str = "AutoModelForCTC"
+    layerdrop: tuple[str, ...] = ("layerdrop",)
+    layerdrop_modules: tuple[str, ...] = ()
 
 
 DEFAULT_FAMILY = Family()
@@ -95,7 +100,7 @@ FAMILIES: dict[str, Family] = {
     "sew": Family(squeeze_field="squeeze_factor", pooled_mask="layers", upsample="encoder.upsample"),
     # DeBERTa-style encoder: its relative-position embeddings sit beside the layers and are shared, so they stay
     "sew-d": Family(layers="encoder.encoder.layer", squeeze_field="squeeze_factor", pooled_mask="encoder.encoder",
-                    upsample="encoder.upsample"),
+                    upsample="encoder.upsample", layerdrop=()),
     # log-mel frames stacked in pairs; causal depthwise convolution over masked frames: batch-invariant as is
     "wav2vec2-bert": Family(input_kind="input_features", feature_encoder="feature_projection", per_batch=(),
                             front_end_exact=True, default_features="SeamlessM4TFeatureExtractor"),
@@ -103,14 +108,16 @@ FAMILIES: dict[str, Family] = {
     # computed once before the layers and passed to each, so they stay
     "parakeet_ctc": Family(config="encoder_config", input_kind="input_features",
                            output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampling",
-                           per_batch=(), front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head"),
+                           per_batch=(), front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head",
+                           layerdrop_modules=("encoder",)),
     # encoder-decoder: log-mel frames padded to 30 s, two conv layers, then the encoder's layers; the decoder's
     # layers carry their cache index (``layer_idx``), renumbered when layers go
     "whisper": Family(layers="encoder.layers", depth_field="encoder_layers", input_kind="input_features",
                       feature_encoder="encoder.conv1", per_batch=(), front_end_exact=True,
                       default_features="WhisperFeatureExtractor",
                       head="proj_out", decoder_layers="decoder.layers", decoder_depth_field="decoder_layers",
-                      auto_class="AutoModelForSpeechSeq2Seq"),
+                      auto_class="AutoModelForSpeechSeq2Seq", layerdrop=("encoder_layerdrop", "decoder_layerdrop"),
+                      layerdrop_modules=("encoder", "decoder")),
 }
 STACKS = ("encoder", "decoder")
 
@@ -353,6 +360,19 @@ def _check_weights_match_config(model: PreTrainedModel, info: dict, source: str)
     if head_keys or (partial and present):
         raise ComflpError(f"{source}: the weights of the head ({family.head}) do not match config.json "
                           f"({'unexpected ' + head_keys[0] if head_keys else 'missing ' + sorted(partial)[0]})")
+
+
+def set_layerdrop(model: PreTrainedModel, probability: float) -> bool:
+    """Train ``model`` with LayerDrop ``probability`` (its config records it too); False when the family has
+    none (the family table's ``layerdrop``)."""
+    family = family_of(model)
+    if not family.layerdrop:
+        return False
+    for field in family.layerdrop:
+        setattr(encoder_config(model), field, probability)
+    for path in family.layerdrop_modules:
+        _get(base_model(model), path).layerdrop = probability
+    return True
 
 
 def base_model(model: PreTrainedModel) -> nn.Module:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCTC
 
@@ -71,3 +72,21 @@ def test_prune_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path) -> None
     assert "12-layer" in msg and "6 layers" in msg
     assert "model not found" in _one_line_error(run("info", str(tmp_path / "nothing" / "here")))
     assert not (tmp_path / "p").exists()
+
+
+def test_usage_and_errors_name_the_command_that_was_run(capsys) -> None:
+    """`comflp finetune` shares its parser with the paper's clip_finetune_train.py; each names itself."""
+    from comflp.cli import finetune, main, search
+
+    for argv, name in ((["finetune", "--seed", "x"], "comflp finetune"), (["glp", "--threads", "0"], "comflp glp"),
+                       (["test", "--batch_size", "0"], "comflp test"), (["average", "--num", "0"], "comflp average")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert capsys.readouterr().err.startswith(f"error: {name}: argument")
+    with pytest.raises(SystemExit):
+        finetune.main(["--seed", "x"])
+    assert capsys.readouterr().err.startswith("error: python clip_finetune_train.py: argument --seed")
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert "--threads" in capsys.readouterr().out
+    assert search.search_parser().prog == "python search_strategy/search_prune_then_verify_mix.py"

@@ -181,3 +181,44 @@ def test_feature_input_model_saved_without_processor_gets_its_family_extractor(f
     least = min_audio_samples(loaded.model, loaded.feature_extractor)
     frames = [int(encoder_frames(loaded.model, loaded.feature_extractor, torch.tensor([n]))[0]) for n in (least - 1, least)]
     assert frames == [0, 1]
+
+
+def _layer_calls(model, inputs: dict, stacks: tuple[str, ...]) -> int:
+    """How many layers of ``stacks`` ran in one training-mode forward."""
+    from comflp.model import stack_layers
+
+    calls = [0]
+    handles = [layer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+               for stack in stacks for layer in stack_layers(model, stack)]
+    model.train()
+    try:
+        model(**inputs)
+    finally:
+        model.eval()
+        for h in handles:
+            h.remove()
+    return calls[0]
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "whisper"])
+def test_layerdrop_acts_where_the_family_has_it(family: str) -> None:
+    """--layerdrop reaches what each family reads when training (Whisper and Parakeet copy it into their
+    modules when built, so setting the config alone did nothing); SEW-D has none and says so."""
+    from comflp.model import num_layers, set_layerdrop
+
+    if family == "whisper":
+        from test_whisper import tiny_whisper
+
+        model = tiny_whisper()
+        inputs = {"input_features": torch.randn(1, 80, 100), "decoder_input_ids": torch.tensor([[1, 5, 6]])}
+        stacks = ("encoder", "decoder")
+    else:
+        model, inputs, stacks = tiny_model(family), tiny_inputs(tiny_model(family)), ("encoder",)
+    total = sum(num_layers(model, s) for s in stacks)
+    torch.manual_seed(0)
+    assert set_layerdrop(model, 0.0) == (family != "sew-d")
+    assert _layer_calls(model, inputs, stacks) == total
+    acts = set_layerdrop(model, 0.99999)
+    torch.manual_seed(0)
+    kept = 1 if family == "wavlm" else 0  # WavLM never drops its first layer, which computes the position bias
+    assert _layer_calls(model, inputs, stacks) == (kept if acts else total)

@@ -476,3 +476,17 @@ def test_search_and_glp_on_a_multilingual_whisper_record_the_languages(tmp_path:
     forced = search_cli.search_main([*verify, "--measure_file", str(npz), "--select_measure", "cosine",
                                      "--search_mode", "exact", "--topk_num", "3", "--output", str(tmp_path / "f.json")])
     assert "languages" not in forced.meta
+
+
+def test_prune_says_which_stack_lost_which_layers(tmp_path: Path, capsys) -> None:
+    from comflp.strategy import Candidate, StrategyFile
+
+    model_dir = _whisper_dir(tmp_path)
+    strategy = tmp_path / "dec.json"
+    StrategyFile(4, [Candidate([2, 4])], {}, stack="decoder").save(strategy)
+    cli.prune_main(["--model", str(model_dir), "--strategy", str(strategy), "--output", str(tmp_path / "a")])
+    assert "pruned decoder layers [2, 4] of 4: 4 encoder and 2 decoder layers left" in capsys.readouterr().out
+    cli.prune_main(["--model", str(model_dir), "--layers", "1", "--decoder_layers", "3", "--output",
+                    str(tmp_path / "b")])
+    assert "pruned encoder layers [1] of 4 and decoder layers [3] of 4: 3 encoder and 3 decoder" in \
+        capsys.readouterr().out

@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     module, function = COMMANDS[name][0].split(":")
-    getattr(importlib.import_module(module), function)(rest)
+    from .options import invoked_as
+
+    with invoked_as(f"comflp {name}"):
+        getattr(importlib.import_module(module), function)(rest)
 
 
 if __name__ == "__main__":

@@ -79,9 +79,17 @@ def prune_main(argv: list[str] | None = None) -> None:
     if stack == "decoder":
         layers, decoder = [], layers
     out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite)
+    print(f"{pruned_summary(out, total, num_layers(loaded.model, 'decoder') if out.decoder_layers is not None else None)}"
+          f", saved to {args.output}")
+
+
+def pruned_summary(out, encoder_total: int, decoder_total: int | None) -> str:
+    """What was removed from which stack: "pruned layers [1, 3] of 12: 10 layers left" for a CTC model; for an
+    encoder-decoder model each stack that lost layers, and the depths left."""
     extra = f" with {len(out.adapter_files)} adapter file(s)" if out.adapter_files else ""
-    left = f"{out.num_layers} layers left"
-    if out.decoder_layers is not None:
-        left = (f"{out.num_layers} encoder and {out.decoder_layers} decoder layers left (decoder layers "
-                f"{out.decoder_removed} removed)")
-    print(f"pruned layers {out.removed} of {total}: {left}, saved to {args.output}{extra}")
+    if decoder_total is None:
+        return f"pruned layers {out.removed} of {encoder_total}: {out.num_layers} layers left{extra}"
+    removed = [f"{stack} layers {layers} of {total}" for stack, layers, total in
+               (("encoder", out.removed, encoder_total), ("decoder", out.decoder_removed, decoder_total)) if layers]
+    return (f"pruned {' and '.join(removed) or 'nothing'}: {out.num_layers} encoder and {out.decoder_layers} "
+            f"decoder layers left{extra}")

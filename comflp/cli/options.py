@@ -9,7 +9,9 @@ functions turn the parsed value into what the library takes, raising
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from typing import Iterator
 
 import torch
 
@@ -17,6 +19,22 @@ from ..errors import ComflpError
 from ..strategy import check_num_layers  # noqa: F401 (the commands' shared flag check, here with the others)
 from .argtypes import (fraction, non_negative_float, non_negative_int, positive_float,  # noqa: F401 (re-exported)
                        positive_int, seed, str2bool, threads)
+
+
+# "comflp <command>" while the comflp dispatcher runs one (comflp.cli.main); None for the paper's scripts
+_INVOKED_AS: str | None = None
+
+
+@contextlib.contextmanager
+def invoked_as(name: str) -> Iterator[None]:
+    """Name the command being run, so usage lines and errors say ``comflp finetune`` rather than the paper
+    script that shares its parser (``python clip_finetune_train.py``)."""
+    global _INVOKED_AS
+    before, _INVOKED_AS = _INVOKED_AS, name
+    try:
+        yield
+    finally:
+        _INVOKED_AS = before
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -27,6 +45,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        if _INVOKED_AS is not None:
+            kwargs["prog"] = _INVOKED_AS
         super().__init__(*args, **kwargs)
         self.exclusive_inputs: list[tuple[str, list[argparse.Action]]] = []
 

@@ -11,7 +11,7 @@ from ..artifacts import (check_matrix_model, claim_file, is_matrix_set, load_mat
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
 from .argtypes import seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
 from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pad_audio(p)
     add_front_end_cache(p)
     add_device(p)
+    add_threads(p)
     add_overwrite(p, "report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
     from ..verify import FineSearch, verify_subset
 
     args = build_parser().parse_args(argv)
+    apply_threads(args.threads)
     entries = _entries(args.measure_file)
     sizes = {m.shape for m, _, _ in entries.values()}
     if len(sizes) != 1:

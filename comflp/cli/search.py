@@ -16,7 +16,7 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
                          svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from .argtypes import confidence, open_unit_upper, seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
 from ..paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
@@ -45,6 +45,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     add_pad_audio(p)
     add_front_end_cache(p)
     add_device(p)
+    add_threads(p)
     add_overwrite(p, "strategy file")
     p.add_argument("--log_dir", type=Path, default=LOG_DIR, help="where the paper-style log goes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -168,6 +169,7 @@ def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
     from ..model import load_model, num_layers
     from ..verify import FineSearch, verify_subset
 
+    apply_threads(args.threads)
     loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True,
                         allow_encoder_decoder=True)
     check_num_layers(args.num_layers, num_layers(loaded.model, stack), args.model)
