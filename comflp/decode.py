@@ -14,6 +14,7 @@ from .data import AudioBatch, Utterance, iter_batches, num_samples
 from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
 from .errors import ComflpError
 from .model import forward, frame_mask, is_encoder_decoder, min_audio_samples
+from .prompt import Prompt, generate_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,13 @@ def decode_logits(model, tokenizer, logits: torch.Tensor, attention_mask: torch.
 
 
 def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False,
-                 max_new_tokens: int | None = None) -> list[str]:
+                 max_new_tokens: int | None = None, prompt: Prompt | None = None) -> list[str]:
     """Greedy transcripts of one padded batch (batch-invariant unless ``pad_audio``): best-path CTC, or greedy
-    generation for an encoder-decoder model (``max_new_tokens``: default :func:`generation_limit`)."""
+    generation for an encoder-decoder model (``max_new_tokens``: default :func:`generation_limit`) with
+    ``prompt``'s language and task (none given: the checkpoint's, and its own detection of the language)."""
     if is_encoder_decoder(model):
-        return generate_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens or generation_limit(model, tokenizer))
+        return generate_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens or generation_limit(model, tokenizer),
+                              **generate_kwargs(prompt or Prompt(), None))
     logits = forward(model, batch.inputs, batch.attention_mask, pad_audio=pad_audio).logits
     return decode_logits(model, tokenizer, logits, batch.attention_mask)
 
@@ -193,10 +196,11 @@ def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False
 @torch.inference_mode()
 def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *, batch_size: int = 16,
                device: str | torch.device = "cpu", progress: bool = False, desc: str = "decoding",
-               pad_audio: bool = False) -> Transcription:
+               pad_audio: bool = False, prompt: Prompt | None = None) -> Transcription:
     """Greedy-decode ``utts`` in length-sorted batches; results come back in input order.
 
-    The transcripts do not depend on ``batch_size`` unless ``pad_audio`` (the paper's batching).
+    The transcripts do not depend on ``batch_size`` unless ``pad_audio`` (the paper's batching). ``prompt``:
+    an encoder-decoder model's language and task (:mod:`comflp.prompt`).
     """
     hyps: dict[str, str] = {}
     audio = 0.0
@@ -211,7 +215,7 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):
         batch = batch.to(device)
         start = time.perf_counter()
-        texts = decode_batch(model, tokenizer, batch, pad_audio=pad_audio)
+        texts = decode_batch(model, tokenizer, batch, pad_audio=pad_audio, prompt=prompt)
         elapsed += time.perf_counter() - start
         audio += float(batch.lengths.sum()) / sr
         hyps.update(zip(batch.utt_ids, texts))

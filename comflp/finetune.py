@@ -44,11 +44,11 @@ from . import atomic
 from .artifacts import ExperimentDir, finetune_output, output_lock, source_id
 from .data import collate, length_sorted_batches
 from .hfdata import read_corpus_or_dataset
-from .decode import transcribe
+from .decode import detect_languages, transcribe
 from .errors import ComflpError
+from .prompt import Prompt, check_prompt, needs_detection, teacher_forcing_labels
 from .logs import logging_to
 from .metrics import guess_unit
-from .hidden import teacher_forcing_labels
 from .model import (LoadedModel, family_of, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
                     num_layers, prune, save_model, set_layerdrop)
 from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
@@ -136,6 +136,8 @@ class FinetuneConfig:
     text_column: str | None = None
     valid_dataset_split: str = "validation"
     quiet: bool = False
+    language: str | None = None
+    task: str | None = None
 
     def validate(self) -> None:
         """Every numeric setting in its range, one line naming the flag otherwise (the API takes what the
@@ -297,6 +299,7 @@ def train(args: FinetuneConfig) -> Path:
     if args.max_batch_seconds is None and args.batch_size % world:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
     loaded, teacher, pruned, decoder_pruned = _student_and_teacher(args, accelerator.device)
+    check_prompt(loaded.model, Prompt(args.language, args.task))  # one line before anything is written
     if not family_of(loaded.model).layerdrop:
         args = replace(args, layerdrop=0.0)  # what the run does, and so what run.json records
     total = len(pruned) + num_layers(loaded.model)
@@ -326,7 +329,7 @@ def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequen
     # settings that did not exist when earlier runs were recorded are recorded only when not the default, so
     # those runs still resume
     newer = {k: getattr(args, k) for k in ("max_batch_seconds", "schedule", "warmup_updates", "adam_beta2",
-                                            "weight_decay", "keep_best")
+                                            "weight_decay", "keep_best", "language", "task")
              if getattr(args, k) != getattr(FinetuneConfig, k)}
     return {"model": source_id(args.model), "pruned": list(pruned), **decoder, **data,
             **{k: getattr(args, k) for k in keys}, **newer}
@@ -366,6 +369,7 @@ def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
 
 def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
+    prompt = check_prompt(loaded.model, Prompt(args.language, args.task))
     out = exp.root
     train_utts = read_corpus_or_dataset(args, args.train_data_dir)
     if args.max_train_utts:
@@ -422,7 +426,7 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
         # epoch 0: the pruned model before healing, and the unpruned source as the reference
         row = {"epoch": 0, "update": 0, "train_loss": None,
                "valid_cer": validation_cer(model, loaded, valid_utts, batch_size=args.valid_batch_size,
-                                           device=accelerator.device, pad_audio=args.pad_audio),
+                                           device=accelerator.device, pad_audio=args.pad_audio, prompt=prompt),
                "lr": 0.0, "seconds": 0.0}
         if args.whole_model:  # the source is the model itself
             log.info("----EPOCH: 0, Test wer : %s%% (before training)", 100 * row["valid_cer"])
@@ -430,7 +434,7 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
             source = teacher if teacher is not None else load_model(args.model, need_tokenizer=True,
                                                                     allow_encoder_decoder=True).model
             row["source_valid_cer"] = validation_cer(source, loaded, valid_utts, batch_size=args.valid_batch_size,
-                                                     device=accelerator.device, pad_audio=args.pad_audio)
+                                                     device=accelerator.device, pad_audio=args.pad_audio, prompt=prompt)
             log.info("----EPOCH: 0, Test wer : %s%% (pruned, before fine-tuning; unpruned: %s%%)",
                      100 * row["valid_cer"], 100 * row["source_valid_cer"])
         exp.write_metrics_row(row)
@@ -439,6 +443,19 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     raw = accelerator.unwrap_model(model)
     device = accelerator.device
     generative = is_encoder_decoder(raw)  # Whisper: cross-entropy on the transcripts, not CTC
+    detector = detector_model(args, loaded, teacher, prompt) if generative else None
+    detected: dict[str, str] = {}
+
+    def languages(utts, batch) -> list[str] | None:
+        """Each utterance's prompt language as the unpruned source detects it (when the prompt needs one)."""
+        if detector is None:
+            return None
+        todo = [i for i, u in enumerate(utts) if u.utt_id not in detected]
+        if todo:
+            with torch.no_grad():
+                found = detect_languages(detector, batch)
+            detected.update((utts[i].utt_id, found[i]) for i in todo)
+        return [detected[u.utt_id] for u in utts]
     bar = tqdm(total=total_updates, initial=position["update"], desc="fine-tuning", unit="update",
                disable=args.quiet or not accelerator.is_main_process)
     t0 = time.time()
@@ -452,8 +469,8 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
             for i, index in enumerate(group):
                 utts = micro[index][rank::world]
                 batch = collate(utts, loaded.feature_extractor).to(device)
-                labels = (teacher_forcing_labels(loaded.tokenizer, [u.text for u in utts],
-                                                 raw.config.decoder_start_token_id).to(device) if generative
+                labels = (teacher_forcing_labels(raw, loaded.tokenizer, [u.text for u in utts], prompt,
+                                                 languages(utts, batch)).to(device) if generative
                           else _labels(loaded.tokenizer, [u.text for u in utts], device))
                 sync = i == len(group) - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
@@ -501,12 +518,24 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     return out
 
 
-def validation_cer(model, loaded: LoadedModel, valid_utts, *, batch_size: int, device, pad_audio: bool) -> float:
+def detector_model(args: FinetuneConfig, loaded: LoadedModel, teacher, prompt: Prompt):
+    """The model whose language detection gives the training labels their prompt: the unpruned source (the
+    teacher when distilling), or None when the prompt needs no detection."""
+    if not needs_detection(loaded.model, prompt):
+        return None
+    if teacher is not None:
+        return teacher
+    source = load_model(args.model, allow_encoder_decoder=True).model
+    return source.to(next(loaded.model.parameters()).device).eval()
+
+
+def validation_cer(model, loaded: LoadedModel, valid_utts, *, batch_size: int, device, pad_audio: bool,
+                   prompt: Prompt | None = None) -> float:
     """CER of ``model`` on the validation subset (batch-invariant unless ``pad_audio``)."""
     was_training = model.training
     model.eval()
     cer = transcribe(model, loaded.feature_extractor, loaded.tokenizer, valid_utts, batch_size=batch_size,
-                     device=device, pad_audio=pad_audio).score().rate
+                     device=device, pad_audio=pad_audio, prompt=prompt).score().rate
     model.train(was_training)
     return cer
 
@@ -516,7 +545,7 @@ def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, p
         return
     epoch = position["epoch"] + 1
     cer = validation_cer(raw, loaded, valid_utts, batch_size=args.valid_batch_size, device=accelerator.device,
-                         pad_audio=args.pad_audio)
+                         pad_audio=args.pad_audio, prompt=check_prompt(raw, Prompt(args.language, args.task)))
     save_model(raw, exp.epoch(epoch), feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                overwrite=True)
     count = position.get("loss_count", 0)

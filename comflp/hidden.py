@@ -44,8 +44,9 @@ from tqdm import tqdm
 
 from . import measures as M
 from .data import Utterance, collate, num_samples
-from .decode import check_known_tokens
+from .decode import check_known_tokens, detect_languages
 from .errors import ComflpError
+from .prompt import Prompt, check_prompt, needs_detection, prefix_ids, teacher_forcing_labels
 from .model import call, forward, layer_frame_mask, min_audio_samples, stack_layers
 
 log = logging.getLogger(__name__)
@@ -421,24 +422,11 @@ def _reduce(stats: Statistics, accelerator, *, moment_only: bool = False) -> Non
     stats.diag = {k: v.cpu() for k, v in stats.diag.items()}
 
 
-def teacher_forcing_labels(tokenizer, texts: Sequence[str], decoder_start_token_id: int | None) -> torch.Tensor:
-    """[B, N] token ids of the transcripts for teacher forcing, padded with -100 (the model shifts them right).
-
-    A leading decoder start token (Whisper's tokenizer writes its prefix tokens) is dropped, since the model
-    prepends it when it shifts the labels.
-    """
-    ids = [tokenizer(t).input_ids for t in texts]
-    ids = [seq[1:] if seq and seq[0] == decoder_start_token_id else seq for seq in ids]
-    out = torch.full((len(ids), max(1, max(map(len, ids)))), -100, dtype=torch.long)
-    for i, seq in enumerate(ids):
-        out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
-
-
 @torch.inference_mode()
 def collect(model, feature_extractor, utts: Sequence[Utterance], settings: MeasureSettings, *,
             accelerator=None, progress: bool = True, moment_memory_gb: float = MOMENT_MEMORY_GB,
-            stack: str = "encoder", tokenizer=None) -> tuple[dict[str, torch.Tensor], Statistics]:
+            stack: str = "encoder", tokenizer=None,
+            prompt: Prompt | None = None) -> tuple[dict[str, torch.Tensor], Statistics]:
     """Run the model over the selected utterances and return all requested matrices.
 
     ``accelerator`` (an ``accelerate.Accelerator``) shards the batches over
@@ -483,15 +471,23 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         raise ComflpError("measuring a decoder needs transcripts and the model's tokenizer (teacher forcing)")
     if stack == "decoder":
         check_known_tokens([u.text for u in chosen], tokenizer, what="transcripts measured")
+    # the decoder is measured inside the prompt it decodes with (comflp.prompt)
+    prompt = check_prompt(model, prompt) if stack == "decoder" else Prompt()
+    detect = stack == "decoder" and needs_detection(model, prompt)
 
     def run_batch(batch) -> torch.Tensor:
         """Forward ``batch``; the [B, T] mask of the real positions of the captured stack."""
         if stack == "encoder":
             forward(model, batch.inputs, batch.attention_mask, pad_audio=settings.pad_audio)
             return None
-        labels = teacher_forcing_labels(tokenizer, batch.texts, model.config.decoder_start_token_id).to(device)
+        languages = detect_languages(model, batch) if detect else None  # the measured (full) model's
+        labels = teacher_forcing_labels(model, tokenizer, batch.texts, prompt, languages).to(device)
         call(model, batch.inputs, batch.attention_mask, labels=labels)
-        return labels != -100  # decoder input i = start token, then label i - 1: real where label i is
+        # decoder input i = start token, then label i - 1: real where label i is; the positions that predict the
+        # prompt's own tokens (language, task) are left out, so the states pooled are those that spell the text
+        mask = labels != -100
+        mask[:, : len(prefix_ids(model, prompt, languages[0] if languages else None)) - 1] = False
+        return mask
 
     def one_pass(desc: str, first_pass: bool) -> None:
         with capture_layer_states(model, stack) as states:

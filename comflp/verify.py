@@ -35,6 +35,7 @@ from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_ba
 from .decode import (check_decodable, decode_batch, decode_logits, detect_languages, generate_batch, generation_limit,
                      normalize_words, report_unknown_characters)
 from .errors import ComflpError
+from .prompt import Prompt, check_prompt, generate_kwargs, needs_detection
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
 from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
                     run_layers, run_layers_cached)
@@ -100,6 +101,7 @@ class FineSearch:
     stats: FineSearchStats = field(default_factory=FineSearchStats)
     hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
     languages: dict[str, str] = field(default_factory=dict)  # utterance -> language token detected (multilingual)
+    prompt: Prompt | None = None  # an encoder-decoder model's language and task (comflp.prompt)
 
     def __post_init__(self) -> None:
         if self.loaded.tokenizer is None:
@@ -109,6 +111,7 @@ class FineSearch:
         self.unit = self.unit or guess_unit([u.text for u in self.utts])
         check_decodable(self.loaded.model, self.loaded.feature_extractor, self.utts)
         self.generative = is_encoder_decoder(self.loaded.model)
+        self.prompt = check_prompt(self.loaded.model, self.prompt)
         if self.generative:  # a byte-level BPE vocabulary spells any text: no unknown characters to report
             # the same cap for every batch, from the whole subset's references
             self.max_new_tokens = generation_limit(self.loaded.model, self.loaded.tokenizer,
@@ -136,7 +139,7 @@ class FineSearch:
         model, tok = self.loaded.model, self.loaded.tokenizer
         limit = self.max_new_tokens
         if index not in self._languages:  # the full model's detected languages: every candidate's prompt
-            self._languages[index] = detect_languages(model, batch)
+            self._languages[index] = detect_languages(model, batch) if needs_detection(model, self.prompt) else None
             if self._languages[index] is not None:
                 self.languages.update(zip(batch.utt_ids, self._languages[index]))
         languages = self._languages[index]
@@ -150,8 +153,7 @@ class FineSearch:
                         else run_layers(model, seq, "decoder"))
             with switched:
                 extra = {"encoder_outputs": encoder_out} if encoder_out is not None else {}
-                if languages is not None:
-                    extra["language"] = languages
+                extra.update(generate_kwargs(self.prompt, languages))
                 texts = generate_batch(model, tok, batch, max_new_tokens=limit, **extra)
             if self.stack == "decoder":
                 counter[0] += len(seq)

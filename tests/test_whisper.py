@@ -169,15 +169,16 @@ def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> Non
 def test_captured_states_are_each_stacks_hidden_states(tmp_path: Path) -> None:
     """Hidden state 0 is the input of layer 1; the states at the real frames / tokens are the model's own."""
     from comflp.data import collate, read_corpus_dir
-    from comflp.hidden import capture_layer_states, teacher_forcing_labels
+    from comflp.hidden import capture_layer_states
     from comflp.model import call, layer_frame_mask
+    from comflp.prompt import Prompt, teacher_forcing_labels
 
     from conftest import make_corpus
 
     loaded = load_model(_whisper_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
     model, utts = loaded.model, read_corpus_dir(make_corpus(tmp_path / "corpus", n=3))
     batch = collate(utts, loaded.feature_extractor)
-    labels = teacher_forcing_labels(loaded.tokenizer, batch.texts, model.config.decoder_start_token_id)
+    labels = teacher_forcing_labels(model, loaded.tokenizer, batch.texts, Prompt())
     with torch.no_grad():
         with capture_layer_states(model, "encoder") as enc:
             call(model, batch.inputs, batch.attention_mask)
@@ -297,7 +298,7 @@ def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
     model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
     out = tmp_path / "ft"
     finetune.main(["--model", str(model_dir), "--decoder_layers", "2,3", "--batch_size", "3", "--epochs", "3",
-                   "--grad_accum", "1", "--lr", "3e-3", "--test_num_batch", "1", "--valid_batch_size", "3", "--train_data_dir",
+                   "--layerdrop", "0", "--grad_accum", "1", "--lr", "3e-3", "--test_num_batch", "1", "--valid_batch_size", "3", "--train_data_dir",
                    str(corpus), "--valid_data_dir", str(corpus), "--output_dir", str(out), "--threads", "1",
                    "--quiet"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -38,15 +38,17 @@ from pathlib import Path
 from .. import atomic
 from ..artifacts import DemoDir, claim_file, heatmap_file, is_matrix_set, load_matrix, source_id
 from ..errors import ComflpError, exit_on_error
+from ..finetune import FinetuneConfig
 from ..hidden import MeasureSettings
 from ..logs import setup_logging
-from ..cli.argtypes import non_negative_int, positive_float, positive_int, str2bool, threads
+from ..cli.argtypes import non_negative_int, positive_float, positive_int, probability_below_one, str2bool, threads
 from ..cli.options import ArgumentParser, read_corpus
 from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
 log = logging.getLogger(__name__)
 
 STAGES = ("corpus", "measure", "search", "report", "prune", "test", "finetune", "average", "retest")
+FT_LAYERDROP = FinetuneConfig.layerdrop  # healing's LayerDrop: the fine-tuning default
 PAPER_DC = MeasureSettings(measures=("dc",), batch_size=4, iter_num=10)  # the paper's DC recipe
 SVCCA_T = MeasureSettings(measures=("svcca",), batch_size=8, iter_num=4, sample_mode="T", thre=0.99)
 TOP_N = 10
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with more. 3e-4 on 600 utterances healed within the first epoch and then wandered by "
                         "+-0.4 points, inside the dev subset's noise; 1e-4 on 1800 heals monotonically and "
                         "further (default: %(default)s)")
+    p.add_argument("--ft_layerdrop", type=probability_below_one, default=FT_LAYERDROP,
+                   help="LayerDrop while healing; the Whisper table in README was measured when LayerDrop did not "
+                        "yet reach Whisper's layers, as --ft_layerdrop 0 does (default: %(default)s)")
     p.add_argument("--avg_num", type=positive_int, default=2, help="epochs averaged (default: %(default)s)")
     return p
 
@@ -167,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"model": source_id(args.model), "num_clip_layers": k,
                 **({"corpus": source_id(args.corpus)} if args.corpus is not None else {}),
                 **{n: getattr(args, n) for n in ("ft_epochs", "ft_max_train_utts", "ft_batch_size", "ft_lr", "avg_num",
-                                                 "heal_baseline")}}
+                                                 "heal_baseline")},
+                # recorded only when not the default, so that runs made before the flag existed still resume
+                **({"ft_layerdrop": args.ft_layerdrop} if args.ft_layerdrop != FT_LAYERDROP else {})}
     afresh = args.force and args.stage == 0
     exp = DemoDir.open(args.exp_dir, settings=settings, kind="demo", afresh=afresh, flag="--exp_dir",
                        restart_flags="--force (from stage 0)")
@@ -364,6 +371,7 @@ def _finetune(run: Run) -> None:
                        strategy=run.exp.strategy(v.stack, v.method), rank=1, overwrite=run.args.force,
                        epochs=run.args.ft_epochs, max_train_utts=run.args.ft_max_train_utts,
                        batch_size=run.args.ft_batch_size, grad_accum=1, lr=run.args.ft_lr, distill=True,
+                       layerdrop=run.args.ft_layerdrop,
                        test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=True,
                        train_data_dir=run.split("train"), valid_data_dir=run.split("dev"))
         log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
