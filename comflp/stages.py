@@ -33,6 +33,7 @@ from .errors import ComflpError
 from .artifacts import ExperimentDir, is_matrix_set, matrix_meta, save_matrices, save_matrix
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
 from .metrics import ErrorRate, Unit, guess_unit
+from .prompt import Prompt, check_prompt
 from .model import (LoadedModel, adapter_files, base_model, count_parameters, is_encoder_decoder, num_layers,
                     prune as prune_model, prune_layer_weights, save_model)
 from .search import SearchResult, search
@@ -128,14 +129,14 @@ class SearchRun:
 
 def measure(loaded: LoadedModel, utts: Sequence[Utterance], settings: MeasureSettings = PAPER_DC, *,
             stack: str = "encoder", data: str = "", accelerator=None, progress: bool = True,
-            moment_memory_gb: float = MOMENT_MEMORY_GB) -> Measured:
+            moment_memory_gb: float = MOMENT_MEMORY_GB, prompt: Prompt | None = None) -> Measured:
     """Measure ``settings.measures`` of the ``stack`` layers on ``utts`` (:func:`comflp.hidden.collect`; a
     decoder is measured under teacher forcing on the transcripts). ``data`` names the utterances' source in
     the saved matrix's record."""
     start = time.perf_counter()
     matrices, stats = collect(loaded.model, loaded.feature_extractor, utts, settings, accelerator=accelerator,
                               progress=progress, moment_memory_gb=moment_memory_gb, stack=stack,
-                              tokenizer=loaded.tokenizer)
+                              tokenizer=loaded.tokenizer, prompt=prompt)
     return Measured({k: v.numpy() for k, v in matrices.items()}, stats, time.perf_counter() - start, stack,
                     num_layers(loaded.model, stack), settings, str(loaded.source), data)
 
@@ -244,13 +245,15 @@ class Scored:
 
 
 def score(loaded: LoadedModel, utts: Sequence[Utterance], *, batch_size: int = 16, unit: Unit | None = None,
-          device: str | torch.device = "cpu", progress: bool = False, pad_audio: bool = False) -> Scored:
+          device: str | torch.device = "cpu", progress: bool = False, pad_audio: bool = False,
+          prompt: Prompt | None = None) -> Scored:
     """Greedy-decode ``utts`` (batch-invariant) and score them: CER for characters, WER for words (``unit``
     guessed from the references when None)."""
     if loaded.tokenizer is None:
         raise ComflpError(f"{loaded.source} has no tokenizer: decoding needs one")
     result = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=batch_size,
-                        device=device, progress=progress, pad_audio=pad_audio)
+                        device=device, progress=progress, pad_audio=pad_audio,
+                        prompt=check_prompt(loaded.model, prompt))
     unit = unit or guess_unit([u.text or "" for u in utts])
     return Scored(result.score(unit), unit, result, count_parameters(loaded.model), num_layers(loaded.model))
 
@@ -266,7 +269,7 @@ class Tested:
 
 def test(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.PathLike, *, data: str,
          batch_size: int = 16, unit: Unit | None = None, device: str | torch.device = "cpu", progress: bool = False,
-         pad_audio: bool = False, overwrite: bool = False) -> Tested:
+         pad_audio: bool = False, overwrite: bool = False, prompt: Prompt | None = None) -> Tested:
     """:func:`score` ``utts`` and write the test report and the hypotheses under ``output_dir``.
 
     ``data`` names the test set in the report. The report is refused if comflp did not write it, and replaced
@@ -281,7 +284,7 @@ def test(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.Pa
     report = claim_file(out.test_report, overwrite=overwrite, flag="test report")
     with output_lock(report):
         scored = score(loaded, utts, batch_size=batch_size, unit=unit, device=device, progress=progress,
-                       pad_audio=pad_audio)
+                       pad_audio=pad_audio, prompt=prompt)
         er, result = scored.error_rate, scored.transcription
         summary = {
             "model": str(loaded.source), "data_dir": data, "num_utterances": len(utts), "unit": scored.unit,
@@ -290,6 +293,7 @@ def test(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.Pa
             "audio_seconds": result.audio_seconds, "decode_seconds": result.decode_seconds, "rtf": scored.rtf,
             "num_parameters": scored.num_parameters, "num_layers": scored.num_layers, "device": str(device),
             "batch_size": batch_size, "pad_audio": pad_audio,
+            **({"prompt": prompt.to_dict()} if prompt is not None and (prompt.language or prompt.task) else {}),
             "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         }
         if is_encoder_decoder(loaded.model):

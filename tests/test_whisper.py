@@ -491,3 +491,89 @@ def test_prune_says_which_stack_lost_which_layers(tmp_path: Path, capsys) -> Non
                     str(tmp_path / "b")])
     assert "pruned encoder layers [1] of 4 and decoder layers [3] of 4: 3 encoder and 3 decoder" in \
         capsys.readouterr().out
+
+
+def _first_decoder_input(model, **generate_kwargs) -> list[list[int]]:
+    """The token ids ``generate`` feeds the decoder first: its prompt (transformers' own rule)."""
+    seen = []
+
+    def grab(module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        seen.append(ids.tolist())
+
+    handle = model.model.decoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.generate(_features(3), max_new_tokens=2, do_sample=False, num_beams=1, **generate_kwargs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("language,task", [(None, None), ("zh", None), ("english", "translate"), (None, "translate"),
+                                           ("<|en|>", "transcribe")])
+def test_the_prompt_builder_gives_the_tokens_generate_decodes_after(language, task, tmp_path: Path) -> None:
+    """comflp.prompt's prefix (teacher forcing, labels) equals the prompt transformers' generate feeds the decoder,
+    for given, forced and detected languages and tasks."""
+    from types import SimpleNamespace
+
+    from comflp.decode import detect_languages
+    from comflp.prompt import Prompt, check_prompt, generate_kwargs, needs_detection, prefix_ids
+
+    model = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True).model
+    prompt = check_prompt(model, Prompt(language, task))
+    x = _features(3)
+    detected = detect_languages(model, SimpleNamespace(inputs=x)) if needs_detection(model, prompt) else None
+    fed = _first_decoder_input(model, **generate_kwargs(prompt, detected))
+    assert fed == [prefix_ids(model, prompt, detected[i] if detected else None) for i in range(2)]
+    # a checkpoint that forces its language and task in forced_decoder_ids (no --language)
+    config = model.generation_config
+    config.forced_decoder_ids = [[1, config.lang_to_id["<|zh|>"]], [2, config.task_to_id["translate"]]]
+    if language is None and task is None:
+        assert _first_decoder_input(model) == [prefix_ids(model, Prompt())] * 2 == [[1, 14, 15, 17]] * 2
+    # the demo's character Whisper has no prompt tokens beyond the start token
+    tiny = tiny_whisper()
+    assert _first_decoder_input(tiny) == [prefix_ids(tiny, Prompt())] * 2 == [[1]] * 2
+
+
+def test_language_and_task_are_checked_in_one_line(tmp_path: Path, capsys) -> None:
+    from comflp.cli import measure as analysis, testset as testset_cli
+
+    from conftest import make_corpus, save_plain, tiny_model
+    from test_bad_input import refused
+
+    corpus = make_corpus(tmp_path / "corpus", n=6)
+    multilingual, characters = multilingual_whisper_dir(tmp_path), _whisper_dir(tmp_path)
+    ctc = save_plain(tiny_model("wav2vec2"), tmp_path / "ctc", tmp_path / "proc")
+    common = ["--data_dir", str(corpus), "--output_dir", str(tmp_path / "t")]
+    refused(testset_cli.main, ["--model", str(multilingual), "--language", "fr", *common], capsys,
+            "--language fr", "en, zh")
+    refused(testset_cli.main, ["--model", str(characters), "--language", "en", *common], capsys,
+            "no language tokens")
+    refused(testset_cli.main, ["--model", str(characters), "--task", "translate", *common], capsys,
+            "no task tokens")
+    refused(testset_cli.main, ["--model", str(ctc), "--language", "en", *common], capsys, "encoder-decoder")
+    refused(analysis.measure_main, ["--model", str(ctc), "--data_dir", str(corpus), "--language", "en",
+                                    "--dump_dir", str(tmp_path / "d"), "--no_plot", "--quiet"], capsys,
+            "encoder-decoder")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "d").exists()
+
+
+def test_finetune_and_test_take_the_language(tmp_path: Path) -> None:
+    from comflp.cli import finetune, testset as testset_cli
+    from comflp.prompt import Prompt, teacher_forcing_labels
+
+    from conftest import make_corpus
+
+    model_dir, corpus = multilingual_whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    loaded = load_model(model_dir, allow_encoder_decoder=True, need_tokenizer=True)
+    labels = teacher_forcing_labels(loaded.model, loaded.tokenizer, ["你好"], Prompt("<|zh|>"))
+    assert labels.tolist() == [[14, 16, 17, 4, 5, 2]]  # <|zh|> <|transcribe|> <|notimestamps|> 你 好 <|endoftext|>
+    out = tmp_path / "ft"
+    finetune.main(["--model", str(model_dir), "--decoder_layers", "2", "--batch_size", "3", "--max_updates", "2",
+                   "--grad_accum", "1", "--test_num_batch", "1", "--valid_batch_size", "3", "--train_data_dir",
+                   str(corpus), "--valid_data_dir", str(corpus), "--output_dir", str(out), "--threads", "1",
+                   "--quiet", "--language", "zh"])
+    assert json.loads((out / "run.json").read_text())["settings"]["language"] == "zh"
+    report = testset_cli.main(["--model", str(out / "final"), "--data_dir", str(corpus), "--language", "chinese",
+                               "--output_dir", str(tmp_path / "test")])
+    assert report["prompt"] == {"language": "chinese", "task": None}

@@ -16,7 +16,7 @@ from .. import finetune as library
 from ..finetune import FinetuneConfig, train
 from .argtypes import (epoch_or_last, fraction, non_negative_float, non_negative_int, probability_below_one,
                        seed)
-from .options import (ArgumentParser, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
+from .options import (ArgumentParser, add_prompt, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
                       positive_int, str2bool)
 
 
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pad_audio(p)
     p.add_argument("--seed", type=seed, help="batch order, dropout and LayerDrop, in [0, 2**32 - 1] (default: %(default)s)")
     add_threads(p)
+    add_prompt(p)
     add_dataset_arguments(p, split="train", replaces=[train_dir, valid_dir])
     p.add_argument("--valid_dataset_split",
                    help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")

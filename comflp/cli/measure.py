@@ -24,8 +24,10 @@ from ..errors import ComflpError, exit_on_error
 from ..hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings
 from ..logs import setup_logging
 from ..model import load_model, num_layers
+from ..prompt import check_prompt
 from .argtypes import open_unit_upper, seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+                      resolve_prompt, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
 from ..stages import measure as measure_stage
@@ -61,6 +63,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     add_device(p)
     add_overwrite(p, "matrix file or heatmap")
     add_threads(p)
+    add_prompt(p)
     add_dataset_arguments(p, split="train", replaces=[data_dir])
     p.add_argument("--moment_memory_gb", type=positive_float, default=MOMENT_MEMORY_GB,
                    help="memory for the second moment of SVCCA/PWCCA/CKA, (L+1)D x (L+1)D float64; when it does not "
@@ -101,12 +104,16 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     if not args.use_pretrained:  # the control: a random initialisation of the same config
         torch.manual_seed(settings.seed)
         loaded = replace(loaded, model=type(loaded.model)(loaded.model.config).eval().to(device))
+    prompt = resolve_prompt(args)
+    check_prompt(loaded.model, prompt)  # a CTC model has no prompt: refused rather than ignored
     measured = measure_stage(loaded, utts, settings, stack=args.stack, data=data_label(args, args.data_dir),
-                       accelerator=accelerator, progress=not args.quiet, moment_memory_gb=args.moment_memory_gb)
+                             accelerator=accelerator, progress=not args.quiet, moment_memory_gb=args.moment_memory_gb,
+                             prompt=prompt)
     if not is_main:
         return None
     meta = {**measured.meta(), "model": source_id(args.model), "use_pretrained": bool(args.use_pretrained),
-            "processes": accelerator.num_processes if accelerator else 1}
+            "processes": accelerator.num_processes if accelerator else 1,
+            **({"prompt": prompt.to_dict()} if prompt.language or prompt.task else {})}
     log.info("measured %s on %d utterances (%d frames) in %.1f s", ",".join(settings.measures),
              measured.stats.num_utterances, measured.stats.num_frames, meta["seconds"])
     return measured.matrices, meta

@@ -117,6 +117,24 @@ def add_pad_audio(p: argparse.ArgumentParser) -> None:
                         "transformer is batched with an attention mask, so results do not depend on the batch size")
 
 
+def add_prompt(p: argparse.ArgumentParser) -> None:
+    """``--language`` and ``--task``: the prompt of an encoder-decoder model (Whisper)."""
+    p.add_argument("--language", default=None,
+                   help="Whisper: the language of the speech (en, english or <|en|>), given to generation, to the "
+                        "teacher-forced decoder and to the fine-tuning labels alike (default: what the checkpoint's "
+                        "generation config forces; if it forces none, the language the full model detects for each "
+                        "utterance, detected once)")
+    p.add_argument("--task", choices=["transcribe", "translate"], default=None,
+                   help="Whisper: the task token of the prompt (default: the checkpoint's, else transcribe)")
+
+
+def resolve_prompt(args: argparse.Namespace):
+    """The :class:`comflp.prompt.Prompt` the flags name (checked against the model where it is used)."""
+    from ..prompt import Prompt
+
+    return Prompt(getattr(args, "language", None), getattr(args, "task", None))
+
+
 def add_overwrite(p: argparse.ArgumentParser, what: str = "output") -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an existing {what} written earlier by comflp (a path comflp did not write is "

@@ -11,7 +11,8 @@ from ..artifacts import (check_matrix_model, claim_file, is_matrix_set, load_mat
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
 from .argtypes import seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+                      resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
 from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_front_end_cache(p)
     add_device(p)
     add_threads(p)
+    add_prompt(p)
     add_overwrite(p, "report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> Path:
                           f"{num_layers(loaded.model, stack)}")
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
-                      pad_audio=args.pad_audio, stack=stack, front_end_cache_gb=args.front_end_cache_gb)
+                      pad_audio=args.pad_audio, stack=stack, front_end_cache_gb=args.front_end_cache_gb,
+                      prompt=resolve_prompt(args))
     settings = {"measure_files": list(args.measure_file), "model": str(args.model),
                 "verify_data_dir": str(args.verify_data_dir), "pad_audio": args.pad_audio}
     measure_report(fine, matrices, K, num_strategies=args.num_strategies, seed=args.seed, bootstrap=args.bootstrap,

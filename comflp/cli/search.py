@@ -16,7 +16,8 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
                          svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from .argtypes import confidence, open_unit_upper, seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_threads, apply_threads, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
+from .options import (ArgumentParser, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+                      resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
 from ..paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
@@ -46,6 +47,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     add_front_end_cache(p)
     add_device(p)
     add_threads(p)
+    add_prompt(p)
     add_overwrite(p, "strategy file")
     p.add_argument("--log_dir", type=Path, default=LOG_DIR, help="where the paper-style log goes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -175,7 +177,8 @@ def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
     check_num_layers(args.num_layers, num_layers(loaded.model, stack), args.model)
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
-                      pad_audio=args.pad_audio, stack=stack, front_end_cache_gb=args.front_end_cache_gb)
+                      pad_audio=args.pad_audio, stack=stack, front_end_cache_gb=args.front_end_cache_gb,
+                      prompt=resolve_prompt(args))
 
 
 @exit_on_error

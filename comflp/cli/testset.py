@@ -12,9 +12,10 @@ from pathlib import Path
 from ..artifacts import ExperimentDir, check_output_dir, claim_file, open_output_dir, test_output
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, data_label, positive_int, read_corpus_or_dataset,
+from .options import (ArgumentParser, add_prompt, resolve_prompt, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, data_label, positive_int, read_corpus_or_dataset,
                       resolve_device)
 from ..model import load_model
+from ..prompt import check_prompt
 from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 from ..stages import test
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score characters (CER) or words (WER); auto = char for CJK text (default: %(default)s)")
     add_device(p)
     add_threads(p)
+    add_prompt(p)
     add_dataset_arguments(p, split="test", replaces=[data_dir])
     add_pad_audio(p)
     add_overwrite(p, "test report (test_asr.json, hyp.txt)")
@@ -69,13 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
 def _test(args: argparse.Namespace, model_src: str, out_dir: Path, device) -> dict:
     loaded = load_model(model_src, device=device, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
     utts = read_corpus_or_dataset(args, args.data_dir)
+    check_prompt(loaded.model, resolve_prompt(args))
     # the dir is made (and logged to) once the model and the corpus have passed their checks: a refused
     # command writes nothing
     open_output_dir(out_dir, kind="test")
     setup_logging(ExperimentDir(out_dir).command_log("test_asr"))
     tested = test(loaded, utts, out_dir, data=data_label(args, args.data_dir), batch_size=args.batch_size,
                   unit=None if args.unit == "auto" else args.unit, device=device, progress=True,
-                  pad_audio=args.pad_audio, overwrite=args.overwrite)
+                  pad_audio=args.pad_audio, overwrite=args.overwrite, prompt=resolve_prompt(args))
     return tested.summary
 
 

@@ -40,9 +40,10 @@ from ..artifacts import DemoDir, claim_file, heatmap_file, is_matrix_set, load_m
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig
 from ..hidden import MeasureSettings
+from ..prompt import check_prompt
 from ..logs import setup_logging
 from ..cli.argtypes import non_negative_int, positive_float, positive_int, probability_below_one, str2bool, threads
-from ..cli.options import ArgumentParser, read_corpus
+from ..cli.options import ArgumentParser, add_prompt, read_corpus, resolve_prompt
 from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LayerDrop while healing; the Whisper table in README was measured when LayerDrop did not "
                         "yet reach Whisper's layers, as --ft_layerdrop 0 does (default: %(default)s)")
     p.add_argument("--avg_num", type=positive_int, default=2, help="epochs averaged (default: %(default)s)")
+    add_prompt(p)
     return p
 
 
@@ -112,6 +114,11 @@ class Run:
     loaded: object  # comflp.model.LoadedModel
     stacks: tuple[str, ...]
     k: int
+
+    @property
+    def prompt(self):
+        """The encoder-decoder model's language and task (comflp.prompt), from the flags."""
+        return resolve_prompt(self.args)
 
     def split(self, name: str) -> Path:
         """The Kaldi dir of one split (train, dev, test) of the corpus."""
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     loaded = _load(args.model)
+    check_prompt(loaded.model, resolve_prompt(args))  # before the experiment dir is made
     stacks = ("encoder", "decoder") if is_encoder_decoder(loaded.model) else ("encoder",)
     depths = {s: num_layers(loaded.model, s) for s in stacks}
     k = args.num_clip_layers or min(depths.values()) // 2
@@ -174,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                 **{n: getattr(args, n) for n in ("ft_epochs", "ft_max_train_utts", "ft_batch_size", "ft_lr", "avg_num",
                                                  "heal_baseline")},
                 # recorded only when not the default, so that runs made before the flag existed still resume
-                **({"ft_layerdrop": args.ft_layerdrop} if args.ft_layerdrop != FT_LAYERDROP else {})}
+                **({"ft_layerdrop": args.ft_layerdrop} if args.ft_layerdrop != FT_LAYERDROP else {}),
+                **{n: getattr(args, n) for n in ("language", "task") if getattr(args, n) is not None}}
     afresh = args.force and args.stage == 0
     exp = DemoDir.open(args.exp_dir, settings=settings, kind="demo", afresh=afresh, flag="--exp_dir",
                        restart_flags="--force (from stage 0)")
@@ -230,10 +239,10 @@ def _measure(run: Run) -> None:
     train = run.split("train")
     utts = read_corpus(train)
     for stack in run.stacks:
-        dc = measure(run.loaded, utts, PAPER_DC, stack=stack, data=str(train), progress=False)
+        dc = measure(run.loaded, utts, PAPER_DC, stack=stack, data=str(train), progress=False, prompt=run.prompt)
         _save_measured(dc, _dc_matrix(run, stack), title=f"DC (mean, dc){'' if stack == 'encoder' else ', ' + stack}",
                        figure_dir=run.exp.figure)
-        svcca = measure(run.loaded, utts, SVCCA_T, stack=stack, data=str(train), progress=False)
+        svcca = measure(run.loaded, utts, SVCCA_T, stack=stack, data=str(train), progress=False, prompt=run.prompt)
         name = svcca_dump_name(SVCCA_T.batch_size, SVCCA_T.iter_num, SVCCA_T.sample_mode, SVCCA_T.thre, stack=stack)
         _save_measured(svcca, run.exp.dump / name, title=f"SVCCA (T, thre {SVCCA_T.thre})", figure_dir=run.exp.figure)
 
@@ -242,7 +251,8 @@ def _engine(run: Run, stack: str):
     from ..verify import FineSearch, verify_subset
 
     utts = verify_subset(read_corpus(run.split("dev")), VERIFY_BATCHES, VERIFY_BATCH_SIZE)
-    return FineSearch(run.loaded, utts, batch_size=VERIFY_BATCH_SIZE, progress=False, stack=stack)
+    return FineSearch(run.loaded, utts, batch_size=VERIFY_BATCH_SIZE, progress=False, stack=stack,
+                      prompt=run.prompt)
 
 
 def _search(run: Run) -> None:
@@ -318,15 +328,15 @@ def _report(run: Run) -> None:
                             label, stack, s.batch_size * s.accum_batch, len(utts), train)
                 continue
             if label != "dc_bs4":  # measured by stage 1
-                _save_measured(measure(run.loaded, utts, s, stack=stack, data=str(train), progress=False), path,
+                _save_measured(measure(run.loaded, utts, s, stack=stack, data=str(train), progress=False, prompt=run.prompt), path,
                                title=None, figure_dir=None)
             matrices[label] = load_matrix(path)[0]
-        measured = measure(run.loaded, utts, streamed, stack=stack, data=str(train), progress=False)
+        measured = measure(run.loaded, utts, streamed, stack=stack, data=str(train), progress=False, prompt=run.prompt)
         _save_measured(measured, run.exp.streamed_matrices(stack), title="", figure_dir=run.exp.figure)
         matrices.update(measured.matrices)
         try:  # full CCA is undefined when the samples span too few directions (a small decoder's token states)
             pwcca = measure(run.loaded, utts, replace(streamed, measures=("pwcca",)), stack=stack, data=str(train),
-                            progress=False)
+                            progress=False, prompt=run.prompt)
             _save_measured(pwcca, run.exp.streamed_matrices(stack, "pwcca"), title=None, figure_dir=None)
             matrices.update(pwcca.matrices)
         except ComflpError as err:
@@ -349,14 +359,15 @@ def _prune(run: Run) -> None:
 def _test_model(run: Run, model: Path | str, out: Path) -> None:
     from ..stages import test
 
-    test(_load(str(model)), read_corpus(run.split("test")), out, data=str(run.split("test")), overwrite=True)
+    test(_load(str(model)), read_corpus(run.split("test")), out, data=str(run.split("test")), overwrite=True,
+         prompt=run.prompt)
 
 
 def _test(run: Run) -> None:
     from ..stages import test
 
     test(run.loaded, read_corpus(run.split("test")), run.exp.test_full(), data=str(run.split("test")),
-         overwrite=True)
+         overwrite=True, prompt=run.prompt)
     for v in run.variants:
         _test_model(run, run.exp.pruned(v.stack, v.method, run.k), run.exp.test_pruned(v.stack, v.method))
     _speed(run)
@@ -371,7 +382,7 @@ def _finetune(run: Run) -> None:
                        strategy=run.exp.strategy(v.stack, v.method), rank=1, overwrite=run.args.force,
                        epochs=run.args.ft_epochs, max_train_utts=run.args.ft_max_train_utts,
                        batch_size=run.args.ft_batch_size, grad_accum=1, lr=run.args.ft_lr, distill=True,
-                       layerdrop=run.args.ft_layerdrop,
+                       layerdrop=run.args.ft_layerdrop, language=run.args.language, task=run.args.task,
                        test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=True,
                        train_data_dir=run.split("train"), valid_data_dir=run.split("dev"))
         log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
