@@ -24,7 +24,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -242,10 +242,12 @@ def measures_name(batch_size: int, iter_num: int, sample_mode: str, *, stack: st
 
 def matrix_meta(*, model: str | os.PathLike, data: str, num_layers: int, stack: str, settings: dict,
                 num_utterances: int, num_frames: int, num_batches: int, seconds: float, use_pretrained: bool = True,
-                processes: int = 1) -> dict:
-    """What a matrix file records: the model and data it was measured on (checked by :func:`check_matrix_model`
-    before a search uses it), its depth and stack, the measuring settings and counts."""
-    return {"model": source_id(model), "data_dir": data, "num_layers": num_layers, "stack": stack,
+                processes: int = 1, fingerprint: str | None = None) -> dict:
+    """What a matrix file records: the model (path or hub id, and its content fingerprint) and data it was
+    measured on (checked by :func:`check_matrix_model` before a search uses it), its depth and stack, the
+    measuring settings and counts."""
+    return {"model": source_id(model), **({"fingerprint": fingerprint} if fingerprint else {}),
+            "data_dir": data, "num_layers": num_layers, "stack": stack,
             "use_pretrained": bool(use_pretrained), "settings": settings, "num_utterances": num_utterances,
             "num_frames": num_frames, "num_batches": num_batches, "processes": processes,
             "seconds": round(seconds, 3)}
@@ -331,15 +333,24 @@ def source_id(path: str | os.PathLike) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
-def check_matrix_model(meta: dict, *, num_layers: int, model: str | None, where: str) -> None:
-    """A matrix measured on another model cannot rank this one's layers: compare recorded depth and model."""
+def check_matrix_model(meta: dict, *, num_layers: int, model: str | None, where: str,
+                       fingerprint: Callable[[], str] | None = None) -> None:
+    """A matrix measured on another model cannot rank this one's layers: compare the recorded depth, then the
+    model. A model at another path is the same model when its content fingerprint (``fingerprint()``, of the
+    loaded model: :func:`comflp.model.fingerprint`) equals the one recorded: a copy, or the checkpoint saved
+    again with another generation config."""
     recorded = meta.get("num_layers")
     if recorded is not None and int(recorded) != num_layers:
         raise ComflpError(f"{where} was measured on a {recorded}-layer model ({meta.get('model', '?')}); "
                           f"this model has {num_layers} layers")
-    if model is not None and meta.get("model") is not None and source_id(meta["model"]) != source_id(model):
-        raise ComflpError(f"{where} was measured on {meta['model']}, not {model}; measure this model "
-                          "or pass the matching --model")
+    if model is None or meta.get("model") is None or source_id(meta["model"]) == source_id(model):
+        return
+    if meta.get("fingerprint") and fingerprint is not None and fingerprint() == meta["fingerprint"]:
+        return
+    why = ("and its weights or config differ" if meta.get("fingerprint") and fingerprint is not None
+           else "and the matrix records no content fingerprint to match a copy by")
+    raise ComflpError(f"{where} was measured on {meta['model']}, not {model}, {why}; measure this model "
+                      "or pass the matching --model")
 
 
 # ---------------------------------------------------------------------------------------------

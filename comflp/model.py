@@ -375,6 +375,23 @@ def set_layerdrop(model: PreTrainedModel, probability: float) -> bool:
     return True
 
 
+def fingerprint(model: PreTrainedModel) -> str:
+    """A content fingerprint of ``model``: sha256 over its config (without where it was loaded from) and every
+    tensor of its state (name, dtype, shape, bytes). Two copies of a checkpoint, or one saved again
+    elsewhere, match; a generation config does not enter (it does not change the layers measured)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
 def base_model(model: PreTrainedModel) -> nn.Module:
     """The encoder without a head (the model itself when it has none)."""
     return getattr(model, model.base_model_prefix, model)

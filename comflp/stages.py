@@ -34,8 +34,8 @@ from .artifacts import ExperimentDir, is_matrix_set, matrix_meta, save_matrices,
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
 from .metrics import ErrorRate, Unit, guess_unit
 from .prompt import Prompt, check_prompt
-from .model import (LoadedModel, adapter_files, base_model, count_parameters, is_encoder_decoder, num_layers,
-                    prune as prune_model, prune_layer_weights, save_model)
+from .model import (LoadedModel, adapter_files, base_model, count_parameters, fingerprint, is_encoder_decoder,
+                    num_layers, prune as prune_model, prune_layer_weights, save_model)
 from .search import SearchResult, search
 from .strategy import Candidate, validate
 from .verify import RACE_CONFIDENCE, FineSearch, GLPResult, VerifyReport, greedy_layer_pruning, race, verify
@@ -58,13 +58,14 @@ class Measured:
     settings: MeasureSettings = field(default_factory=lambda: PAPER_DC)
     model: str = ""
     data: str = ""
+    fingerprint: str | None = None  # of the model measured (comflp.model.fingerprint)
 
     def meta(self) -> dict:
         """What a matrix file records (:func:`comflp.artifacts.matrix_meta`)."""
         return matrix_meta(model=self.model, data=self.data, num_layers=self.num_layers, stack=self.stack,
                            settings=self.settings.to_dict(), num_utterances=self.stats.num_utterances,
                            num_frames=self.stats.num_frames, num_batches=self.stats.num_batches,
-                           seconds=self.seconds)
+                           seconds=self.seconds, fingerprint=self.fingerprint)
 
     def save(self, path: str | os.PathLike, measure: str | None = None, *, overwrite: bool = False) -> Path:
         """One matrix (default: the first measured) as the paper's ``.npy`` + sidecar, or all of them to an
@@ -138,7 +139,7 @@ def measure(loaded: LoadedModel, utts: Sequence[Utterance], settings: MeasureSet
                               progress=progress, moment_memory_gb=moment_memory_gb, stack=stack,
                               tokenizer=loaded.tokenizer, prompt=prompt)
     return Measured({k: v.numpy() for k, v in matrices.items()}, stats, time.perf_counter() - start, stack,
-                    num_layers(loaded.model, stack), settings, str(loaded.source), data)
+                    num_layers(loaded.model, stack), settings, str(loaded.source), data, fingerprint(loaded.model))
 
 
 def coarse(matrix: np.ndarray, k: int, *, mode: str = "exact", top_n: int = 10, beam_size: int = 10,

@@ -94,3 +94,40 @@ def test_comflp_search_defaults_to_the_measure_the_evidence_favours() -> None:
     assert search_parser().parse_args([]).select_measure == "dc"  # the paper's script keeps the paper's default
     assert search_parser(default_measure=EVIDENCE_MEASURE).parse_args([]).select_measure == "cosine"
     assert "measure-report" in search_parser().format_help()
+
+
+def test_a_copy_of_the_measured_model_is_accepted_by_content_and_another_refused(tmp_path: Path, capsys) -> None:
+    """A matrix names its model by path and by a content fingerprint: a copy elsewhere (here with another
+    generation config) is the same model; the same config over other weights is not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from comflp.cli import measure as analysis, search as search_cli
+
+    from conftest import make_corpus, save_plain, tiny_model
+    from test_bad_input import refused
+
+    model = save_plain(tiny_model("wav2vec2-stable", seed=4), tmp_path / "model", tmp_path / "proc")
+    corpus = make_corpus(tmp_path / "corpus", n=8)
+    matrix = tmp_path / "m.npz"
+    analysis.measure_main(["--model", str(model), "--data_dir", str(corpus), "--measures", "cosine", "--batch_size",
+                           "4", "--iter_num", "2", "--no_plot", "--quiet", "--dump_dir", str(tmp_path), "--output",
+                           str(matrix)])
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    (copy / "generation_config.json").write_text('{"max_length": 7}')
+    common = ["--measure_file", str(matrix), "--select_measure", "cosine", "--num_layers", "6", "--num_clip_layers",
+              "2", "--verify_data_dir", str(corpus), "--test_num_batch", "1", "--verify_batch_size", "4", "--log_dir",
+              str(tmp_path), "--quiet"]
+    found = search_cli.search_main(["--model", str(copy), *common, "--output", str(tmp_path / "s.json")])
+    assert len(found.candidates) == 10
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = "wav2vec2.encoder.layers.0.feed_forward.output_dense.bias"
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    refused(search_cli.search_main, ["--model", str(other), *common, "--output", str(tmp_path / "o.json")], capsys,
+            "weights or config differ")
+    assert not (tmp_path / "o.json").exists()

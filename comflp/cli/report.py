@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def _entries(args: list[str]) -> dict[str, tuple[object, dict, Path]]:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> Path:
-    from ..model import load_model, num_layers
+    from ..model import fingerprint, load_model, num_layers
     from ..stages import measure_report
     from ..verify import FineSearch, verify_subset
 
@@ -109,13 +110,16 @@ def main(argv: list[str] | None = None) -> Path:
     matrices = {}
     for name, (m, meta, f) in entries.items():
         matrices[name] = check_matrix(m, L, name=f"{f}:{name}")
-        check_matrix_model(meta, num_layers=L, model=args.model, where=str(f))
+        check_matrix_model(meta, num_layers=L, model=None, where=str(f))  # the depth; the model once loaded
     stacks = {meta.get("stack", "encoder") for _, meta, _ in entries.values()}
     if len(stacks) != 1:
         raise ComflpError(f"the matrices were measured on different layer stacks ({', '.join(sorted(stacks))})")
     stack = stacks.pop()
     loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True,
                         allow_encoder_decoder=True)
+    content = functools.cache(lambda: fingerprint(loaded.model))  # computed once, if a path differs
+    for name, (m, meta, f) in entries.items():
+        check_matrix_model(meta, num_layers=L, model=args.model, where=str(f), fingerprint=content)
     if num_layers(loaded.model, stack) != L:
         raise ComflpError(f"the matrices are for {L} layers but {args.model}'s {stack} has "
                           f"{num_layers(loaded.model, stack)}")

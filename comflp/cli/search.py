@@ -195,7 +195,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     raw, matrix_meta, matrix_path = locate_matrix(args)
     matrix = check_matrix(raw, L, name=str(matrix_path))
     verifying = not args.coarse_search_only and args.verify_wer
-    check_matrix_model(matrix_meta, num_layers=L, model=args.model if verifying else None, where=str(matrix_path))
+    check_matrix_model(matrix_meta, num_layers=L, model=None, where=str(matrix_path))  # the depth; the model below
     stack = matrix_meta.get("stack", "encoder")
     if args.stack is not None and args.stack != stack:
         raise ComflpError(f"--stack {args.stack} but {matrix_path} was measured on the {stack} stack")
@@ -213,12 +213,15 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
             "coarse_seconds": coarse_s, "num_clip_layers": K}
     if verifying:
+        from ..model import fingerprint
         from ..stages import fine as fine_stage
         from ..verify import RACE_CONFIDENCE
 
         if args.race_confidence is None:
             args.race_confidence = RACE_CONFIDENCE  # imported here: coarse-only runs do not load transformers
         fine = _fine_search(args, stack)
+        check_matrix_model(matrix_meta, num_layers=L, model=args.model, where=str(matrix_path),
+                           fingerprint=lambda: fingerprint(fine.loaded.model))
         log.info("--- fine search on %d utterances of %s%s", len(fine.utts), args.verify_data_dir,
                  f" (race, confidence {args.race_confidence})" if args.race else "")
         found = fine_stage(fine, cands, racing=args.race, confidence=args.race_confidence, seed=args.seed)

@@ -257,6 +257,7 @@ def _engine(run: Run, stack: str):
 
 def _search(run: Run) -> None:
     from ..artifacts import check_matrix_model
+    from ..model import fingerprint
     from ..search import check_matrix
     from ..stages import coarse, fine
     from ..strategy import StrategyFile
@@ -265,7 +266,8 @@ def _search(run: Run) -> None:
         path = _dc_matrix(run, stack)
         raw, meta = load_matrix(path)
         depth = int(meta["num_layers"])
-        check_matrix_model(meta, num_layers=depth, model=run.args.model, where=str(path))
+        check_matrix_model(meta, num_layers=depth, model=run.args.model, where=str(path),
+                           fingerprint=lambda: fingerprint(run.loaded.model))
         matrix = check_matrix(raw, depth, name=str(path))
         engine = _engine(run, stack)
         for method, mode in (("comflp", "exact"), ("linspace", "linspace")):
