@@ -101,3 +101,17 @@ def guess_unit(texts: Sequence[str]) -> Unit:
     chars = [c for t in texts for c in t if not c.isspace()]
     cjk = sum(1 for c in chars if "\u3400" <= c <= "\u9fff" or "\uf900" <= c <= "\ufaff")
     return "char" if chars and cjk / len(chars) > 0.5 else "word"
+
+
+# an error rate at or above this leaves a model unusable: rankings among such models say nothing
+UNUSABLE_ERROR_RATE = 0.90
+
+
+def unusable_note(rates, *, what: str) -> str | None:
+    """One line when every error rate in ``rates`` is at or above :data:`UNUSABLE_ERROR_RATE` (else None):
+    on a real checkpoint every pruned candidate can be broken before healing, whatever picked it."""
+    rates = list(rates)
+    if rates and min(rates) >= UNUSABLE_ERROR_RATE:
+        return (f"every {what} is unusable before healing (error rate >= {100 * UNUSABLE_ERROR_RATE:.0f}%, "
+                f"best {100 * min(rates):.2f}%); consider removing fewer layers")
+    return None

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats
 
 from .errors import ComflpError
+from .metrics import unusable_note
 from .search import exact, score
 from .strategy import check_prune_count
 
@@ -66,9 +67,16 @@ class MeasureReport:
     strategies: list[ScoredStrategy]
     settings: dict = field(default_factory=dict)
 
+    @property
+    def unusable(self) -> str | None:
+        """One line when every sampled strategy is broken: a rank correlation over broken models means nothing."""
+        note = unusable_note([s.cer for s in self.strategies], what="sampled strategy")
+        return None if note is None else note + "; the rank correlations below compare broken models"
+
     def to_dict(self) -> dict:
         return {"measures": {k: v.to_dict() for k, v in self.measures.items()},
-                "strategies": [s.to_dict() for s in self.strategies], "settings": self.settings}
+                "strategies": [s.to_dict() for s in self.strategies], "settings": self.settings,
+                "all_unusable": self.unusable is not None}
 
     def table(self) -> str:
         """The report as a fixed-width table, best predictor (most negative rho) first."""
@@ -77,7 +85,7 @@ class MeasureReport:
             ci = f"[{m.spearman_ci95[0]:+.2f}, {m.spearman_ci95[1]:+.2f}]"
             rows.append(f"{name:<28} {m.spearman:>+9.3f} {ci:>17} {m.kendall:>+8.3f} "
                         f"{100 * m.top1_regret:>12.2f}%")
-        return "\n".join(rows)
+        return "\n".join(([self.unusable] if self.unusable else []) + rows)
 
 
 def sample_strategies(matrices: dict[str, np.ndarray], k: int, num_strategies: int, *, seed: int = 0,

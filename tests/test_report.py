@@ -92,3 +92,13 @@ def test_measure_report_command(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert set(report["measures"]) == {"dc", "cka", "y"} and len(report["strategies"]) == 8
     assert out.with_suffix(".png").is_file() and report["settings"]["verify_utterances"] == 6
+
+
+def test_a_report_over_broken_strategies_says_so() -> None:
+    mats = {"a": _matrix(2)}
+    sets = sample_strategies(mats, 4, 6, seed=1)
+    usable = build_report(mats, sets, [0.95, 0.99, 0.3, 1.2, 0.91, 0.97], num_resamples=50, seed=0)
+    assert usable.unusable is None and usable.to_dict()["all_unusable"] is False
+    broken = build_report(mats, sets, [0.95, 0.99, 0.9, 1.2, 0.91, 0.97], num_resamples=50, seed=0)
+    assert broken.to_dict()["all_unusable"] is True
+    assert broken.table().splitlines()[0].startswith("every sampled strategy is unusable before healing")

@@ -131,3 +131,29 @@ def test_a_copy_of_the_measured_model_is_accepted_by_content_and_another_refused
     refused(search_cli.search_main, ["--model", str(other), *common, "--output", str(tmp_path / "o.json")], capsys,
             "weights or config differ")
     assert not (tmp_path / "o.json").exists()
+
+
+def test_every_candidate_unusable_is_said_in_one_line(world, tmp_path: Path, capsys) -> None:
+    """A random model's candidates are all broken (error rates over 90%): the search, GLP and measure-report say
+    so, since a ranking among broken models means nothing."""
+    from comflp.cli import measure as analysis, report as report_cli, search as search_cli
+
+    _, model, corpus = world
+    matrix = tmp_path / "m.npz"
+    analysis.measure_main(["--model", str(model), "--data_dir", str(corpus), "--measures", "cosine,cka",
+                           "--batch_size", "4", "--iter_num", "2", "--no_plot", "--quiet", "--dump_dir", str(tmp_path),
+                           "--output", str(matrix)])
+    verify = ["--model", str(model), "--num_layers", "6", "--num_clip_layers", "2", "--verify_data_dir", str(corpus),
+              "--test_num_batch", "1", "--verify_batch_size", "8", "--log_dir", str(tmp_path), "--quiet"]
+    capsys.readouterr()
+    found = search_cli.main([*verify, "--measure_file", str(matrix), "--output", str(tmp_path / "s.json")])
+    assert min(c.cer for c in found.candidates) >= 0.9
+    line = "every candidate is unusable before healing (error rate >= 90%"
+    assert found.meta["unusable"].startswith(line) and "consider removing fewer layers" in found.meta["unusable"]
+    assert line in capsys.readouterr().out
+    glp = search_cli.glp_main([*verify, "--output", str(tmp_path / "g.json")])
+    assert "unusable before healing" in glp.meta["unusable"]
+    out = report_cli.main(["--model", str(model), "--measure_file", str(matrix), "--num_clip_layers", "2",
+                           "--verify_data_dir", str(corpus), "--test_num_batch", "1", "--verify_batch_size", "8",
+                           "--num_strategies", "5", "--output", str(tmp_path / "r.json")])
+    assert json.loads(Path(out).read_text())["all_unusable"] is True

@@ -242,9 +242,17 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
                     verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,
                     naive_layer_applications=fine.stats.naive_layer_applications, model=str(args.model))
         _record_languages(fine, meta)
+        from ..metrics import unusable_note
+
+        unusable = unusable_note([c.cer for c in report.candidates], what="candidate")
+        if unusable:
+            log.warning(unusable)
+            meta["unusable"] = unusable
     strategy = StrategyFile(L, cands, meta, stack=stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(cands))
+    if meta.get("unusable"):
+        print(meta["unusable"])
     print(f"strategy file: {out}")
     return strategy
 
@@ -288,9 +296,17 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
             "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),
             "verify_utterances": len(fine.utts), "model": str(args.model)}
     _record_languages(fine, meta)
+    from ..metrics import unusable_note
+
+    unusable = unusable_note([final.cer], what="step of greedy pruning, to its last,")
+    if unusable:
+        log.warning(unusable)
+        meta["unusable"] = unusable
     strategy = StrategyFile(L, [final], meta, stack=args.stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(result.path))
+    if unusable:
+        print(unusable)
     print(f"strategy file: {out}")
     return strategy
 
