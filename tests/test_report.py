@@ -65,7 +65,7 @@ def test_scores_equal_the_objective_and_statistics_equal_scipys() -> None:
     assert report.measures["a"].spearman < -0.5  # built to predict: higher score, lower CER
     assert report.table().splitlines()[1].startswith("a ")
     d = report.to_dict()
-    assert set(d) == {"measures", "strategies", "settings"} and json.dumps(d)
+    assert set(d) == {"measures", "strategies", "settings", "all_unusable"} and json.dumps(d)
 
 
 def test_rank_statistics_need_three_strategies() -> None:
