@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -14,7 +14,7 @@ from .data import AudioBatch, Utterance, iter_batches, num_samples
 from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
 from .errors import ComflpError
 from .model import forward, frame_mask, is_encoder_decoder, min_audio_samples
-from .prompt import Prompt, generate_kwargs
+from .prompt import ENGLISH_ONLY, Prompt, generate_kwargs, prompt_language
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,14 @@ class Transcription:
     hypotheses: list[str]
     audio_seconds: float
     decode_seconds: float
-    normalize_words: bool = False  # score text in words through Whisper's basic normaliser (generated text)
+    normalizer: Callable[[str], str] | None = None  # text in words is scored through it (generated text)
 
     def score(self, unit: Unit | None = None) -> ErrorRate:
         refs = [r or "" for r in self.references]
         unit = unit or guess_unit(refs)
         hyps = self.hypotheses
-        if self.normalize_words and unit == "word":
-            refs, hyps = [normalize_words(r) for r in refs], [normalize_words(h) for h in hyps]
+        if self.normalizer is not None and unit == "word":
+            refs, hyps = [self.normalizer(r) for r in refs], [self.normalizer(h) for h in hyps]
         return error_rate(refs, hyps, unit=unit)
 
 
@@ -44,6 +44,20 @@ def normalize_words(text: str) -> str:
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
     return BasicTextNormalizer()(text)
+
+
+def word_normalizer(model, tokenizer, prompt: Prompt | None = None) -> Callable[[str], str]:
+    """How generated words are normalised before scoring: Whisper's English normaliser ("eight" = "8",
+    British = American spelling, contractions) when the text is known to be English and the tokenizer ships
+    the spelling table (``normalizer.json``, as Whisper's do): the prompt's language, or the checkpoint's
+    forced one, is English, or the model has no language tokens (an ``.en`` checkpoint). Otherwise Whisper's
+    basic normaliser (lower case, no punctuation), which does not know the language."""
+    spelling = getattr(tokenizer, "english_spelling_normalizer", None)
+    if spelling is not None and prompt_language(model, prompt or Prompt()) in ("<|en|>", ENGLISH_ONLY):
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        return EnglishTextNormalizer(spelling)
+    return normalize_words
 
 
 def generation_limit(model, tokenizer, references: Sequence[str] | None = None) -> int:
@@ -220,7 +234,7 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
         audio += float(batch.lengths.sum()) / sr
         hyps.update(zip(batch.utt_ids, texts))
     return Transcription([u.utt_id for u in utts], [u.text for u in utts], [hyps[u.utt_id] for u in utts],
-                         audio, elapsed, normalize_words=generative)
+                         audio, elapsed, normalizer=word_normalizer(model, tokenizer, prompt) if generative else None)
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,8 @@ def unusable_note(rates, *, what: str) -> str | None:
         return (f"every {what} is unusable before healing (error rate >= {100 * UNUSABLE_ERROR_RATE:.0f}%, "
                 f"best {100 * min(rates):.2f}%); consider removing fewer layers")
     return None
+
+
+def rate_name(unit: str | None) -> str:
+    """What an error rate of ``unit`` is called: WER for words, CER for characters."""
+    return "WER" if unit == "word" else "CER"

@@ -81,6 +81,29 @@ def check_prompt(model, prompt: Prompt | None) -> Prompt:
     return Prompt(language, prompt.task)
 
 
+ENGLISH_ONLY = "english-only"  # prompt_language's answer for a model without language tokens
+
+
+def prompt_language(model, prompt: Prompt) -> str | None:
+    """The language token the prompt is known to carry before any audio is heard: the one given, else the
+    generation config's (``language`` or the one ``forced_decoder_ids`` names); :data:`ENGLISH_ONLY` for a
+    model without language tokens; None when it is detected per utterance."""
+    config = _generation_config(model)
+    lang_to_id = getattr(config, "lang_to_id", None) or {}
+    if not lang_to_id:
+        return ENGLISH_ONLY
+    if prompt.language:
+        return language_token(model, prompt.language)
+    if getattr(config, "language", None):
+        return language_token(model, config.language)
+    if getattr(config, "task", None) is None:
+        forced = getattr(config, "forced_decoder_ids", None) or getattr(model.config, "forced_decoder_ids", None)
+        names = {v: k for k, v in lang_to_id.items()}
+        if forced and forced[0][0] == 1 and forced[0][1] in names:
+            return names[forced[0][1]]
+    return None
+
+
 def generate_kwargs(prompt: Prompt, languages: Sequence[str] | None) -> dict:
     """What ``generate`` takes for ``prompt``: the language given, else the detected ``languages`` (one per
     utterance), and the task."""

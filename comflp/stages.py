@@ -32,7 +32,7 @@ from .decode import Transcription, transcribe
 from .errors import ComflpError
 from .artifacts import ExperimentDir, is_matrix_set, matrix_meta, save_matrices, save_matrix
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
-from .metrics import ErrorRate, Unit, guess_unit
+from .metrics import ErrorRate, Unit, guess_unit, rate_name
 from .prompt import Prompt, check_prompt
 from .model import (LoadedModel, adapter_files, base_model, count_parameters, fingerprint, is_encoder_decoder,
                     num_layers, prune as prune_model, prune_layer_weights, save_model)
@@ -304,7 +304,7 @@ def test(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.Pa
         atomic.write_json(report, summary)
         atomic.write_text(out.hypotheses, "".join(f"{u} {h}\n" for u, h in zip(result.utt_ids, result.hypotheses)))
     log.info("%s %.2f%% on %d utterances (%s); RTF %.4f; %d layers, %s parameters",
-             "CER" if scored.unit == "char" else "WER", 100 * er.rate, len(utts), data, scored.rtf,
+             rate_name(scored.unit), 100 * er.rate, len(utts), data, scored.rtf,
              scored.num_layers, f"{scored.num_parameters:,}")
     return Tested(scored, report, summary)
 

@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
 from .decode import (check_decodable, decode_batch, decode_logits, detect_languages, generate_batch, generation_limit,
-                     normalize_words, report_unknown_characters)
+                     report_unknown_characters, word_normalizer)
 from .errors import ComflpError
 from .prompt import Prompt, check_prompt, generate_kwargs, needs_detection
-from .metrics import ErrorRate, Unit, error_rate, guess_unit, utterance_errors
+from .metrics import ErrorRate, Unit, error_rate, guess_unit, rate_name, utterance_errors
 from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
                     run_layers, run_layers_cached)
 from .strategy import Candidate, check_prune_count, validate
@@ -112,6 +112,7 @@ class FineSearch:
         check_decodable(self.loaded.model, self.loaded.feature_extractor, self.utts)
         self.generative = is_encoder_decoder(self.loaded.model)
         self.prompt = check_prompt(self.loaded.model, self.prompt)
+        self._normalizer = word_normalizer(self.loaded.model, self.loaded.tokenizer, self.prompt)
         if self.generative:  # a byte-level BPE vocabulary spells any text: no unknown characters to report
             # the same cap for every batch, from the whole subset's references
             self.max_new_tokens = generation_limit(self.loaded.model, self.loaded.tokenizer,
@@ -129,8 +130,9 @@ class FineSearch:
         self._languages: dict[int, list[str] | None] = {}  # batch index -> languages the full model detected
 
     def normalize(self, text: str) -> str:
-        """Whisper's basic normaliser for text in words (lower case, no punctuation); characters as they are."""
-        return normalize_words(text) if self.generative and self.unit == "word" else text
+        """Text in words through Whisper's normaliser (:func:`comflp.decode.word_normalizer`: the English one
+        or the basic one); characters as they are."""
+        return self._normalizer(text) if self.generative and self.unit == "word" else text
 
     def _generate_batch(self, batch: AudioBatch, index: int, kept: list[tuple[int, ...]], order: list[int],
                         hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
@@ -409,7 +411,7 @@ def greedy_layer_pruning(fine: FineSearch, k: int, *, progress: bool = True,
         best = int(np.argmin([r.rate for r in rates]))  # ties: the lowest layer
         pruned = trials[best]
         path.append(Candidate(pruned, None, rates[best].rate))
-        log.info("GLP step %d: prune %s -> CER %.2f%%", step, pruned, 100 * rates[best].rate)
+        log.info("GLP step %d: prune %s -> %s %.2f%%", step, pruned, rate_name(fine.unit), 100 * rates[best].rate)
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     return GLPResult(path, time.perf_counter() - start, evaluations)

@@ -150,7 +150,8 @@ def test_every_candidate_unusable_is_said_in_one_line(world, tmp_path: Path, cap
     assert min(c.cer for c in found.candidates) >= 0.9
     line = "every candidate is unusable before healing (error rate >= 90%"
     assert found.meta["unusable"].startswith(line) and "consider removing fewer layers" in found.meta["unusable"]
-    assert line in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert line in shown and found.meta["error_rate"] == "CER" and "rank       score       CER" in shown
     glp = search_cli.glp_main([*verify, "--output", str(tmp_path / "g.json")])
     assert "unusable before healing" in glp.meta["unusable"]
     out = report_cli.main(["--model", str(model), "--measure_file", str(matrix), "--num_clip_layers", "2",

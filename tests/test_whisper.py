@@ -577,3 +577,22 @@ def test_finetune_and_test_take_the_language(tmp_path: Path) -> None:
     report = testset_cli.main(["--model", str(out / "final"), "--data_dir", str(corpus), "--language", "chinese",
                                "--output_dir", str(tmp_path / "test")])
     assert report["prompt"] == {"language": "chinese", "task": None}
+
+
+def test_english_text_is_scored_through_whispers_english_normaliser(tmp_path: Path) -> None:
+    """"8"/"eight" and "colours"/"colors" are not errors in English (Whisper's English normaliser with the
+    tokenizer's spelling table), when the text is known to be English; otherwise the basic normaliser."""
+    from types import SimpleNamespace
+
+    from comflp.decode import normalize_words, word_normalizer
+    from comflp.prompt import Prompt
+
+    multilingual = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True).model
+    spelled = SimpleNamespace(english_spelling_normalizer={"colours": "colors"})
+    text = "Eight colours!"
+    assert word_normalizer(multilingual, spelled, Prompt("<|en|>"))(text) == "8 colors"
+    assert word_normalizer(multilingual, spelled, Prompt("<|zh|>")) is normalize_words
+    assert word_normalizer(multilingual, spelled, Prompt()) is normalize_words  # detected: unknown before the audio
+    english_only = tiny_whisper()  # no language tokens, as an .en checkpoint
+    assert word_normalizer(english_only, spelled, Prompt())(text) == "8 colors"
+    assert word_normalizer(english_only, SimpleNamespace(), Prompt()) is normalize_words  # no spelling table

@@ -158,8 +158,9 @@ def _find_measures_file(measure: str) -> tuple[np.ndarray, dict, Path]:
                       "choose one with --measure_file")
 
 
-def _table(cands: list[Candidate]) -> str:
-    rows = [f"{'rank':>4}  {'score':>10}  {'CER':>8}  blocks"]
+def _table(cands: list[Candidate], rate: str = "CER") -> str:
+    """The candidates as a table; ``rate``: what their error rate is (CER, or WER for text in words)."""
+    rows = [f"{'rank':>4}  {'score':>10}  {rate:>8}  blocks"]
     for i, c in enumerate(cands, 1):
         cer = f"{100 * c.cer:7.2f}%" if c.cer is not None else f"{'-':>8}"
         sc = f"{c.score:10.6f}" if c.score is not None else f"{'-':>10}"
@@ -213,6 +214,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
             "coarse_seconds": coarse_s, "num_clip_layers": K}
     if verifying:
+        from ..metrics import rate_name
         from ..model import fingerprint
         from ..stages import fine as fine_stage
         from ..verify import RACE_CONFIDENCE
@@ -233,8 +235,9 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         if report.pearson is not None:
             log.info("correlation between wer and correlation measure: %r", report.pearson)
         cands = found.ranked
-        log.info("pick: %s, CER %.2f%%; %d candidate-utterance decodes (full evaluation: %d)",
-                 [list(b) for b in report.best.blocks], 100 * report.best.cer, sum(report.decoded),
+        meta["error_rate"] = rate_name(fine.unit)
+        log.info("pick: %s, %s %.2f%%; %d candidate-utterance decodes (full evaluation: %d)",
+                 [list(b) for b in report.best.blocks], meta["error_rate"], 100 * report.best.cer, sum(report.decoded),
                  len(fine.utts) * len(report.candidates))
         meta.update(decoded_utterances=found.ranked_decoded, race=args.race,
                     race_confidence=args.race_confidence if args.race else None)
@@ -250,7 +253,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
             meta["unusable"] = unusable
     strategy = StrategyFile(L, cands, meta, stack=stack)
     strategy.save(out, overwrite=args.overwrite)
-    print(_table(cands))
+    print(_table(cands, meta.get("error_rate", "CER")))
     if meta.get("unusable"):
         print(meta["unusable"])
     print(f"strategy file: {out}")
@@ -281,6 +284,7 @@ def glp_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def glp_main(argv: list[str] | None = None) -> StrategyFile:
+    from ..metrics import rate_name
     from ..stages import glp
 
     args = glp_parser().parse_args(argv)
@@ -294,7 +298,7 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     final = result.path[-1]
     meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
             "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),
-            "verify_utterances": len(fine.utts), "model": str(args.model)}
+            "verify_utterances": len(fine.utts), "model": str(args.model), "error_rate": rate_name(fine.unit)}
     _record_languages(fine, meta)
     from ..metrics import unusable_note
 
@@ -304,7 +308,7 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
         meta["unusable"] = unusable
     strategy = StrategyFile(L, [final], meta, stack=args.stack)
     strategy.save(out, overwrite=args.overwrite)
-    print(_table(result.path))
+    print(_table(result.path, meta["error_rate"]))
     if unusable:
         print(unusable)
     print(f"strategy file: {out}")
