@@ -61,8 +61,9 @@ def word_normalizer(model, tokenizer, prompt: Prompt | None = None) -> Callable[
 
 
 def generation_limit(model, tokenizer, references: Sequence[str] | None = None) -> int:
-    """New tokens allowed per utterance: twice the longest reference's plus 10 when references are given (a cap
-    that stops a broken model babbling to its limit), never more than half the decoder's positions."""
+    """New tokens allowed per utterance, the one cap of every command that generates: twice the longest
+    reference's plus 10 when references are given (a cap that stops a broken model babbling to its limit),
+    never more than half the decoder's positions."""
     cap = int(model.config.max_target_positions) // 2
     if references:
         cap = min(cap, 2 * max(len(tokenizer(r).input_ids) for r in references) + 10)
@@ -224,12 +225,16 @@ def transcribe(model, feature_extractor, tokenizer, utts: Sequence[Utterance], *
     generative = is_encoder_decoder(model)
     if all(u.text is not None for u in utts) and not generative:  # a BPE vocabulary spells any text
         report_unknown_characters([u.text for u in utts], tokenizer, what="references")
+    # one cap for every generation comflp runs (test, validation, fine search): from the references when
+    # there are any, so a broken model cannot babble to the decoder's limit on some commands only
+    references = [u.text for u in utts] if all(u.text for u in utts) else None
+    limit = generation_limit(model, tokenizer, references) if generative else None
     batches = iter_batches(utts, feature_extractor, batch_size=batch_size)
     total = (len(utts) + batch_size - 1) // batch_size
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):
         batch = batch.to(device)
         start = time.perf_counter()
-        texts = decode_batch(model, tokenizer, batch, pad_audio=pad_audio, prompt=prompt)
+        texts = decode_batch(model, tokenizer, batch, pad_audio=pad_audio, prompt=prompt, max_new_tokens=limit)
         elapsed += time.perf_counter() - start
         audio += float(batch.lengths.sum()) / sr
         hyps.update(zip(batch.utt_ids, texts))

@@ -596,3 +596,32 @@ def test_english_text_is_scored_through_whispers_english_normaliser(tmp_path: Pa
     english_only = tiny_whisper()  # no language tokens, as an .en checkpoint
     assert word_normalizer(english_only, spelled, Prompt())(text) == "8 colors"
     assert word_normalizer(english_only, SimpleNamespace(), Prompt()) is normalize_words  # no spelling table
+
+
+def test_test_and_fine_search_generate_under_one_cap(tmp_path: Path) -> None:
+    """comflp test (transcribe) and the fine search cap new tokens alike, so the unpruned model's hypotheses
+    are the same in both (a random model babbles: the cap is what ends it)."""
+    from comflp.data import read_corpus_dir
+    from comflp.decode import generation_limit, transcribe
+    from comflp.strategy import Candidate
+    from comflp.verify import FineSearch, verify
+
+    from conftest import make_corpus
+
+    base = tiny_whisper(seed=5)
+    torch.manual_seed(5)
+    long = WhisperForConditionalGeneration(WhisperConfig(**{**base.config.to_dict(), "max_target_positions": 128}))
+    long.generation_config = base.generation_config
+    out = tmp_path / "long"
+    long.eval().save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(out)
+    whisper_tokenizer().save_pretrained(out)
+    loaded = load_model(out, allow_encoder_decoder=True, need_tokenizer=True)
+    utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=4))
+    engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack="decoder")
+    verify(engine, [Candidate([])])
+    tested = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=3)
+    assert tested.hypotheses == engine.hypotheses[0]
+    cap = generation_limit(loaded.model, loaded.tokenizer, [u.text for u in utts])
+    assert cap < loaded.model.config.max_target_positions // 2  # the references' cap, not the model's
+    assert max(len(loaded.tokenizer(h, add_special_tokens=False).input_ids) for h in tested.hypotheses) == cap
