@@ -51,7 +51,7 @@ from .logs import logging_to
 from .metrics import guess_unit
 from .model import (LoadedModel, family_of, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
                     num_layers, prune, save_model, set_layerdrop)
-from .paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from .paths import DEMO_MODEL_DIR, demo_split, exp_dir
 from .strategy import StrategyFile, check_num_layers, parse_layers, resolve_pruned, validate
 from .verify import verify_subset
 
@@ -303,7 +303,7 @@ def train(args: FinetuneConfig) -> Path:
     if not family_of(loaded.model).layerdrop:
         args = replace(args, layerdrop=0.0)  # what the run does, and so what run.json records
     total = len(pruned) + num_layers(loaded.model)
-    out = Path(args.output_dir or finetune_output(EXP_DIR, total, len(pruned)))
+    out = Path(args.output_dir or finetune_output(exp_dir(), total, len(pruned)))
     afresh = args.overwrite or args.resume_epoch == 0
     lock = output_lock(out) if accelerator.is_main_process else contextlib.nullcontext()
     with lock:

@@ -9,8 +9,10 @@ checkout, the working directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 
 def _root() -> Path:
@@ -27,9 +29,46 @@ MODELS_DIR: Path = REPO_ROOT / "models"
 DEMO_MODEL_DIR: Path = MODELS_DIR / "demo-12l"
 DEMO_WHISPER_DIR: Path = MODELS_DIR / "demo-whisper"
 DEMO_CORPUS_DIR: Path = REPO_ROOT / "AISHELL1" / "demo"
-DUMP_DIR: Path = REPO_ROOT / "dump"
-FIGURE_DIR: Path = REPO_ROOT / "figure"
-EXP_DIR: Path = REPO_ROOT / "exp"
+
+# `comflp <command>` writes its default outputs below the working directory, as any installed tool does; the
+# paper's scripts (python dc_analysis.py ...), run from the checkout as the paper did, keep its layout there
+_OUTPUTS_IN_WORKING_DIR = False
+
+
+@contextlib.contextmanager
+def outputs_in_working_dir() -> Iterator[None]:
+    """Default outputs below the working directory for the block (the ``comflp`` dispatcher's commands)."""
+    global _OUTPUTS_IN_WORKING_DIR
+    before, _OUTPUTS_IN_WORKING_DIR = _OUTPUTS_IN_WORKING_DIR, True
+    try:
+        yield
+    finally:
+        _OUTPUTS_IN_WORKING_DIR = before
+
+
+def output_root() -> Path:
+    """Where default outputs go: the working directory for ``comflp <command>``, else the checkout."""
+    return Path.cwd() if _OUTPUTS_IN_WORKING_DIR else REPO_ROOT
+
+
+def dump_dir() -> Path:
+    """Default dir of the matrices (``dump/``)."""
+    return output_root() / "dump"
+
+
+def figure_dir() -> Path:
+    """Default dir of the heatmaps (``figure/``)."""
+    return output_root() / "figure"
+
+
+def exp_dir() -> Path:
+    """Default dir of experiments, reports and strategy files (``exp/``)."""
+    return output_root() / "exp"
+
+
+def search_log_dir() -> Path:
+    """Default dir of the search logs (the paper's ``search_strategy/log/``)."""
+    return output_root() / "search_strategy" / "log"
 
 
 def demo_split(split: str) -> Path:

@@ -90,3 +90,25 @@ def test_usage_and_errors_name_the_command_that_was_run(capsys) -> None:
         main(["search", "--help"])
     assert "--threads" in capsys.readouterr().out
     assert search.search_parser().prog == "python search_strategy/search_prune_then_verify_mix.py"
+
+
+def test_comflp_commands_write_default_outputs_below_the_working_dir(tiny_model_dir: Path, corpus: Path,
+                                                                    tmp_path: Path) -> None:
+    """`comflp measure` / `comflp search` put dump/, figure/, exp/ and the search log where they are run (an
+    installed package has no checkout to write into); the paper's scripts keep the checkout's layout."""
+    from comflp import paths
+
+    work = tmp_path / "work"
+    work.mkdir()
+    out = run("measure", "--model", str(tiny_model_dir), "--data_dir", str(corpus), "--measures", "cosine",
+              "--batch_size", "3", "--iter_num", "2", "--quiet", cwd=work)
+    assert out.returncode == 0, out.stderr
+    out = run("search", "--coarse_search_only", "true", "--num_layers", "6", "--num_clip_layers", "2", cwd=work)
+    assert out.returncode == 0, out.stderr
+    made = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert made == ["dump/measure.log", "dump/measures_bs3_iter2_U.npz", "exp/search/clip6to4_cosine_exhaustive.json",
+                    "figure/measures_bs3_iter2_U_cosine.png",
+                    "search_strategy/log/clip6to4_search_then_verify_cosine_exhaustive.log"]
+    assert paths.output_root() == paths.REPO_ROOT  # outside the dispatcher: the paper's layout
+    with paths.outputs_in_working_dir():
+        assert paths.dump_dir() == Path.cwd() / "dump"

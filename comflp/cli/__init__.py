@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     module, function = COMMANDS[name][0].split(":")
+    from ..paths import outputs_in_working_dir
     from .options import invoked_as
 
-    with invoked_as(f"comflp {name}"):
+    with invoked_as(f"comflp {name}"), outputs_in_working_dir():
         getattr(importlib.import_module(module), function)(rest)
 
 

@@ -31,7 +31,7 @@ from .options import (ArgumentParser, add_dataset_arguments, add_device, add_pro
                       read_corpus_or_dataset,
                       resolve_device)
 from ..stages import measure as measure_stage
-from ..paths import DEMO_MODEL_DIR, DUMP_DIR, FIGURE_DIR, demo_split
+from ..paths import DEMO_MODEL_DIR, demo_split, dump_dir, figure_dir
 
 log = logging.getLogger("comflp.measure")
 
@@ -69,8 +69,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
                    help="memory for the second moment of SVCCA/PWCCA/CKA, (L+1)D x (L+1)D float64; when it does not "
                         "fit, the moment is built one band of layers per pass over the same utterances (same "
                         "matrices, more forward passes) (default: %(default)s)")
-    p.add_argument("--dump_dir", type=Path, default=DUMP_DIR, help="where matrices go (default: %(default)s)")
-    p.add_argument("--figure_dir", type=Path, default=FIGURE_DIR, help="where heatmaps go (default: %(default)s)")
+    p.add_argument("--dump_dir", type=Path, default=dump_dir(), help="where matrices go (default: %(default)s)")
+    p.add_argument("--figure_dir", type=Path, default=figure_dir(), help="where heatmaps go (default: %(default)s)")
     p.add_argument("--no_plot", action="store_true", help="skip the heatmap PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

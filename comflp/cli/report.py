@@ -16,7 +16,7 @@ from .options import (ArgumentParser, add_dataset_arguments, add_device, add_pro
                       resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
-from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from ..paths import DEMO_MODEL_DIR, demo_split, exp_dir
 from ..search import check_matrix
 
 log = logging.getLogger("comflp.report")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise ComflpError(f"the matrices have different shapes {sorted(sizes)}: they come from different models")
     L = next(iter(sizes))[0] - 1
     K = args.num_clip_layers
-    out = Path(args.output or report_output(EXP_DIR, L, K))
+    out = Path(args.output or report_output(exp_dir(), L, K))
     png = plot_of(out)
     claim_file(out, overwrite=args.overwrite)
     claim_file(png, overwrite=args.overwrite)

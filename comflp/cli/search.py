@@ -20,7 +20,7 @@ from .options import (ArgumentParser, add_dataset_arguments, add_device, add_pro
                       resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
-from ..paths import DEMO_MODEL_DIR, DUMP_DIR, EXP_DIR, REPO_ROOT, demo_split
+from ..paths import DEMO_MODEL_DIR, demo_split, dump_dir, exp_dir, search_log_dir
 from ..search import SEARCH_MODES, check_matrix, search
 from ..strategy import Candidate, StrategyFile, check_prune_count
 
@@ -28,7 +28,6 @@ log = logging.getLogger("comflp.search")
 
 MEASURES = ("dc", "svcca", "dc_unbiased", "pwcca", "cka", "cka_unbiased", "cosine", "angular", "rand", "linspace")
 BASELINES = ("rand", "linspace")  # strategies chosen without the matrix, scored on its DC entry (else its first)
-LOG_DIR = REPO_ROOT / "search_strategy" / "log"
 
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +48,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     add_threads(p)
     add_prompt(p)
     add_overwrite(p, "strategy file")
-    p.add_argument("--log_dir", type=Path, default=LOG_DIR, help="where the paper-style log goes (default: %(default)s)")
+    p.add_argument("--log_dir", type=Path, default=search_log_dir(), help="where the paper-style log goes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -122,11 +121,11 @@ def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, dict, Path]:
         matrix, meta = load_matrix(path, measure)
         return matrix, meta, path
     if measure == "dc":
-        path = DUMP_DIR / dc_dump_name(args.mode, args.bs, args.iter)
+        path = dump_dir() / dc_dump_name(args.mode, args.bs, args.iter)
         flags = f"--select_measure {args.select_measure} --mode {args.mode} --bs {args.bs} --iter {args.iter}"
         make = f"python dc_analysis.py --batch_size {args.bs} --iter_num {args.iter} --mode {args.mode}"
     elif measure == "svcca":
-        path = DUMP_DIR / svcca_dump_name(args.bs, args.iter, args.svcca_mode, args.thre)
+        path = dump_dir() / svcca_dump_name(args.bs, args.iter, args.svcca_mode, args.thre)
         flags = f"--select_measure svcca --bs {args.bs} --iter {args.iter} --svcca_mode {args.svcca_mode} --thre {args.thre}"
         make = (f"python svcca_analysis.py --batch_size {args.bs} --iter_num {args.iter} --mode {args.svcca_mode} "
                 f"--thre {args.thre}")
@@ -142,7 +141,7 @@ def locate_matrix(args: argparse.Namespace) -> tuple[np.ndarray, dict, Path]:
 def _find_measures_file(measure: str) -> tuple[np.ndarray, dict, Path]:
     """The one ``comflp measure`` file under dump/ that holds ``measure`` (measures without a paper file name)."""
     found = []
-    for f in matrix_set_files(DUMP_DIR):
+    for f in matrix_set_files(dump_dir()):
         try:
             mats, meta = load_matrices(f)
         except ComflpError:
@@ -152,9 +151,9 @@ def _find_measures_file(measure: str) -> tuple[np.ndarray, dict, Path]:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise ComflpError(f"no matrix for --select_measure {measure} under {DUMP_DIR}: make one with "
+        raise ComflpError(f"no matrix for --select_measure {measure} under {dump_dir()}: make one with "
                           f"`comflp measure --measures {measure}` or pass --measure_file")
-    raise ComflpError(f"{len(found)} files under {DUMP_DIR} hold {measure} ({', '.join(f.name for *_, f in found)}): "
+    raise ComflpError(f"{len(found)} files under {dump_dir()} hold {measure} ({', '.join(f.name for *_, f in found)}): "
                       "choose one with --measure_file")
 
 
@@ -191,7 +190,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
                                                              svcca_mode=args.svcca_mode, thre=args.thre))
     check_prune_count(L, K)
     mode = args.select_measure if args.select_measure in BASELINES else args.search_mode
-    out = Path(args.output or search_output(EXP_DIR, L, K, args.select_measure, mode))
+    out = Path(args.output or search_output(exp_dir(), L, K, args.select_measure, mode))
     claim_file(out, overwrite=args.overwrite)
     raw, matrix_meta, matrix_path = locate_matrix(args)
     matrix = check_matrix(raw, L, name=str(matrix_path))
@@ -290,7 +289,7 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     args = glp_parser().parse_args(argv)
     L, K = args.num_layers, args.num_clip_layers
     check_prune_count(L, K)
-    out = Path(args.output or glp_output(EXP_DIR, L, K))
+    out = Path(args.output or glp_output(exp_dir(), L, K))
     claim_file(out, overwrite=args.overwrite)
     setup_logging(Path(args.log_dir) / glp_log_name(L, K))
     fine = _fine_search(args, args.stack)

@@ -16,7 +16,7 @@ from .options import (ArgumentParser, add_prompt, resolve_prompt, add_dataset_ar
                       resolve_device)
 from ..model import load_model
 from ..prompt import check_prompt
-from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from ..paths import DEMO_MODEL_DIR, demo_split, exp_dir
 from ..stages import test
 
 log = logging.getLogger("comflp.test")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
             model_src = str(avg)
         else:
             model_src = str(DEMO_MODEL_DIR)
-    out_dir = Path(args.output_dir or test_output(EXP_DIR, model_src))
+    out_dir = Path(args.output_dir or test_output(exp_dir(), model_src))
     report = ExperimentDir(out_dir).test_report
     check_output_dir(out_dir)  # refuses a file, or a dir comflp did not write, before anything else
     claim_file(report, overwrite=args.overwrite, flag="test report")

@@ -44,7 +44,7 @@ from ..prompt import check_prompt
 from ..logs import setup_logging
 from ..cli.argtypes import non_negative_int, positive_float, positive_int, probability_below_one, str2bool, threads
 from ..cli.options import ArgumentParser, add_prompt, read_corpus, resolve_prompt
-from ..paths import DEMO_MODEL_DIR, EXP_DIR, demo_split
+from ..paths import DEMO_MODEL_DIR, demo_split, exp_dir
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ComflpError(f"--corpus {args.corpus} has no {split}/ (a Kaldi dir with wav.scp and text)")
     if args.exp_dir is None:
         default = Path(args.model).resolve() == DEMO_MODEL_DIR.resolve() and k == 6
-        args.exp_dir = EXP_DIR / ("demo" if default else f"demo_{Path(args.model).name}_clip{k}")
+        args.exp_dir = exp_dir() / ("demo" if default else f"demo_{Path(args.model).name}_clip{k}")
     # a finished stage is skipped only if it was run with these settings: never resume another experiment
     settings = {"model": source_id(args.model), "num_clip_layers": k,
                 **({"corpus": source_id(args.corpus)} if args.corpus is not None else {}),

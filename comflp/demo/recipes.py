@@ -34,7 +34,7 @@ from ..finetune import FinetuneConfig, run_settings, train as train_loop
 from ..logs import setup_logging
 from ..artifacts import ExperimentDir, RecipeDir, claim_dir
 from ..model import save_model
-from ..paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, EXP_DIR, demo_model_dir, demo_split
+from ..paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, demo_model_dir, demo_split, exp_dir
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("whisper-init", help="the demo Whisper's random start (Whisper architecture, character "
                                             "vocabulary, 4-s window); `comflp finetune --whole_model` "
                                             "trains it")
-    w.add_argument("--output", type=Path, default=RecipeDir.of(EXP_DIR, DEMO_WHISPER_DIR.name).init(),
+    w.add_argument("--output", type=Path, default=RecipeDir.of(exp_dir(), DEMO_WHISPER_DIR.name).init(),
                    help="model dir (default: %(default)s)")
     w.add_argument("--encoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
     w.add_argument("--decoder_layers", type=positive_int, default=4, help="(default: %(default)s)")
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.output is None:
             args.output = demo_model_dir(args.num_layers)
         if args.exp_dir is None:
-            args.exp_dir = RecipeDir.of(EXP_DIR, demo_model_dir(args.num_layers).name).root
+            args.exp_dir = RecipeDir.of(exp_dir(), demo_model_dir(args.num_layers).name).root
         args.train_data_dir = args.train_data_dir or demo_split("train")
         args.dev_data_dir = args.dev_data_dir or demo_split("dev")
         if args.steps <= args.warmup:
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .card import write_card
 
-        write_card(args.model, args.exp_dir or RecipeDir.of(EXP_DIR, Path(args.model).name).root,
+        write_card(args.model, args.exp_dir or RecipeDir.of(exp_dir(), Path(args.model).name).root,
                    batch_size=args.batch_size,
                    search_picks=not args.no_search)
 
