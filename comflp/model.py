@@ -381,14 +381,19 @@ def fingerprint(model: PreTrainedModel) -> str:
     elsewhere, match; a generation config does not enter (it does not change the layers measured)."""
     import hashlib
 
+    def content(value):  # the config without where and how it was loaded, at every level (sub-configs too)
+        if isinstance(value, dict):
+            return {k: content(v) for k, v in value.items()
+                    if not str(k).startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+        return value
+
     digest = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_dict().items()
-              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(content(model.config.to_dict()), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # raw bytes of any dtype (bfloat16 has no numpy type); a 0-dim buffer (a step count) viewed as 1-dim
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 

@@ -222,3 +222,17 @@ def test_layerdrop_acts_where_the_family_has_it(family: str) -> None:
     torch.manual_seed(0)
     kept = 1 if family == "wavlm" else 0  # WavLM never drops its first layer, which computes the position bias
     assert _layer_calls(model, inputs, stacks) == (kept if acts else total)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fingerprint_follows_content_not_place(family: str, tmp_path: Path) -> None:
+    """Every family's model gets a fingerprint (0-dim buffers and all); a saved and reloaded copy keeps it,
+    one changed weight changes it."""
+    from comflp.model import fingerprint, load_model
+
+    model = tiny_model(family)
+    saved = load_model(save_plain(model, tmp_path / "m", tmp_path / "p"), need_features=False).model
+    assert fingerprint(saved) == fingerprint(model)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    assert fingerprint(saved) != fingerprint(model)

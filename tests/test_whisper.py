@@ -28,13 +28,14 @@ def whisper_tokenizer():
     return tok
 
 
-def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
+def tiny_whisper(seed: int = 0, **overrides) -> WhisperForConditionalGeneration:
     torch.manual_seed(seed)
-    config = WhisperConfig(vocab_size=len(WHISPER_VOCAB), num_mel_bins=80, encoder_layers=4, decoder_layers=4,
-                           encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, encoder_ffn_dim=48,
-                           decoder_ffn_dim=48, max_source_positions=50, max_target_positions=32,
-                           decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1,
-                           begin_suppress_tokens=None, suppress_tokens=None, init_std=0.3)
+    config = WhisperConfig(**{**dict(vocab_size=len(WHISPER_VOCAB), num_mel_bins=80, encoder_layers=4,
+                                     decoder_layers=4, encoder_attention_heads=2, decoder_attention_heads=2, d_model=32,
+                                     encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=50,
+                                     max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2,
+                                     bos_token_id=1, begin_suppress_tokens=None, suppress_tokens=None, init_std=0.3),
+                              **overrides})
     model = WhisperForConditionalGeneration(config).eval()
     # as Whisper's own generation config does, never generate the padding or the start token
     model.generation_config = GenerationConfig(decoder_start_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -269,12 +270,16 @@ def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, t
     assert [c.pruned for c in report.candidates] == sets and report.best.cer == min(c.cer for c in report.candidates)
 
 
-def test_search_and_glp_verify_a_decoder_by_generation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("multilingual", [False, True])
+def test_search_and_glp_verify_a_decoder_by_generation(multilingual: bool, tmp_path: Path) -> None:
+    """Search and GLP on a decoder; on a multilingual Whisper whose generation config forces no language they
+    record the languages the full model detected (and detect none once the config forces one)."""
     from comflp.cli import search as search_cli
 
     from conftest import make_corpus
 
-    model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    model_dir = multilingual_whisper_dir(tmp_path) if multilingual else _whisper_dir(tmp_path)
+    corpus = make_corpus(tmp_path / "corpus", n=6)
     npz = _measure(model_dir, corpus, tmp_path / "dec.npz", measures="cosine")
     verify = ["--model", str(model_dir), "--verify_data_dir", str(corpus), "--num_layers", "4", "--num_clip_layers",
               "2", "--test_num_batch", "2", "--verify_batch_size", "3", "--log_dir", str(tmp_path), "--quiet"]
@@ -287,6 +292,16 @@ def test_search_and_glp_verify_a_decoder_by_generation(tmp_path: Path) -> None:
     glp = search_cli.glp_main([*verify, "--stack", "decoder", "--output", str(tmp_path / "g.json")])
     assert glp.stack == "decoder" and len(glp.candidates[0].pruned) == 2
     assert glp.meta["evaluations"] == 4 + 3
+    if not multilingual:
+        assert "languages" not in found.meta
+        return
+    assert sum(found.meta["languages"].values()) == 6 and glp.meta["languages"] == found.meta["languages"]
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["forced_decoder_ids"][0][1] = config["lang_to_id"]["<|en|>"]  # now the checkpoint forces English
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    forced = search_cli.search_main([*verify, "--measure_file", str(npz), "--select_measure", "cosine",
+                                     "--search_mode", "exact", "--topk_num", "3", "--output", str(tmp_path / "f.json")])
+    assert "languages" not in forced.meta
 
 
 def test_heal_a_pruned_decoder_and_test_it(tmp_path: Path) -> None:
@@ -404,13 +419,7 @@ def multilingual_whisper_dir(tmp: Path, seed: int = 7) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftranscript|>",
                                   eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>",
                                   additional_special_tokens=MULTILINGUAL_TOKENS)
-    torch.manual_seed(seed)
-    config = WhisperConfig(vocab_size=len(tokens), num_mel_bins=80, encoder_layers=4, decoder_layers=4,
-                           encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, encoder_ffn_dim=48,
-                           decoder_ffn_dim=48, max_source_positions=50, max_target_positions=32,
-                           decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1,
-                           begin_suppress_tokens=None, suppress_tokens=None, init_std=0.3)
-    model = WhisperForConditionalGeneration(config).eval()
+    model = tiny_whisper(seed, vocab_size=len(tokens))
     lang = {t: ids[t] for t in ("<|en|>", "<|zh|>")}
     task = {"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]}
     model.generation_config = GenerationConfig(
@@ -454,29 +463,6 @@ def test_fine_search_on_a_multilingual_whisper_gives_every_candidate_the_full_mo
                                  do_sample=False, num_beams=1, language=languages[u.utt_id])
             separately.append(loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)[0])
         assert hyps == separately
-
-
-def test_search_and_glp_on_a_multilingual_whisper_record_the_languages(tmp_path: Path) -> None:
-    from comflp.cli import search as search_cli
-
-    from conftest import make_corpus
-
-    model_dir, corpus = multilingual_whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
-    npz = _measure(model_dir, corpus, tmp_path / "dec.npz", measures="cosine")
-    verify = ["--model", str(model_dir), "--verify_data_dir", str(corpus), "--num_layers", "4", "--num_clip_layers",
-              "2", "--test_num_batch", "2", "--verify_batch_size", "3", "--log_dir", str(tmp_path), "--quiet"]
-    found = search_cli.search_main([*verify, "--measure_file", str(npz), "--select_measure", "cosine",
-                                    "--search_mode", "exact", "--topk_num", "3", "--output", str(tmp_path / "s.json")])
-    assert sum(found.meta["languages"].values()) == 6
-    glp = search_cli.glp_main([*verify, "--stack", "decoder", "--output", str(tmp_path / "g.json")])
-    assert glp.meta["languages"] == found.meta["languages"]
-    # a forced language needs no detection
-    config = json.loads((model_dir / "generation_config.json").read_text())
-    config["forced_decoder_ids"][0][1] = config["lang_to_id"]["<|en|>"]
-    (model_dir / "generation_config.json").write_text(json.dumps(config))
-    forced = search_cli.search_main([*verify, "--measure_file", str(npz), "--select_measure", "cosine",
-                                     "--search_mode", "exact", "--topk_num", "3", "--output", str(tmp_path / "f.json")])
-    assert "languages" not in forced.meta
 
 
 def test_prune_says_which_stack_lost_which_layers(tmp_path: Path, capsys) -> None:
@@ -608,12 +594,8 @@ def test_test_and_fine_search_generate_under_one_cap(tmp_path: Path) -> None:
 
     from conftest import make_corpus
 
-    base = tiny_whisper(seed=5)
-    torch.manual_seed(5)
-    long = WhisperForConditionalGeneration(WhisperConfig(**{**base.config.to_dict(), "max_target_positions": 128}))
-    long.generation_config = base.generation_config
     out = tmp_path / "long"
-    long.eval().save_pretrained(out)
+    tiny_whisper(seed=5, max_target_positions=128).save_pretrained(out)
     WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(out)
     whisper_tokenizer().save_pretrained(out)
     loaded = load_model(out, allow_encoder_decoder=True, need_tokenizer=True)
