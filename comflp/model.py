@@ -381,10 +381,11 @@ def fingerprint(model: PreTrainedModel) -> str:
     elsewhere, match; a generation config does not enter (it does not change the layers measured)."""
     import hashlib
 
-    def content(value):  # the config without where and how it was loaded, at every level (sub-configs too)
+    def content(value):  # the config without where, how and as what it was saved, at every level (sub-configs too)
         if isinstance(value, dict):
             return {k: content(v) for k, v in value.items()
-                    if not str(k).startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+                    if not str(k).startswith("_")
+                    and k not in ("transformers_version", "dtype", "torch_dtype", "architectures")}
         return value
 
     digest = hashlib.sha256()
