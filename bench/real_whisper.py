@@ -184,14 +184,14 @@ def converted(cache: Path = CACHE) -> Path:
     return out
 
 
-def english_audio(texts: list[str], voice: str = "en-us") -> list[np.ndarray]:
+def english_audio(texts: list[str], voice: str = "en-us", rate: int = 150) -> list[np.ndarray]:
     """16-kHz float speech of ``texts`` from espeak-ng's English voice (the library the embedded corpus uses)."""
     import soxr
 
     from comflp.demo.tts import Espeak, Voice
 
     espeak = Espeak.get()
-    speaker = Voice(voice, rate=150, pitch=50, range=50)
+    speaker = Voice(voice, rate=rate, pitch=50, range=50)
     return [soxr.resample(espeak.synth(t, speaker).astype(np.float32) / 32768, espeak.sample_rate, 16000)
             for t in texts]
 
@@ -223,12 +223,101 @@ def check(texts: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+_SUBJECTS = ["the old man", "my sister", "a young teacher", "the farmer", "our neighbour", "the small boy",
+             "a tired doctor", "the driver", "her best friend", "the captain"]
+_VERBS = ["opened", "painted", "found", "carried", "cleaned", "sold", "watched", "fixed", "bought", "closed"]
+_OBJECTS = ["the green door", "a heavy box", "the broken chair", "an old map", "the kitchen window",
+            "a red bicycle", "the wooden table", "a large basket", "the front gate", "a paper boat"]
+_TAILS = ["before breakfast", "in the rain", "after the meeting", "near the river", "on a quiet morning",
+          "at the market", "late last night", "in the garden", "during the storm", "with great care"]
+VOICES = (("en-us", 150), ("en", 140), ("en-us", 175), ("en-gb-x-rp", 165))  # American, British, RP
+
+
+def write_corpus(root: Path, *, per_split: int = 40, seed: int = 0) -> Path:
+    """A small English corpus in Kaldi layout (train/dev/test, ``per_split`` each): seeded sentences from word
+    lists, spoken by espeak-ng's American and British voices at two speeds. A bench fixture for the real
+    checkpoint, not the embedded corpus (which is Mandarin)."""
+    import soundfile as sf
+
+    from comflp.data import write_corpus_dir
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "dev", "test"):
+        rows = []
+        texts = [" ".join(str(rng.choice(words)) for words in (_SUBJECTS, _VERBS, _OBJECTS, _TAILS))
+                 for _ in range(per_split)]
+        for i, text in enumerate(texts):
+            voice, rate = VOICES[i % len(VOICES)]
+            audio = english_audio([text], voice=voice, rate=rate)[0]
+            wav = root / "wav" / split / f"{split}{i:03d}.wav"
+            wav.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(wav, audio, 16000, subtype="PCM_16")
+            rows.append((f"{split}{i:03d}", str(wav), text, f"{voice}-{rate}"))
+        write_corpus_dir(root / split, rows)
+    return root
+
+
+def evidence(corpus: Path, *, ks: tuple[int, ...] = (1, 2), top_n: int = 4) -> dict:
+    """On tiny.en: the full model's WER, then for each stack and number of removed layers the zero-shot WER of
+    CoMFLP's pick (cosine, exact top-``top_n``, fine search on dev), linspace's and GLP's, on the test split;
+    and how well cosine and CKA rank the dev WERs (measure-report)."""
+    from comflp.data import read_corpus_dir
+    from comflp.hidden import MeasureSettings
+    from comflp.model import load_model, prune as prune_model
+    from comflp.search import linspace
+    from comflp.stages import coarse, fine, glp, measure, measure_report, score
+    from comflp.verify import FineSearch
+
+    loaded = load_model(converted(), allow_encoder_decoder=True, need_tokenizer=True)
+    train, dev, test = (read_corpus_dir(corpus / s) for s in ("train", "dev", "test"))
+    result = {"full_test_wer": score(loaded, test, batch_size=8).error_rate.rate, "stacks": {}}
+    settings = MeasureSettings(measures=("cosine", "cka"), batch_size=8, iter_num=len(train) // 8)
+    for stack in ("encoder", "decoder"):
+        measured = measure(loaded, train, settings, stack=stack, progress=False)
+        engine = FineSearch(loaded, dev, batch_size=8, progress=False, stack=stack)
+        rows = {}
+        for k in ks:
+            pick = fine(engine, coarse(measured.matrices["cosine"], k, top_n=top_n).result.candidates,
+                        racing=False).report
+            picks = {"comflp": pick.best.pruned, "linspace": linspace(measured.matrices["cosine"], k).candidates[0].pruned,
+                     "glp": glp(engine, k).path[-1].pruned}
+            rows[k] = {"dev_wers": [c.cer for c in pick.candidates], **{
+                name: {"pruned": pruned, "test_wer": _zero_shot(loaded, test, stack, pruned, prune_model, score)}
+                for name, pruned in picks.items()}}
+        report = measure_report(engine, measured.matrices, ks[0], num_strategies=4, bootstrap=200)
+        result["stacks"][stack] = {"k": rows, "report_k": ks[0], "spearman": {
+            n: m.spearman for n, m in report.measures.items()}, "report_all_unusable": report.unusable is not None}
+    return result
+
+
+def _zero_shot(loaded, utts, stack, pruned, prune_model, score) -> float:
+    from dataclasses import replace
+
+    model = prune_model(loaded.model, pruned if stack == "encoder" else [],
+                        decoder_pruned=pruned if stack == "decoder" else [])
+    return score(replace(loaded, model=model), utts, batch_size=8).error_rate.rate
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["convert", "check"])
+    p.add_argument("command", choices=["convert", "check", "corpus", "evidence"])
+    p.add_argument("--corpus", type=Path, default=CACHE / "english-bench",
+                   help="the English bench corpus (corpus writes it, evidence reads it)")
+    p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "real_whisper.json")
     args = p.parse_args()
     if args.command == "convert":
         print(converted())
+        return
+    if args.command == "corpus":
+        print(write_corpus(args.corpus))
+        return
+    if args.command == "evidence":
+        from comflp.atomic import write_json
+
+        torch.manual_seed(0)
+        result = evidence(args.corpus)
+        write_json(args.output, result)
+        print(json.dumps(result, indent=1))
         return
     texts = ["The quick brown fox jumps over the lazy dog.", "Please call Stella and ask her to bring these things.",
              "It was eight o'clock in the evening when the train arrived.", "We need more colour in this picture."]

@@ -143,11 +143,12 @@ def unknown_token_share(texts: Sequence[str], tokenizer) -> float:
     """The share of the transcripts' tokens that are the tokenizer's unknown token, special tokens aside; a
     transcript that gives no token at all counts as one unknown token. Exact for any tokenizer (a byte-level
     BPE has no unknown characters, a character vocabulary may have many), unlike a character lookup."""
-    special = set(tokenizer.all_special_ids)
     unk = tokenizer.unk_token_id
     unknown = total = 0
     for text in texts:
-        ids = [i for i in tokenizer(text).input_ids if i not in special or i == unk]
+        # the text's own tokens: the special tokens a tokenizer adds around it may share the unknown token's id
+        # (Whisper's <|endoftext|> is both)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
         if not ids:
             unknown, total = unknown + 1, total + 1
             continue
