@@ -122,8 +122,8 @@ def add_prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language", default=None,
                    help="Whisper: the language of the speech (en, english or <|en|>), given to generation, to the "
                         "teacher-forced decoder and to the fine-tuning labels alike (default: what the checkpoint's "
-                        "generation config forces; if it forces none, the language the full model detects for each "
-                        "utterance, detected once)")
+                        "generation config forces; if it forces none, detected from each utterance's audio: by the "
+                        "full model, once, when measuring, searching or training, by the model itself when testing)")
     p.add_argument("--task", choices=["transcribe", "translate"], default=None,
                    help="Whisper: the task token of the prompt (default: the checkpoint's, else transcribe)")
 
