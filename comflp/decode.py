@@ -14,7 +14,7 @@ from .data import AudioBatch, Utterance, iter_batches, num_samples
 from .metrics import ErrorRate, Unit, error_rate, greedy_decode, guess_unit
 from .errors import ComflpError
 from .model import forward, frame_mask, is_encoder_decoder, min_audio_samples
-from .prompt import ENGLISH_ONLY, Prompt, generate_kwargs, prompt_language
+from .prompt import ENGLISH_ONLY, Prompt, generate_kwargs, needs_detection, prompt_language
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +70,16 @@ def generation_limit(model, tokenizer, references: Sequence[str] | None = None) 
     return cap
 
 
-def language_is_forced(model) -> bool:
-    """Whether generation's prompt has its language decided without looking at the audio: the model has no
-    language tokens (``lang_to_id``), or its generation config sets ``language``, or its ``forced_decoder_ids``
-    name one after the start token. Otherwise transformers detects each utterance's language (its rule in
-    ``WhisperGenerationMixin._retrieve_init_tokens``)."""
-    config = getattr(model, "generation_config", None)
-    if not getattr(config, "lang_to_id", None) or getattr(config, "language", None):
-        return True
-    if getattr(config, "task", None) is not None:  # transformers then ignores forced_decoder_ids
-        return False
-    forced = getattr(config, "forced_decoder_ids", None) or getattr(model.config, "forced_decoder_ids", None)
-    return bool(forced) and forced[0][0] == 1 and forced[0][1] is not None
-
-
-def detect_languages(model, batch: AudioBatch) -> list[str] | None:
+def detect_languages(model, batch: AudioBatch, prompt: Prompt | None = None) -> list[str] | None:
     """The language token (``<|en|>``…) that ``model`` detects for each utterance of ``batch``, or None when
-    the prompt's language is forced (:func:`language_is_forced`).
+    ``prompt`` gives the language or the checkpoint forces one (:func:`comflp.prompt.needs_detection`).
 
     Detected once with the full model, the languages become every pruned candidate's prompt, so candidates
     are compared on one prompt (a pruned model would detect its own, often wrongly), and generation from
     shared encoder outputs needs no detection (transformers refuses to detect from them and the features
     at once).
     """
-    if language_is_forced(model) or not hasattr(model, "detect_language"):
+    if not needs_detection(model, prompt or Prompt()) or not hasattr(model, "detect_language"):
         return None
     config = model.generation_config
     ids = model.detect_language(input_features=batch.inputs, generation_config=config,

@@ -453,7 +453,7 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
         todo = [i for i, u in enumerate(utts) if u.utt_id not in detected]
         if todo:
             with torch.no_grad():
-                found = detect_languages(detector, batch)
+                found = detect_languages(detector, batch, prompt)
             detected.update((utts[i].utt_id, found[i]) for i in todo)
         return [detected[u.utt_id] for u in utts]
     bar = tqdm(total=total_updates, initial=position["update"], desc="fine-tuning", unit="update",

@@ -46,7 +46,7 @@ from . import measures as M
 from .data import Utterance, collate, num_samples
 from .decode import check_known_tokens, detect_languages
 from .errors import ComflpError
-from .prompt import Prompt, check_prompt, needs_detection, prefix_ids, teacher_forcing_labels
+from .prompt import Prompt, check_prompt, prefix_ids, teacher_forcing_labels
 from .model import call, forward, layer_frame_mask, min_audio_samples, stack_layers
 
 log = logging.getLogger(__name__)
@@ -473,14 +473,13 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         check_known_tokens([u.text for u in chosen], tokenizer, what="transcripts measured")
     # the decoder is measured inside the prompt it decodes with (comflp.prompt)
     prompt = check_prompt(model, prompt) if stack == "decoder" else Prompt()
-    detect = stack == "decoder" and needs_detection(model, prompt)
 
     def run_batch(batch) -> torch.Tensor:
         """Forward ``batch``; the [B, T] mask of the real positions of the captured stack."""
         if stack == "encoder":
             forward(model, batch.inputs, batch.attention_mask, pad_audio=settings.pad_audio)
             return None
-        languages = detect_languages(model, batch) if detect else None  # the measured (full) model's
+        languages = detect_languages(model, batch, prompt)  # by the measured (full) model, if the prompt needs
         labels = teacher_forcing_labels(model, tokenizer, batch.texts, prompt, languages).to(device)
         call(model, batch.inputs, batch.attention_mask, labels=labels)
         # decoder input i = start token, then label i - 1: real where label i is; the positions that predict the

@@ -115,10 +115,22 @@ def generate_kwargs(prompt: Prompt, languages: Sequence[str] | None) -> dict:
     return out
 
 
+def language_is_forced(model) -> bool:
+    """Whether generation's prompt has its language decided without looking at the audio: the model has no
+    language tokens (``lang_to_id``), or its generation config sets ``language``, or its ``forced_decoder_ids``
+    name one after the start token. Otherwise transformers detects each utterance's language (its rule in
+    ``WhisperGenerationMixin._retrieve_init_tokens``)."""
+    config = getattr(model, "generation_config", None)
+    if not getattr(config, "lang_to_id", None) or getattr(config, "language", None):
+        return True
+    if getattr(config, "task", None) is not None:  # transformers then ignores forced_decoder_ids
+        return False
+    forced = getattr(config, "forced_decoder_ids", None) or getattr(model.config, "forced_decoder_ids", None)
+    return bool(forced) and forced[0][0] == 1 and forced[0][1] is not None
+
+
 def needs_detection(model, prompt: Prompt) -> bool:
     """True when the prompt's language must be detected from the audio (none given, none forced)."""
-    from .decode import language_is_forced
-
     return prompt.language is None and not language_is_forced(model)
 
 

@@ -35,7 +35,7 @@ from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_ba
 from .decode import (check_decodable, decode_batch, decode_logits, detect_languages, generate_batch, generation_limit,
                      report_unknown_characters, word_normalizer)
 from .errors import ComflpError
-from .prompt import Prompt, check_prompt, generate_kwargs, needs_detection
+from .prompt import Prompt, check_prompt, generate_kwargs
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, rate_name, utterance_errors
 from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
                     run_layers, run_layers_cached)
@@ -141,7 +141,7 @@ class FineSearch:
         model, tok = self.loaded.model, self.loaded.tokenizer
         limit = self.max_new_tokens
         if index not in self._languages:  # the full model's detected languages: every candidate's prompt
-            self._languages[index] = detect_languages(model, batch) if needs_detection(model, self.prompt) else None
+            self._languages[index] = detect_languages(model, batch, self.prompt)
             if self._languages[index] is not None:
                 self.languages.update(zip(batch.utt_ids, self._languages[index]))
         languages = self._languages[index]

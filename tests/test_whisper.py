@@ -441,14 +441,15 @@ def test_fine_search_on_a_multilingual_whisper_gives_every_candidate_the_full_mo
     every candidate decodes with that prompt (it used to end in transformers' ValueError for the decoder's
     shared encoder outputs), equal to separately pruned models given the same languages."""
     from comflp.data import collate, read_corpus_dir
-    from comflp.decode import detect_languages, language_is_forced
+    from comflp.decode import detect_languages
+    from comflp.prompt import Prompt, needs_detection
     from comflp.strategy import Candidate
     from comflp.verify import FineSearch, verify
 
     from conftest import make_corpus
 
     loaded = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
-    assert not language_is_forced(loaded.model)
+    assert needs_detection(loaded.model, Prompt())
     utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
     sets = [[1], [2, 3], [4]]
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
@@ -508,7 +509,8 @@ def test_the_prompt_builder_gives_the_tokens_generate_decodes_after(language, ta
     model = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True).model
     prompt = check_prompt(model, Prompt(language, task))
     x = _features(3)
-    detected = detect_languages(model, SimpleNamespace(inputs=x)) if needs_detection(model, prompt) else None
+    detected = detect_languages(model, SimpleNamespace(inputs=x), prompt)
+    assert (detected is None) == (not needs_detection(model, prompt))
     fed = _first_decoder_input(model, **generate_kwargs(prompt, detected))
     assert fed == [prefix_ids(model, prompt, detected[i] if detected else None) for i in range(2)]
     # a checkpoint that forces its language and task in forced_decoder_ids (no --language)
