@@ -60,6 +60,27 @@ def word_normalizer(model, tokenizer, prompt: Prompt | None = None) -> Callable[
     return normalize_words
 
 
+def text_language(model, tokenizer, prompt: Prompt | None = None) -> str | None:
+    """The language ``model`` writes, where it is known before any audio is heard: ``"en"`` or ``"zh"``, else
+    None.
+
+    An encoder-decoder with language tokens says it through its prompt (``<|en|>`` given or forced). One
+    without them is English-only (OpenAI's ``.en`` checkpoints) unless its vocabulary holds CJK characters
+    (the demo Whisper writes Mandarin characters). A CTC model says it through its vocabulary: CJK characters
+    mean Mandarin, letters that are all ASCII mean English (other Latin-script languages carry accented
+    letters)."""
+    letters = [c for token in tokenizer.get_vocab() for c in token if c.isalpha()] if tokenizer is not None else []
+    cjk = any("\u3400" <= c <= "\u9fff" for c in letters)
+    if is_encoder_decoder(model):
+        said = prompt_language(model, prompt or Prompt())
+        if said == ENGLISH_ONLY:
+            return "zh" if cjk else "en"
+        return {"<|en|>": "en", "<|zh|>": "zh"}.get(said)
+    if cjk:
+        return "zh"
+    return "en" if letters and all(c.isascii() for c in letters) else None
+
+
 def generation_limit(model, tokenizer, references: Sequence[str] | None = None) -> int:
     """New tokens allowed per utterance, the one cap of every command that generates: twice the longest
     reference's plus 10 when references are given (a cap that stops a broken model babbling to its limit),

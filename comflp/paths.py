@@ -29,6 +29,8 @@ MODELS_DIR: Path = REPO_ROOT / "models"
 DEMO_MODEL_DIR: Path = MODELS_DIR / "demo-12l"
 DEMO_WHISPER_DIR: Path = MODELS_DIR / "demo-whisper"
 DEMO_CORPUS_DIR: Path = REPO_ROOT / "AISHELL1" / "demo"
+# the embedded corpora by language: Mandarin in the paper's AISHELL1/ layout, English beside it
+DEMO_CORPUS_DIRS: dict[str, Path] = {"zh": DEMO_CORPUS_DIR, "en": REPO_ROOT / "corpora" / "demo-en"}
 
 # `comflp <command>` writes its default outputs below the working directory, as any installed tool does; the
 # paper's scripts (python dc_analysis.py ...), run from the checkout as the paper did, keep its layout there
@@ -71,9 +73,14 @@ def search_log_dir() -> Path:
     return output_root() / "search_strategy" / "log"
 
 
-def demo_split(split: str) -> Path:
-    """The Kaldi dir of one split (train, dev or test) of the embedded corpus."""
-    return DEMO_CORPUS_DIR / split
+def demo_corpus_dir(language: str = "zh") -> Path:
+    """The root of the embedded corpus in ``language`` (zh or en)."""
+    return DEMO_CORPUS_DIRS[language]
+
+
+def demo_split(split: str, language: str = "zh") -> Path:
+    """The Kaldi dir of one split (train, dev or test) of the embedded corpus in ``language`` (zh or en)."""
+    return DEMO_CORPUS_DIRS[language] / split
 
 
 def demo_model_dir(num_layers: int) -> Path:

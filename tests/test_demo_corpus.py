@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import soundfile as sf
@@ -49,3 +50,36 @@ def test_homophone_filter_keeps_one_character_per_pronunciation() -> None:
     full = distinct_pronunciations(COMMON_CHARS, espeak)
     sounds = [espeak.phonemes(c) for c in full]
     assert len(set(sounds)) == len(sounds) and len(full) >= 300
+
+
+def test_english_corpus_speaks_every_accent_in_every_split(tmp_path: Path) -> None:
+    """The English corpus (for English checkpoints): sentences of the grammar, one accent per speaker in turn so
+    that every split hears all of them, its own utterance ids, and the same seed gives the same bytes."""
+    from comflp.demo import english
+
+    n = len(english.ACCENTS)
+    cfg = CorpusConfig.for_language("en", seed=3, num_train=n, num_dev=n, num_test=n, speakers_train=n)
+    root = generate(tmp_path / "en", cfg, progress=False)
+    vocabulary = set(english.vocabulary())
+    for split in ("train", "dev", "test"):
+        utts = read_corpus_dir(root / split)
+        assert len(utts) == n and all(u.utt_id.startswith("SYNEN0" + u.speaker) for u in utts)
+        assert all(u.text[0].isupper() and u.text[-1] in ".?" for u in utts)
+        assert all(w.strip(".?").lower() in vocabulary for u in utts for w in u.text.split())
+    manifest = json.loads((root / "corpus.json").read_text())
+    for split in ("train", "dev", "test"):
+        assert sorted(v["name"] for v in manifest["speakers"][split].values()) == sorted(english.ACCENTS)
+    assert manifest["config"]["language"] == "en"
+    again = generate(tmp_path / "again", cfg, progress=False)
+    assert _digest(again) == _digest(root)
+
+
+def test_corpus_command_refuses_a_mandarin_only_flag_for_english(tmp_path: Path, capsys) -> None:
+    import pytest
+
+    from comflp.demo.corpus import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--language", "en", "--vocab_size", "50", "--output", str(tmp_path / "en")])
+    assert exit_.value.code == 2 and "--vocab_size" in capsys.readouterr().err
+    assert not (tmp_path / "en").exists()

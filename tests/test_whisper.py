@@ -628,3 +628,52 @@ def test_an_end_token_that_is_also_the_unknown_token_is_not_counted_as_unknown()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     assert unknown_token_share(["hello world", "world"], tok) == 0.0
     assert unknown_token_share(["hello moon"], tok) == 0.5
+
+
+def test_default_corpus_is_the_one_in_the_models_language(tmp_path: Path, monkeypatch) -> None:
+    """Without a data dir, a command reads the embedded corpus in the language the model writes: English for
+    an English-only Whisper (.en) or --language en, Mandarin for a Whisper or CTC vocabulary of CJK characters
+    and for a multilingual Whisper that detects the language; a CTC vocabulary of ASCII letters is English."""
+    from types import SimpleNamespace
+
+    from comflp import paths
+    from comflp.cli import testset as testset_cli
+    from comflp.cli.options import corpus_split
+    from comflp.decode import text_language
+    from comflp.prompt import Prompt
+
+    from conftest import make_corpus, tiny_model
+
+    english_only = tiny_whisper()
+    ascii_vocab = SimpleNamespace(get_vocab=lambda: {"<pad>": 0, "|": 1, "a": 2, "b": 3, "'": 4})
+    assert text_language(english_only, ascii_vocab) == "en"
+    assert text_language(english_only, whisper_tokenizer()) == "zh"  # no language tokens, Mandarin characters
+    multilingual = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True)
+    assert text_language(multilingual.model, multilingual.tokenizer) is None  # detected from the audio
+    assert text_language(multilingual.model, multilingual.tokenizer, Prompt("en")) == "en"
+    assert text_language(multilingual.model, multilingual.tokenizer, Prompt("zh")) == "zh"
+    ctc = tiny_model("wav2vec2")
+    assert text_language(ctc, ascii_vocab) == "en" and text_language(ctc, whisper_tokenizer()) == "zh"
+    assert text_language(ctc, SimpleNamespace(get_vocab=lambda: {"é": 0, "a": 1})) is None
+    assert text_language(ctc, None) is None
+    assert corpus_split(None, "dev", multilingual, Prompt("en")) == paths.DEMO_CORPUS_DIRS["en"] / "dev"
+    assert corpus_split(None, "dev", multilingual, Prompt()) == paths.DEMO_CORPUS_DIRS["zh"] / "dev"
+    assert corpus_split(tmp_path / "mine", "dev", multilingual, Prompt("en")) == tmp_path / "mine"
+
+    # end to end: `comflp test` on an English-only Whisper reads the English corpus's test split
+    english_dir = tmp_path / "whisper-en"
+    english_only.save_pretrained(english_dir)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(english_dir)
+    _english_tokenizer().save_pretrained(english_dir)
+    monkeypatch.setitem(paths.DEMO_CORPUS_DIRS, "en", tmp_path / "demo-en")
+    make_corpus(tmp_path / "demo-en" / "test", n=2, texts=["a b", "b a"])
+    summary = testset_cli.main(["--model", str(english_dir), "--batch_size", "2", "--output_dir",
+                                str(tmp_path / "out")])
+    assert summary["data_dir"] == str(tmp_path / "demo-en" / "test") and summary["num_utterances"] == 2
+
+
+def _english_tokenizer():
+    """The tiny Whisper's tokenizer with ASCII letters in place of its Mandarin characters."""
+    from comflp.demo.recipes import build_whisper_processor
+
+    return build_whisper_processor("abcdefghi")[1]

@@ -16,7 +16,9 @@ from .. import finetune as library
 from ..finetune import FinetuneConfig, train
 from .argtypes import (epoch_or_last, fraction, non_negative_float, non_negative_int, probability_below_one,
                        seed)
-from .options import (ArgumentParser, add_prompt, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
+from ..model import load_model
+from ..prompt import Prompt
+from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
                       positive_int, str2bool)
 
 
@@ -46,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "hyper-parameters, recorded in run.json) is resumed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an existing experiment dir written by comflp, removing its checkpoints")
-    train_dir = p.add_argument("--train_data_dir", type=Path, help="(default: demo train)")
-    valid_dir = p.add_argument("--valid_data_dir", type=Path, help="(default: demo dev)")
+    train_dir = p.add_argument("--train_data_dir", type=Path,
+                               help=f"labelled Kaldi dir to train on (default: {DEMO_DATA_HELP.format(split='train')})")
+    valid_dir = p.add_argument("--valid_data_dir", type=Path,
+                               help="labelled Kaldi dir to validate on after each epoch (default: the dev split of "
+                                    "that embedded corpus)")
     p.add_argument("--max_train_utts", type=positive_int,
                    help="use only the first N training utterances (default: all)")
     p.add_argument("--batch_size", type=positive_int,
@@ -96,12 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(**asdict(FinetuneConfig()))  # one source of defaults for the command and the stage
+    p.set_defaults(train_data_dir=None, valid_data_dir=None)  # chosen by the model's language (main)
     return p
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    config = FinetuneConfig(**vars(build_parser().parse_args(argv)))
+    args = build_parser().parse_args(argv)
+    if args.dataset or (args.train_data_dir is not None and args.valid_data_dir is not None):
+        loaded = None
+    else:  # the default corpus is the one in the language the model writes
+        loaded = load_model(args.model, allow_encoder_decoder=True, need_features=False)
+    prompt = Prompt(args.language, args.task)
+    args.train_data_dir = corpus_split(args.train_data_dir, "train", loaded, prompt)
+    args.valid_data_dir = corpus_split(args.valid_data_dir, "dev", loaded, prompt)
+    config = FinetuneConfig(**vars(args))
     if not config.dataset:
         for data_dir in (config.train_data_dir, config.valid_data_dir):
             ensure_corpus(data_dir)

@@ -26,20 +26,21 @@ from ..logs import setup_logging
 from ..model import load_model, num_layers
 from ..prompt import check_prompt
 from .argtypes import open_unit_upper, seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
                       resolve_prompt, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
 from ..stages import measure as measure_stage
-from ..paths import DEMO_MODEL_DIR, demo_split, dump_dir, figure_dir
+from ..paths import DEMO_MODEL_DIR, dump_dir, figure_dir
 
 log = logging.getLogger("comflp.measure")
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_num: int) -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
-    data_dir = p.add_argument("--data_dir", type=Path, default=demo_split("train"),
-                   help="Kaldi dir to measure on; transcripts not needed (default: the embedded corpus's train split)")
+    data_dir = p.add_argument("--data_dir", type=Path, default=None,
+                              help="Kaldi dir to measure on; transcripts not needed (default: "
+                                   f"{DEMO_DATA_HELP.format(split='train')})")
     p.add_argument("--batch_size", type=positive_int, default=batch_size,
                    help="utterances per batch; per-batch measures (DC) are defined on batches of this size, so it may "
                         "not exceed the corpus. Memory grows with it: every layer's hidden states of one batch are "
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
     device = accelerator.device if accelerator else resolve_device(args.device)
     decoder = args.stack == "decoder"
     loaded = load_model(args.model, device=device, allow_encoder_decoder=True, need_tokenizer=decoder)
+    args.data_dir = corpus_split(args.data_dir, "train", loaded, resolve_prompt(args))
     utts = read_corpus_or_dataset(args, args.data_dir, require_text=decoder)
     check_num_layers(args.num_layers, num_layers(loaded.model, args.stack), args.model)
     if not args.use_pretrained:  # the control: a random initialisation of the same config

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -146,6 +147,22 @@ def ensure_corpus(data_dir) -> None:
     from ..demo.corpus import ensure_demo_corpus
 
     ensure_demo_corpus(data_dir)
+
+
+def corpus_split(given, split: str, loaded, prompt=None) -> Path:
+    """A data-dir flag's value: ``given``, else the embedded corpus's ``split`` in the language the model
+    writes (:func:`comflp.decode.text_language`): English for an English model, else the Mandarin default."""
+    from ..decode import text_language
+    from ..paths import demo_split
+
+    if given is not None:
+        return Path(given)
+    language = text_language(loaded.model, loaded.tokenizer, prompt) if loaded is not None else None
+    return demo_split(split, language if language == "en" else "zh")
+
+
+DEMO_DATA_HELP = ("the embedded corpus's {split} split in the model's language: the English one for an English "
+                  "model (Whisper .en, --language en, a CTC vocabulary of ASCII letters), else the Mandarin one")
 
 
 def read_corpus(data_dir, *, require_text: bool = True):

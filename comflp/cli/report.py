@@ -12,11 +12,11 @@ from ..artifacts import (check_matrix_model, claim_file, is_matrix_set, load_mat
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
 from .argtypes import seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
                       resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
-from ..paths import DEMO_MODEL_DIR, demo_split, exp_dir
+from ..paths import DEMO_MODEL_DIR, exp_dir
 from ..search import check_matrix
 
 log = logging.getLogger("comflp.report")
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the model the matrices were measured on "
                                                                  "(default: the demo model)")
-    data_dir = p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
-                   help="labelled Kaldi dir (default: the embedded corpus's dev split)")
+    data_dir = p.add_argument("--verify_data_dir", type=Path, default=None,
+                   help=f"labelled Kaldi dir (default: {DEMO_DATA_HELP.format(split='dev')})")
     p.add_argument("--test_num_batch", type=positive_int, default=10, help="(default: %(default)s)")
     p.add_argument("--verify_batch_size", type=positive_int, default=32,
                    help="the subset is the first test_num_batch x verify_batch_size utterances (default: %(default)s)")
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
     if num_layers(loaded.model, stack) != L:
         raise ComflpError(f"the matrices are for {L} layers but {args.model}'s {stack} has "
                           f"{num_layers(loaded.model, stack)}")
+    args.verify_data_dir = corpus_split(args.verify_data_dir, "dev", loaded, resolve_prompt(args))
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
                       pad_audio=args.pad_audio, stack=stack, front_end_cache_gb=args.front_end_cache_gb,

@@ -16,11 +16,11 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
                          svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from .argtypes import confidence, open_unit_upper, seed
-from .options import (ArgumentParser, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
                       resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
-from ..paths import DEMO_MODEL_DIR, demo_split, dump_dir, exp_dir, search_log_dir
+from ..paths import DEMO_MODEL_DIR, dump_dir, exp_dir, search_log_dir
 from ..search import SEARCH_MODES, check_matrix, search
 from ..strategy import Candidate, StrategyFile, check_prune_count
 
@@ -32,8 +32,8 @@ BASELINES = ("rand", "linspace")  # strategies chosen without the matrix, scored
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model dir or hub id (default: the demo model)")
-    data_dir = p.add_argument("--verify_data_dir", type=Path, default=demo_split("dev"),
-                   help="labelled Kaldi dir for fine search (default: the embedded corpus's dev split; "
+    data_dir = p.add_argument("--verify_data_dir", type=Path, default=None,
+                   help=f"labelled Kaldi dir for fine search (default: {DEMO_DATA_HELP.format(split='dev')}; "
                         "the paper verified on its test set)")
     p.add_argument("--test_num_batch", type=positive_int, default=10,
                    help="batches in the fine-search subset (default: %(default)s)")
@@ -175,6 +175,7 @@ def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
     loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True,
                         allow_encoder_decoder=True)
     check_num_layers(args.num_layers, num_layers(loaded.model, stack), args.model)
+    args.verify_data_dir = corpus_split(args.verify_data_dir, "dev", loaded, resolve_prompt(args))
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
     return FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=not args.quiet,
                       pad_audio=args.pad_audio, stack=stack, front_end_cache_gb=args.front_end_cache_gb,

@@ -12,11 +12,11 @@ from pathlib import Path
 from ..artifacts import ExperimentDir, check_output_dir, claim_file, open_output_dir, test_output
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
-from .options import (ArgumentParser, add_prompt, resolve_prompt, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, data_label, positive_int, read_corpus_or_dataset,
+from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, corpus_split, resolve_prompt, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, data_label, positive_int, read_corpus_or_dataset,
                       resolve_device)
 from ..model import load_model
 from ..prompt import check_prompt
-from ..paths import DEMO_MODEL_DIR, demo_split, exp_dir
+from ..paths import DEMO_MODEL_DIR, exp_dir
 from ..stages import test
 
 log = logging.getLogger("comflp.test")
@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the paper's usage; it must exist), else the demo model")
     p.add_argument("--output_dir", type=Path, default=None,
                    help="where test_asr.log and test_asr.json go (default: exp/test_<model name>)")
-    data_dir = p.add_argument("--data_dir", type=Path, default=demo_split("test"),
-                   help="Kaldi dir to decode (default: the embedded corpus's test split)")
+    data_dir = p.add_argument("--data_dir", type=Path, default=None,
+                              help=f"Kaldi dir to decode (default: {DEMO_DATA_HELP.format(split='test')})")
     p.add_argument("--batch_size", type=positive_int, default=16,
                    help="utterances per batch; does not change the transcripts, only speed and memory (which grows with "
                         "the batch times its longest utterance) (default: %(default)s)")
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _test(args: argparse.Namespace, model_src: str, out_dir: Path, device) -> dict:
     loaded = load_model(model_src, device=device, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
-    utts = read_corpus_or_dataset(args, args.data_dir)
     check_prompt(loaded.model, resolve_prompt(args))
+    args.data_dir = corpus_split(args.data_dir, "test", loaded, resolve_prompt(args))
+    utts = read_corpus_or_dataset(args, args.data_dir)
     # the dir is made (and logged to) once the model and the corpus have passed their checks: a refused
     # command writes nothing
     open_output_dir(out_dir, kind="test")

@@ -43,8 +43,8 @@ from ..hidden import MeasureSettings
 from ..prompt import check_prompt
 from ..logs import setup_logging
 from ..cli.argtypes import non_negative_int, positive_float, positive_int, probability_below_one, str2bool, threads
-from ..cli.options import ArgumentParser, add_prompt, read_corpus, resolve_prompt
-from ..paths import DEMO_MODEL_DIR, demo_split, exp_dir
+from ..cli.options import ArgumentParser, add_prompt, corpus_split, read_corpus, resolve_prompt
+from ..paths import DEMO_MODEL_DIR, exp_dir
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class Run:
 
     def split(self, name: str) -> Path:
         """The Kaldi dir of one split (train, dev, test) of the corpus."""
-        return demo_split(name) if self.args.corpus is None else self.args.corpus / name
+        return corpus_split(None if self.args.corpus is None else self.args.corpus / name, name, self.loaded,
+                            self.prompt)
 
     @property
     def variants(self) -> list[Variant]:
@@ -209,7 +210,7 @@ def _corpus(run: Run) -> None:
 
     if run.args.corpus is None:
         for split in ("train", "dev", "test"):
-            ensure_demo_corpus(demo_split(split))
+            ensure_demo_corpus(run.split(split))
 
 
 def _dc_matrix(run: Run, stack: str) -> Path:
