@@ -21,6 +21,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -184,147 +185,187 @@ def converted(cache: Path = CACHE) -> Path:
     return out
 
 
-def english_audio(texts: list[str], voice: str = "en-us", rate: int = 150) -> list[np.ndarray]:
-    """16-kHz float speech of ``texts`` from espeak-ng's English voice (the library the embedded corpus uses)."""
-    import soxr
-
-    from comflp.demo.tts import Espeak, Voice
-
-    espeak = Espeak.get()
-    speaker = Voice(voice, rate=rate, pitch=50, range=50)
-    return [soxr.resample(espeak.synth(t, speaker).astype(np.float32) / 32768, espeak.sample_rate, 16000)
-            for t in texts]
-
-
-def check(texts: list[str]) -> list[tuple[str, str]]:
-    """Greedy transcripts of the same features by CTranslate2 and by the converted HF model (equal if the
-    conversion is right)."""
+def check(corpus: Path, *, limit: int | None = None) -> list[tuple[str, str, str]]:
+    """Greedy transcripts of the same features by CTranslate2 and by the converted HF model, for the English
+    corpus's test split (equal if the conversion is right): (CTranslate2's, ours, the reference)."""
     import ctranslate2
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from comflp.data import load_audio, read_corpus_dir
 
     hf_dir = converted()
     fe = WhisperFeatureExtractor.from_pretrained(hf_dir)
     hf = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
     ct2 = ctranslate2.models.Whisper(str(fetch()), device="cpu", compute_type="float32")
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prompt = tok.convert_ids_to_tokens([hf.config.decoder_start_token_id, hf.generation_config.no_timestamps_token_id])
-    pairs = []
-    for audio in english_audio(texts):
-        features = fe(audio, sampling_rate=16000, return_tensors="pt").input_features
+    triples = []
+    for utt in read_corpus_dir(corpus / "test")[:limit]:
+        features = fe(load_audio(utt.path, 16000), sampling_rate=16000, return_tensors="pt").input_features
         with torch.no_grad():
             ids = hf.generate(features, max_new_tokens=100, do_sample=False, num_beams=1)
         ours = tok.batch_decode(ids, skip_special_tokens=True)[0].strip()
         result = ct2.generate(ctranslate2.StorageView.from_array(features.numpy()), [prompt], beam_size=1,
                               max_length=100)
         theirs = tok.decode(result[0].sequences_ids[0], skip_special_tokens=True).strip()
-        pairs.append((theirs, ours))
-    return pairs
+        triples.append((theirs, ours, utt.text))
+    return triples
 
 
-_SUBJECTS = ["the old man", "my sister", "a young teacher", "the farmer", "our neighbour", "the small boy",
-             "a tired doctor", "the driver", "her best friend", "the captain"]
-_VERBS = ["opened", "painted", "found", "carried", "cleaned", "sold", "watched", "fixed", "bought", "closed"]
-_OBJECTS = ["the green door", "a heavy box", "the broken chair", "an old map", "the kitchen window",
-            "a red bicycle", "the wooden table", "a large basket", "the front gate", "a paper boat"]
-_TAILS = ["before breakfast", "in the rain", "after the meeting", "near the river", "on a quiet morning",
-          "at the market", "late last night", "in the garden", "during the storm", "with great care"]
-VOICES = (("en-us", 150), ("en", 140), ("en-us", 175), ("en-gb-x-rp", 165))  # American, British, RP
+class Evidence:
+    """The evidence run on tiny.en, resumable: every finished unit (a measured stack, a fine search, a zero-shot
+    or healed test WER) is written to the results JSON at once and skipped when the run is started again;
+    fine-tuning resumes from its own checkpoints under ``work``."""
+
+    def __init__(self, corpus: Path, output: Path, work: Path, *, verify_utts: int = 64) -> None:
+        from comflp.data import read_corpus_dir
+        from comflp.model import load_model
+
+        self.output, self.work = output, work
+        self.corpus = corpus
+        self.results = json.loads(output.read_text()) if output.is_file() else {}
+        if self.results.get("corpus") not in (None, str(corpus)) or "stacks" in self.results and "version" not in self.results:
+            self.results = {}  # another corpus, or the first run's layout: start again
+        self.results.update(version=2, corpus=str(corpus), model="openai/whisper-tiny.en (converted)")
+        self.loaded = load_model(converted(), allow_encoder_decoder=True, need_tokenizer=True)
+        self.train, self.dev, self.test = (read_corpus_dir(corpus / s) for s in ("train", "dev", "test"))
+        self.verify = self.dev[:verify_utts]
+
+    def unit(self, key: str, compute):
+        """The stored value of ``key`` (a /-path in the results), else ``compute()`` stored and saved."""
+        from comflp.atomic import write_json
+
+        node, *path = key.split("/")
+        where = self.results
+        for part in [node, *path][:-1]:
+            where = where.setdefault(part, {})
+        last = [node, *path][-1]
+        if last not in where:
+            t0 = time.perf_counter()
+            where[last] = compute()
+            print(f"{key}: {json.dumps(where[last])[:200]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            write_json(self.output, self.results)
+        return where[last]
+
+    def test_wer(self, model, utts=None) -> float:
+        from dataclasses import replace
+
+        from comflp.stages import score
+
+        return score(replace(self.loaded, model=model), utts or self.test, batch_size=16).error_rate.rate
+
+    def pruned(self, stack: str, layers: list[int]):
+        from comflp.model import prune
+
+        return prune(self.loaded.model, layers if stack == "encoder" else [],
+                     decoder_pruned=layers if stack == "decoder" else [])
+
+    def run(self, *, ks: tuple[int, ...] = (1, 2, 3), heal_k: int = 1, epochs: int = 3, lr: float = 5e-5) -> dict:
+        from comflp.hidden import MeasureSettings
+        from comflp.search import linspace
+        from comflp.report import build_report
+        from comflp.stages import coarse, fine, glp, measure
+        from comflp.verify import FineSearch
+
+        self.unit("full/test_wer", lambda: self.test_wer(self.loaded.model))
+        self.unit("full/dev_wer", lambda: self.test_wer(self.loaded.model, self.verify))
+        measures = ("cosine", "cka", "svcca", "dc")
+        settings = MeasureSettings(measures=measures, batch_size=8, iter_num=50)
+        for stack in ("encoder", "decoder"):
+            npz = self.work / f"{stack}.npz"
+            if not npz.is_file():
+                measured = measure(self.loaded, self.train, settings, stack=stack, progress=False)
+                npz.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(npz, **measured.matrices)
+            with np.load(npz, allow_pickle=False) as z:
+                matrices = {m: z[m] for m in measures}
+            engine = FineSearch(self.loaded, self.verify, batch_size=8, progress=False, stack=stack)
+            base = f"stacks/{stack}"
+            for k in ks:
+                # every candidate of a 4-layer stack is scored: the search is exhaustive at this depth
+                cands = coarse(matrices["cosine"], k, top_n=64).result.candidates
+                dev = self.unit(f"{base}/k{k}/dev_wers", lambda: {
+                    ",".join(map(str, c.pruned)): c.cer for c in fine(engine, cands, racing=False).report.candidates})
+                picks = {"comflp": min(cands[:4], key=lambda c: dev[",".join(map(str, c.pruned))]).pruned,
+                         "linspace": linspace(matrices["cosine"], k).candidates[0].pruned}
+                picks["glp"] = self.unit(f"{base}/k{k}/glp", lambda: glp(engine, k).path[-1].pruned)
+                self.unit(f"{base}/k{k}/picks", lambda: picks)
+                if k <= 2:
+                    for layers in {tuple(p) for p in picks.values()}:
+                        self.unit(f"{base}/k{k}/zero_shot_test_wer/{','.join(map(str, layers))}",
+                                  lambda: self.test_wer(self.pruned(stack, list(layers))))
+                # measure-report over every strategy of k (all decoded above): which measure ranks them as WER does
+                self.unit(f"{base}/k{k}/report", lambda: _report(build_report(
+                    matrices, [[int(x) for x in key.split(",")] for key in dev], list(dev.values()),
+                    num_resamples=200, seed=0, settings={"stack": stack, "num_clip_layers": k})))
+            for layers in sorted({tuple(p) for p in self.results["stacks"][stack][f"k{heal_k}"]["picks"].values()}):
+                name = ",".join(map(str, layers))
+                self.unit(f"{base}/k{heal_k}/healed_test_wer/{name}",
+                          lambda: self.heal(stack, list(layers), epochs=epochs, lr=lr))
+        return self.results
+
+    def heal(self, stack: str, layers: list[int], *, epochs: int, lr: float) -> dict:
+        """CE + distillation from the full model for ``epochs`` on the dev split, then the test WER of the last
+        epoch and of the average of all epochs."""
+        from comflp.model import load_model
+        from comflp.stages import average, finetune
+
+        which = {"layers": ",".join(map(str, layers))} if stack == "encoder" else {
+            "decoder_layers": ",".join(map(str, layers))}
+        exp = finetune(converted(), self.work / f"heal-{stack}-{'_'.join(map(str, layers))}", **which,
+                       train_data_dir=self.corpus / "dev", valid_data_dir=self.corpus / "dev", epochs=epochs, lr=lr,
+                       batch_size=8, grad_accum=1, distill=True, layerdrop=0.0, test_num_batch=2,
+                       valid_batch_size=16, quiet=True, resume_epoch=-1)
+        averaged = average(exp, num=epochs, mode="last", overwrite=True)
+        out = {}
+        for label, path in (("last_epoch", exp.final), ("average", averaged)):
+            out[label] = self.test_wer(load_model(path, allow_encoder_decoder=True).model)
+        return out
 
 
-def write_corpus(root: Path, *, per_split: int = 40, seed: int = 0) -> Path:
-    """A small English corpus in Kaldi layout (train/dev/test, ``per_split`` each): seeded sentences from word
-    lists, spoken by espeak-ng's American and British voices at two speeds. A bench fixture for the real
-    checkpoint, not the embedded corpus (which is Mandarin)."""
-    import soundfile as sf
-
-    from comflp.data import write_corpus_dir
-
-    rng = np.random.default_rng(seed)
-    for split in ("train", "dev", "test"):
-        rows = []
-        texts = [" ".join(str(rng.choice(words)) for words in (_SUBJECTS, _VERBS, _OBJECTS, _TAILS))
-                 for _ in range(per_split)]
-        for i, text in enumerate(texts):
-            voice, rate = VOICES[i % len(VOICES)]
-            audio = english_audio([text], voice=voice, rate=rate)[0]
-            wav = root / "wav" / split / f"{split}{i:03d}.wav"
-            wav.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(wav, audio, 16000, subtype="PCM_16")
-            rows.append((f"{split}{i:03d}", str(wav), text, f"{voice}-{rate}"))
-        write_corpus_dir(root / split, rows)
-    return root
-
-
-def evidence(corpus: Path, *, ks: tuple[int, ...] = (1, 2), top_n: int = 4) -> dict:
-    """On tiny.en: the full model's WER, then for each stack and number of removed layers the zero-shot WER of
-    CoMFLP's pick (cosine, exact top-``top_n``, fine search on dev), linspace's and GLP's, on the test split;
-    and how well cosine and CKA rank the dev WERs (measure-report)."""
-    from comflp.data import read_corpus_dir
-    from comflp.hidden import MeasureSettings
-    from comflp.model import load_model, prune as prune_model
-    from comflp.search import linspace
-    from comflp.stages import coarse, fine, glp, measure, measure_report, score
-    from comflp.verify import FineSearch
-
-    loaded = load_model(converted(), allow_encoder_decoder=True, need_tokenizer=True)
-    train, dev, test = (read_corpus_dir(corpus / s) for s in ("train", "dev", "test"))
-    result = {"full_test_wer": score(loaded, test, batch_size=8).error_rate.rate, "stacks": {}}
-    settings = MeasureSettings(measures=("cosine", "cka"), batch_size=8, iter_num=len(train) // 8)
-    for stack in ("encoder", "decoder"):
-        measured = measure(loaded, train, settings, stack=stack, progress=False)
-        engine = FineSearch(loaded, dev, batch_size=8, progress=False, stack=stack)
-        rows = {}
-        for k in ks:
-            pick = fine(engine, coarse(measured.matrices["cosine"], k, top_n=top_n).result.candidates,
-                        racing=False).report
-            picks = {"comflp": pick.best.pruned, "linspace": linspace(measured.matrices["cosine"], k).candidates[0].pruned,
-                     "glp": glp(engine, k).path[-1].pruned}
-            rows[k] = {"dev_wers": [c.cer for c in pick.candidates], **{
-                name: {"pruned": pruned, "test_wer": _zero_shot(loaded, test, stack, pruned, prune_model, score)}
-                for name, pruned in picks.items()}}
-        report = measure_report(engine, measured.matrices, ks[0], num_strategies=4, bootstrap=200)
-        result["stacks"][stack] = {"k": rows, "report_k": ks[0], "spearman": {
-            n: m.spearman for n, m in report.measures.items()}, "report_all_unusable": report.unusable is not None}
-    return result
-
-
-def _zero_shot(loaded, utts, stack, pruned, prune_model, score) -> float:
-    from dataclasses import replace
-
-    model = prune_model(loaded.model, pruned if stack == "encoder" else [],
-                        decoder_pruned=pruned if stack == "decoder" else [])
-    return score(replace(loaded, model=model), utts, batch_size=8).error_rate.rate
+def _report(report) -> dict:
+    return {"spearman": {n: m.spearman for n, m in report.measures.items()},
+            "strategies": len(report.strategies), "all_unusable": report.unusable is not None,
+            "wers": [s.cer for s in report.strategies]}
 
 
 def main() -> None:
+    from comflp.cli.argtypes import positive_float, positive_int
+    from comflp.demo.corpus import ensure_demo_corpus
+    from comflp.paths import demo_corpus_dir
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["convert", "check", "corpus", "evidence"])
-    p.add_argument("--corpus", type=Path, default=CACHE / "english-bench",
-                   help="the English bench corpus (corpus writes it, evidence reads it)")
+    p.add_argument("command", choices=["convert", "check", "evidence"],
+                   help="convert: the HF dir (cached); check: CTranslate2 vs converted transcripts on the test "
+                        "split; evidence: the zero-shot, healing and measure-report run (resumable)")
+    p.add_argument("--corpus", type=Path, default=demo_corpus_dir("en"),
+                   help="an English corpus with train/dev/test Kaldi dirs (default: the embedded English corpus, "
+                        "generated if missing: %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None, help="check: the first N test utterances (default: all)")
+    p.add_argument("--work", type=Path, default=CACHE / "real-whisper-work",
+                   help="evidence: matrices and fine-tuning runs, kept for resuming (default: %(default)s)")
+    p.add_argument("--verify_utts", type=positive_int, default=64,
+                   help="evidence: dev utterances of the fine search and measure-report (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="evidence: healing epochs (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="evidence: healing learning rate (default: %(default)s)")
     p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "real_whisper.json")
     args = p.parse_args()
     if args.command == "convert":
         print(converted())
         return
-    if args.command == "corpus":
-        print(write_corpus(args.corpus))
-        return
+    for split in ("train", "dev", "test"):
+        ensure_demo_corpus(args.corpus / split)
     if args.command == "evidence":
-        from comflp.atomic import write_json
-
         torch.manual_seed(0)
-        result = evidence(args.corpus)
-        write_json(args.output, result)
+        result = Evidence(args.corpus, args.output, args.work, verify_utts=args.verify_utts).run(
+            epochs=args.epochs, lr=args.lr)
         print(json.dumps(result, indent=1))
         return
-    texts = ["The quick brown fox jumps over the lazy dog.", "Please call Stella and ask her to bring these things.",
-             "It was eight o'clock in the evening when the train arrived.", "We need more colour in this picture."]
-    pairs = check(texts)
-    for (theirs, ours), text in zip(pairs, texts):
-        print(f"{'=' if theirs == ours else '!'} ct2: {theirs!r}\n  hf:  {ours!r}\n  ref: {text!r}")
-    print(f"{sum(a == b for a, b in pairs)} of {len(pairs)} transcripts equal")
+    triples = check(args.corpus, limit=args.limit)
+    for theirs, ours, ref in triples:
+        if theirs != ours:
+            print(f"! ct2: {theirs!r}\n  hf:  {ours!r}\n  ref: {ref!r}")
+    print(f"{sum(a == b for a, b, _ in triples)} of {len(triples)} transcripts equal ({args.corpus / 'test'})")
 
 
 if __name__ == "__main__":

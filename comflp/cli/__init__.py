@@ -17,7 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("comflp.cli.model:info_main", "describe a model: family, layers, parameters, sizes (--json)"),
     "prune": ("comflp.cli.model:prune_main", "remove layers (--layers or a strategy file) and save an HF-format model"),
-    "corpus": ("comflp.demo.corpus:main", "generate the embedded synthetic Mandarin corpus"),
+    "corpus": ("comflp.demo.corpus:main", "generate an embedded synthetic corpus: Mandarin, or English (--language en)"),
     "prepare-aishell": ("comflp.cli.aishell:main", "build Kaldi dirs from an official AISHELL-1 download"),
     "measure": ("comflp.cli.measure:main", "correlation matrices (dc, svcca, pwcca, cka, ...) from one pass, to .npz"),
     "search": ("comflp.cli.search:main", "coarse search on a matrix + fine search (CER) of the candidates"),
