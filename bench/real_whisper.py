@@ -217,7 +217,7 @@ class Evidence:
     or healed test WER) is written to the results JSON at once and skipped when the run is started again;
     fine-tuning resumes from its own checkpoints under ``work``."""
 
-    def __init__(self, corpus: Path, output: Path, work: Path, *, verify_utts: int = 64) -> None:
+    def __init__(self, corpus: Path, output: Path, work: Path, *, verify_utts: int = 32) -> None:
         from comflp.data import read_corpus_dir
         from comflp.model import load_model
 
@@ -264,11 +264,11 @@ class Evidence:
         from comflp.hidden import MeasureSettings
         from comflp.search import linspace
         from comflp.report import build_report
-        from comflp.stages import coarse, fine, glp, measure
+        from comflp.stages import coarse, fine, measure
         from comflp.verify import FineSearch
 
         self.unit("full/test_wer", lambda: self.test_wer(self.loaded.model))
-        self.unit("full/dev_wer", lambda: self.test_wer(self.loaded.model, self.verify))
+        self.unit(f"full/dev_wer_{len(self.verify)}", lambda: self.test_wer(self.loaded.model, self.verify))
         measures = ("cosine", "cka", "svcca", "dc")
         settings = MeasureSettings(measures=measures, batch_size=8, iter_num=50)
         for stack in ("encoder", "decoder"):
@@ -288,7 +288,9 @@ class Evidence:
                     ",".join(map(str, c.pruned)): c.cer for c in fine(engine, cands, racing=False).report.candidates})
                 picks = {"comflp": min(cands[:4], key=lambda c: dev[",".join(map(str, c.pruned))]).pruned,
                          "linspace": linspace(matrices["cosine"], k).candidates[0].pruned}
-                picks["glp"] = self.unit(f"{base}/k{k}/glp", lambda: glp(engine, k).path[-1].pruned)
+                # GLP on the same subset, read off the exhaustive table (decoding is deterministic, so its
+                # greedy path is the same as running it): each step keeps the best superset of the last
+                picks["glp"] = _greedy_path(self.results["stacks"][stack], k)
                 self.unit(f"{base}/k{k}/picks", lambda: picks)
                 if k <= 2:
                     for layers in {tuple(p) for p in picks.values()}:
@@ -317,10 +319,19 @@ class Evidence:
                        batch_size=8, grad_accum=1, distill=True, layerdrop=0.0, test_num_batch=2,
                        valid_batch_size=16, quiet=True, resume_epoch=-1)
         averaged = average(exp, num=epochs, mode="last", overwrite=True)
-        out = {}
-        for label, path in (("last_epoch", exp.final), ("average", averaged)):
-            out[label] = self.test_wer(load_model(path, allow_encoder_decoder=True).model)
-        return out
+        return {"average": self.test_wer(load_model(averaged, allow_encoder_decoder=True).model),
+                "valid_wer_per_epoch": [r["valid_cer"] for r in exp.read_metrics() if r["epoch"] > 0]}
+
+
+def _greedy_path(stack_results: dict, k: int) -> list[int]:
+    """GLP's pick of ``k`` layers from the dev WERs of every strategy of 1..k layers: each step removes the
+    layer whose removal costs least given the layers already removed."""
+    path: list[int] = []
+    for step in range(1, k + 1):
+        table = stack_results[f"k{step}"]["dev_wers"]
+        options = {key: wer for key, wer in table.items() if set(path) <= {int(x) for x in key.split(",")}}
+        path = [int(x) for x in min(options, key=options.get).split(",")]
+    return path
 
 
 def _report(report) -> dict:
@@ -344,7 +355,7 @@ def main() -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="check: the first N test utterances (default: all)")
     p.add_argument("--work", type=Path, default=CACHE / "real-whisper-work",
                    help="evidence: matrices and fine-tuning runs, kept for resuming (default: %(default)s)")
-    p.add_argument("--verify_utts", type=positive_int, default=64,
+    p.add_argument("--verify_utts", type=positive_int, default=32,
                    help="evidence: dev utterances of the fine search and measure-report (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=3, help="evidence: healing epochs (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=5e-5, help="evidence: healing learning rate (default: %(default)s)")

@@ -376,13 +376,17 @@ def test_measure_report_on_a_decoder(tmp_path: Path) -> None:
 
     model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
     npz = _measure(model_dir, corpus, tmp_path / "dec.npz", measures="cosine,cka")
-    out = report_cli.main(["--measure_file", str(npz), "--num_clip_layers", "2", "--num_strategies", "5",
-                           "--model", str(model_dir), "--verify_data_dir", str(corpus), "--test_num_batch", "2",
-                           "--verify_batch_size", "3", "--output", str(tmp_path / "r.json"), "--bootstrap", "20",
-                           "--quiet"])
+    common = ["--measure_file", str(npz), "--num_clip_layers", "2", "--model", str(model_dir), "--verify_data_dir",
+              str(corpus), "--test_num_batch", "2", "--verify_batch_size", "3", "--output", str(tmp_path / "r.json"),
+              "--bootstrap", "20", "--quiet"]
+    with pytest.raises(SystemExit) as refused:  # 2 of 4 layers: 6 strategies in all
+        report_cli.main([*common, "--num_strategies", "7"])
+    assert refused.value.code == 2 and not (tmp_path / "r.json").exists()
+    out = report_cli.main(common)  # by default every strategy when there are fewer than 40, as on a 4-layer stack
     report = json.loads(out.read_text())
     assert report["settings"]["stack"] == "decoder" and set(report["measures"]) == {"cosine", "cka"}
-    assert len(report["strategies"]) == 5
+    assert sorted(map(tuple, (s["pruned"] for s in report["strategies"]))) == [
+        (1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
 
 
 def test_whisper_without_its_processor_gets_its_window_and_a_wrong_one_is_named(tmp_path: Path) -> None:

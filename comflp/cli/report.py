@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 from pathlib import Path
 
 from ..artifacts import (check_matrix_model, claim_file, is_matrix_set, load_matrices, load_matrix, log_of, plot_of,
@@ -18,6 +19,9 @@ from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_
                       resolve_device)
 from ..paths import DEMO_MODEL_DIR, exp_dir
 from ..search import check_matrix
+from ..strategy import check_prune_count
+
+DEFAULT_NUM_STRATEGIES = 40
 
 log = logging.getLogger("comflp.report")
 
@@ -34,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "measurement settings, e.g. dc_bs4=dump/dc_mat_mean_bs4_iter10.npy "
                         "dc_bs32=dump/dc_mat_mean_bs32_iter10.npy, unbiased DC, --pool_padding")
     p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers pruned (default: %(default)s)")
-    p.add_argument("--num_strategies", type=positive_int, default=40,
-                   help="strategies decoded: the top 3 of every measure, then random ones (default: %(default)s)")
+    p.add_argument("--num_strategies", type=positive_int, default=None,
+                   help="strategies decoded: the top 3 of every measure, then random ones, at most every strategy of "
+                        "K layers (default: 40, or all of them when there are fewer, as for a 4-layer stack)")
     p.add_argument("--seed", type=seed, default=0, help="random strategies and bootstrap (default: %(default)s)")
     p.add_argument("--bootstrap", type=positive_int, default=1000,
                    help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
@@ -102,6 +107,12 @@ def main(argv: list[str] | None = None) -> Path:
         raise ComflpError(f"the matrices have different shapes {sorted(sizes)}: they come from different models")
     L = next(iter(sizes))[0] - 1
     K = args.num_clip_layers
+    check_prune_count(L, K)
+    total = math.comb(L, K)
+    if args.num_strategies is None:
+        args.num_strategies = min(DEFAULT_NUM_STRATEGIES, total)
+    elif args.num_strategies > total:
+        raise ComflpError(f"--num_strategies {args.num_strategies} exceeds the {total} strategies of {K} of {L} layers")
     out = Path(args.output or report_output(exp_dir(), L, K))
     png = plot_of(out)
     claim_file(out, overwrite=args.overwrite)
