@@ -45,12 +45,12 @@ from ..logs import setup_logging
 from ..cli.argtypes import non_negative_int, positive_float, positive_int, probability_below_one, str2bool, threads
 from ..cli.options import ArgumentParser, add_prompt, corpus_split, read_corpus, resolve_prompt
 from ..paths import DEMO_MODEL_DIR, exp_dir
+from ..stages import PAPER_DC
 
 log = logging.getLogger(__name__)
 
 STAGES = ("corpus", "measure", "search", "report", "prune", "test", "finetune", "average", "retest")
 FT_LAYERDROP = FinetuneConfig.layerdrop  # healing's LayerDrop: the fine-tuning default
-PAPER_DC = MeasureSettings(measures=("dc",), batch_size=4, iter_num=10)  # the paper's DC recipe
 SVCCA_T = MeasureSettings(measures=("svcca",), batch_size=8, iter_num=4, sample_mode="T", thre=0.99)
 TOP_N = 10
 SEARCH_SEED = 42  # `comflp search`'s default: the order in which a race decodes the subset
