@@ -268,9 +268,9 @@ class Tested:
     summary: dict
 
 
-def test(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.PathLike, *, data: str,
-         batch_size: int = 16, unit: Unit | None = None, device: str | torch.device = "cpu", progress: bool = False,
-         pad_audio: bool = False, overwrite: bool = False, prompt: Prompt | None = None) -> Tested:
+def evaluate(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | os.PathLike, *, data: str,
+             batch_size: int = 16, unit: Unit | None = None, device: str | torch.device = "cpu", progress: bool = False,
+             pad_audio: bool = False, overwrite: bool = False, prompt: Prompt | None = None) -> Tested:
     """:func:`score` ``utts`` and write the test report and the hypotheses under ``output_dir``.
 
     ``data`` names the test set in the report. The report is refused if comflp did not write it, and replaced

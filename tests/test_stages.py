@@ -94,12 +94,12 @@ def test_measured_matrix_saves_with_the_record_a_search_checks(tmp_path: Path) -
 def test_test_stage_writes_the_report_and_hypotheses(tmp_path: Path) -> None:
     import json
 
-    from comflp.stages import score, test
+    from comflp.stages import evaluate, score
 
     corpus = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
     loaded = load_model(save_plain(tiny_model("wav2vec2", seed=2), tmp_path / "m", tmp_path / "proc"),
                         need_tokenizer=True)
-    tested = test(loaded, corpus, tmp_path / "t", data="five utterances", batch_size=2)
+    tested = evaluate(loaded, corpus, tmp_path / "t", data="five utterances", batch_size=2)
     report = json.loads(tested.report.read_text())
     assert report == tested.summary and report["data_dir"] == "five utterances"
     assert report["error_rate"] == score(loaded, corpus, batch_size=5).error_rate.rate  # batch size changes nothing

@@ -17,7 +17,7 @@ from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, corpus_split, 
 from ..model import load_model
 from ..prompt import check_prompt
 from ..paths import DEMO_MODEL_DIR, exp_dir
-from ..stages import test
+from ..stages import evaluate
 
 log = logging.getLogger("comflp.test")
 
@@ -77,7 +77,7 @@ def _test(args: argparse.Namespace, model_src: str, out_dir: Path, device) -> di
     # command writes nothing
     open_output_dir(out_dir, kind="test")
     setup_logging(ExperimentDir(out_dir).command_log("test_asr"))
-    tested = test(loaded, utts, out_dir, data=data_label(args, args.data_dir), batch_size=args.batch_size,
+    tested = evaluate(loaded, utts, out_dir, data=data_label(args, args.data_dir), batch_size=args.batch_size,
                   unit=None if args.unit == "auto" else args.unit, device=device, progress=True,
                   pad_audio=args.pad_audio, overwrite=args.overwrite, prompt=resolve_prompt(args))
     return tested.summary

@@ -360,16 +360,16 @@ def _prune(run: Run) -> None:
 
 
 def _test_model(run: Run, model: Path | str, out: Path) -> None:
-    from ..stages import test
+    from ..stages import evaluate
 
-    test(_load(str(model)), read_corpus(run.split("test")), out, data=str(run.split("test")), overwrite=True,
+    evaluate(_load(str(model)), read_corpus(run.split("test")), out, data=str(run.split("test")), overwrite=True,
          prompt=run.prompt)
 
 
 def _test(run: Run) -> None:
-    from ..stages import test
+    from ..stages import evaluate
 
-    test(run.loaded, read_corpus(run.split("test")), run.exp.test_full(), data=str(run.split("test")),
+    evaluate(run.loaded, read_corpus(run.split("test")), run.exp.test_full(), data=str(run.split("test")),
          overwrite=True, prompt=run.prompt)
     for v in run.variants:
         _test_model(run, run.exp.pruned(v.stack, v.method, run.k), run.exp.test_pruned(v.stack, v.method))
