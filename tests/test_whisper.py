@@ -674,6 +674,16 @@ def test_default_corpus_is_the_one_in_the_models_language(tmp_path: Path, monkey
     summary = testset_cli.main(["--model", str(english_dir), "--batch_size", "2", "--output_dir",
                                 str(tmp_path / "out")])
     assert summary["data_dir"] == str(tmp_path / "demo-en" / "test") and summary["num_utterances"] == 2
+    # and `comflp finetune` trains and validates on its train and dev splits
+    from comflp.cli import finetune
+
+    for split in ("train", "dev"):
+        make_corpus(tmp_path / "demo-en" / split, n=2, texts=["a b", "b a"])
+    finetune.main(["--model", str(english_dir), "--decoder_layers", "2", "--batch_size", "2", "--max_updates", "1",
+                   "--test_num_batch", "1", "--valid_batch_size", "2", "--output_dir", str(tmp_path / "ft"),
+                   "--threads", "1", "--quiet"])
+    settings = json.loads((tmp_path / "ft" / "run.json").read_text())["settings"]
+    assert [Path(settings[k]).parent.name for k in ("train_data_dir", "valid_data_dir")] == ["demo-en"] * 2
 
 
 def _english_tokenizer():
