@@ -364,6 +364,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 POSITION_FILE = "position.json"
 HYPOTHESES_FILE = "hyp.txt"
 METRICS_FILE = "metrics.jsonl"
+REPAIR_FILE = "comflp_repair.json"  # beside a pruned model: the repair folded into it (comflp.repair)
 LAST = "last"
 FINAL = "final"
 AVERAGED = "model_avg"

@@ -79,6 +79,25 @@ def capture_layer_states(model, stack: str = "encoder") -> Iterator[list[torch.T
             h.remove()
 
 
+def forward_stack(model, batch, states: Sequence[torch.Tensor], stack: str = "encoder", *, tokenizer=None,
+                  prompt: Prompt | None = None, pad_audio: bool = False) -> torch.Tensor:
+    """Forward ``batch`` (states captured by :func:`capture_layer_states` fill ``states``); the [B, T] bool mask
+    of the real positions of ``stack``: the real frames the encoder's layers see, or, for a decoder (teacher
+    forcing on the batch's transcripts, ``prompt`` checked by :func:`comflp.prompt.check_prompt`), the tokens
+    that predict the transcript."""
+    if stack == "encoder":
+        forward(model, batch.inputs, batch.attention_mask, pad_audio=pad_audio)
+        return layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
+    languages = detect_languages(model, batch, prompt)  # by the measured (full) model, if the prompt needs
+    labels = teacher_forcing_labels(model, tokenizer, batch.texts, prompt, languages).to(batch.inputs.device)
+    call(model, batch.inputs, batch.attention_mask, labels=labels)
+    # decoder input i = start token, then label i - 1: real where label i is; the positions that predict the
+    # prompt's own tokens (language, task) are left out, so the states pooled are those that spell the text
+    mask = labels != -100
+    mask[:, : len(prefix_ids(model, prompt, languages[0] if languages else None)) - 1] = False
+    return mask
+
+
 def pool(states: Sequence[torch.Tensor], mask: torch.Tensor, *, pool_padding: bool = False) -> torch.Tensor:
     """Mean over time of each layer's states: L x [B, T, D], mask [B, T] -> [L, B, D] float64.
 
@@ -474,29 +493,14 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     # the decoder is measured inside the prompt it decodes with (comflp.prompt)
     prompt = check_prompt(model, prompt) if stack == "decoder" else Prompt()
 
-    def run_batch(batch) -> torch.Tensor:
-        """Forward ``batch``; the [B, T] mask of the real positions of the captured stack."""
-        if stack == "encoder":
-            forward(model, batch.inputs, batch.attention_mask, pad_audio=settings.pad_audio)
-            return None
-        languages = detect_languages(model, batch, prompt)  # by the measured (full) model, if the prompt needs
-        labels = teacher_forcing_labels(model, tokenizer, batch.texts, prompt, languages).to(device)
-        call(model, batch.inputs, batch.attention_mask, labels=labels)
-        # decoder input i = start token, then label i - 1: real where label i is; the positions that predict the
-        # prompt's own tokens (language, task) are left out, so the states pooled are those that spell the text
-        mask = labels != -100
-        mask[:, : len(prefix_ids(model, prompt, languages[0] if languages else None)) - 1] = False
-        return mask
-
     def one_pass(desc: str, first_pass: bool) -> None:
         with capture_layer_states(model, stack) as states:
             for group in tqdm(mine, desc=desc, unit="batch", disable=not progress or rank != 0):
                 vectors = []
                 for start in range(0, len(group), forward_batch):
                     batch = collate(group[start: start + forward_batch], feature_extractor).to(device)
-                    mask = run_batch(batch)
-                    if mask is None:
-                        mask = layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
+                    mask = forward_stack(model, batch, states, stack, tokenizer=tokenizer, prompt=prompt,
+                                         pad_audio=settings.pad_audio)
                     if not first_pass:
                         _add_band(stats, _samples(states, mask, settings, None))
                         continue

@@ -69,6 +69,14 @@ class Family:
     ``layerdrop``: the fields of ``config`` that hold the LayerDrop probability; ``layerdrop_modules``: the
     modules (paths under the base model) that copied it when they were built (Whisper's stacks, Parakeet's
     encoder) and read their own ``layerdrop`` when training. A family with neither has no LayerDrop (SEW-D).
+    Where a repair map folds (:mod:`comflp.repair`): ``end_norm``, inside a layer, the LayerNorm whose output
+    is the layer's output (post-LN layers); ``ffn_output``, inside a layer, the feed-forward's output
+    projection, whose output plus the residual is the layer's output (pre-LN layers); ``pre_norm_field``:
+    the config field that, when true, makes the layers pre-LN (wav2vec2's ``do_stable_layer_norm``; None:
+    the family has one kind, ``end_norm`` if set); ``ffn_extra``: a module inside a layer that, when
+    present, adds to the output after the feed-forward (MMS adapters), so nothing folds there;
+    ``input_norm``: the LayerNorm (under the base model) whose output is hidden state 0, in post-LN
+    encoders.
     """
 
     layers: str = "encoder.layers"
@@ -91,25 +99,32 @@ class Family:
     auto_class: str = "AutoModelForCTC"
     layerdrop: tuple[str, ...] = ("layerdrop",)
     layerdrop_modules: tuple[str, ...] = ()
+    end_norm: str | None = "final_layer_norm"
+    ffn_output: str | None = "feed_forward.output_dense"
+    pre_norm_field: str | None = "do_stable_layer_norm"
+    ffn_extra: str | None = "adapter_layer"
+    input_norm: str | None = "encoder.layer_norm"
 
 
 DEFAULT_FAMILY = Family()
 FAMILIES: dict[str, Family] = {
     "data2vec-audio": Family(position_conv_layers="encoder.pos_conv_embed.layers"),
-    "wav2vec2-conformer": Family(depthwise_conv="conv_module.depthwise_conv"),
+    "wav2vec2-conformer": Family(depthwise_conv="conv_module.depthwise_conv", pre_norm_field=None, input_norm=None),
     "sew": Family(squeeze_field="squeeze_factor", pooled_mask="layers", upsample="encoder.upsample"),
     # DeBERTa-style encoder: its relative-position embeddings sit beside the layers and are shared, so they stay
     "sew-d": Family(layers="encoder.encoder.layer", squeeze_field="squeeze_factor", pooled_mask="encoder.encoder",
-                    upsample="encoder.upsample", layerdrop=()),
+                    upsample="encoder.upsample", layerdrop=(), end_norm="output.LayerNorm", pre_norm_field=None,
+                    input_norm=None),
     # log-mel frames stacked in pairs; causal depthwise convolution over masked frames: batch-invariant as is
     "wav2vec2-bert": Family(input_kind="input_features", feature_encoder="feature_projection", per_batch=(),
-                            front_end_exact=True, default_features="SeamlessM4TFeatureExtractor"),
+                            front_end_exact=True, default_features="SeamlessM4TFeatureExtractor",
+                            pre_norm_field=None, input_norm=None),
     # FastConformer: 8x conv subsampling of log-mel frames (masked per conv), the relative positions are
     # computed once before the layers and passed to each, so they stay
     "parakeet_ctc": Family(config="encoder_config", input_kind="input_features",
                            output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampling",
                            per_batch=(), front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head",
-                           layerdrop_modules=("encoder",)),
+                           layerdrop_modules=("encoder",), end_norm="norm_out", pre_norm_field=None, input_norm=None),
     # encoder-decoder: log-mel frames padded to 30 s, two conv layers, then the encoder's layers; the decoder's
     # layers carry their cache index (``layer_idx``), renumbered when layers go
     "whisper": Family(layers="encoder.layers", depth_field="encoder_layers", input_kind="input_features",
@@ -117,7 +132,8 @@ FAMILIES: dict[str, Family] = {
                       default_features="WhisperFeatureExtractor",
                       head="proj_out", decoder_layers="decoder.layers", decoder_depth_field="decoder_layers",
                       auto_class="AutoModelForSpeechSeq2Seq", layerdrop=("encoder_layerdrop", "decoder_layerdrop"),
-                      layerdrop_modules=("encoder", "decoder")),
+                      layerdrop_modules=("encoder", "decoder"), end_norm=None, ffn_output="fc2", pre_norm_field=None,
+                      input_norm=None),
 }
 STACKS = ("encoder", "decoder")
 
@@ -995,11 +1011,12 @@ def adapter_files(source: str | os.PathLike) -> list[Path]:
 
 def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_extractor=None, tokenizer=None,
                dtype: torch.dtype | None = None, overwrite: bool = False, flag: str = "--output",
-               extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+               extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+               extra_json: dict[str, dict] | None = None) -> Path:
     """Save in HF format (config + model.safetensors + processor files), atomically.
 
     ``extra_weights``: more safetensors files to write beside the model (file name -> tensors), e.g. pruned
-    MMS adapter files.
+    MMS adapter files. ``extra_json``: JSON records to write beside it (file name -> object), e.g. a repair's.
 
     The model is written to a temp dir beside ``out_dir`` and renamed into
     place; an existing ``out_dir`` is replaced only if comflp wrote it and
@@ -1018,4 +1035,6 @@ def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_ex
 
             save_file({k: (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
                        for k, v in tensors.items()}, str(tmp / name))
+        for name, record in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out_dir

@@ -30,12 +30,13 @@ import torch
 from .data import Utterance
 from .decode import Transcription, transcribe
 from .errors import ComflpError
-from .artifacts import ExperimentDir, is_matrix_set, matrix_meta, save_matrices, save_matrix
+from .artifacts import REPAIR_FILE, WRITTEN_BY, ExperimentDir, is_matrix_set, matrix_meta, save_matrices, save_matrix
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
 from .metrics import ErrorRate, Unit, guess_unit, rate_name
 from .prompt import Prompt, check_prompt
 from .model import (LoadedModel, adapter_files, base_model, count_parameters, fingerprint, is_encoder_decoder,
                     num_layers, prune as prune_model, prune_layer_weights, save_model)
+from .repair import DEFAULT_RIDGE, Repair
 from .search import SearchResult, search
 from .strategy import Candidate, validate
 from .verify import RACE_CONFIDENCE, FineSearch, GLPResult, VerifyReport, greedy_layer_pruning, race, verify
@@ -194,10 +195,44 @@ class Pruned:
     adapter_files: list[str]
     decoder_removed: list[int] = field(default_factory=list)
     decoder_layers: int | None = None
+    repair: Repair | None = None  # folded into the saved weights
+
+
+def repair(loaded: LoadedModel, utts: Sequence[Utterance], *, layers: Sequence[int] = (),
+           decoder_layers: Sequence[int] = (), kind: str = "affine", ridge: float = DEFAULT_RIDGE,
+           batch_size: int = 8, data: str = "", prompt: Prompt | None = None, pad_audio: bool = False,
+           progress: bool = False) -> Repair:
+    """Fit the repair of removing the 1-based ``layers`` (and ``decoder_layers`` of an encoder-decoder model)
+    on the calibration utterances ``utts``: one pass of the full model, one least-squares map per cut
+    (:mod:`comflp.repair`); :func:`prune` folds it into the saved weights.
+
+    ``kind``: ``affine`` (every family) or ``linear`` (pre-LN layers only); ``data`` names the calibration set
+    in the record.
+    """
+    from . import repair as R
+
+    start = time.perf_counter()
+    cuts = []
+    if layers:
+        cuts += R.cuts_of(layers, num_layers(loaded.model), "encoder")
+    if decoder_layers:
+        cuts += R.cuts_of(decoder_layers, num_layers(loaded.model, "decoder"), "decoder")
+    if not cuts:
+        raise ComflpError("no layer to prune, so nothing to repair")
+    R.check_kind(loaded.model, cuts, kind)
+    stats = R.collect(loaded.model, loaded.feature_extractor, utts, cuts, kind, batch_size=batch_size,
+                      tokenizer=loaded.tokenizer, prompt=prompt, pad_audio=pad_audio, progress=progress)
+    fitted = R.fit_all(loaded.model, stats, cuts, kind, ridge=ridge)
+    fitted.calibration = {"data": data, "utterances": len(utts),
+                          "frames": {stack: max((s.count for c, s in stats.items() if c.stack == stack), default=0)
+                                     for stack in sorted({c.stack for c in cuts})}}
+    fitted.seconds = time.perf_counter() - start
+    return fitted
 
 
 def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike, *,
-          decoder_layers: Sequence[int] = (), fp16: bool = False, overwrite: bool = False) -> Pruned:
+          decoder_layers: Sequence[int] = (), fp16: bool = False, overwrite: bool = False,
+          repair: Repair | None = None) -> Pruned:
     """Save ``loaded`` without the 1-based ``layers`` to ``output`` (config, safetensors, processor files).
 
     ``decoder_layers``: for an encoder-decoder model (Whisper), the decoder layers to remove too (either
@@ -206,6 +241,9 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
     Every MMS ``adapter.<lang>.safetensors`` beside a local source loses the adapters of the removed layers
     too. A source without a CTC head is saved without one (never a randomly initialised head). ``output``
     must be new, empty, or (with ``overwrite``) an earlier comflp output.
+
+    ``repair`` (from :func:`repair`, for the same layers): its maps are folded into the kept weights, and the
+    dir records it (``artifacts.REPAIR_FILE``); the checkpoint stays a plain one.
     """
     from safetensors.torch import load_file
 
@@ -213,6 +251,8 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
     layers = validate(list(layers), total) if layers else []
     decoder = validate(list(decoder_layers), num_layers(loaded.model, "decoder")) if decoder_layers else []
     pruned = prune_model(loaded.model, layers, decoder_pruned=decoder)
+    if repair is not None:
+        _fold_repair(pruned, loaded.model, repair, {"encoder": layers, "decoder": decoder})
     if not loaded.has_ctc_head:
         pruned = base_model(pruned)
     kept = [i for i in range(total) if i + 1 not in set(layers)]
@@ -223,10 +263,25 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
         except Exception as err:  # safetensors raises its own error types for a damaged file
             raise ComflpError(f"cannot read adapter file {f}: {str(err).splitlines()[0]}") from None
         adapters[f.name] = prune_layer_weights(weights, loaded.model, kept)
+    records = {REPAIR_FILE: {"written_by": WRITTEN_BY, **repair.record()}} if repair is not None else {}
     path = save_model(pruned, output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
-                      dtype=torch.float16 if fp16 else None, overwrite=overwrite, extra_weights=adapters)
+                      dtype=torch.float16 if fp16 else None, overwrite=overwrite, extra_weights=adapters,
+                      extra_json=records)
     return Pruned(Path(path), list(layers), num_layers(pruned), sorted(adapters), decoder,
-                  num_layers(pruned, "decoder") if is_encoder_decoder(pruned) else None)
+                  num_layers(pruned, "decoder") if is_encoder_decoder(pruned) else None, repair)
+
+
+def _fold_repair(pruned, model, repair: Repair, plan: dict[str, list[int]]) -> None:
+    """Fold ``repair`` into ``pruned`` (``model`` without the layers of ``plan``, per stack); one line when the
+    repair was fitted for other layers."""
+    from .repair import fold
+
+    fitted = {stack: sorted(i for m in [*repair.maps, *repair.skipped] if m.cut.stack == stack
+                            for i in range(m.cut.block[0], m.cut.block[1] + 1)) for stack in plan}
+    if any(fitted[stack] != sorted(plan[stack]) for stack in plan):
+        raise ComflpError(f"the repair was fitted for other layers ({fitted}) than those pruned ({plan})")
+    fold(pruned, repair, kept={stack: [i for i in range(num_layers(model, stack)) if i + 1 not in set(removed)]
+                               for stack, removed in plan.items() if removed})
 
 
 @dataclass(frozen=True)

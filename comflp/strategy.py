@@ -22,6 +22,12 @@ from . import atomic
 from .errors import ComflpError
 
 
+# a cut's repair (comflp.repair), named here so that command lines offer the kinds without importing the model
+REPAIR_KINDS = ("none", "affine", "linear")
+DEFAULT_REPAIR_RIDGE = 1e-4
+DEFAULT_CALIB_UTTS = 128
+
+
 def to_blocks(pruned: Iterable[int]) -> list[tuple[int, int]]:
     """Maximal runs of consecutive layers.
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..errors import exit_on_error
 from ..paths import DEMO_MODEL_DIR
 from .argtypes import positive_int
-from .options import ArgumentParser, add_overwrite
+from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, add_prompt, add_repair, add_threads,
+                      apply_threads, corpus_split, read_corpus, resolve_device, resolve_prompt)
 
 
 def info_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,12 @@ def prune_parser() -> argparse.ArgumentParser:
                    help="output dir; must not exist, or be empty, or be an earlier comflp output with --overwrite")
     add_overwrite(p, "output dir")
     p.add_argument("--fp16", action="store_true", help="store weights as float16")
+    add_repair(p)
+    add_prompt(p)
+    add_pad_audio(p)
+    add_device(p)
+    add_threads(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar while calibrating")
     return p
 
 
@@ -71,14 +78,34 @@ def prune_main(argv: list[str] | None = None) -> None:
     if stack == "decoder" and args.decoder_layers is not None:
         raise ComflpError(f"{args.strategy} prunes the decoder: drop --decoder_layers")
     claim_dir(args.output, overwrite=args.overwrite)  # before the slow part
-    loaded = load_model(args.model, need_features=False, allow_encoder_decoder=True)
+    repairing = args.repair != "none"
+    if not repairing:
+        given = [f for f in ("calib_data_dir", "calib_utts", "calib_batch_size", "calib_seed", "repair_ridge",
+                             "language", "task", "pad_audio")
+                 if getattr(args, f) != prune_parser().get_default(f)]
+        if given:
+            raise ComflpError(f"--{given[0]} sets up a repair: give --repair affine or linear with it")
+    apply_threads(args.threads)
+    loaded = load_model(args.model, need_features=repairing, allow_encoder_decoder=True, need_tokenizer=False,
+                        device=resolve_device(args.device) if repairing else "cpu")
     total = num_layers(loaded.model)
     layers = ([] if args.layers is None and args.strategy is None else
               resolve_pruned(num_layers(loaded.model, stack), strategy=args.strategy, rank=args.rank,
                              layers=args.layers, model_name=args.model))
     if stack == "decoder":
         layers, decoder = [], layers
-    out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite)
+    fitted = None
+    if repairing:
+        fitted = _fit_repair(args, loaded, layers, decoder)
+    loaded.model.to("cpu")
+    out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite,
+                repair=fitted)
+    if fitted is not None:
+        for m in fitted.maps:
+            print(f"repaired {m.cut.stack} block {list(m.cut.block)} at {m.site_path}: R² {m.r2:.4f} "
+                  f"(unrepaired {m.r2_unrepaired:.4f})")
+        for s in fitted.skipped:
+            print(f"left {s.cut.stack} block {list(s.cut.block)} unrepaired: {s.reason}")
     print(f"{pruned_summary(out, total, num_layers(loaded.model, 'decoder') if out.decoder_layers is not None else None)}"
           f", saved to {args.output}")
 
@@ -93,3 +120,22 @@ def pruned_summary(out, encoder_total: int, decoder_total: int | None) -> str:
                (("encoder", out.removed, encoder_total), ("decoder", out.decoder_removed, decoder_total)) if layers]
     return (f"pruned {' and '.join(removed) or 'nothing'}: {out.num_layers} encoder and {out.decoder_layers} "
             f"decoder layers left{extra}")
+
+
+def _fit_repair(args: argparse.Namespace, loaded, layers: list[int], decoder: list[int]):
+    """The repair the flags ask for, fitted on the calibration utterances (:func:`comflp.stages.repair`)."""
+    from ..prompt import check_prompt
+    from ..repair import calibration_subset
+    from ..stages import repair
+
+    prompt = check_prompt(loaded.model, resolve_prompt(args)) if decoder else resolve_prompt(args)
+    data_dir = corpus_split(args.calib_data_dir, "train", loaded, prompt)
+    utts = read_corpus(data_dir, require_text=bool(decoder))
+    if decoder and loaded.tokenizer is None:
+        from ..errors import ComflpError
+
+        raise ComflpError(f"{args.model} has no tokenizer: repairing decoder cuts needs one (teacher forcing)")
+    chosen = calibration_subset(utts, args.calib_utts, args.calib_seed)
+    return repair(loaded, chosen, layers=layers, decoder_layers=decoder, kind=args.repair, ridge=args.repair_ridge,
+                  batch_size=args.calib_batch_size, data=f"{data_dir} ({len(chosen)} utterances, seed "
+                  f"{args.calib_seed})", prompt=prompt, pad_audio=args.pad_audio, progress=not args.quiet)

@@ -205,3 +205,32 @@ def read_corpus_or_dataset(args: argparse.Namespace, data_dir, *, require_text: 
     if not getattr(args, "dataset", None):
         ensure_corpus(data_dir)
     return read(args, data_dir, require_text=require_text)
+
+
+def add_repair(p: argparse.ArgumentParser, *, ranking: bool = False) -> None:
+    """``--repair`` and its calibration flags (:mod:`comflp.repair`); ``ranking``: the fine search ranks the
+    candidates after their repair."""
+    from ..strategy import DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE, REPAIR_KINDS
+
+    what = ("rank the fine search's candidates after repairing each" if ranking
+            else "repair the cuts before saving")
+    p.add_argument("--repair", choices=REPAIR_KINDS, default="none",
+                   help=f"{what}, without training: a map fitted by least squares on calibration activations "
+                        "stands in for each removed block and is folded into the kept weights (the result stays a "
+                        "plain checkpoint). affine: a per-channel scale and shift, every family (into the "
+                        "LayerNorm that ends a post-LN layer, or the feed-forward output of a pre-LN one); linear: "
+                        "a full map into a pre-LN layer's feed-forward output (ReplaceMe), refused on post-LN "
+                        "layers; a cut at the first layer of a pre-LN stack is left as it is (default: %(default)s)")
+    p.add_argument("--calib_data_dir", type=Path, default=None,
+                   help="Kaldi dir of the calibration utterances (transcripts needed only for a decoder's cuts) "
+                        f"(default: {DEMO_DATA_HELP.format(split='train')}, the measuring corpus)")
+    p.add_argument("--calib_utts", type=positive_int, default=DEFAULT_CALIB_UTTS,
+                   help="calibration utterances, a seeded sample of --calib_data_dir; every real frame of them is a "
+                        "sample of the fit; linear needs more frames than the model is wide (default: %(default)s)")
+    p.add_argument("--calib_batch_size", type=positive_int, default=8,
+                   help="calibration utterances per forward; the fit does not depend on it (default: %(default)s)")
+    p.add_argument("--calib_seed", type=seed, default=0,
+                   help="selects the calibration utterances (default: %(default)s)")
+    p.add_argument("--repair_ridge", type=non_negative_float, default=DEFAULT_REPAIR_RIDGE,
+                   help="ridge term of the fit, relative to the mean input variance; 0 is plain least squares and "
+                        "is refused when the fit is singular (default: %(default)s)")
