@@ -541,20 +541,28 @@ class _CachedLayer(nn.Module):
 
 @contextlib.contextmanager
 def run_layers_cached(model: PreTrainedModel, kept: Sequence[int], cache: dict, counter: list[int],
-                      stack: str = "encoder") -> Iterator[PreTrainedModel]:
+                      stack: str = "encoder", *, successor_in_key: bool = False) -> Iterator[PreTrainedModel]:
     """:func:`run_layers`, with the output of each layer application cached under its kept-layer prefix.
 
     ``cache`` maps a prefix ``kept[: j + 1]`` to the output of layer ``kept[j]`` after that prefix; a
     forward finds the outputs of a prefix it shares with an earlier forward there instead of running
     those layers again (valid while the input batch is the same). ``counter[0]`` counts the layer
-    applications actually run.
+    applications actually run. ``successor_in_key``: a layer's output also depends on the layer kept after
+    it (a repair map folded at a cut, :mod:`comflp.repair`), so the key is the prefix and that layer (-1 for
+    none).
     """
     kept = tuple(kept)
+
+    def key(j: int) -> tuple[int, ...]:
+        if not successor_in_key:
+            return kept[: j + 1]
+        return kept[: j + 1] + (kept[j + 1] if j + 1 < len(kept) else -1,)
+
     with run_layers(model, kept, stack):
         parent, name = _layers_slot(model, stack)
         selected = getattr(parent, name)
         setattr(parent, name, nn.ModuleList(
-            [_CachedLayer(layer, kept[: j + 1], cache, counter) for j, layer in enumerate(selected)]))
+            [_CachedLayer(layer, key(j), cache, counter) for j, layer in enumerate(selected)]))
         try:
             yield model
         finally:

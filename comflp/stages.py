@@ -199,15 +199,16 @@ class Pruned:
 
 
 def repair(loaded: LoadedModel, utts: Sequence[Utterance], *, layers: Sequence[int] = (),
-           decoder_layers: Sequence[int] = (), kind: str = "affine", ridge: float = DEFAULT_RIDGE,
-           batch_size: int = 8, data: str = "", prompt: Prompt | None = None, pad_audio: bool = False,
-           progress: bool = False) -> Repair:
+           decoder_layers: Sequence[int] = (), candidates: Sequence[Sequence[int]] = (), stack: str = "encoder",
+           kind: str = "affine", ridge: float = DEFAULT_RIDGE, batch_size: int = 8, data: str = "",
+           prompt: Prompt | None = None, pad_audio: bool = False, progress: bool = False) -> Repair:
     """Fit the repair of removing the 1-based ``layers`` (and ``decoder_layers`` of an encoder-decoder model)
     on the calibration utterances ``utts``: one pass of the full model, one least-squares map per cut
     (:mod:`comflp.repair`); :func:`prune` folds it into the saved weights.
 
-    ``kind``: ``affine`` (every family) or ``linear`` (pre-LN layers only); ``data`` names the calibration set
-    in the record.
+    ``candidates``: pruned sets of ``stack`` whose cuts are fitted too, each once (a fine search that ranks
+    candidates after repair: ``FineSearch.repair``). ``kind``: ``affine`` (every family) or ``linear``
+    (pre-LN layers only); ``data`` names the calibration set in the record.
     """
     from . import repair as R
 
@@ -217,6 +218,8 @@ def repair(loaded: LoadedModel, utts: Sequence[Utterance], *, layers: Sequence[i
         cuts += R.cuts_of(layers, num_layers(loaded.model), "encoder")
     if decoder_layers:
         cuts += R.cuts_of(decoder_layers, num_layers(loaded.model, "decoder"), "decoder")
+    for pruned in candidates:
+        cuts += [c for c in R.cuts_of(pruned, num_layers(loaded.model, stack), stack) if c not in cuts]
     if not cuts:
         raise ComflpError("no layer to prune, so nothing to repair")
     R.check_kind(loaded.model, cuts, kind)

@@ -39,6 +39,7 @@ from .prompt import Prompt, check_prompt, generate_kwargs
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, rate_name, utterance_errors
 from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
                     run_layers, run_layers_cached)
+from .repair import Repair, applied as repair_applied, cuts_of
 from .strategy import Candidate, check_prune_count, validate
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class FineSearch:
     hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
     languages: dict[str, str] = field(default_factory=dict)  # utterance -> language token detected (multilingual)
     prompt: Prompt | None = None  # an encoder-decoder model's language and task (comflp.prompt)
+    repair: Repair | None = None  # every candidate is evaluated after the repair of its cuts (comflp.repair)
 
     def __post_init__(self) -> None:
         if self.loaded.tokenizer is None:
@@ -151,8 +153,12 @@ class FineSearch:
             seq = kept[i]
             for key in [k for k in cache if seq[: len(k)] != k]:
                 del cache[key]
-            switched = (run_layers_cached(model, seq, cache, counter) if self.stack == "encoder"
-                        else run_layers(model, seq, "decoder"))
+            if self.stack == "encoder":
+                switched = self._cached(seq, cache, counter)
+            else:
+                switched = contextlib.ExitStack()
+                switched.enter_context(self._repaired(seq))
+                switched.enter_context(run_layers(model, seq, "decoder"))
             with switched:
                 extra = {"encoder_outputs": encoder_out} if encoder_out is not None else {}
                 extra.update(generate_kwargs(self.prompt, languages))
@@ -162,6 +168,27 @@ class FineSearch:
             texts = [self.normalize(t) for t in texts]
             hyps[i].update(zip(batch.utt_ids, texts))
             bar.update(1)
+
+    def _repaired(self, kept: Sequence[int]) -> contextlib.AbstractContextManager:
+        """The repair maps of the kept sequence's cuts applied to the model (nothing without a repair); one line
+        when the repair has no map for one of them."""
+        if self.repair is None:
+            return contextlib.nullcontext()
+        cuts = cuts_of([i + 1 for i in range(self.num_layers) if i not in set(kept)], self.num_layers, self.stack)
+        maps = {m.cut: m for m in self.repair.maps}
+        known = set(maps) | {s.cut for s in self.repair.skipped}
+        if missing := [c for c in cuts if c not in known]:
+            raise ComflpError(f"no repair was fitted for the {self.stack} block {list(missing[0].block)}")
+        return repair_applied(self.loaded.model, [maps[c] for c in cuts if c in maps])
+
+    def _cached(self, seq: tuple[int, ...], cache: dict, counter: list[int]) -> contextlib.AbstractContextManager:
+        """The model running the kept sequence ``seq`` of the stack, its layer outputs cached along the trie path
+        (repaired first, when the search repairs)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._repaired(seq))  # on the full model's modules, before the layer list changes
+        stack.enter_context(run_layers_cached(self.loaded.model, seq, cache, counter, self.stack,
+                                              successor_in_key=self.repair is not None))
+        return stack
 
     def _keep_front_end(self, index: int, outputs: dict) -> None:
         """Keep batch ``index``'s front-end outputs for later evaluations while they fit the budget."""
@@ -181,7 +208,7 @@ class FineSearch:
                 seq = kept[i]
                 for key in [k for k in cache if seq[: len(k)] != k]:
                     del cache[key]  # leave the trie path
-                with run_layers_cached(model, seq, cache, counter):
+                with self._cached(seq, cache, counter):
                     logits = call(model, batch.inputs, batch.attention_mask).logits
                 texts = decode_logits(model, self.loaded.tokenizer, logits, batch.attention_mask)
                 hyps[i].update(zip(batch.utt_ids, texts))

@@ -266,3 +266,54 @@ def test_a_repair_fitted_for_other_layers_is_refused(utts, tmp_path: Path) -> No
     with pytest.raises(ComflpError, match="fitted for other layers"):
         prune(loaded, [2, 4], tmp_path / "out", repair=fitted)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the fine search ranks candidates after their repair
+
+
+@pytest.mark.parametrize("family,kind", [("wav2vec2", "affine"), ("wav2vec2-stable", "linear")])
+def test_fine_search_after_repair_equals_each_repaired_model_built_alone(family: str, kind: str, utts,
+                                                                        tmp_path: Path) -> None:
+    from comflp.decode import decode_batch
+    from comflp.model import prune as prune_model
+    from comflp.verify import FineSearch
+
+    model = tiny_model(family, seed=6)
+    loaded = _loaded(model, tmp_path)
+    # shared prefixes, a shared layer followed by different cuts, a cut at layer 1 and one to the end
+    sets = [[2, 3], [2, 4], [2, 3, 6], [1, 5], [3], [5, 6]]
+    fitted = repair(loaded, utts, candidates=sets, kind=kind)
+    engine = FineSearch(loaded, utts, batch_size=3, progress=False, repair=fitted)
+    engine.evaluate(sets)
+    for pruned, hyps in zip(sets, engine.hypotheses):
+        alone = prune_model(model, pruned)
+        R.fold(alone, fitted.select(R.cuts_of(pruned, 6)),
+               kept={"encoder": [i for i in range(6) if i + 1 not in pruned]})
+        expected = {}
+        with torch.inference_mode():
+            for k in range(0, len(utts), 2):
+                batch = collate(utts[k: k + 2], loaded.feature_extractor)
+                expected.update(zip(batch.utt_ids, decode_batch(alone, loaded.tokenizer, batch)))
+        assert hyps == [expected[u.utt_id] for u in utts], pruned
+
+
+def test_search_with_repair_records_it_and_refuses_without_a_fine_search(tmp_path: Path, capsys) -> None:
+    from comflp.cli import measure, search
+
+    model = save_plain(tiny_model("wav2vec2-stable", seed=2), tmp_path / "model", tmp_path / "proc")
+    corpus = make_corpus(tmp_path / "corpus", n=8)
+    measure.measure_main(["--model", str(model), "--data_dir", str(corpus), "--measures", "cosine", "--batch_size",
+                          "4", "--iter_num", "2", "--no_plot", "--quiet", "--output", str(tmp_path / "m.npz")])
+    common = ["--model", str(model), "--measure_file", str(tmp_path / "m.npz"), "--num_layers", "6",
+              "--num_clip_layers", "2", "--topk_num", "4", "--verify_data_dir", str(corpus), "--quiet"]
+    strategy = search.main([*common, "--repair", "linear", "--calib_data_dir", str(corpus),
+                            "--output", str(tmp_path / "s.json")])
+    assert strategy.meta["repair"]["kind"] == "linear"
+    assert {tuple(c["block"]) for c in strategy.meta["repair"]["cuts"]} == {
+        b for c in strategy.candidates for b in c.blocks}
+    with pytest.raises(SystemExit):
+        search.main([*common, "--repair", "affine", "--coarse_search_only", "true", "--output",
+                     str(tmp_path / "s2.json")])
+    assert "--repair ranks the candidates of the fine search" in capsys.readouterr().err
+    assert not (tmp_path / "s2.json").exists()
