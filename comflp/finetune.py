@@ -52,7 +52,9 @@ from .metrics import guess_unit
 from .model import (LoadedModel, family_of, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
                     num_layers, prune, save_model, set_layerdrop)
 from .paths import DEMO_MODEL_DIR, demo_split, exp_dir
-from .strategy import StrategyFile, check_num_layers, parse_layers, resolve_pruned, validate
+from .repair import fold_into_pruned
+from .strategy import (DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE, StrategyFile, check_num_layers, parse_layers,
+                       resolve_pruned, validate)
 from .verify import verify_subset
 
 log = logging.getLogger("comflp.finetune")
@@ -138,6 +140,12 @@ class FinetuneConfig:
     quiet: bool = False
     language: str | None = None
     task: str | None = None
+    repair: str = "none"
+    calib_data_dir: Path | None = None
+    calib_utts: int = DEFAULT_CALIB_UTTS
+    calib_batch_size: int = 8
+    calib_seed: int = 0
+    repair_ridge: float = DEFAULT_REPAIR_RIDGE
 
     def validate(self) -> None:
         """Every numeric setting in its range, one line naming the flag otherwise (the API takes what the
@@ -173,6 +181,10 @@ _RANGES = (
     ("checkpoint_every", lambda v: v >= 1, "a positive integer"),
     ("seed", lambda v: 0 <= v <= 2**32 - 1, "in [0, 4294967295]"),
     ("threads", lambda v: v >= 1, "a positive integer"),
+    ("calib_utts", lambda v: v >= 1, "a positive integer"),
+    ("calib_batch_size", lambda v: v >= 1, "a positive integer"),
+    ("calib_seed", lambda v: 0 <= v <= 2**32 - 1, "in [0, 4294967295]"),
+    ("repair_ridge", lambda v: 0 <= v < math.inf, "a number >= 0"),
 )
 
 
@@ -210,6 +222,9 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
         pruned, decoder = [], pruned
     if pruned or decoder:
         student = prune(source.model, pruned, decoder_pruned=decoder)
+        if args.repair != "none":  # healing starts from the repaired model
+            fold_into_pruned(student, source.model, _fit_repair(args, source, pruned, decoder),
+                             {"encoder": pruned, "decoder": decoder})
     else:  # --whole_model
         student = copy.deepcopy(source.model)
     if not set_layerdrop(student, args.layerdrop) and args.layerdrop > 0:
@@ -223,6 +238,27 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
     if teacher is not None:
         teacher.requires_grad_(False)
     return LoadedModel(student, source.feature_extractor, source.tokenizer, args.model), teacher, pruned, decoder
+
+
+def _fit_repair(args: FinetuneConfig, source: LoadedModel, pruned: list[int], decoder: list[int]):
+    """The repair (``--repair``) of the layers pruned from ``source``, fitted on the calibration utterances:
+    ``--calib_data_dir``, else the training corpus."""
+    from .data import read_corpus_dir
+    from .repair import calibration_subset, fit_repair
+
+    if args.calib_data_dir is None and args.dataset:
+        raise ComflpError("--repair with --dataset: give the calibration utterances as --calib_data_dir")
+    data_dir = Path(args.calib_data_dir or args.train_data_dir)
+    chosen = calibration_subset(read_corpus_dir(data_dir, require_text=bool(decoder)), args.calib_utts,
+                                args.calib_seed)
+    fitted = fit_repair(source, chosen, layers=pruned, decoder_layers=decoder, kind=args.repair,
+                        ridge=args.repair_ridge, batch_size=args.calib_batch_size,
+                        data=f"{data_dir} ({len(chosen)} utterances, seed {args.calib_seed})",
+                        prompt=Prompt(args.language, args.task), pad_audio=args.pad_audio, progress=not args.quiet)
+    for m in fitted.maps:
+        log.info("repaired %s block %s before healing: R² %.4f (unrepaired %.4f)", m.cut.stack, list(m.cut.block),
+                 m.r2, m.r2_unrepaired)
+    return fitted
 
 
 def _rng_state() -> dict:
@@ -329,8 +365,11 @@ def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequen
     # settings that did not exist when earlier runs were recorded are recorded only when not the default, so
     # those runs still resume
     newer = {k: getattr(args, k) for k in ("max_batch_seconds", "schedule", "warmup_updates", "adam_beta2",
-                                            "weight_decay", "keep_best", "language", "task")
+                                            "weight_decay", "keep_best", "language", "task", "repair")
              if getattr(args, k) != getattr(FinetuneConfig, k)}
+    if args.repair != "none":  # what the repaired start was fitted on
+        newer.update({k: getattr(args, k) for k in ("calib_utts", "calib_seed", "repair_ridge")},
+                     calib_data_dir=source_id(args.calib_data_dir or args.train_data_dir))
     return {"model": source_id(args.model), "pruned": list(pruned), **decoder, **data,
             **{k: getattr(args, k) for k in keys}, **newer}
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -50,7 +51,7 @@ from .strategy import DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE as DEFAULT_RIDGE,
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CALIB_UTTS", "DEFAULT_RIDGE", "REPAIR_KINDS", "Cut", "CutMap", "Repair", "applied", "collect",
-           "cuts_of", "fit", "fit_all", "fold", "fold_site"]
+           "cuts_of", "fit", "fit_all", "fit_repair", "fold", "fold_into_pruned", "fold_site"]
 
 
 @dataclass(frozen=True)
@@ -407,3 +408,47 @@ def applied(model, repair: Repair | Sequence[CutMap]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def fit_repair(loaded, utts: Sequence[Utterance], *, layers: Sequence[int] = (), decoder_layers: Sequence[int] = (),
+               candidates: Sequence[Sequence[int]] = (), stack: str = "encoder", kind: str = "affine",
+               ridge: float = DEFAULT_RIDGE, batch_size: int = 8, data: str = "", prompt: Prompt | None = None,
+               pad_audio: bool = False, progress: bool = False) -> Repair:
+    """The repair of removing the 1-based ``layers`` (``decoder_layers``: an encoder-decoder model's decoder's),
+    and of every cut of the pruned sets ``candidates`` of ``stack``, each cut once, fitted on ``utts`` of
+    ``loaded`` (a :class:`comflp.model.LoadedModel`): one calibration pass, one map per cut."""
+    from .model import num_layers
+
+    start = time.perf_counter()
+    cuts: list[Cut] = []
+    if layers:
+        cuts += cuts_of(layers, num_layers(loaded.model), "encoder")
+    if decoder_layers:
+        cuts += cuts_of(decoder_layers, num_layers(loaded.model, "decoder"), "decoder")
+    for pruned in candidates:
+        cuts += [c for c in cuts_of(pruned, num_layers(loaded.model, stack), stack) if c not in cuts]
+    if not cuts:
+        raise ComflpError("no layer to prune, so nothing to repair")
+    check_kind(loaded.model, cuts, kind)
+    stats = collect(loaded.model, loaded.feature_extractor, utts, cuts, kind, batch_size=batch_size,
+                    tokenizer=loaded.tokenizer, prompt=prompt, pad_audio=pad_audio, progress=progress)
+    fitted = fit_all(loaded.model, stats, cuts, kind, ridge=ridge)
+    fitted.calibration = {"data": data, "utterances": len(utts),
+                          "frames": {s: max((v.count for c, v in stats.items() if c.stack == s), default=0)
+                                     for s in sorted({c.stack for c in cuts})}}
+    fitted.seconds = time.perf_counter() - start
+    return fitted
+
+
+def fold_into_pruned(pruned, model, repair: Repair, plan: dict[str, Sequence[int]]) -> None:
+    """Fold ``repair`` into ``pruned``: ``model`` without the 1-based layers ``plan[stack]`` of each stack. One
+    line when the repair was fitted for other layers."""
+    from .model import num_layers
+
+    fitted = {stack: sorted(i for m in [*repair.maps, *repair.skipped] if m.cut.stack == stack
+                            for i in range(m.cut.block[0], m.cut.block[1] + 1)) for stack in plan}
+    if any(fitted[stack] != sorted(plan[stack]) for stack in plan):
+        raise ComflpError(f"the repair was fitted for other layers ({fitted}) than those pruned "
+                          f"({ {k: list(v) for k, v in plan.items()} })")
+    fold(pruned, repair, kept={stack: [i for i in range(num_layers(model, stack)) if i + 1 not in set(removed)]
+                               for stack, removed in plan.items() if removed})

@@ -204,33 +204,17 @@ def repair(loaded: LoadedModel, utts: Sequence[Utterance], *, layers: Sequence[i
            prompt: Prompt | None = None, pad_audio: bool = False, progress: bool = False) -> Repair:
     """Fit the repair of removing the 1-based ``layers`` (and ``decoder_layers`` of an encoder-decoder model)
     on the calibration utterances ``utts``: one pass of the full model, one least-squares map per cut
-    (:mod:`comflp.repair`); :func:`prune` folds it into the saved weights.
+    (:func:`comflp.repair.fit_repair`); :func:`prune` folds it into the saved weights.
 
     ``candidates``: pruned sets of ``stack`` whose cuts are fitted too, each once (a fine search that ranks
     candidates after repair: ``FineSearch.repair``). ``kind``: ``affine`` (every family) or ``linear``
-    (pre-LN layers only); ``data`` names the calibration set in the record.
+    (pre-LN layers only); ``data`` names the calibration set in the record; ``Repair.seconds`` times it.
     """
-    from . import repair as R
+    from .repair import fit_repair
 
-    start = time.perf_counter()
-    cuts = []
-    if layers:
-        cuts += R.cuts_of(layers, num_layers(loaded.model), "encoder")
-    if decoder_layers:
-        cuts += R.cuts_of(decoder_layers, num_layers(loaded.model, "decoder"), "decoder")
-    for pruned in candidates:
-        cuts += [c for c in R.cuts_of(pruned, num_layers(loaded.model, stack), stack) if c not in cuts]
-    if not cuts:
-        raise ComflpError("no layer to prune, so nothing to repair")
-    R.check_kind(loaded.model, cuts, kind)
-    stats = R.collect(loaded.model, loaded.feature_extractor, utts, cuts, kind, batch_size=batch_size,
-                      tokenizer=loaded.tokenizer, prompt=prompt, pad_audio=pad_audio, progress=progress)
-    fitted = R.fit_all(loaded.model, stats, cuts, kind, ridge=ridge)
-    fitted.calibration = {"data": data, "utterances": len(utts),
-                          "frames": {stack: max((s.count for c, s in stats.items() if c.stack == stack), default=0)
-                                     for stack in sorted({c.stack for c in cuts})}}
-    fitted.seconds = time.perf_counter() - start
-    return fitted
+    return fit_repair(loaded, utts, layers=layers, decoder_layers=decoder_layers, candidates=candidates, stack=stack,
+                      kind=kind, ridge=ridge, batch_size=batch_size, data=data, prompt=prompt, pad_audio=pad_audio,
+                      progress=progress)
 
 
 def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike, *,
@@ -255,7 +239,9 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
     decoder = validate(list(decoder_layers), num_layers(loaded.model, "decoder")) if decoder_layers else []
     pruned = prune_model(loaded.model, layers, decoder_pruned=decoder)
     if repair is not None:
-        _fold_repair(pruned, loaded.model, repair, {"encoder": layers, "decoder": decoder})
+        from .repair import fold_into_pruned
+
+        fold_into_pruned(pruned, loaded.model, repair, {"encoder": layers, "decoder": decoder})
     if not loaded.has_ctc_head:
         pruned = base_model(pruned)
     kept = [i for i in range(total) if i + 1 not in set(layers)]
@@ -273,18 +259,6 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
     return Pruned(Path(path), list(layers), num_layers(pruned), sorted(adapters), decoder,
                   num_layers(pruned, "decoder") if is_encoder_decoder(pruned) else None, repair)
 
-
-def _fold_repair(pruned, model, repair: Repair, plan: dict[str, list[int]]) -> None:
-    """Fold ``repair`` into ``pruned`` (``model`` without the layers of ``plan``, per stack); one line when the
-    repair was fitted for other layers."""
-    from .repair import fold
-
-    fitted = {stack: sorted(i for m in [*repair.maps, *repair.skipped] if m.cut.stack == stack
-                            for i in range(m.cut.block[0], m.cut.block[1] + 1)) for stack in plan}
-    if any(fitted[stack] != sorted(plan[stack]) for stack in plan):
-        raise ComflpError(f"the repair was fitted for other layers ({fitted}) than those pruned ({plan})")
-    fold(pruned, repair, kept={stack: [i for i in range(num_layers(model, stack)) if i + 1 not in set(removed)]
-                               for stack, removed in plan.items() if removed})
 
 
 @dataclass(frozen=True)

@@ -317,3 +317,26 @@ def test_search_with_repair_records_it_and_refuses_without_a_fine_search(tmp_pat
                      str(tmp_path / "s2.json")])
     assert "--repair ranks the candidates of the fine search" in capsys.readouterr().err
     assert not (tmp_path / "s2.json").exists()
+
+
+def test_healing_starts_from_the_repaired_model_and_records_it(tmp_path: Path) -> None:
+    from comflp import finetune
+    from comflp.model import load_model
+
+    model_dir = save_plain(tiny_model("wav2vec2-stable", seed=2), tmp_path / "model", tmp_path / "proc")
+    corpus = make_corpus(tmp_path / "corpus", n=8)
+    config = finetune.FinetuneConfig(model=str(model_dir), layers="2,3", repair="linear", train_data_dir=corpus,
+                                     valid_data_dir=corpus, calib_utts=6, quiet=True)
+    student = finetune._student_and_teacher(config, "cpu")[0].model
+    loaded = load_model(model_dir, need_tokenizer=True)
+    chosen = R.calibration_subset(read_corpus_dir(corpus), 6, 0)
+    expected = prune(loaded, [2, 3], tmp_path / "repaired", repair=repair(loaded, chosen, layers=[2, 3],
+                                                                          kind="linear")).path
+    reference = AutoModelForCTC.from_pretrained(expected).state_dict()
+    got = student.state_dict()
+    assert set(got) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    settings = finetune.run_settings(config, [2, 3])
+    assert settings["repair"] == "linear" and settings["calib_utts"] == 6
+    assert "repair" not in finetune.run_settings(finetune.FinetuneConfig(layers="2,3"), [2, 3])  # old runs resume

@@ -18,7 +18,7 @@ from .argtypes import (epoch_or_last, fraction, non_negative_float, non_negative
                        seed)
 from ..model import load_model
 from ..prompt import Prompt
-from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
+from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, add_repair, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
                       positive_int, str2bool)
 
 
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid_dataset_split",
                    help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_repair(p, healing=True)
     p.set_defaults(**asdict(FinetuneConfig()))  # one source of defaults for the command and the stage
     p.set_defaults(train_data_dir=None, valid_data_dir=None)  # chosen by the model's language (main)
     return p

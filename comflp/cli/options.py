@@ -207,13 +207,14 @@ def read_corpus_or_dataset(args: argparse.Namespace, data_dir, *, require_text: 
     return read(args, data_dir, require_text=require_text)
 
 
-def add_repair(p: argparse.ArgumentParser, *, ranking: bool = False) -> None:
+def add_repair(p: argparse.ArgumentParser, *, ranking: bool = False, healing: bool = False) -> None:
     """``--repair`` and its calibration flags (:mod:`comflp.repair`); ``ranking``: the fine search ranks the
-    candidates after their repair."""
+    candidates after their repair; ``healing``: fine-tuning starts from the repaired model."""
     from ..strategy import DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE, REPAIR_KINDS
 
     what = ("rank the fine search's candidates after repairing each" if ranking
-            else "repair the cuts before saving")
+            else "start healing from the pruned model repaired" if healing else "repair the cuts before saving")
+    where = "the training corpus" if healing else f"{DEMO_DATA_HELP.format(split='train')}, the measuring corpus"
     p.add_argument("--repair", choices=REPAIR_KINDS, default="none",
                    help=f"{what}, without training: a map fitted by least squares on calibration activations "
                         "stands in for each removed block and is folded into the kept weights (the result stays a "
@@ -223,7 +224,7 @@ def add_repair(p: argparse.ArgumentParser, *, ranking: bool = False) -> None:
                         "layers; a cut at the first layer of a pre-LN stack is left as it is (default: %(default)s)")
     p.add_argument("--calib_data_dir", type=Path, default=None,
                    help="Kaldi dir of the calibration utterances (transcripts needed only for a decoder's cuts) "
-                        f"(default: {DEMO_DATA_HELP.format(split='train')}, the measuring corpus)")
+                        f"(default: {where})")
     p.add_argument("--calib_utts", type=positive_int, default=DEFAULT_CALIB_UTTS,
                    help="calibration utterances, a seeded sample of --calib_data_dir; every real frame of them is a "
                         "sample of the fit; linear needs more frames than the model is wide (default: %(default)s)")
