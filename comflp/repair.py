@@ -51,7 +51,7 @@ from .strategy import DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE as DEFAULT_RIDGE,
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CALIB_UTTS", "DEFAULT_RIDGE", "REPAIR_KINDS", "Cut", "CutMap", "Repair", "applied", "collect",
-           "cuts_of", "fit", "fit_all", "fit_repair", "fold", "fold_into_pruned", "fold_site"]
+           "cuts_of", "fit", "fit_all", "fit_repair", "fold", "fold_into_pruned", "fold_site", "foldable_kinds"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,17 @@ def check_kind(model, cuts: Sequence[Cut], kind: str) -> dict[Cut, Site | None]:
         raise ComflpError(f"--repair linear cannot fold into the LayerNorm that ends a post-LN layer "
                           f"({type(model).__name__}): use --repair affine")
     return sites
+
+
+def foldable_kinds(model, *, layers: Sequence[int] = (), decoder_layers: Sequence[int] = ()) -> list[str]:
+    """The repair kinds that fold into ``model`` with these 1-based layers removed: ``affine`` always,
+    ``linear`` too when no cut ends at a post-LN layer's LayerNorm."""
+    from .model import num_layers
+
+    cuts = (cuts_of(layers, num_layers(model), "encoder") if layers else []) + (
+        cuts_of(decoder_layers, num_layers(model, "decoder"), "decoder") if decoder_layers else [])
+    sites = [fold_site(model, c) for c in cuts]
+    return ["affine"] + (["linear"] if all(s is None or s.kind == "ffn" for s in sites) else [])
 
 
 @dataclass

@@ -50,8 +50,12 @@ def test_whisper_demo_prunes_both_stacks_against_linspace_and_heals(tmp_path: Pa
     main([*common, "--stage", "4"])  # the report stage needs hundreds of utterances
     table = capsys.readouterr().out
     for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",
-                "decoder: linspace pick", "decoder: CoMFLP pick, after healing"):
-        assert row in table
+                "encoder: CoMFLP pick repaired (", "decoder: linspace pick",
+                "decoder: CoMFLP pick, after healing", "decoder: CoMFLP pick repaired ("):
+        assert row in table, table
+    for suffix in ("_repaired", "_decoder_repaired"):  # plain checkpoints, the repair recorded beside them
+        assert AutoModelForSpeechSeq2Seq.from_pretrained(exp / f"pruned-2{suffix}") is not None
+        assert json.loads((exp / f"pruned-2{suffix}" / "comflp_repair.json").read_text())["cuts"]
 
     loaded = load_model(model_dir, allow_encoder_decoder=True, need_tokenizer=True)
     for stack, suffix in (("encoder", ""), ("decoder", "_decoder")):

@@ -11,7 +11,8 @@ re-runs them); every file goes under ``--exp_dir``:
               (evenly spaced layers kept, first and last always: distil-whisper's choice)
   3  report   which measure predicts the CER: more measurement settings, rank correlations
               of every measure's score with the CER of sampled strategies (a table)
-  4  prune    save CoMFLP's pick and the baseline's as HF models
+  4  prune    save CoMFLP's pick and the baseline's as HF models, and CoMFLP's pick with its cuts
+              repaired (least-squares maps folded into the kept weights, no training; --repair)
   5  test     the full and the pruned models on the test split: CER, parameters, real-time factor
   6  finetune heal the pruned models with CTC (Whisper: cross-entropy) + distillation from the
               full model (a few epochs)
@@ -21,7 +22,7 @@ re-runs them); every file goes under ``--exp_dir``:
 An encoder-decoder model (Whisper) goes through every stage once for its
 encoder and once for its decoder, each pruned by K layers with the other stack
 whole. It ends with a summary table (full model, linspace pick, CoMFLP pick,
-before and after healing) and PNGs under <exp_dir>/figure/: the correlation
+before and after healing, CoMFLP's pick repaired without training) and PNGs under <exp_dir>/figure/: the correlation
 heatmaps, the candidates' score vs CER, and the healing curves.
 """
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import atomic
-from ..artifacts import DemoDir, claim_file, heatmap_file, is_matrix_set, load_matrix, source_id
+from ..artifacts import REPAIR_FILE, DemoDir, claim_file, heatmap_file, is_matrix_set, load_matrix, source_id
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig
 from ..hidden import MeasureSettings
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LayerDrop while healing; the Whisper table in README was measured when LayerDrop did not "
                         "yet reach Whisper's layers, as --ft_layerdrop 0 does (default: %(default)s)")
     p.add_argument("--avg_num", type=positive_int, default=2, help="epochs averaged (default: %(default)s)")
+    p.add_argument("--repair", choices=("auto", "none", "affine", "linear"), default="auto",
+                   help="also prune CoMFLP's pick with its cuts repaired (comflp prune --repair: least-squares maps "
+                        "folded into the kept weights, no training) and test it beside the unrepaired pick; auto: "
+                        "linear where the layers allow it (pre-LN), else affine (default: %(default)s)")
     add_prompt(p)
     return p
 
@@ -98,10 +103,10 @@ class Variant:
     """A pruned model of the demo: the stack pruned and the method that chose its layers."""
 
     stack: str
-    method: str  # "comflp" or "linspace"
+    method: str  # "comflp", "linspace", or "repaired" (CoMFLP's pick with its cuts repaired, not healed)
 
     def label(self, two_stacks: bool) -> str:
-        name = "CoMFLP pick" if self.method == "comflp" else "linspace pick"
+        name = {"comflp": "CoMFLP pick", "linspace": "linspace pick", "repaired": "CoMFLP pick repaired"}[self.method]
         return f"{self.stack}: {name}" if two_stacks else name
 
 
@@ -127,13 +132,16 @@ class Run:
 
     @property
     def variants(self) -> list[Variant]:
-        return [Variant(s, m) for s in self.stacks for m in ("comflp", "linspace")]
+        methods = ("comflp",) + (("repaired",) if self.args.repair != "none" else ()) + ("linspace",)
+        return [Variant(s, m) for s in self.stacks for m in methods]
 
     def healed_variants(self) -> list[Variant]:
-        """The variants healed: CoMFLP's picks, and the baseline's unless it is the same pick or not wanted."""
+        """The variants healed: CoMFLP's picks, and the baseline's unless it is the same pick or not wanted (the
+        repaired pick is shown without training)."""
         out = []
         for v in self.variants:
-            if v.method == "linspace" and (not self.args.heal_baseline or self.same_as_comflp(v)):
+            if v.method == "repaired" or (
+                    v.method == "linspace" and (not self.args.heal_baseline or self.same_as_comflp(v))):
                 continue
             out.append(v)
         return out
@@ -141,10 +149,11 @@ class Run:
     def pruned_layers(self, v: Variant) -> list[int]:
         from ..strategy import StrategyFile
 
-        return StrategyFile.load(self.exp.strategy(v.stack, v.method)).candidates[0].pruned
+        method = "comflp" if v.method == "repaired" else v.method
+        return StrategyFile.load(self.exp.strategy(v.stack, method)).candidates[0].pruned
 
     def same_as_comflp(self, v: Variant) -> bool:
-        return v.method != "comflp" and self.pruned_layers(v) == self.pruned_layers(Variant(v.stack, "comflp"))
+        return v.method == "linspace" and self.pruned_layers(v) == self.pruned_layers(Variant(v.stack, "comflp"))
 
 
 def _load(model: str):
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  "heal_baseline")},
                 # recorded only when not the default, so that runs made before the flag existed still resume
                 **({"ft_layerdrop": args.ft_layerdrop} if args.ft_layerdrop != FT_LAYERDROP else {}),
-                **{n: getattr(args, n) for n in ("language", "task") if getattr(args, n) is not None}}
+                **{n: getattr(args, n) for n in ("language", "task") if getattr(args, n) is not None},
+                **({"repair": args.repair} if args.repair != "auto" else {})}
     afresh = args.force and args.stage == 0
     exp = DemoDir.open(args.exp_dir, settings=settings, kind="demo", afresh=afresh, flag="--exp_dir",
                        restart_flags="--force (from stage 0)")
@@ -349,14 +359,46 @@ def _report(run: Run) -> None:
                        output=run.exp.report(stack), overwrite=True)
 
 
+CALIB_UTTS, CALIB_SEED = 128, 0  # comflp prune --repair's defaults
+
+
 def _prune(run: Run) -> None:
     from ..stages import prune
 
     for v in run.variants:
         layers = run.pruned_layers(v)
-        out = prune(run.loaded, layers if v.stack == "encoder" else [], run.exp.pruned(v.stack, v.method, run.k),
-                    decoder_layers=layers if v.stack == "decoder" else (), overwrite=True)
+        plan = {"layers": layers if v.stack == "encoder" else [],
+                "decoder_layers": layers if v.stack == "decoder" else []}
+        fitted = _repair(run, plan) if v.method == "repaired" else None
+        out = prune(run.loaded, plan["layers"], run.exp.pruned(v.stack, v.method, run.k),
+                    decoder_layers=plan["decoder_layers"], overwrite=True, repair=fitted)
         log.info("%s: pruned %s -> %s", v.label(len(run.stacks) > 1), layers, out.path)
+
+
+def _repair(run: Run, plan: dict):
+    """The repair of CoMFLP's pick (``--repair``; auto: linear where it folds, else affine), fitted on the train
+    split as ``comflp prune --repair`` does."""
+    from ..repair import calibration_subset, foldable_kinds
+    from ..stages import repair
+
+    train = run.split("train")
+    chosen = calibration_subset(read_corpus(train), CALIB_UTTS, CALIB_SEED)
+    data = f"{train} ({len(chosen)} utterances, seed {CALIB_SEED})"
+    kind = run.args.repair
+    if kind == "auto" and "linear" in foldable_kinds(run.loaded.model, **plan):
+        try:
+            fitted = repair(run.loaded, chosen, kind="linear", data=data, prompt=run.prompt, **plan)
+        except ComflpError as err:  # a small corpus may hold fewer frames (decoder tokens) than a full map needs
+            log.warning("linear repair not possible (%s): affine instead", err)
+            fitted = repair(run.loaded, chosen, kind="affine", data=data, prompt=run.prompt, **plan)
+    else:
+        fitted = repair(run.loaded, chosen, kind="affine" if kind == "auto" else kind, data=data, prompt=run.prompt,
+                        **plan)
+    kind = fitted.kind
+    for m in fitted.maps:
+        log.info("repair (%s) of %s block %s: R² %.4f (unrepaired %.4f)", kind, m.cut.stack, list(m.cut.block), m.r2,
+                 m.r2_unrepaired)
+    return fitted
 
 
 def _test_model(run: Run, model: Path | str, out: Path) -> None:
@@ -448,7 +490,7 @@ def _summary(run: Run, seconds: float) -> None:
     if full:
         rows.append(("full model", full, "-"))
     for v in run.variants:
-        if not exp.strategy(v.stack, v.method).is_file():
+        if not exp.strategy(v.stack, "comflp" if v.method == "repaired" else v.method).is_file():
             continue
         layers = run.pruned_layers(v)
         before = exp.test_result(exp.test_pruned(v.stack, v.method))
@@ -456,7 +498,12 @@ def _summary(run: Run, seconds: float) -> None:
         healed_dir = exp.test_healed(v.stack, "comflp" if same else v.method)
         after = exp.test_result(healed_dir)
         name = v.label(two) + (" (= CoMFLP's)" if same else "")
-        if before:
+        if before and v.method == "repaired":
+            record = json.loads((exp.pruned(v.stack, v.method, run.k) / REPAIR_FILE).read_text())
+            folded = any(c.get("site") for c in record["cuts"])
+            how = record["kind"] if folded else "nothing folds before layer 1"
+            rows.append((f"{name} ({how}), no training", before, layers))
+        elif before:
             rows.append((f"{name}, before healing", before, layers))
         if after:
             rows.append((f"{name}, after healing", after, layers))
