@@ -9,8 +9,9 @@ repaired with ``affine`` and ``linear`` maps (``linear`` only where it folds: pr
 against one fine-search evaluation: decoding that cut on the fine-search subset (the first 200 utterances
 of the dev split), timed in the same run.
 
-``--heal_epochs N`` also heals demo-12l's pick for N epochs (the demo's recipe: distillation, LayerDrop
-0.1, lr 2e-5, average of 2) from the unrepaired and from the linear-repaired start, and tests both.
+``--heal_epochs N`` also heals demo-12l's pick for N epochs (``comflp demo``'s recipe: distillation,
+LayerDrop 0.1, lr 1e-4, batch 8, the first 1800 training utterances, average of 2) from the unrepaired and
+from the linear-repaired start, and tests both.
 
 Resumable: every finished unit is written to the results JSON at once and skipped when run again; healing
 resumes from its own checkpoints under ``--work``. Writes bench/results/repair.json.
@@ -135,8 +136,9 @@ def heal(bench: Bench, work: Path, epochs: int) -> None:
     for start in ("none", "linear"):
         def healed(start=start) -> dict:
             exp = finetune(MODELS / "demo-12l", work / f"heal-{start}-{epochs}", layers=",".join(map(str, layers)),
-                           epochs=epochs, batch_size=8, grad_accum=1, lr=2e-5, distill=True, layerdrop=0.1,
-                           test_num_batch=4, valid_batch_size=50, quiet=True, resume_epoch=-1, repair=start,
+                           epochs=epochs, max_train_utts=1800, batch_size=8, grad_accum=1, lr=1e-4, distill=True,
+                           layerdrop=0.1, test_num_batch=4, valid_batch_size=50, quiet=True, resume_epoch=-1,
+                           repair=start,
                            train_data_dir=corpus_split(None, "train", None), valid_data_dir=corpus_split(None, "dev", None))
             averaged = average(exp, num=min(2, epochs), overwrite=True)
             tested = evaluate(load_model(averaged, need_tokenizer=True), read_corpus(test_dir),
