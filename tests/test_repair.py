@@ -312,6 +312,9 @@ def test_search_with_repair_records_it_and_refuses_without_a_fine_search(tmp_pat
     assert strategy.meta["repair"]["kind"] == "linear"
     assert {tuple(c["block"]) for c in strategy.meta["repair"]["cuts"]} == {
         b for c in strategy.candidates for b in c.blocks}
+    capsys.readouterr()
+    _prune("--model", str(model), "--strategy", str(tmp_path / "s.json"), "--output", str(tmp_path / "unrepaired"))
+    assert "ranked its candidates after --repair linear; this prune uses --repair none" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         search.main([*common, "--repair", "affine", "--coarse_search_only", "true", "--output",
                      str(tmp_path / "s2.json")])

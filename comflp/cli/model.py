@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import exit_on_error
@@ -74,7 +75,12 @@ def prune_main(argv: list[str] | None = None) -> None:
         raise ComflpError("say which layers to prune: --strategy FILE [--rank N] or --layers 1,3,5 "
                           "(and --decoder_layers for an encoder-decoder model)")
     decoder = parse_layers(args.decoder_layers) if args.decoder_layers is not None else []
-    stack = StrategyFile.load(args.strategy).stack if args.strategy is not None else "encoder"
+    strategy = StrategyFile.load(args.strategy) if args.strategy is not None else None
+    stack = strategy.stack if strategy is not None else "encoder"
+    ranked_after = (strategy.meta.get("repair") or {}).get("kind") if strategy is not None else None
+    if ranked_after and ranked_after != args.repair:
+        print(f"warning: {args.strategy} ranked its candidates after --repair {ranked_after}; this prune uses "
+              f"--repair {args.repair}, so the model is not the one ranked", file=sys.stderr)
     if stack == "decoder" and args.decoder_layers is not None:
         raise ComflpError(f"{args.strategy} prunes the decoder: drop --decoder_layers")
     claim_dir(args.output, overwrite=args.overwrite)  # before the slow part
@@ -128,7 +134,7 @@ def _fit_repair(args: argparse.Namespace, loaded, layers: list[int], decoder: li
     from ..repair import calibration_subset
     from ..stages import repair
 
-    prompt = check_prompt(loaded.model, resolve_prompt(args)) if decoder else resolve_prompt(args)
+    prompt = check_prompt(loaded.model, resolve_prompt(args))  # a CTC model has no prompt: refused, not ignored
     data_dir = corpus_split(args.calib_data_dir, "train", loaded, prompt)
     utts = read_corpus(data_dir, require_text=bool(decoder))
     if decoder and loaded.tokenizer is None:
