@@ -212,6 +212,23 @@ def check(corpus: Path, *, limit: int | None = None) -> list[tuple[str, str, str
     return triples
 
 
+def stored_unit(results: dict, output: Path, key: str, compute):
+    """The value of ``key`` (a /-path) in ``results``, else ``compute()`` stored there and ``results`` written to
+    ``output`` at once: a resumable bench skips what a killed run finished."""
+    from comflp.atomic import write_json
+
+    *path, last = key.split("/")
+    where = results
+    for part in path:
+        where = where.setdefault(part, {})
+    if last not in where:
+        t0 = time.perf_counter()
+        where[last] = compute()
+        print(f"{key}: {json.dumps(where[last])[:200]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        write_json(output, results)
+    return where[last]
+
+
 class Evidence:
     """The evidence run on tiny.en, resumable: every finished unit (a measured stack, a fine search, a zero-shot
     or healed test WER) is written to the results JSON at once and skipped when the run is started again;
@@ -233,19 +250,7 @@ class Evidence:
 
     def unit(self, key: str, compute):
         """The stored value of ``key`` (a /-path in the results), else ``compute()`` stored and saved."""
-        from comflp.atomic import write_json
-
-        node, *path = key.split("/")
-        where = self.results
-        for part in [node, *path][:-1]:
-            where = where.setdefault(part, {})
-        last = [node, *path][-1]
-        if last not in where:
-            t0 = time.perf_counter()
-            where[last] = compute()
-            print(f"{key}: {json.dumps(where[last])[:200]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            write_json(self.output, self.results)
-        return where[last]
+        return stored_unit(self.results, self.output, key, compute)
 
     def test_wer(self, model, utts=None) -> float:
         from dataclasses import replace

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from comflp.atomic import write_json
 from comflp.cli.argtypes import non_negative_int, threads
 from comflp.cli.options import corpus_split, read_corpus
 from comflp.errors import ComflpError
 from comflp.paths import REPO_ROOT
+from real_whisper import converted, stored_unit  # bench/: the real checkpoint, the resumable results
 
 MODELS = REPO_ROOT / "models"
 # (stack, 1-based layers) per model: the picks the README and BENCHMARKS.md report before healing
@@ -55,23 +55,12 @@ class Bench:
         self.results = json.loads(output.read_text()) if output.is_file() else {}
 
     def unit(self, key: str, compute):
-        *path, last = key.split("/")
-        where = self.results
-        for part in path:
-            where = where.setdefault(part, {})
-        if last not in where:
-            t0 = time.perf_counter()
-            where[last] = compute()
-            print(f"{key}: {json.dumps(where[last])[:160]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            write_json(self.output, self.results)
-        return where[last]
+        return stored_unit(self.results, self.output, key, compute)
 
 
 def model_dir(name: str) -> Path:
     if name == "tiny.en":
-        from real_whisper import converted  # bench/: the real checkpoint, converted once into the cache
-
-        return converted()
+        return converted()  # the real checkpoint, converted once into the cache
     return MODELS / name
 
 
