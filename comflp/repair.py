@@ -251,7 +251,7 @@ def fit(stats: CutStatistics, *, ridge: float = DEFAULT_RIDGE, what: str = "cut"
         sxx = stats.xx - n * torch.outer(mx, mx)
         sxy = stats.xy - n * torch.outer(mx, my)
         lam = ridge * float(torch.diagonal(sxx).sum()) / dim
-        a = sxx + lam * torch.eye(dim, dtype=sxx.dtype)
+        a = sxx + lam * torch.eye(dim, dtype=sxx.dtype, device=sxx.device)
         chol, info = torch.linalg.cholesky_ex(a)
         # a relative pivot below float64's resolution is a singular system, whatever cholesky made of it
         tiny = torch.diagonal(chol).min() ** 2 <= 1e-12 * torch.diagonal(a).max()
@@ -364,7 +364,7 @@ def fit_all(model, stats: dict[Cut, CutStatistics], cuts: Sequence[Cut], kind: s
                      cut.stack, a, b)
             continue
         scale, shift, r2, before = fit(stats[cut], ridge=ridge, what=f"{cut.stack} block [{a}, {b}]")
-        repair.maps.append(CutMap(cut, sites[cut].path, scale, shift, r2, before, stats[cut].count))
+        repair.maps.append(CutMap(cut, sites[cut].path, scale.cpu(), shift.cpu(), r2, before, stats[cut].count))
         log.info("repair: %s block [%d, %d] %s map at %s, R² %.4f (unrepaired %.4f) over %d frames", cut.stack,
                  a, b, kind, sites[cut].path, r2, before, stats[cut].count)
     return repair
@@ -392,8 +392,8 @@ def fold(model, repair: Repair, *, kept: dict[str, Sequence[int]] | None = None)
         positions = {old: new for new, old in enumerate(kept[m.cut.stack])} if kept and m.cut.stack in kept else None
         site = _site_module(model, m.cut, positions)
         weight, bias = site.module.weight, site.module.bias
-        scale = m.scale.to(torch.float64)
-        shift = m.shift.to(torch.float64)
+        scale = m.scale.to(weight.device, torch.float64)
+        shift = m.shift.to(weight.device, torch.float64)
         w64, b64 = weight.to(torch.float64), bias.to(torch.float64)
         if site.kind == "norm":  # LN(x) s + c = (γ s) n + (β s + c)
             new_w, new_b = w64 * scale, b64 * scale + shift
