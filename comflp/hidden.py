@@ -80,11 +80,11 @@ def capture_layer_states(model, stack: str = "encoder") -> Iterator[list[torch.T
 
 
 def forward_stack(model, batch, states: Sequence[torch.Tensor], stack: str = "encoder", *, tokenizer=None,
-                  prompt: Prompt | None = None, pad_audio: bool = False) -> torch.Tensor:
+                  prompt: Prompt | None = None, pad_audio: bool = False, with_prompt: bool = False) -> torch.Tensor:
     """Forward ``batch`` (states captured by :func:`capture_layer_states` fill ``states``); the [B, T] bool mask
     of the real positions of ``stack``: the real frames the encoder's layers see, or, for a decoder (teacher
     forcing on the batch's transcripts, ``prompt`` checked by :func:`comflp.prompt.check_prompt`), the tokens
-    that predict the transcript."""
+    that predict the transcript (``with_prompt``: those that predict the prompt's own tokens too)."""
     if stack == "encoder":
         forward(model, batch.inputs, batch.attention_mask, pad_audio=pad_audio)
         return layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
@@ -94,7 +94,8 @@ def forward_stack(model, batch, states: Sequence[torch.Tensor], stack: str = "en
     # decoder input i = start token, then label i - 1: real where label i is; the positions that predict the
     # prompt's own tokens (language, task) are left out, so the states pooled are those that spell the text
     mask = labels != -100
-    mask[:, : len(prefix_ids(model, prompt, languages[0] if languages else None)) - 1] = False
+    if not with_prompt:
+        mask[:, : len(prefix_ids(model, prompt, languages[0] if languages else None)) - 1] = False
     return mask
 
 

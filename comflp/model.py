@@ -76,7 +76,9 @@ class Family:
     the family has one kind, ``end_norm`` if set); ``ffn_extra``: a module inside a layer that, when
     present, adds to the output after the feed-forward (MMS adapters), so nothing folds there;
     ``input_norm``: the LayerNorm (under the base model) whose output is hidden state 0, in post-LN
-    encoders.
+    encoders. ``window_read_whole``: the encoder takes a fixed window (Whisper's 30 s) and what comes after it
+    reads every position of it, padding included (Whisper's decoder cross-attends to the whole window), so
+    a repair of the encoder is fitted on every position, not only on the real frames.
     """
 
     layers: str = "encoder.layers"
@@ -104,6 +106,7 @@ class Family:
     pre_norm_field: str | None = "do_stable_layer_norm"
     ffn_extra: str | None = "adapter_layer"
     input_norm: str | None = "encoder.layer_norm"
+    window_read_whole: bool = False
 
 
 DEFAULT_FAMILY = Family()
@@ -133,7 +136,7 @@ FAMILIES: dict[str, Family] = {
                       head="proj_out", decoder_layers="decoder.layers", decoder_depth_field="decoder_layers",
                       auto_class="AutoModelForSpeechSeq2Seq", layerdrop=("encoder_layerdrop", "decoder_layerdrop"),
                       layerdrop_modules=("encoder", "decoder"), end_norm=None, ffn_output="fc2", pre_norm_field=None,
-                      input_norm=None),
+                      input_norm=None, window_read_whole=True),
 }
 STACKS = ("encoder", "decoder")
 

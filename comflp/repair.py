@@ -17,14 +17,15 @@ result is a plain checkpoint (the family table says where: ``end_norm``, ``ffn_o
   in the log and the record).
 
 The fit is centred least squares in float64 with a ridge term. With ``X`` the inputs [N, D] and ``Y`` the
-targets [N, D] over every real frame (or decoder token) of the calibration set, ``x̄, ȳ`` their means,
+targets [N, D] over every position the rest of the model reads (real frames; the whole window of an
+encoder whose decoder reads it whole, as Whisper's does; a decoder's tokens) of the calibration set, ``x̄, ȳ`` their means,
 ``Sxx = Σ (x - x̄)ᵀ(x - x̄)``, ``Sxy = Σ (x - x̄)ᵀ(y - ȳ)``, ``λ = ridge · tr(Sxx) / D``::
 
     T = (Sxx + λ I)⁻¹ Sxy        c = ȳ - x̄ T          (affine: per channel, T diagonal)
 
 which is ``numpy.linalg.lstsq`` on ``[X, 1]`` when ``ridge`` is 0. How well it fits is the R² of the
 state after the cut against ``h_j``: ``1 - Σ‖h_j - ĥ_j‖² / Σ‖h_j - mean(h_j)‖²``, beside the same figure
-unrepaired (``ĥ_j = h_i``). Every sum is streamed over batches (no activation is kept), over the real
+unrepaired (``ĥ_j = h_i``). Every sum is streamed over batches (no activation is kept), over those
 positions only, and each utterance's states are those it has alone (:func:`comflp.model.forward`), so
 the fit does not depend on the batch size. One calibration pass over the full model serves every cut.
 """
@@ -313,8 +314,10 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], cuts: Sequence[
             progress: bool = True) -> dict[Cut, CutStatistics]:
     """One pass of the full ``model`` over ``utts``: every foldable cut's sums (:class:`CutStatistics`).
 
-    Decoder cuts run under teacher forcing on the transcripts (``tokenizer``, ``prompt``), as the decoder is
-    measured. Utterances go in length-sorted batches of ``batch_size``; the sums do not depend on it.
+    The samples are the positions the rest of the model reads: an encoder's real frames (every position of
+    a fixed window that the decoder reads whole: the family table's ``window_read_whole``), a decoder's
+    tokens under teacher forcing on the transcripts (``tokenizer``, ``prompt``), its prompt's included.
+    Utterances go in length-sorted batches of ``batch_size``; the sums do not depend on it.
     """
     from .hidden import capture_layer_states, forward_stack
 
@@ -335,8 +338,13 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], cuts: Sequence[
         with capture_layer_states(model, stack) as states, _capture_ffn(model, stack, ffn_layers) as ffn:
             for group in tqdm(batches, desc=f"calibrating the {stack} repair", unit="batch", disable=not progress):
                 batch = collate(group, feature_extractor).to(device)
+                # every position that the rest of the model reads: a decoder's prompt tokens (attended to by the
+                # text's), and all of a fixed window that a decoder cross-attends to whole
                 mask = forward_stack(model, batch, states, stack, tokenizer=tokenizer, prompt=prompt,
-                                     pad_audio=pad_audio).reshape(-1).bool()
+                                     pad_audio=pad_audio, with_prompt=True)
+                if stack == "encoder" and family_of(model).window_read_whole:
+                    mask = torch.ones_like(mask)
+                mask = mask.reshape(-1).bool()
 
                 def real(t: torch.Tensor) -> torch.Tensor:
                     return t.reshape(-1, t.shape[-1])[mask].to(torch.float64)
