@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,9 @@ from comflp.cli.argtypes import non_negative_int, threads
 from comflp.cli.options import corpus_split, read_corpus
 from comflp.errors import ComflpError
 from comflp.paths import REPO_ROOT
-from real_whisper import converted, stored_unit  # bench/: the real checkpoint, the resumable results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ when imported by path (tests/test_hostile.py)
+from real_whisper import converted, stored_unit  # noqa: E402 (bench/: the real checkpoint, resumable results)
 
 MODELS = REPO_ROOT / "models"
 # (stack, 1-based layers) per model: the picks the README and BENCHMARKS.md report before healing
