@@ -20,10 +20,10 @@ resumes from its own checkpoints under ``--work``. Writes bench/results/repair.j
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,8 +35,17 @@ from comflp.cli.options import corpus_split, read_corpus
 from comflp.errors import ComflpError
 from comflp.paths import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ when imported by path (tests/test_hostile.py)
-from real_whisper import converted, stored_unit  # noqa: E402 (bench/: the real checkpoint, resumable results)
+
+@functools.cache
+def _real_whisper():
+    """``bench/real_whisper.py`` (the real checkpoint's converter and the resumable results), loaded by path as
+    the tests load it: bench/ is scripts, not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_real_whisper", Path(__file__).with_name("real_whisper.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 MODELS = REPO_ROOT / "models"
 # (stack, 1-based layers) per model: the picks the README and BENCHMARKS.md report before healing
@@ -58,12 +67,12 @@ class Bench:
         self.results = json.loads(output.read_text()) if output.is_file() else {}
 
     def unit(self, key: str, compute):
-        return stored_unit(self.results, self.output, key, compute)
+        return _real_whisper().stored_unit(self.results, self.output, key, compute)
 
 
 def model_dir(name: str) -> Path:
     if name == "tiny.en":
-        return converted()  # the real checkpoint, converted once into the cache
+        return _real_whisper().converted()  # the real checkpoint, converted once into the cache
     return MODELS / name
 
 
