@@ -52,7 +52,7 @@ from .strategy import DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE as DEFAULT_RIDGE,
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CALIB_UTTS", "DEFAULT_RIDGE", "REPAIR_KINDS", "Cut", "CutMap", "Repair", "applied", "collect",
-           "cuts_of", "fit", "fit_all", "fit_repair", "fold", "fold_into_pruned", "fold_site", "foldable_kinds"]
+           "cuts_of", "fit", "fit_all", "fit_repair", "fold", "fold_into_pruned", "fold_site", "foldable_kinds", "state_site"]
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,21 @@ def _pre_norm(model) -> bool:
 
 
 def fold_site(model, cut: Cut) -> Site | None:
-    """The module whose output is hidden state ``cut.start`` and can absorb a map, or None (state 0 of a pre-LN
-    stack, or of a family whose state 0 no LayerNorm ends)."""
+    """The module whose output is hidden state ``cut.start`` and can absorb a map (:func:`state_site`)."""
+    return state_site(model, cut.stack, cut.start)
+
+
+def state_site(model, stack: str, state: int) -> Site | None:
+    """The module whose output is hidden state ``state`` of ``stack`` and can absorb a map, or None (state 0 of a
+    pre-LN stack, or of a family whose state 0 no LayerNorm ends)."""
     family = family_of(model)
-    layers = stack_layers(model, cut.stack)
-    if cut.start == 0:
-        if cut.stack != "encoder" or _pre_norm(model) or family.input_norm is None:
+    if state == 0:
+        if stack != "encoder" or _pre_norm(model) or family.input_norm is None:
             return None
         module = _get(base_model(model), family.input_norm)
         return Site("norm", module, family.input_norm) if isinstance(module, nn.LayerNorm) else None
-    layer = layers[cut.start - 1]
-    where = f"{cut.stack} layer {cut.start}"
+    layer = stack_layers(model, stack)[state - 1]
+    where = f"{stack} layer {state}"
     if not _pre_norm(model):
         module = _get(layer, family.end_norm)
         if not isinstance(module, nn.LayerNorm) or module.weight is None:
@@ -381,10 +385,8 @@ def fit_all(model, stats: dict[Cut, CutStatistics], cuts: Sequence[Cut], kind: s
 def _site_module(model, cut: Cut, positions: dict[int, int] | None = None) -> Site:
     """The fold site of ``cut`` in ``model``; ``positions`` maps the full model's 0-based layer indices to a
     pruned model's (the site's layer is always kept)."""
-    if positions is None or cut.start == 0:
-        site = fold_site(model, cut)
-    else:
-        site = fold_site(model, Cut(cut.stack, positions[cut.start - 1] + 1, positions[cut.start - 1] + 2))
+    state = cut.start if positions is None or cut.start == 0 else positions[cut.start - 1] + 1
+    site = state_site(model, cut.stack, state)
     assert site is not None
     return site
 
@@ -448,7 +450,6 @@ def fit_repair(loaded, utts: Sequence[Utterance], *, layers: Sequence[int] = (),
         cuts += [c for c in cuts_of(pruned, num_layers(loaded.model, stack), stack) if c not in cuts]
     if not cuts:
         raise ComflpError("no layer to prune, so nothing to repair")
-    check_kind(loaded.model, cuts, kind)
     stats = collect(loaded.model, loaded.feature_extractor, utts, cuts, kind, batch_size=batch_size,
                     tokenizer=loaded.tokenizer, prompt=prompt, pad_audio=pad_audio, progress=progress)
     fitted = fit_all(loaded.model, stats, cuts, kind, ridge=ridge)

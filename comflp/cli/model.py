@@ -11,7 +11,7 @@ from ..errors import exit_on_error
 from ..paths import DEMO_MODEL_DIR
 from .argtypes import positive_int
 from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, add_prompt, add_repair, add_threads,
-                      apply_threads, corpus_split, read_corpus, resolve_device, resolve_prompt)
+                      apply_threads, fit_repair_from_flags, resolve_device, resolve_prompt)
 
 
 def info_parser() -> argparse.ArgumentParser:
@@ -102,7 +102,10 @@ def prune_main(argv: list[str] | None = None) -> None:
         layers, decoder = [], layers
     fitted = None
     if repairing:
-        fitted = _fit_repair(args, loaded, layers, decoder)
+        from ..prompt import check_prompt
+
+        prompt = check_prompt(loaded.model, resolve_prompt(args))  # a CTC model has no prompt: refused, not ignored
+        fitted = fit_repair_from_flags(args, loaded, prompt, layers=layers, decoder_layers=decoder)
     loaded.model.to("cpu")
     out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite,
                 repair=fitted)
@@ -126,22 +129,3 @@ def pruned_summary(out, encoder_total: int, decoder_total: int | None) -> str:
                (("encoder", out.removed, encoder_total), ("decoder", out.decoder_removed, decoder_total)) if layers]
     return (f"pruned {' and '.join(removed) or 'nothing'}: {out.num_layers} encoder and {out.decoder_layers} "
             f"decoder layers left{extra}")
-
-
-def _fit_repair(args: argparse.Namespace, loaded, layers: list[int], decoder: list[int]):
-    """The repair the flags ask for, fitted on the calibration utterances (:func:`comflp.stages.repair`)."""
-    from ..prompt import check_prompt
-    from ..repair import calibration_subset
-    from ..stages import repair
-
-    prompt = check_prompt(loaded.model, resolve_prompt(args))  # a CTC model has no prompt: refused, not ignored
-    data_dir = corpus_split(args.calib_data_dir, "train", loaded, prompt)
-    utts = read_corpus(data_dir, require_text=bool(decoder))
-    if decoder and loaded.tokenizer is None:
-        from ..errors import ComflpError
-
-        raise ComflpError(f"{args.model} has no tokenizer: repairing decoder cuts needs one (teacher forcing)")
-    chosen = calibration_subset(utts, args.calib_utts, args.calib_seed)
-    return repair(loaded, chosen, layers=layers, decoder_layers=decoder, kind=args.repair, ridge=args.repair_ridge,
-                  batch_size=args.calib_batch_size, data=f"{data_dir} ({len(chosen)} utterances, seed "
-                  f"{args.calib_seed})", prompt=prompt, pad_audio=args.pad_audio, progress=not args.quiet)

@@ -235,3 +235,22 @@ def add_repair(p: argparse.ArgumentParser, *, ranking: bool = False, healing: bo
     p.add_argument("--repair_ridge", type=non_negative_float, default=DEFAULT_REPAIR_RIDGE,
                    help="ridge term of the fit, relative to the mean input variance; 0 is plain least squares and "
                         "is refused when the fit is singular (default: %(default)s)")
+
+
+def fit_repair_from_flags(args: argparse.Namespace, loaded, prompt, *, layers=(), decoder_layers=(), candidates=(),
+                          stack: str = "encoder"):
+    """The repair the ``--repair`` flags ask for (:func:`add_repair`), fitted on their calibration utterances
+    (default: the measuring corpus in the model's language) by :func:`comflp.stages.repair`; ``prompt``: the
+    model's checked prompt."""
+    from ..repair import calibration_subset
+    from ..stages import repair
+
+    decoder = bool(decoder_layers) or stack == "decoder" and bool(candidates)
+    if decoder and loaded.tokenizer is None:
+        raise ComflpError(f"{loaded.source} has no tokenizer: repairing decoder cuts needs one (teacher forcing)")
+    data_dir = corpus_split(args.calib_data_dir, "train", loaded, prompt)
+    chosen = calibration_subset(read_corpus(data_dir, require_text=decoder), args.calib_utts, args.calib_seed)
+    return repair(loaded, chosen, layers=layers, decoder_layers=decoder_layers, candidates=candidates, stack=stack,
+                  kind=args.repair, ridge=args.repair_ridge, batch_size=args.calib_batch_size, prompt=prompt,
+                  data=f"{data_dir} ({len(chosen)} utterances, seed {args.calib_seed})", pad_audio=args.pad_audio,
+                  progress=not args.quiet)

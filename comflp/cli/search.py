@@ -17,7 +17,7 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
 from ..errors import ComflpError, exit_on_error
 from .argtypes import confidence, open_unit_upper, seed
 from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_repair, add_threads, apply_threads,
-                      resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, positive_int, read_corpus, read_corpus_or_dataset,
+                      resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, fit_repair_from_flags, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
 from ..paths import DEMO_MODEL_DIR, dump_dir, exp_dir, search_log_dir
@@ -229,7 +229,10 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         check_matrix_model(matrix_meta, num_layers=L, model=args.model, where=str(matrix_path),
                            fingerprint=lambda: fingerprint(fine.loaded.model))
         if args.repair != "none":
-            fine.repair = _fit_repair(args, fine, cands, stack)
+            fine.repair = fit_repair_from_flags(args, fine.loaded, fine.prompt, candidates=[c.pruned for c in cands],
+                                                stack=stack)
+            log.info("repair (%s) of %d cuts fitted in %.1f s", args.repair, len(fine.repair.maps),
+                     fine.repair.seconds)
             meta["repair"] = fine.repair.record()
         log.info("--- fine search on %d utterances of %s%s%s", len(fine.utts), args.verify_data_dir,
                  f" (race, confidence {args.race_confidence})" if args.race else "",
@@ -266,22 +269,6 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         print(meta["unusable"])
     print(f"strategy file: {out}")
     return strategy
-
-
-def _fit_repair(args: argparse.Namespace, fine, cands: list[Candidate], stack: str):
-    """The repair of every candidate's cuts, fitted once on the calibration utterances (``--repair``)."""
-    from ..repair import calibration_subset
-    from ..stages import repair
-
-    data_dir = corpus_split(args.calib_data_dir, "train", fine.loaded, fine.prompt)
-    chosen = calibration_subset(read_corpus(data_dir, require_text=stack == "decoder"), args.calib_utts,
-                                args.calib_seed)
-    fitted = repair(fine.loaded, chosen, candidates=[c.pruned for c in cands], stack=stack, kind=args.repair,
-                    ridge=args.repair_ridge, batch_size=args.calib_batch_size, prompt=fine.prompt,
-                    data=f"{data_dir} ({len(chosen)} utterances, seed {args.calib_seed})",
-                    pad_audio=args.pad_audio, progress=not args.quiet)
-    log.info("repair (%s) of %d cuts fitted in %.1f s", args.repair, len(fitted.maps), fitted.seconds)
-    return fitted
 
 
 def _record_languages(fine, meta: dict) -> None:
