@@ -1023,11 +1023,13 @@ def adapter_files(source: str | os.PathLike) -> list[Path]:
 def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_extractor=None, tokenizer=None,
                dtype: torch.dtype | None = None, overwrite: bool = False, flag: str = "--output",
                extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
-               extra_json: dict[str, dict] | None = None) -> Path:
+               extra_json: dict[str, dict] | None = None, extra_text: dict[str, str] | None = None) -> Path:
     """Save in HF format (config + model.safetensors + processor files), atomically.
 
     ``extra_weights``: more safetensors files to write beside the model (file name -> tensors), e.g. pruned
     MMS adapter files. ``extra_json``: JSON records to write beside it (file name -> object), e.g. a repair's.
+    ``extra_text``: text files (file name -> text), e.g. the model card and its record
+    (:func:`comflp.modelcard.card_files`).
 
     The model is written to a temp dir beside ``out_dir`` and renamed into
     place; an existing ``out_dir`` is replaced only if comflp wrote it and
@@ -1048,4 +1050,6 @@ def save_model(model: PreTrainedModel, out_dir: str | os.PathLike, *, feature_ex
                        for k, v in tensors.items()}, str(tmp / name))
         for name, record in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name, text in (extra_text or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return out_dir

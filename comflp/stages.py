@@ -219,7 +219,7 @@ def repair(loaded: LoadedModel, utts: Sequence[Utterance], *, layers: Sequence[i
 
 def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike, *,
           decoder_layers: Sequence[int] = (), fp16: bool = False, overwrite: bool = False,
-          repair: Repair | None = None) -> Pruned:
+          repair: Repair | None = None, strategy: dict | None = None, command: str | None = None) -> Pruned:
     """Save ``loaded`` without the 1-based ``layers`` to ``output`` (config, safetensors, processor files).
 
     ``decoder_layers``: for an encoder-decoder model (Whisper), the decoder layers to remove too (either
@@ -231,8 +231,14 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
 
     ``repair`` (from :func:`repair`, for the same layers): its maps are folded into the kept weights, and the
     dir records it (``artifacts.REPAIR_FILE``); the checkpoint stays a plain one.
+
+    The dir gets a model card (:mod:`comflp.modelcard`): the layers removed, ``strategy`` (where they came
+    from: ``file``, ``rank``, ``score``, ``measure``...), the repair, the parameter counts and ``command``
+    (the command line that made it).
     """
     from safetensors.torch import load_file
+
+    from .modelcard import card_files, pruning_record
 
     total = num_layers(loaded.model)
     layers = validate(list(layers), total) if layers else []
@@ -253,9 +259,12 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
             raise ComflpError(f"cannot read adapter file {f}: {str(err).splitlines()[0]}") from None
         adapters[f.name] = prune_layer_weights(weights, loaded.model, kept)
     records = {REPAIR_FILE: {"written_by": WRITTEN_BY, **repair.record()}} if repair is not None else {}
+    card = pruning_record(loaded.source, loaded.model if loaded.has_ctc_head else base_model(loaded.model), pruned,
+                          {"encoder": layers, "decoder": decoder}, strategy=strategy, command=command,
+                          repair={k: v for k, v in repair.record().items() if k != "cuts"} if repair else None)
     path = save_model(pruned, output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                       dtype=torch.float16 if fp16 else None, overwrite=overwrite, extra_weights=adapters,
-                      extra_json=records)
+                      extra_json=records, extra_text=card_files(card, model_dir=output))
     return Pruned(Path(path), list(layers), num_layers(pruned), sorted(adapters), decoder,
                   num_layers(pruned, "decoder") if is_encoder_decoder(pruned) else None, repair)
 
@@ -306,7 +315,8 @@ def evaluate(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | o
     """:func:`score` ``utts`` and write the test report and the hypotheses under ``output_dir``.
 
     ``data`` names the test set in the report. The report is refused if comflp did not write it, and replaced
-    only with ``overwrite``; the dir is locked while decoding.
+    only with ``overwrite``; the dir is locked while decoding. A model comflp wrote gets the result in its
+    model card (:func:`comflp.modelcard.add_test`).
     """
     import platform
 
@@ -335,6 +345,11 @@ def evaluate(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | o
             logging.getLogger("comflp.test.hyp").debug("%s ref=%s hyp=%s", utt, ref, hyp)
         atomic.write_json(report, summary)
         atomic.write_text(out.hypotheses, "".join(f"{u} {h}\n" for u, h in zip(result.utt_ids, result.hypotheses)))
+    if Path(loaded.source).is_dir():  # a model comflp wrote has a card: the result goes into it
+        from .modelcard import add_test
+
+        add_test(loaded.source, {"data": data, "unit": scored.unit, "error_rate": er.rate, "num_utterances": len(utts),
+                                 "rtf": scored.rtf, "report": str(Path(report).resolve())})
     log.info("%s %.2f%% on %d utterances (%s); RTF %.4f; %d layers, %s parameters",
              rate_name(scored.unit), 100 * er.rate, len(utts), data, scored.rtf,
              scored.num_layers, f"{scored.num_parameters:,}")

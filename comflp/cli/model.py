@@ -11,7 +11,7 @@ from ..errors import exit_on_error
 from ..paths import DEMO_MODEL_DIR
 from .argtypes import positive_int
 from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, add_prompt, add_repair, add_threads,
-                      apply_threads, fit_repair_from_flags, resolve_device, resolve_prompt)
+                      apply_threads, command_line, fit_repair_from_flags, resolve_device, resolve_prompt)
 
 
 def info_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,8 @@ def prune_main(argv: list[str] | None = None) -> None:
     from ..stages import prune
     from ..strategy import StrategyFile, parse_layers, resolve_pruned
 
-    args = prune_parser().parse_args(argv)
+    parser = prune_parser()
+    args = parser.parse_args(argv)
     if args.layers is None and args.strategy is None and args.decoder_layers is None:
         raise ComflpError("say which layers to prune: --strategy FILE [--rank N] or --layers 1,3,5 "
                           "(and --decoder_layers for an encoder-decoder model)")
@@ -108,7 +109,8 @@ def prune_main(argv: list[str] | None = None) -> None:
         fitted = fit_repair_from_flags(args, loaded, prompt, layers=layers, decoder_layers=decoder)
     loaded.model.to("cpu")
     out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite,
-                repair=fitted)
+                repair=fitted, strategy=strategy_provenance(strategy, args.strategy, args.rank),
+                command=command_line(parser, argv))
     if fitted is not None:
         for m in fitted.maps:
             print(f"repaired {m.cut.stack} block {list(m.cut.block)} at {m.site_path}: R² {m.r2:.4f} "
@@ -117,6 +119,19 @@ def prune_main(argv: list[str] | None = None) -> None:
             print(f"left {s.cut.stack} block {list(s.cut.block)} unrepaired: {s.reason}")
     print(f"{pruned_summary(out, total, num_layers(loaded.model, 'decoder') if out.decoder_layers is not None else None)}"
           f", saved to {args.output}")
+
+
+def strategy_provenance(strategy, path: Path | None, rank: int) -> dict | None:
+    """What the model card says of the strategy a model was pruned by: the file, the rank, the candidate's
+    coarse score, the measure and its fine-search error rate."""
+    from ..artifacts import source_id
+
+    if strategy is None:
+        return None
+    picked = strategy.pick(rank)
+    return {"file": source_id(path), "rank": rank, "score": picked.score,
+            "measure": strategy.meta.get("select_measure"), "fine_error_rate": picked.cer,
+            "error_rate_name": strategy.meta.get("error_rate", "CER")}
 
 
 def pruned_summary(out, encoder_total: int, decoder_total: int | None) -> str:

@@ -38,6 +38,14 @@ def invoked_as(name: str) -> Iterator[None]:
         _INVOKED_AS = before
 
 
+def command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> str:
+    """The command line that ran ``parser`` on ``argv`` (None: this process's), as a shell would take it back:
+    what a model card gives as the way to reproduce a model."""
+    import shlex
+
+    return shlex.join([*parser.prog.split(), *(sys.argv[1:] if argv is None else argv)])
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error: ``error: <prog>: <what is wrong>`` and exit 2 (no usage dump).
 
