@@ -72,7 +72,12 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise ComflpError(f"cannot read checkpoint {path}: {reason} (corrupt or truncated file?)") from None
 
 
-def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False) -> Path:
+def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False, command: str | None = None) -> Path:
+    """Average the checkpoints of ``epochs`` into ``exp``'s ``model_avg/`` (the last epoch's config and
+    processor files beside the mean weights); its model card, when the epochs have one, says which epochs
+    (and ``command``)."""
+    from .modelcard import card_files, read_record, with_average
+
     dirs = [exp.epoch(e) for e in epochs]
     for e, d in zip(epochs, dirs):
         if not exp.weights(d).is_file():
@@ -84,6 +89,10 @@ def average(exp: ExperimentDir, epochs: list[int], *, overwrite: bool = False) -
             if f != exp.weights(dirs[-1]) and f.is_file():
                 shutil.copy2(f, tmp / f.name)
         save_file(averaged, str(exp.weights(tmp)), metadata={"format": "pt"})
+        record = read_record(dirs[-1])
+        if record is not None:
+            for name, text in card_files(with_average(record, epochs, command=command), model_dir=target).items():
+                (tmp / name).write_text(text, encoding="utf-8")
         exp.write_averaged_epochs(tmp, epochs)
     log.info("averaged epochs %s -> %s", epochs, target)
     return target

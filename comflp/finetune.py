@@ -146,6 +146,7 @@ class FinetuneConfig:
     calib_batch_size: int = 8
     calib_seed: int = 0
     repair_ridge: float = DEFAULT_REPAIR_RIDGE
+    command: str | None = None  # the command line, for the model card (not a setting of the run: not in run.json)
 
     def validate(self) -> None:
         """Every numeric setting in its range, one line naming the flag otherwise (the API takes what the
@@ -204,8 +205,11 @@ def lr_factor(update: int, *, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - progress
 
 
-def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, list[int], list[int]]:
-    """The pruned student, the source as teacher (or None), and the layers pruned from each stack."""
+def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, list[int], list[int], dict]:
+    """The pruned student, the source as teacher (or None), the layers pruned from each stack, and the model
+    card record of the student before healing (:func:`comflp.modelcard.pruning_record`)."""
+    from .modelcard import pruning_record, strategy_source
+
     source = load_model(args.model, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
     stack = StrategyFile.load(args.strategy).stack if args.strategy is not None else "encoder"
     if stack == "decoder" and args.decoder_layers is not None:
@@ -220,11 +224,12 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
         raise ComflpError(f"--num_clip_layers {args.num_clip_layers} but the strategy prunes {len(pruned)} layers")
     if stack == "decoder":
         pruned, decoder = [], pruned
+    fitted = None
     if pruned or decoder:
         student = prune(source.model, pruned, decoder_pruned=decoder)
         if args.repair != "none":  # healing starts from the repaired model
-            fold_into_pruned(student, source.model, _fit_repair(args, source, pruned, decoder),
-                             {"encoder": pruned, "decoder": decoder})
+            fitted = _fit_repair(args, source, pruned, decoder)
+            fold_into_pruned(student, source.model, fitted, {"encoder": pruned, "decoder": decoder})
     else:  # --whole_model
         student = copy.deepcopy(source.model)
     if not set_layerdrop(student, args.layerdrop) and args.layerdrop > 0:
@@ -237,7 +242,13 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
     teacher = source.model.to(device).eval() if args.distill else None
     if teacher is not None:
         teacher.requires_grad_(False)
-    return LoadedModel(student, source.feature_extractor, source.tokenizer, args.model), teacher, pruned, decoder
+    strategy = (strategy_source(StrategyFile.load(args.strategy), args.strategy, args.rank)
+                if args.strategy is not None else None)
+    card = pruning_record(args.model, source.model, student, {"encoder": pruned, "decoder": decoder},
+                          strategy=strategy, command=args.command,
+                          repair={k: v for k, v in fitted.record().items() if k != "cuts"} if fitted else None)
+    return (LoadedModel(student, source.feature_extractor, source.tokenizer, args.model), teacher, pruned, decoder,
+            card)
 
 
 def _fit_repair(args: FinetuneConfig, source: LoadedModel, pruned: list[int], decoder: list[int]):
@@ -334,7 +345,7 @@ def train(args: FinetuneConfig) -> Path:
     world = accelerator.num_processes
     if args.max_batch_seconds is None and args.batch_size % world:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
-    loaded, teacher, pruned, decoder_pruned = _student_and_teacher(args, accelerator.device)
+    loaded, teacher, pruned, decoder_pruned, card = _student_and_teacher(args, accelerator.device)
     check_prompt(loaded.model, Prompt(args.language, args.task))  # one line before anything is written
     if not family_of(loaded.model).layerdrop:
         args = replace(args, layerdrop=0.0)  # what the run does, and so what run.json records
@@ -349,7 +360,7 @@ def train(args: FinetuneConfig) -> Path:
         accelerator.wait_for_everyone()
         exp = ExperimentDir(out)
         with logging_to(exp.command_log("train") if accelerator.is_main_process else None):
-            return _train(args, accelerator, loaded, teacher, exp)
+            return _train(args, accelerator, loaded, teacher, exp, card)
 
 
 def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequence[int] = ()) -> dict:
@@ -406,7 +417,7 @@ def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
     return kept
 
 
-def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir) -> Path:
+def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir, card: dict) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     prompt = check_prompt(loaded.model, Prompt(args.language, args.task))
     out = exp.root
@@ -543,7 +554,7 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
                 _save_last(exp.last, raw, optimizer, scheduler, position)
         # an epoch ends with its last micro-batch, or (the budget spent: --max_updates) where training stops
         if position["micro"] >= len(micro) or position["update"] >= total_updates:
-            _end_epoch(args, accelerator, raw, loaded, valid_utts, exp, position, scheduler, t0)
+            _end_epoch(args, accelerator, raw, loaded, valid_utts, exp, position, scheduler, t0, card)
             position = {"epoch": epoch + 1, "micro": 0, "update": position["update"], "loss_sum": 0.0,
                         "loss_count": 0}
             if accelerator.is_main_process:
@@ -551,7 +562,7 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     bar.close()
     if accelerator.is_main_process:
         save_model(raw, exp.final, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
-                   overwrite=True)
+                   overwrite=True, extra_text=_healed_card(card, args, exp, position["epoch"], exp.final))
         _save_last(exp.last, raw, optimizer, scheduler, position)
     accelerator.wait_for_everyone()
     return out
@@ -579,14 +590,26 @@ def validation_cer(model, loaded: LoadedModel, valid_utts, *, batch_size: int, d
     return cer
 
 
-def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, position: dict, scheduler, t0) -> None:
+def _healed_card(card: dict, args: FinetuneConfig, exp: ExperimentDir, epochs: int, model_dir: Path) -> dict[str, str]:
+    """The card files of the model after ``epochs`` epochs of this run, saved to ``model_dir``: the pruning
+    record with the healing (data, learning rate, distillation, validation CER before and after)."""
+    from .modelcard import card_files, with_healing
+
+    rows = {r["epoch"]: r for r in exp.read_metrics()}
+    healing = {"epochs": epochs, "run": str(exp.root.resolve()), "lr": args.lr, "distill": args.distill,
+               "distill_weight": args.distill_weight, "temperature": args.temperature,
+               "data": source_id(args.dataset or args.train_data_dir),
+               "valid_cer": rows.get(epochs, {}).get("valid_cer"), "valid_cer_before": rows.get(0, {}).get("valid_cer")}
+    return card_files(with_healing(card, healing), model_dir=model_dir)
+
+
+def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, position: dict, scheduler, t0,
+               card: dict) -> None:
     if not accelerator.is_main_process:
         return
     epoch = position["epoch"] + 1
     cer = validation_cer(raw, loaded, valid_utts, batch_size=args.valid_batch_size, device=accelerator.device,
                          pad_audio=args.pad_audio, prompt=check_prompt(raw, Prompt(args.language, args.task)))
-    save_model(raw, exp.epoch(epoch), feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
-               overwrite=True)
     count = position.get("loss_count", 0)
     row = {"epoch": epoch, "update": position["update"],
            "train_loss": position["loss_sum"] / count if count else None,
@@ -595,8 +618,10 @@ def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, p
     best_so_far = all(cer < r["valid_cer"] for r in exp.read_metrics() if r["epoch"] not in (0, epoch)
                       and isinstance(r.get("valid_cer"), (int, float)))
     exp.write_metrics_row(row)
+    save_model(raw, exp.epoch(epoch), feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+               overwrite=True, extra_text=_healed_card(card, args, exp, epoch, exp.epoch(epoch)))
     log.info("----EPOCH: %d, Test wer : %s%%", epoch, 100 * cer)
     if args.keep_best and best_so_far:
         save_model(raw, exp.best, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
-                   overwrite=True)
+                   overwrite=True, extra_text=_healed_card(card, args, exp, epoch, exp.best))
         log.info("best validation CER so far -> %s", exp.best)

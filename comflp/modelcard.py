@@ -103,6 +103,16 @@ def pruning_record(source: str | os.PathLike, source_model, model, removed: dict
     return record
 
 
+def strategy_source(strategy, path: str | os.PathLike, rank: int) -> dict:
+    """What a card says of the strategy file (a ``comflp.strategy.StrategyFile`` read from ``path``) whose
+    candidate ``rank`` gave the layers: the file, the rank, the coarse score, the measure and the candidate's
+    fine-search error rate."""
+    picked = strategy.pick(rank)
+    return {"file": source_id(path), "rank": rank, "score": picked.score,
+            "measure": strategy.meta.get("select_measure"), "fine_error_rate": picked.cer,
+            "error_rate_name": strategy.meta.get("error_rate", "CER")}
+
+
 def with_healing(record: dict, healing: dict) -> dict:
     """``record`` with the fine-tuning run that healed the model (its test rows dropped: other weights)."""
     out = copy.deepcopy(record)

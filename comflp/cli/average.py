@@ -9,7 +9,7 @@ from ..artifacts import ExperimentDir
 from ..average import average, select_epochs
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
-from .options import ArgumentParser, add_overwrite, positive_int
+from .options import ArgumentParser, add_overwrite, command_line, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.exp_dir.is_dir():
         raise ComflpError(f"exp dir not found: {args.exp_dir}")
     exp = ExperimentDir(args.exp_dir)
@@ -35,6 +36,6 @@ def main(argv: list[str] | None = None) -> Path:
         raise ComflpError(f"no epoch<N>/ checkpoints in {exp.root}")
     last = args.last_epoch if args.last_epoch is not None else saved[-1]
     epochs = select_epochs(exp, last_epoch=last, num=args.num, mode=args.mode)
-    out = average(exp, epochs, overwrite=args.overwrite)
+    out = average(exp, epochs, overwrite=args.overwrite, command=command_line(parser, argv))
     print(out)
     return out

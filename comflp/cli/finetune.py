@@ -18,7 +18,7 @@ from .argtypes import (epoch_or_last, fraction, non_negative_float, non_negative
                        seed)
 from ..model import load_model
 from ..prompt import Prompt
-from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, add_repair, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, ensure_corpus, positive_float,
+from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, add_repair, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, command_line, ensure_corpus, positive_float,
                       positive_int, str2bool)
 
 
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.dataset or (args.train_data_dir is not None and args.valid_data_dir is not None):
         loaded = None
     else:  # the default corpus is the one in the language the model writes
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     prompt = Prompt(args.language, args.task)
     args.train_data_dir = corpus_split(args.train_data_dir, "train", loaded, prompt)
     args.valid_data_dir = corpus_split(args.valid_data_dir, "dev", loaded, prompt)
-    config = FinetuneConfig(**vars(args))
+    config = FinetuneConfig(**{**vars(args), "command": command_line(parser, argv)})
     if not config.dataset:
         for data_dir in (config.train_data_dir, config.valid_data_dir):
             ensure_corpus(data_dir)

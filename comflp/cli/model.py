@@ -67,6 +67,7 @@ def prune_main(argv: list[str] | None = None) -> None:
     from ..artifacts import claim_dir
     from ..errors import ComflpError
     from ..model import load_model, num_layers
+    from ..modelcard import strategy_source
     from ..stages import prune
     from ..strategy import StrategyFile, parse_layers, resolve_pruned
 
@@ -109,7 +110,7 @@ def prune_main(argv: list[str] | None = None) -> None:
         fitted = fit_repair_from_flags(args, loaded, prompt, layers=layers, decoder_layers=decoder)
     loaded.model.to("cpu")
     out = prune(loaded, layers, args.output, decoder_layers=decoder, fp16=args.fp16, overwrite=args.overwrite,
-                repair=fitted, strategy=strategy_provenance(strategy, args.strategy, args.rank),
+                repair=fitted, strategy=strategy_source(strategy, args.strategy, args.rank) if strategy else None,
                 command=command_line(parser, argv))
     if fitted is not None:
         for m in fitted.maps:
@@ -119,19 +120,6 @@ def prune_main(argv: list[str] | None = None) -> None:
             print(f"left {s.cut.stack} block {list(s.cut.block)} unrepaired: {s.reason}")
     print(f"{pruned_summary(out, total, num_layers(loaded.model, 'decoder') if out.decoder_layers is not None else None)}"
           f", saved to {args.output}")
-
-
-def strategy_provenance(strategy, path: Path | None, rank: int) -> dict | None:
-    """What the model card says of the strategy a model was pruned by: the file, the rank, the candidate's
-    coarse score, the measure and its fine-search error rate."""
-    from ..artifacts import source_id
-
-    if strategy is None:
-        return None
-    picked = strategy.pick(rank)
-    return {"file": source_id(path), "rank": rank, "score": picked.score,
-            "measure": strategy.meta.get("select_measure"), "fine_error_rate": picked.cer,
-            "error_rate_name": strategy.meta.get("error_rate", "CER")}
 
 
 def pruned_summary(out, encoder_total: int, decoder_total: int | None) -> str:
