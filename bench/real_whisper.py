@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -135,8 +136,8 @@ def _hf_state(v: dict[str, np.ndarray], enc: int, dec: int) -> dict[str, torch.T
 def convert(ct2_dir: Path, out: Path) -> Path:
     """An HF Whisper dir (float32 weights, tokenizer, feature extractor, generation config) from a CTranslate2
     Whisper (OpenAI's English-only tiny.en here)."""
-    from transformers import (GenerationConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration)
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizer)
 
     variables, _ = read_ct2(ct2_dir / "model.bin")
     ct2_config = json.loads((ct2_dir / "config.json").read_text())
@@ -144,9 +145,10 @@ def convert(ct2_dir: Path, out: Path) -> Path:
     dec = sum(1 for k in variables if k.startswith("decoder/layer_") and k.endswith("/ffn/linear_0/weight"))
     vocab, width = variables["decoder/embeddings/weight"].shape
     heads = int(variables["encoder/num_heads"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(ct2_dir / "tokenizer.json"), bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>")
+    # Whisper's own tokenizer class, as openai/whisper-tiny.en ships: the ASR pipeline decodes with its
+    # timestamp logic (a generic fast tokenizer reads the same ids but the pipeline cannot use it)
+    tokenizer = WhisperTokenizer(tokenizer_file=str(ct2_dir / "tokenizer.json"), bos_token="<|endoftext|>",
+                                 eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     start, end = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|endoftext|>"])
     no_timestamps = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
     config = WhisperConfig(vocab_size=vocab, num_mel_bins=variables["encoder/conv1/weight"].shape[1], d_model=width,
@@ -178,11 +180,25 @@ def convert(ct2_dir: Path, out: Path) -> Path:
 def converted(cache: Path = CACHE) -> Path:
     """The HF tiny.en dir, converted once into ``cache``."""
     out = cache / "whisper-tiny.en-hf"
-    if not (out / "config.json").is_file():
+    if not (out / "config.json").is_file() or _tokenizer_class(out) != "WhisperTokenizer":
+        # absent, or converted by an earlier version (a generic tokenizer): convert again, then swap
         tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
         convert(fetch(cache), tmp)
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _tokenizer_class(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
 
 
 def check(corpus: Path, *, limit: int | None = None) -> list[tuple[str, str, str]]:

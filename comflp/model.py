@@ -637,7 +637,8 @@ def prune(model: PreTrainedModel, pruned: Iterable[int], *, decoder_pruned: Iter
     decoder; either may then be empty); ``model`` is left unchanged.
 
     Whisper's ``generation_config.alignment_heads`` (decoder layer, head) pairs follow the decoder layers
-    they name: renumbered, and dropped with a removed layer.
+    they name: renumbered, and dropped with a removed layer; when none is left the field goes, with a
+    warning that word timestamps will be unavailable.
     """
     plan = {"encoder": list(pruned), "decoder": list(decoder_pruned)}
     if plan["decoder"] and not is_encoder_decoder(model):
@@ -655,7 +656,14 @@ def prune(model: PreTrainedModel, pruned: Iterable[int], *, decoder_pruned: Iter
         heads = getattr(getattr(new, "generation_config", None), "alignment_heads", None)
         if stack == "decoder" and heads:
             index = {old: j for j, old in enumerate(kept)}
-            new.generation_config.alignment_heads = [[index[layer], head] for layer, head in heads if layer in index]
+            left = [[index[layer], head] for layer, head in heads if layer in index]
+            if left:
+                new.generation_config.alignment_heads = left
+            else:
+                # transformers tests the attribute, not its length: an empty list would fail deep in generate
+                del new.generation_config.alignment_heads
+                log.warning("decoder layers %s hold every alignment head: the pruned model has none, so word "
+                            "timestamps (return_timestamps='word') will be unavailable", ",".join(map(str, layers)))
     return new
 
 
@@ -942,6 +950,43 @@ def padding_exact(model: PreTrainedModel, sample_lengths: Sequence[int]) -> Iter
             handle.remove()
         for owner, key, original in reversed(restore):
             setattr(owner, key, original)
+
+
+class ExactForExport(nn.Module):
+    """A CTC model as one graph ``(inputs, attention_mask) -> logits`` that a tracer can export, batch-invariant
+    where :func:`padding_exact` can be written in tensors alone (``exact``).
+
+    That is the conv feature encoder's group norm (:class:`_MaskedGroupNorm`, its lengths computed from the
+    attention mask inside the graph) and the feature-input families' front ends (exact as they are). The
+    other readers of padding (a positional conv stack, a conformer's depthwise conv, SEW's pooling, an
+    encoder run per utterance) are Python-side hooks and loops a graph cannot hold: for those families
+    ``exact`` is False and a padded batch gives what the paper's batching gives (one utterance: exact).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        model = copy.deepcopy(model).eval()
+        family = family_of(model)
+        encoder = _get(base_model(model), family.feature_encoder)
+        self.stack = _conv_stack(encoder) or []
+        self.masked: list[_MaskedGroupNorm | None] = []
+        if not family.front_end_exact:
+            for layer, _ in self.stack:
+                norm = getattr(layer, "layer_norm", None)
+                if isinstance(norm, nn.GroupNorm):
+                    layer.layer_norm = norm = _MaskedGroupNorm(norm, torch.zeros(1, dtype=torch.long))
+                self.masked.append(norm if isinstance(norm, _MaskedGroupNorm) else None)
+        self.model = model
+        self.exact = family.front_end_exact or (
+            bool(self.stack) and not (family.position_conv_layers or family.depthwise_conv or family.pooled_mask))
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(-1)
+        for (_, conv), norm in zip(self.stack, self.masked):
+            lengths = torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
+            if norm is not None:
+                norm.lengths = lengths.clamp(min=0)
+        return call(self.model, inputs, attention_mask).logits
 
 
 def call(model: PreTrainedModel, inputs: torch.Tensor, attention_mask: torch.Tensor, **kwargs):

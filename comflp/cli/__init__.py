@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("comflp.cli.finetune:main", "fine-tune a pruned model (DDP via accelerate, optional distillation)"),
     "average": ("comflp.cli.average:main", "average fine-tuning checkpoints into an HF model"),
     "test": ("comflp.cli.testset:main", "decode a corpus: CER/WER, real-time factor, parameters"),
+    "export": ("comflp.cli.export:main", "export to CTranslate2 (Whisper) or ONNX (CTC), checked against PyTorch"),
     "demo": ("comflp.demo.pipeline:main", "run the pipeline on the embedded default, as resumable stages"),
 }
 
