@@ -960,7 +960,8 @@ class ExactForExport(nn.Module):
     attention mask inside the graph) and the feature-input families' front ends (exact as they are). The
     other readers of padding (a positional conv stack, a conformer's depthwise conv, SEW's pooling, an
     encoder run per utterance) are Python-side hooks and loops a graph cannot hold: for those families
-    ``exact`` is False and a padded batch gives what the paper's batching gives (one utterance: exact).
+    ``exact`` is False and the graph is the paper's batching, ``forward(..., pad_audio=True)`` (one utterance
+    per run: exact).
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -968,17 +969,19 @@ class ExactForExport(nn.Module):
         model = copy.deepcopy(model).eval()
         family = family_of(model)
         encoder = _get(base_model(model), family.feature_encoder)
-        self.stack = _conv_stack(encoder) or []
-        self.masked: list[_MaskedGroupNorm | None] = []
-        if not family.front_end_exact:
-            for layer, _ in self.stack:
-                norm = getattr(layer, "layer_norm", None)
-                if isinstance(norm, nn.GroupNorm):
-                    layer.layer_norm = norm = _MaskedGroupNorm(norm, torch.zeros(1, dtype=torch.long))
-                self.masked.append(norm if isinstance(norm, _MaskedGroupNorm) else None)
-        self.model = model
+        stack = _conv_stack(encoder) or []
         self.exact = family.front_end_exact or (
-            bool(self.stack) and not (family.position_conv_layers or family.depthwise_conv or family.pooled_mask))
+            bool(stack) and not (family.position_conv_layers or family.depthwise_conv or family.pooled_mask))
+        # a family the graph cannot make exact runs as the paper's batching throughout (the group norm too),
+        # so that its graph is one known thing: ``forward(..., pad_audio=True)``
+        self.stack = stack if self.exact and not family.front_end_exact else []
+        self.masked: list[_MaskedGroupNorm | None] = []
+        for layer, _ in self.stack:
+            norm = getattr(layer, "layer_norm", None)
+            if isinstance(norm, nn.GroupNorm):
+                layer.layer_norm = norm = _MaskedGroupNorm(norm, torch.zeros(1, dtype=torch.long))
+            self.masked.append(norm if isinstance(norm, _MaskedGroupNorm) else None)
+        self.model = model
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         lengths = attention_mask.sum(-1)
