@@ -81,3 +81,46 @@ def test_decoder_search_prune_and_test_on_tiny_en(tiny_en: Path, english: Path, 
     assert full["error_rate"] < 0.9  # a working model on this speech, so its pruned candidates can be told apart
     record = json.loads((tmp_path / "s.json").read_text())
     assert ("unusable" in record["meta"]) is (best.cer >= 0.9)  # the one line a user gets when every pick is broken
+
+
+def test_pipeline_and_word_timestamps_after_decoder_pruning_on_tiny_en(tiny_en: Path, english: Path,
+                                                                       tmp_path: Path) -> None:
+    """The pruned real tiny.en in transformers' ASR pipeline: greedy, it transcribes what `comflp test` does;
+    word timestamps work because the alignment heads followed their layers."""
+    from transformers import pipeline
+
+    from comflp.data import load_audio, read_corpus_dir
+    from comflp.model import load_model
+    from comflp.stages import evaluate, prune
+
+    out = prune(load_model(tiny_en, allow_encoder_decoder=True, need_tokenizer=True), [], tmp_path / "pruned",
+                decoder_layers=[2]).path
+    heads = json.loads((out / "generation_config.json").read_text())["alignment_heads"]
+    assert heads == [[1, 0], [1, 5], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4]]  # decoder layer 2 (0-based 1) gone
+    utts = read_corpus_dir(english / "test")
+    tested = evaluate(load_model(out, allow_encoder_decoder=True, need_tokenizer=True), utts, tmp_path / "test",
+                      data="test", batch_size=4)
+    asr = pipeline("automatic-speech-recognition", model=str(out))
+    greedy = {"generate_kwargs": {"num_beams": 1}}  # the pipeline beam-searches Whisper unless told otherwise
+    audio = [load_audio(u.path, 16000) for u in utts]
+    # a fresh dict per call: the pipeline pops the audio out of the one it is given
+    assert ([asr({"raw": a, "sampling_rate": 16000}, **greedy)["text"] for a in audio]
+            == tested.scored.transcription.hypotheses)
+    words = asr({"raw": audio[0], "sampling_rate": 16000}, return_timestamps="word", **greedy)
+    assert "".join(c["text"] for c in words["chunks"]).strip() == words["text"].strip() != ""
+    times = [t for c in words["chunks"] for t in c["timestamp"]]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= len(audio[0]) / 16000 + 0.5
+
+
+def test_ctranslate2_export_of_a_pruned_tiny_en_transcribes_as_pytorch(tiny_en: Path, english: Path,
+                                                                       tmp_path: Path) -> None:
+    """`comflp export --format ct2` of the real tiny.en with a decoder layer removed: CTranslate2's greedy
+    transcripts of the test split are the PyTorch model's (else nothing would be written)."""
+    from comflp.cli import export as export_cli, model as model_cli
+
+    model_cli.prune_main(["--model", str(tiny_en), "--decoder_layers", "2", "--output", str(tmp_path / "pruned")])
+    export_cli.main(["--model", str(tmp_path / "pruned"), "--output", str(tmp_path / "ct2"),
+                     "--check_data_dir", str(english / "test"), "--check_utts", "8"])
+    check = json.loads((tmp_path / "ct2" / "comflp_export.json").read_text())["check"]
+    assert check["same_transcripts"] == check["utterances"] == 8
+    assert check["export_error_rate"] == check["pytorch_error_rate"] < 0.9
