@@ -366,6 +366,7 @@ HYPOTHESES_FILE = "hyp.txt"
 METRICS_FILE = "metrics.jsonl"
 REPAIR_FILE = "comflp_repair.json"  # beside a pruned model: the repair folded into it (comflp.repair)
 MODEL_CARD_FILE = "README.md"  # the model card of every model comflp writes (comflp.modelcard), HF's name
+ONNX_FILE = "model.onnx"  # an ONNX export's graph and weights (comflp.export)
 EXPORT_FILE = "comflp_export.json"  # in an export dir: what was exported and how it compared (comflp.export)
 CARD_RECORD_FILE = "comflp_card.json"  # beside it: the record the card is rendered from (comflp.modelcard)
 LAST = "last"

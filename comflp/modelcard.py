@@ -146,7 +146,7 @@ def _layers_text(layers: Sequence[int]) -> str:
 
 def render(record: dict, *, name: str) -> str:
     """The card (``README.md`` text) of ``record`` for the model dir called ``name``."""
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     stacks = record.get("stacks", {})
     tests = record.get("tests", [])
@@ -176,7 +176,7 @@ def render(record: dict, *, name: str) -> str:
         parts.append(f"Chosen as candidate {strategy.get('rank', 1)} of the strategy file "
                      f"`{strategy['file']}`{score}{measure}{fine}.\n")
     else:
-        parts.append("The layers were given by hand (`--layers`).\n")
+        parts.append("The layers were named directly (`--layers`), not read from a strategy file.\n")
     repair = record.get("repair")
     if repair:
         parts.append(f"Repaired at the cut without training: `{repair.get('kind')}` maps (ridge "
@@ -214,8 +214,19 @@ def render(record: dict, *, name: str) -> str:
     if commands:
         parts += ["## Reproduce\n", "```bash", *commands, "```\n"]
     parts += ["## Use\n", "```python", "from transformers import pipeline", "",
-              f'asr = pipeline("{PIPELINE_TAG}", model="<this dir>")', 'print(asr("speech.wav")["text"])', "```\n"]
-    return "\n".join(parts)
+              f'asr = pipeline("{PIPELINE_TAG}", model="<this dir>")']
+    if "decoder" in stacks:
+        # transformers' pipeline beam-searches Whisper (5 beams) unless told; comflp decodes greedily
+        parts += ['print(asr("speech.wav", generate_kwargs={"num_beams": 1})["text"])  # greedy, as comflp test',
+                  'print(asr("speech.wav", return_timestamps="word")["chunks"])  # needs alignment heads', "```\n"]
+    else:
+        parts += ['print(asr("speech.wav")["text"])', "```\n"]
+    parts += ["`comflp export --model <this dir> --format " + ("ct2" if "decoder" in stacks else "onnx")
+              + " --output <dir>` writes it for " + ("CTranslate2 (faster-whisper)" if "decoder" in stacks
+                                                      else "ONNX Runtime") + ", checked against PyTorch.\n"]
+    text = "\n".join(parts)
+    ModelCard(text, ignore_metadata_errors=False)  # huggingface_hub's own check of the header
+    return text
 
 
 def card_files(record: dict, *, model_dir: str | os.PathLike) -> dict[str, str]:

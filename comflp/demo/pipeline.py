@@ -146,11 +146,14 @@ class Run:
             out.append(v)
         return out
 
+    def strategy_path(self, v: Variant) -> Path:
+        """The strategy file whose best candidate ``v`` prunes (a repaired pick: CoMFLP's)."""
+        return self.exp.strategy(v.stack, "comflp" if v.method == "repaired" else v.method)
+
     def pruned_layers(self, v: Variant) -> list[int]:
         from ..strategy import StrategyFile
 
-        method = "comflp" if v.method == "repaired" else v.method
-        return StrategyFile.load(self.exp.strategy(v.stack, method)).candidates[0].pruned
+        return StrategyFile.load(self.strategy_path(v)).candidates[0].pruned
 
     def same_as_comflp(self, v: Variant) -> bool:
         return v.method == "linspace" and self.pruned_layers(v) == self.pruned_layers(Variant(v.stack, "comflp"))
@@ -363,15 +366,19 @@ CALIB_UTTS, CALIB_SEED = 128, 0  # comflp prune --repair's defaults
 
 
 def _prune(run: Run) -> None:
+    from ..modelcard import strategy_source
     from ..stages import prune
+    from ..strategy import StrategyFile
 
     for v in run.variants:
         layers = run.pruned_layers(v)
         plan = {"layers": layers if v.stack == "encoder" else [],
                 "decoder_layers": layers if v.stack == "decoder" else []}
         fitted = _repair(run, plan) if v.method == "repaired" else None
+        path = run.strategy_path(v)
         out = prune(run.loaded, plan["layers"], run.exp.pruned(v.stack, v.method, run.k),
-                    decoder_layers=plan["decoder_layers"], overwrite=True, repair=fitted)
+                    decoder_layers=plan["decoder_layers"], overwrite=True, repair=fitted,
+                    strategy=strategy_source(StrategyFile.load(path), path, 1))
         log.info("%s: pruned %s -> %s", v.label(len(run.stacks) > 1), layers, out.path)
 
 
