@@ -7,7 +7,7 @@
   (``bench/repair.py --heal_epochs 3``'s unrepaired run: distillation, 3 epochs, average of 2), each in
   PyTorch fp32 (comflp's batch-invariant forward), ONNX Runtime fp32 and ONNX Runtime int8 (dynamic
   quantisation), all from ``comflp.export``.
-- **Whisper, the real tiny.en** (English test split): the full model and decoder layer 2 removed and healed
+- **Whisper, the real tiny.en** (the first ``--whisper_utts`` 100 of the English test split): the full model and decoder layer 2 removed and healed
   (``bench/real_whisper.py evidence``'s run), in PyTorch fp32 (greedy generation with the cache) and
   CTranslate2 fp32 and int8. The demo Whisper cannot go to CTranslate2: its character vocabulary has no
   ``<|notimestamps|>``, and CTranslate2 would read its characters as timestamps (``comflp export`` refuses it).
@@ -70,11 +70,9 @@ def ctc_rows(args) -> list[dict]:
     from comflp.data import iter_batches
     from comflp.decode import decode_logits
     from comflp.export import ONNX_FILE, onnx_logits, onnx_session
-    from comflp.metrics import error_rate
     from comflp.model import forward, load_model
 
     utts = read_corpus(corpus_split(None, "test", None))
-    rows = []
     variants, texts, meta = {}, {}, {}
     for label, source in (("demo-12l", REPO_ROOT / "models" / "demo-12l"), ("demo-12l pruned to 6, healed", HEALED_CTC)):
         if not source.is_dir():
@@ -108,25 +106,15 @@ def ctc_rows(args) -> list[dict]:
         variants[f"{label}|PyTorch fp32"] = pytorch
         variants[f"{label}|ONNX Runtime fp32"] = lambda warm_up=False, f=onnx: f("none", warm_up=warm_up)
         variants[f"{label}|ONNX Runtime int8"] = lambda warm_up=False, f=onnx: f("int8", warm_up=warm_up)
-        refs = [t for b in batches for t in b.texts]
-        meta[label] = (audio, refs, checks, loaded)
-    seconds = _race(variants, args.repeats)
-    base = seconds["demo-12l|PyTorch fp32"]
-    for key, s in seconds.items():
-        label, runtime = key.split("|")
-        audio, refs, checks, loaded = meta[label]
-        rows.append({"model": label, "runtime": runtime, "seconds": s, "rtf": s / audio, "speedup": base / s,
-                     "error_rate": error_rate(refs, texts[key], unit="char").rate, "unit": "char",
-                     "layers": loaded.model.config.num_hidden_layers,
-                     "export_check": checks.get("int8" if "int8" in runtime else "none") if "ONNX" in runtime else None})
-    return rows
+        meta[label] = _meta(batches, audio, checks, loaded, None)
+    return _table(_race(variants, args.repeats), "demo-12l|PyTorch fp32", meta, texts, unit="char", runtime="ONNX")
 
 
 def whisper_rows(args) -> list[dict]:
     import ctranslate2
 
     from comflp.data import iter_batches
-    from comflp.decode import Transcription, generate_batch, generation_limit
+    from comflp.decode import generate_batch, generation_limit, word_normalizer
     from comflp.prompt import Prompt, prefix_ids
 
     real = _sibling("real_whisper")
@@ -134,12 +122,12 @@ def whisper_rows(args) -> list[dict]:
     from comflp.model import load_model
 
     utts = None
-    rows, variants, texts, meta = [], {}, {}, {}
+    variants, texts, meta = {}, {}, {}
     for label, source in (("tiny.en", tiny_en), ("tiny.en decoder layer 2 removed, healed", HEALED_WHISPER)):
         if not source.is_dir():
             raise SystemExit(f"error: {source} not found: run python bench/real_whisper.py evidence")
         loaded = load_model(source, need_tokenizer=True, allow_encoder_decoder=True)
-        utts = utts or read_corpus(corpus_split(None, "test", loaded))
+        utts = utts or read_corpus(corpus_split(None, "test", loaded))[: args.whisper_utts]
         batches = list(iter_batches(utts, loaded.feature_extractor, batch_size=args.batch_size))
         audio = sum(float(b.lengths.sum()) for b in batches) / loaded.sampling_rate
         limit = generation_limit(loaded.model, loaded.tokenizer, [u.text for u in utts])
@@ -171,21 +159,31 @@ def whisper_rows(args) -> list[dict]:
         variants[f"{label}|PyTorch fp32"] = pytorch
         variants[f"{label}|CTranslate2 fp32"] = lambda warm_up=False, f=ct2: f("none", warm_up=warm_up)
         variants[f"{label}|CTranslate2 int8"] = lambda warm_up=False, f=ct2: f("int8", warm_up=warm_up)
-        refs = [t for b in batches for t in b.texts]
-        meta[label] = (audio, refs, checks, loaded, [i for b in batches for i in b.utt_ids])
-    seconds = _race(variants, args.repeats)
-    base = seconds["tiny.en|PyTorch fp32"]
-    from comflp.decode import word_normalizer
+        meta[label] = _meta(batches, audio, checks, loaded, word_normalizer(loaded.model, loaded.tokenizer))
+    return _table(_race(variants, args.repeats), "tiny.en|PyTorch fp32", meta, texts, unit="word",
+                  runtime="CTranslate2")
 
+
+def _meta(batches, audio: float, checks: dict, loaded, normalizer) -> dict:
+    config = loaded.model.config
+    layers = ([config.encoder_layers, config.decoder_layers] if hasattr(config, "decoder_layers")
+              else config.num_hidden_layers)
+    return {"ids": [i for b in batches for i in b.utt_ids], "refs": [t for b in batches for t in b.texts],
+            "audio": audio, "checks": checks, "layers": layers, "normalizer": normalizer}
+
+
+def _table(seconds: dict[str, float], base_key: str, meta: dict, texts: dict, *, unit: str, runtime: str) -> list[dict]:
+    """One row per variant: RTF, speed-up over ``base_key``, error rate, and the check of the export it ran."""
+    from comflp.decode import Transcription
+
+    rows = []
     for key, s in seconds.items():
-        label, runtime = key.split("|")
-        audio, refs, checks, loaded, ids = meta[label]
-        scored = Transcription(ids, refs, texts[key], audio, s,
-                               normalizer=word_normalizer(loaded.model, loaded.tokenizer)).score("word")
-        rows.append({"model": label, "runtime": runtime, "seconds": s, "rtf": s / audio, "speedup": base / s,
-                     "error_rate": scored.rate, "unit": "word",
-                     "layers": [loaded.model.config.encoder_layers, loaded.model.config.decoder_layers],
-                     "export_check": checks.get("int8" if "int8" in runtime else "none") if "CTran" in runtime else None})
+        label, name = key.split("|")
+        m = meta[label]
+        rate = Transcription(m["ids"], m["refs"], texts[key], m["audio"], s, normalizer=m["normalizer"]).score(unit)
+        rows.append({"model": label, "runtime": name, "seconds": s, "rtf": s / m["audio"],
+                     "speedup": seconds[base_key] / s, "error_rate": rate.rate, "unit": unit, "layers": m["layers"],
+                     "export_check": m["checks"]["int8" if "int8" in name else "none"] if runtime in name else None})
     return rows
 
 
@@ -204,7 +202,11 @@ def main() -> None:
     p.add_argument("--threads", type=threads, default=None, help="torch, ONNX Runtime and CTranslate2 threads")
     p.add_argument("--batch_size", type=positive_int, default=8, help="utterances per batch (default: %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed passes per variant (default: %(default)s)")
-    p.add_argument("--rows", choices=["all", "ctc", "whisper"], default="all")
+    p.add_argument("--rows", choices=["all", "ctc", "whisper"], default="all",
+                   help="which table to run (a partial run rewrites the results file with its rows only)")
+    p.add_argument("--whisper_utts", type=positive_int, default=100,
+                   help="Whisper rows: the first N test utterances (generation is slow on 2 cores; "
+                        "default: %(default)s)")
     p.add_argument("--work", type=Path, default=REPO_ROOT / "exp" / "bench_deploy", help="where the exports go")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "deploy.json")
     args = p.parse_args()
@@ -218,7 +220,8 @@ def main() -> None:
         rows += whisper_rows(args)
     write_json(args.output, {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                                          "cpus": os.cpu_count()},
-                             "batch_size": args.batch_size, "repeats": args.repeats, "rows": rows})
+                             "batch_size": args.batch_size, "repeats": args.repeats,
+                             "whisper_utts": args.whisper_utts, "rows": rows})
     for r in rows:
         print(f"{r['model']:<42} {r['runtime']:<18} RTF {r['rtf']:.4f}  x{r['speedup']:.2f}  "
               f"{'CER' if r['unit'] == 'char' else 'WER'} {100 * r['error_rate']:.2f}%")

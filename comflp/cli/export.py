@@ -1,4 +1,4 @@
-"""``comflp export``: a (pruned) model for the runtimes people deploy with, checked against PyTorch.
+"""Export a (pruned) model for the runtimes people deploy with, checked against PyTorch.
 
 Whisper goes to CTranslate2 (what faster-whisper loads), CTC models to ONNX (ONNX Runtime). The export is
 written only after it has transcribed the check utterances as PyTorch does (unquantised) or with its error
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Kaldi dir whose first --check_utts utterances check the export (default: "
                         f"{DEMO_DATA_HELP.format(split='test')})")
     p.add_argument("--check_utts", type=non_negative_int, default=40,
-                   help="utterances to check on; 0 writes the export unchecked (default: %(default)s)")
+                   help="utterances to check on; 0 writes the export unchecked, which is not recommended "
+                        "(default: %(default)s)")
     p.add_argument("--batch_size", type=positive_int, default=8,
                    help="utterances per batch when checking; the transcripts do not depend on it "
                         "(default: %(default)s)")
