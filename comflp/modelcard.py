@@ -33,6 +33,7 @@ from typing import Sequence
 
 from . import atomic
 from .artifacts import CARD_RECORD_FILE, MODEL_CARD_FILE, WRITTEN_BY, source_id
+from .errors import ComflpError
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,11 @@ def render(record: dict, *, name: str) -> str:
             "ctc" if "decoder" not in stacks else "encoder-decoder"]
     data = ModelCardData(base_model=record["base_model"], pipeline_tag=PIPELINE_TAG, library_name="transformers",
                          tags=tags, model_name=name if results else None, eval_results=results or None)
+    what = ("with layers removed from" if any(s["removed"] for s in stacks.values())
+            else "fine-tuned, all layers kept, from")
     parts = [f"---\n{data.to_yaml()}\n---\n", f"# {name}\n",
-             f"`{record['architecture']}` with layers removed from `{record['base_model']}` by "
-             "comflp (CoMFLP layer pruning, InterSpeech 2023). It is a plain checkpoint: "
-             "`transformers` loads it without comflp.\n",
+             f"`{record['architecture']}` {what} `{record['base_model']}` by comflp (CoMFLP layer pruning, "
+             "InterSpeech 2023). It is a plain checkpoint: `transformers` loads it without comflp.\n",
              "## Layers removed\n", "| stack | layers in the base | removed (1-based, of the base) | left |",
              "|---|---:|---|---:|"]
     for stack, s in stacks.items():
@@ -250,18 +252,22 @@ def add_test(model_dir: str | os.PathLike, row: dict) -> bool:
         return False
     card = model_dir / MODEL_CARD_FILE
     name = model_dir.resolve().name
-    with output_lock(card):
-        try:
-            ours = card.read_text(encoding="utf-8") == render(record, name=name)
-        except FileNotFoundError:
-            ours = True
-        except (OSError, UnicodeDecodeError):
-            ours = False
-        updated = with_test(record, row)
-        atomic.write_json(model_dir / CARD_RECORD_FILE, updated)
-        if ours:
-            atomic.write_text(card, render(updated, name=name))
-        else:
-            log.warning("%s was edited since comflp wrote it: left as it is (the test result is in %s)",
-                        card, model_dir / CARD_RECORD_FILE)
+    try:
+        with output_lock(card):
+            try:
+                ours = card.read_text(encoding="utf-8") == render(record, name=name)
+            except FileNotFoundError:
+                ours = True
+            except (OSError, UnicodeDecodeError):
+                ours = False
+            updated = with_test(record, row)
+            atomic.write_json(model_dir / CARD_RECORD_FILE, updated)
+            if ours:
+                atomic.write_text(card, render(updated, name=name))
+            else:
+                log.warning("%s was edited since comflp wrote it: left as it is (the test result is in %s)",
+                            card, model_dir / CARD_RECORD_FILE)
+    except (OSError, ComflpError) as err:  # a read-only model dir, or another writer: the test itself stands
+        log.warning("the model card in %s was not updated: %s", model_dir, str(err).splitlines()[0])
+        return False
     return ours
