@@ -85,8 +85,9 @@ def test_decoder_search_prune_and_test_on_tiny_en(tiny_en: Path, english: Path, 
 
 def test_pipeline_and_word_timestamps_after_decoder_pruning_on_tiny_en(tiny_en: Path, english: Path,
                                                                        tmp_path: Path) -> None:
-    """The pruned real tiny.en in transformers' ASR pipeline: greedy, it transcribes what `comflp test` does;
-    word timestamps work because the alignment heads followed their layers."""
+    """The pruned real tiny.en in transformers' ASR pipeline: greedy, it transcribes what `comflp test` does,
+    with the decoder pruned and with both stacks pruned; word timestamps work after decoder pruning because the
+    alignment heads followed their layers."""
     from transformers import pipeline
 
     from comflp.data import load_audio, read_corpus_dir
@@ -110,6 +111,14 @@ def test_pipeline_and_word_timestamps_after_decoder_pruning_on_tiny_en(tiny_en: 
     assert "".join(c["text"] for c in words["chunks"]).strip() == words["text"].strip() != ""
     times = [t for c in words["chunks"] for t in c["timestamp"]]
     assert times == sorted(times) and 0 <= times[0] and times[-1] <= len(audio[0]) / 16000 + 0.5
+    # both stacks pruned (encoder layer 3 too): a broken model, but the pipeline still decodes what comflp does
+    both = prune(load_model(tiny_en, allow_encoder_decoder=True, need_tokenizer=True), [3], tmp_path / "both",
+                 decoder_layers=[2]).path
+    tested = evaluate(load_model(both, allow_encoder_decoder=True, need_tokenizer=True), utts[:4], tmp_path / "t2",
+                      data="test", batch_size=4)
+    asr = pipeline("automatic-speech-recognition", model=str(both))
+    assert ([asr({"raw": a, "sampling_rate": 16000}, **greedy)["text"] for a in audio[:4]]
+            == tested.scored.transcription.hypotheses)
 
 
 def test_ctranslate2_export_of_a_pruned_tiny_en_transcribes_as_pytorch(tiny_en: Path, english: Path,
