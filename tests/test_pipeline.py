@@ -70,6 +70,9 @@ def test_whisper_demo_prunes_both_stacks_against_linspace_and_heals(tmp_path: Pa
         pruned = AutoModelForSpeechSeq2Seq.from_pretrained(exp / f"pruned-2{suffix}")
         depths = (pruned.config.encoder_layers, pruned.config.decoder_layers)
         assert depths == ((2, 4) if stack == "encoder" else (4, 2))
+        card = json.loads((exp / f"pruned-2{suffix}" / "comflp_card.json").read_text())  # its model card's record
+        assert card["strategy"]["file"] == str((exp / f"search{suffix}.json").resolve())
+        assert card["stacks"][stack]["removed"] == comflp.candidates[0].pruned and card["tests"]
         report = json.loads((exp / f"test_healed{suffix}" / "test_asr.json").read_text())
         assert (report["num_layers"], report["decoder_layers"]) == depths
     # a finished run is resumed, not redone
