@@ -84,6 +84,8 @@ def pruning_record(source: str | os.PathLike, source_model, model, removed: dict
         except Exception:  # a model without this stack
             continue
         record["stacks"][stack] = {"layers": depth, "removed": sorted(removed.get(stack, ()))}
+    if "decoder" in record["stacks"]:  # Whisper's word timestamps read the alignment heads' cross-attention
+        record["alignment_heads"] = len(getattr(model.generation_config, "alignment_heads", None) or [])
     if parent is not None:
         record["base_model"] = parent["base_model"]
         record["parameters"]["before"] = parent["parameters"]["before"]
@@ -219,8 +221,12 @@ def render(record: dict, *, name: str) -> str:
               f'asr = pipeline("{PIPELINE_TAG}", model="<this dir>")']
     if "decoder" in stacks:
         # transformers' pipeline beam-searches Whisper (5 beams) unless told; comflp decodes greedily
-        parts += ['print(asr("speech.wav", generate_kwargs={"num_beams": 1})["text"])  # greedy, as comflp test',
-                  'print(asr("speech.wav", return_timestamps="word")["chunks"])  # needs alignment heads', "```\n"]
+        parts += ['print(asr("speech.wav", generate_kwargs={"num_beams": 1})["text"])  # greedy, as comflp test']
+        if record.get("alignment_heads"):
+            parts += ['print(asr("speech.wav", return_timestamps="word")["chunks"])  # word timestamps', "```\n"]
+        else:
+            parts += ["```\n", "Word timestamps are unavailable: no decoder layer left holds an alignment head "
+                      "(`generation_config.alignment_heads`).\n"]
     else:
         parts += ['print(asr("speech.wav")["text"])', "```\n"]
     parts += ["`comflp export --model <this dir> --format " + ("ct2" if "decoder" in stacks else "onnx")

@@ -106,3 +106,21 @@ def test_healing_and_averaging_carry_the_card_in_the_base_models_numbering(prune
         ModelCard.load(model_dir / "README.md")
     avg = json.loads((exp / "model_avg" / "comflp_card.json").read_text())
     assert avg["averaged"] == {"epochs": [1, 2]} and avg["commands"][-1].startswith("python average_model_pts.py --exp_dir")
+
+
+def test_a_whisper_card_says_when_word_timestamps_are_gone(tmp_path: Path) -> None:
+    from test_whisper import _whisper_dir
+
+    from comflp.stages import prune
+
+    source = load_model(_whisper_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    source.model.generation_config.alignment_heads = [[1, 0], [2, 1]]  # decoder layers 2 and 3 (1-based)
+    kept = prune(source, [1], tmp_path / "kept", decoder_layers=[2]).path
+    gone = prune(source, [], tmp_path / "gone", decoder_layers=[2, 3]).path
+    assert json.loads((kept / "comflp_card.json").read_text())["alignment_heads"] == 1
+    assert 'return_timestamps="word"' in (kept / "README.md").read_text()
+    assert json.loads((gone / "comflp_card.json").read_text())["alignment_heads"] == 0
+    card = ModelCard.load(gone / "README.md")
+    assert "Word timestamps are unavailable" in card.text and "encoder-decoder" in card.data.tags
+    assert json.loads((gone / "comflp_card.json").read_text())["stacks"] == {
+        "encoder": {"layers": 4, "removed": []}, "decoder": {"layers": 4, "removed": [2, 3]}}
