@@ -1,8 +1,13 @@
-"""The command line as a user runs it: subprocesses, exit codes, one-line errors."""
+"""The command line as a user runs it: the ``comflp`` dispatcher with its exit codes and one-line errors, called
+in this process (a subprocess per call would spend seconds importing torch); ``python -m comflp`` itself runs
+as a subprocess once."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +20,28 @@ from comflp.strategy import Candidate, StrategyFile
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "comflp", *args], capture_output=True, text=True, cwd=cwd)
+    """``comflp <args>`` through the dispatcher the console script calls, in this process, run in ``cwd``:
+    exit status, stdout and stderr (torch's thread count and the working dir restored afterwards)."""
+    from comflp.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, here = torch.get_num_threads(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_help_lists_commands() -> None:
-    out = run("--help")
+    out = subprocess.run([sys.executable, "-m", "comflp", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "info" in out.stdout and "prune" in out.stdout
     sub = run("prune", "--help")
     assert sub.returncode == 0 and "--strategy" in sub.stdout and "--rank" in sub.stdout
