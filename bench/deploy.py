@@ -115,6 +115,7 @@ def whisper_rows(args) -> list[dict]:
 
     from comflp.data import iter_batches
     from comflp.decode import generate_batch, generation_limit, word_normalizer
+    from comflp.export import ct2_generate_batch
     from comflp.prompt import Prompt, prefix_ids
 
     real = _sibling("real_whisper")
@@ -136,7 +137,6 @@ def whisper_rows(args) -> list[dict]:
         prompt = loaded.tokenizer.convert_ids_to_tokens(prefix_ids(loaded.model, Prompt()))
         models = {q: ctranslate2.models.Whisper(str(args.work / f"{tag}-ct2-{q}"), device="cpu",
                                                 intra_threads=torch.get_num_threads()) for q in ("none", "int8")}
-        room = min(loaded.model.config.max_target_positions, 2 * (limit + len(prompt)) + 2)
 
         def pytorch(loaded=loaded, batches=batches, limit=limit, key=f"{label}|PyTorch fp32", warm_up=False) -> None:
             out = []
@@ -146,13 +146,11 @@ def whisper_rows(args) -> list[dict]:
             if not warm_up:
                 texts[key] = out
 
-        def ct2(q, loaded=loaded, batches=batches, prompt=prompt, room=room, limit=limit, label=label,
+        def ct2(q, loaded=loaded, batches=batches, prompt=prompt, limit=limit, label=label,
                 models=models, warm_up=False) -> None:
             out = []
             for b in batches[:1] if warm_up else batches:
-                features = ctranslate2.StorageView.from_array(b.inputs.float().contiguous().numpy())
-                for r in models[q].generate(features, [prompt] * len(b.utt_ids), beam_size=1, max_length=room):
-                    out.append(loaded.tokenizer.decode(r.sequences_ids[0][:limit], skip_special_tokens=True))
+                out += ct2_generate_batch(models[q], loaded, b, [prompt] * len(b.utt_ids), limit)
             if not warm_up:
                 texts[f"{label}|CTranslate2 {'fp32' if q == 'none' else q}"] = out
 

@@ -184,6 +184,19 @@ def _to_ct2(loaded: LoadedModel, out: Path, quantization: str) -> None:
         converter.convert(str(out), quantization=None if quantization == "none" else quantization, force=True)
 
 
+def ct2_generate_batch(model, loaded: LoadedModel, batch, prompts: list[list[str]], limit: int) -> list[str]:
+    """Greedy transcripts of one batch by the CTranslate2 Whisper ``model`` from the prompt tokens ``prompts``
+    (one per utterance), cut at ``limit`` new tokens as comflp's PyTorch generation is."""
+    import ctranslate2
+
+    features = ctranslate2.StorageView.from_array(batch.inputs.float().contiguous().numpy())
+    # CTranslate2's max_length is not a count of new tokens (it gave max_length / 2 of them with a 4-token
+    # prompt), so it is set past the cap, within the decoder's positions, and the output cut to the cap
+    room = min(loaded.model.config.max_target_positions, 2 * (limit + max(map(len, prompts))) + 2)
+    results = model.generate(features, prompts, beam_size=1, max_length=room)
+    return [loaded.tokenizer.decode(r.sequences_ids[0][:limit], skip_special_tokens=True) for r in results]
+
+
 def ct2_transcribe(model_dir: Path, loaded: LoadedModel, utts: Sequence[Utterance], *, batch_size: int,
                    prompt=None) -> tuple[dict[str, str], float]:
     """Greedy transcripts of ``utts`` by the CTranslate2 Whisper in ``model_dir`` (utterance id -> text) from
@@ -204,16 +217,9 @@ def ct2_transcribe(model_dir: Path, loaded: LoadedModel, utts: Sequence[Utteranc
                      else [None] * len(batch.utt_ids))
         prompts = [loaded.tokenizer.convert_ids_to_tokens(prefix_ids(loaded.model, prompt, language))
                    for language in languages]
-        features = ctranslate2.StorageView.from_array(batch.inputs.float().contiguous().numpy())
         start = time.perf_counter()
-        # PyTorch stops after ``limit`` new tokens. CTranslate2's max_length is not a count of new tokens (it
-        # gave max_length / 2 of them with a 4-token prompt), so it is set past the cap, within the decoder's
-        # positions, and its output cut to the cap
-        room = min(loaded.model.config.max_target_positions, 2 * (limit + len(prompts[0])) + 2)
-        results = model.generate(features, prompts, beam_size=1, max_length=room)
+        texts.update(zip(batch.utt_ids, ct2_generate_batch(model, loaded, batch, prompts, limit)))
         seconds += time.perf_counter() - start
-        texts.update((u, loaded.tokenizer.decode(r.sequences_ids[0][:limit], skip_special_tokens=True))
-                     for u, r in zip(batch.utt_ids, results))
     return texts, seconds
 
 
