@@ -246,7 +246,7 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
                 if args.strategy is not None else None)
     card = pruning_record(args.model, source.model, student, {"encoder": pruned, "decoder": decoder},
                           strategy=strategy, command=args.command,
-                          repair={k: v for k, v in fitted.record().items() if k != "cuts"} if fitted else None)
+                          repair=fitted.record() if fitted else None)
     return (LoadedModel(student, source.feature_extractor, source.tokenizer, args.model), teacher, pruned, decoder,
             card)
 

@@ -99,8 +99,8 @@ def pruning_record(source: str | os.PathLike, source_model, model, removed: dict
                 record.setdefault("history", []).append({key: parent[key]})
     if strategy:
         record["strategy"] = strategy
-    if repair:
-        record["repair"] = repair
+    if repair:  # the repair's settings and calibration set; its per-cut maps stay in the repair's own record
+        record["repair"] = {k: v for k, v in repair.items() if k != "cuts"}
     if command:
         record["commands"].append(command)
     return record

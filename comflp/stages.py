@@ -261,7 +261,7 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
     records = {REPAIR_FILE: {"written_by": WRITTEN_BY, **repair.record()}} if repair is not None else {}
     card = pruning_record(loaded.source, loaded.model if loaded.has_ctc_head else base_model(loaded.model), pruned,
                           {"encoder": layers, "decoder": decoder}, strategy=strategy, command=command,
-                          repair={k: v for k, v in repair.record().items() if k != "cuts"} if repair else None)
+                          repair=repair.record() if repair else None)
     path = save_model(pruned, output, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                       dtype=torch.float16 if fp16 else None, overwrite=overwrite, extra_weights=adapters,
                       extra_json=records, extra_text=card_files(card, model_dir=output))
