@@ -22,7 +22,7 @@ from comflp.cli.argtypes import positive_int, threads
 from comflp.atomic import write_json
 from comflp.data import collate, length_sorted_batches
 from comflp.model import forward, frame_mask
-from comflp.cli.options import read_corpus
+from comflp.demo.corpus import read_corpus
 from comflp.metrics import greedy_decode
 from comflp.model import ExtendedWav2Vec2ForCTC, load_model, prune
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split

@@ -30,7 +30,8 @@ import torch
 
 from comflp.atomic import write_json
 from comflp.cli.argtypes import positive_int, threads
-from comflp.cli.options import corpus_split, read_corpus
+from comflp.cli.options import corpus_split
+from comflp.demo.corpus import read_corpus
 from comflp.paths import REPO_ROOT
 
 CACHE = Path(os.environ.get("COMFLP_CACHE", Path.home() / ".cache" / "comflp"))

@@ -22,7 +22,7 @@ import torch
 
 from comflp.cli.argtypes import positive_int, threads
 from comflp.atomic import write_json
-from comflp.cli.options import read_corpus
+from comflp.demo.corpus import read_corpus
 from comflp.model import load_model
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
 from comflp.stages import comflp_search

@@ -28,7 +28,7 @@ from comflp.cli.argtypes import positive_int, threads
 from comflp.atomic import write_json
 from comflp.data import collate
 from comflp.model import forward, layer_frame_mask
-from comflp.cli.options import read_corpus
+from comflp.demo.corpus import read_corpus
 from comflp.hidden import (ALL_MEASURES, MeasureSettings, Statistics, capture_layer_states, collect, finalize, pool,
                            select_utterances, update, update_per_batch)
 from comflp.model import load_model, num_layers

@@ -338,6 +338,7 @@ class Evidence:
         """CE + distillation from the full model for ``epochs`` on the dev split, then the test WER of the average of
         all epochs (``layers`` empty: the unpruned model through the same recipe)."""
         from comflp.model import load_model
+        from comflp.finetune import FinetuneConfig
         from comflp.stages import average, finetune
 
         if not layers:
@@ -345,10 +346,11 @@ class Evidence:
         else:
             which = {"layers" if stack == "encoder" else "decoder_layers": ",".join(map(str, layers))}
             name = f"heal-{stack}-{'_'.join(map(str, layers))}"
-        exp = finetune(converted(), self.work / name, **which,
+        exp = finetune(FinetuneConfig(
+                       model=str(converted()), output_dir=self.work / name, **which,
                        train_data_dir=self.corpus / "dev", valid_data_dir=self.corpus / "dev", epochs=epochs, lr=lr,
                        batch_size=8, grad_accum=1, distill=True, layerdrop=0.0, test_num_batch=2,
-                       valid_batch_size=16, quiet=True, resume_epoch=-1)
+                       valid_batch_size=16, quiet=True, resume_epoch=-1))
         averaged = average(exp, num=epochs, mode="last", overwrite=True)
         return {"average": self.test_wer(load_model(averaged, allow_encoder_decoder=True).model),
                 "valid_wer_per_epoch": [r["valid_cer"] for r in exp.read_metrics() if r["epoch"] > 0]}

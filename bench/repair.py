@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from comflp.cli.argtypes import non_negative_int, threads
-from comflp.cli.options import corpus_split, read_corpus
+from comflp.cli.options import corpus_split
+from comflp.demo.corpus import read_corpus
 from comflp.errors import ComflpError
 from comflp.paths import REPO_ROOT
 
@@ -130,17 +131,21 @@ def run_model(bench: Bench, name: str) -> None:
 def heal(bench: Bench, work: Path, epochs: int) -> None:
     """demo-12l's pick healed from the unrepaired and the linear-repaired start, same recipe and epochs."""
     from comflp.model import load_model
+    from comflp.finetune import FinetuneConfig
     from comflp.stages import average, evaluate, finetune
 
     layers = ROWS["demo-12l"][0][1]
     test_dir = corpus_split(None, "test", None)
     for start in ("none", "linear"):
         def healed(start=start) -> dict:
-            exp = finetune(MODELS / "demo-12l", work / f"heal-{start}-{epochs}", layers=",".join(map(str, layers)),
+            exp = finetune(FinetuneConfig(
+                           model=str(MODELS / "demo-12l"), output_dir=work / f"heal-{start}-{epochs}",
+                           layers=",".join(map(str, layers)),
                            epochs=epochs, max_train_utts=1800, batch_size=8, grad_accum=1, lr=1e-4, distill=True,
                            layerdrop=0.1, test_num_batch=4, valid_batch_size=50, quiet=True, resume_epoch=-1,
                            repair=start,
-                           train_data_dir=corpus_split(None, "train", None), valid_data_dir=corpus_split(None, "dev", None))
+                           train_data_dir=corpus_split(None, "train", None),
+                           valid_data_dir=corpus_split(None, "dev", None)))
             averaged = average(exp, num=min(2, epochs), overwrite=True)
             tested = evaluate(load_model(averaged, need_tokenizer=True), read_corpus(test_dir),
                               work / f"test-{start}-{epochs}", data=str(test_dir), overwrite=True)

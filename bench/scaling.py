@@ -38,7 +38,7 @@ from comflp.atomic import write_json
 from comflp.demo.recipes import demo_config
 from comflp.hidden import collect
 from comflp.model import LoadedModel, load_model
-from comflp.cli.options import read_corpus
+from comflp.demo.corpus import read_corpus
 from comflp.paths import DEMO_MODEL_DIR, REPO_ROOT, demo_split
 from comflp.plots import curves
 from comflp.stages import PAPER_DC, comflp_search

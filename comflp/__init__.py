@@ -1,9 +1,9 @@
-"""comflp: correlation-measure-based fast search for layer pruning of CTC speech transformers.
+"""comflp: correlation-measure-based fast search for layer pruning of speech transformers.
 
 The library API (imported lazily, so ``import comflp`` stays light for the command lines):
 
-- :func:`load_model`, :func:`read_corpus_dir`: a model with its processor; a Kaldi-style corpus dir
-  (:func:`ensure_demo_corpus` generates the embedded one when a split of it is missing);
+- :func:`load_model`, :func:`read_corpus_dir`: a model with its processor; a Kaldi-style corpus dir (the
+  embedded demo corpus is not the library's: ``comflp.demo.corpus.ensure_demo_corpus`` generates it);
 - :class:`FineSearch`: one model and one labelled subset, on which strategies are decoded;
 - :func:`measure`, :func:`coarse`, :func:`fine`, :func:`comflp_search`: CoMFLP's stages (typed results);
 - :func:`glp`: greedy layer pruning, the baseline search by the task metric;
@@ -19,7 +19,6 @@ __version__ = "0.1.0"
 _API = {
     "load_model": "comflp.model",
     "read_corpus_dir": "comflp.data",
-    "ensure_demo_corpus": "comflp.demo.corpus",
     "FineSearch": "comflp.verify",
     "MeasureSettings": "comflp.hidden",
     "PAPER_DC": "comflp.stages",

@@ -35,7 +35,8 @@ from .artifacts import EXPORT_FILE, ONNX_FILE, WRITTEN_BY, source_id, write_dir
 from .data import Utterance, iter_batches
 from .errors import ComflpError
 from .metrics import Unit, guess_unit
-from .model import LoadedModel, family_of, is_encoder_decoder
+from .heads import head_of
+from .model import LoadedModel, family_of
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ def check_format(model, fmt: str, quantization: str, tokenizer=None) -> None:
     CTC models to ONNX; ONNX offers int8 only. CTranslate2's Whisper needs Whisper's ``<|notimestamps|>`` in
     the vocabulary (``tokenizer``): without it, it takes every token after its unknown-token stand-in for a
     timestamp and decodes something else than the model (the demo Whisper's character vocabulary)."""
-    kind = "an encoder-decoder model (Whisper)" if is_encoder_decoder(model) else "a CTC model"
-    wanted = "ct2" if is_encoder_decoder(model) else "onnx"
+    kind, wanted = head_of(model).description, head_of(model).export_format
     if fmt not in FORMATS:
         raise ComflpError(f"--format {fmt}: one of {', '.join(FORMATS)}")
     if fmt != wanted:

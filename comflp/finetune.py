@@ -44,13 +44,13 @@ from . import atomic
 from .artifacts import ExperimentDir, finetune_output, output_lock, source_id
 from .data import collate, length_sorted_batches
 from .hfdata import read_corpus_or_dataset
-from .decode import detect_languages, transcribe
+from .decode import transcribe
 from .errors import ComflpError
-from .prompt import Prompt, check_prompt, needs_detection, teacher_forcing_labels
+from .heads import check_prompt, head_of
+from .prompt import Prompt, detect_languages, needs_detection
 from .logs import logging_to
-from .metrics import guess_unit
-from .model import (LoadedModel, family_of, forward, frame_mask, freeze_feature_encoder, is_encoder_decoder, load_model,
-                    num_layers, prune, save_model, set_layerdrop)
+from .model import (LoadedModel, family_of, forward, freeze_feature_encoder, load_model, num_layers, prune, save_model,
+                    set_layerdrop)
 from .paths import DEMO_MODEL_DIR, demo_split, exp_dir
 from .repair import fold_into_pruned
 from .strategy import (DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE, StrategyFile, check_num_layers, parse_layers,
@@ -73,19 +73,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # [B, T]
     m = mask.to(kl.dtype)
     return t * t * (kl * m).sum() / m.sum().clamp(min=1.0)
-
-
-def _labels(tokenizer, texts: list[str], device) -> torch.Tensor:
-    """[B, N] token ids of the transcripts, padded with -100 (ignored by the CTC loss).
-
-    Word-segmented Chinese (AISHELL-1's transcripts) loses its spaces, which its vocabularies do not
-    model; text in words keeps them (a word delimiter, or SentencePiece's word marks).
-    """
-    ids = [tokenizer(t if guess_unit([t]) == "word" else "".join(t.split())).input_ids for t in texts]
-    out = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.long)
-    for i, seq in enumerate(ids):
-        out[i, : len(seq)] = torch.tensor(seq)
-    return out.to(device)
 
 
 @dataclass
@@ -235,10 +222,7 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
     if not set_layerdrop(student, args.layerdrop) and args.layerdrop > 0:
         log.warning("%s has no LayerDrop: training without it (--layerdrop %s not applied)",
                     student.config.model_type, args.layerdrop)
-    if not is_encoder_decoder(student):
-        # a per-utterance mean makes the DDP average over processes equal the one-process loss
-        student.config.ctc_loss_reduction = "mean"
-        student.config.ctc_zero_infinity = True
+    head_of(student).prepare_training(student)
     teacher = source.model.to(device).eval() if args.distill else None
     if teacher is not None:
         teacher.requires_grad_(False)
@@ -385,38 +369,6 @@ def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequen
             **{k: getattr(args, k) for k in keys}, **newer}
 
 
-def _check_training_data(utts, tokenizer, model, feature_extractor) -> list:
-    """Drop utterances too short for one frame per label (CTC needs it), and report unknown characters.
-
-    An encoder-decoder model needs neither: it reads a fixed window and its BPE vocabulary spells any text.
-    """
-    from .data import num_samples
-    from .decode import MAX_UNKNOWN_SHARE, check_known_tokens, report_unknown_characters
-    from .model import encoder_frames, is_encoder_decoder
-
-    if is_encoder_decoder(model):
-        check_known_tokens([u.text for u in utts], tokenizer, what="training transcripts")
-        return list(utts)
-
-    sampling_rate = int(feature_extractor.sampling_rate)
-    samples = torch.tensor([num_samples(u, sampling_rate) for u in utts])
-    frames = encoder_frames(model, feature_extractor, samples).tolist() if utts else []
-    kept, short = [], []
-    for u, n in zip(utts, frames):
-        chars = sum(1 for c in u.text if not c.isspace())
-        (kept if n >= max(1, chars) else short).append(u)
-    if short:
-        log.warning("dropped %d training utterance(s) too short for their transcript (fewer frames than "
-                    "characters), e.g. %s", len(short), ", ".join(u.utt_id for u in short[:3]))
-    share = report_unknown_characters([u.text for u in utts], tokenizer, what="training transcripts")
-    if share > MAX_UNKNOWN_SHARE:
-        raise ComflpError(f"{100 * share:.0f}% of the training transcripts' characters are not in the model's "
-                          "vocabulary (see the warning above): wrong corpus or wrong model?")
-    if not kept:
-        raise ComflpError("no training utterance is long enough for its transcript")
-    return kept
-
-
 def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir, card: dict) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     prompt = check_prompt(loaded.model, Prompt(args.language, args.task))
@@ -424,7 +376,8 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     train_utts = read_corpus_or_dataset(args, args.train_data_dir)
     if args.max_train_utts:
         train_utts = train_utts[: args.max_train_utts]
-    train_utts = _check_training_data(train_utts, loaded.tokenizer, loaded.model, loaded.feature_extractor)
+    train_utts = head_of(loaded.model).check_training_data(train_utts, loaded.tokenizer, loaded.model,
+                                                           loaded.feature_extractor)
     valid_args = replace(args, dataset_split=args.valid_dataset_split)
     valid_utts = verify_subset(read_corpus_or_dataset(valid_args, args.valid_data_dir), args.test_num_batch,
                                args.valid_batch_size)
@@ -492,8 +445,8 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     device = accelerator.device
-    generative = is_encoder_decoder(raw)  # Whisper: cross-entropy on the transcripts, not CTC
-    detector = detector_model(args, loaded, teacher, prompt) if generative else None
+    head = head_of(raw)  # CTC, or cross-entropy on the teacher-forced transcripts (Whisper)
+    detector = detector_model(args, loaded, teacher, prompt)
     detected: dict[str, str] = {}
 
     def languages(utts, batch) -> list[str] | None:
@@ -519,9 +472,8 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
             for i, index in enumerate(group):
                 utts = micro[index][rank::world]
                 batch = collate(utts, loaded.feature_extractor).to(device)
-                labels = (teacher_forcing_labels(raw, loaded.tokenizer, [u.text for u in utts], prompt,
-                                                 languages(utts, batch)).to(device) if generative
-                          else _labels(loaded.tokenizer, [u.text for u in utts], device))
+                labels = head.labels(raw, loaded.tokenizer, [u.text for u in utts], prompt=prompt,
+                                     languages=languages(utts, batch)).to(device)
                 sync = i == len(group) - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
@@ -529,12 +481,9 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
                                      pad_audio=args.pad_audio)
                     loss = output.loss
                     if teacher is not None:
-                        # an encoder-decoder teacher reads the same transcripts (teacher forcing)
                         with torch.no_grad():
-                            t_logits = forward(teacher, batch.inputs, batch.attention_mask, pad_audio=args.pad_audio,
-                                               **({"labels": labels} if generative else {})).logits
-                        mask = (labels != -100 if generative
-                                else frame_mask(raw, batch.attention_mask, output.logits.shape[1]))
+                            t_logits = head.teacher_logits(teacher, batch, labels, pad_audio=args.pad_audio)
+                        mask = head.distillation_mask(raw, batch, labels, output.logits)
                         kd = distillation_loss(output.logits, t_logits, mask, temperature=args.temperature)
                         loss = (1 - args.distill_weight) * loss + args.distill_weight * kd
                     if not torch.isfinite(loss.detach()):

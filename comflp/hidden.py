@@ -44,9 +44,10 @@ from tqdm import tqdm
 
 from . import measures as M
 from .data import Utterance, collate, num_samples
-from .decode import check_known_tokens, detect_languages
+from .vocab import check_known_tokens
 from .errors import ComflpError
-from .prompt import Prompt, check_prompt, prefix_ids, teacher_forcing_labels
+from .heads import check_prompt, head_of
+from .prompt import Prompt, detect_languages, prefix_ids
 from .model import call, forward, layer_frame_mask, min_audio_samples, stack_layers
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def forward_stack(model, batch, states: Sequence[torch.Tensor], stack: str = "en
         forward(model, batch.inputs, batch.attention_mask, pad_audio=pad_audio)
         return layer_frame_mask(model, batch.attention_mask, states[0].shape[1])
     languages = detect_languages(model, batch, prompt)  # by the measured (full) model, if the prompt needs
-    labels = teacher_forcing_labels(model, tokenizer, batch.texts, prompt, languages).to(batch.inputs.device)
+    labels = head_of(model).labels(model, tokenizer, batch.texts, prompt=prompt,
+                                   languages=languages).to(batch.inputs.device)
     call(model, batch.inputs, batch.attention_mask, labels=labels)
     # decoder input i = start token, then label i - 1: real where label i is; the positions that predict the
     # prompt's own tokens (language, task) are left out, so the states pooled are those that spell the text
@@ -123,7 +125,7 @@ def flatten_sequences(states: Sequence[torch.Tensor], mask: torch.Tensor) -> tor
     return torch.stack([s[:, :t_min].reshape(s.shape[0], -1).to(torch.float64) for s in states])
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeasureSettings:
     """What to measure and on how much data (the paper's flags)."""
 

@@ -1,4 +1,4 @@
-"""The prompt of a generative (encoder-decoder) model: the tokens before the transcript.
+"""The prompt of an encoder-decoder model: the tokens before the transcript.
 
 Whisper decodes after ``<|startoftranscript|>``, a language token (multilingual
 models), a task token and ``<|notimestamps|>``. comflp builds that prompt in one
@@ -20,11 +20,14 @@ A model without a prompt (CTC) ignores all of this.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .errors import ComflpError
+
+if TYPE_CHECKING:
+    from .data import AudioBatch
 
 TASKS = ("transcribe", "translate")
 
@@ -63,13 +66,10 @@ def language_token(model, language: str) -> str:
 
 
 def check_prompt(model, prompt: Prompt | None) -> Prompt:
-    """``prompt`` checked against ``model``'s generation config; the language becomes its token."""
-    from .model import is_encoder_decoder
-
+    """``prompt`` checked against the generation config of ``model``, a model that decodes after a prompt; the
+    language becomes its token. (:func:`comflp.heads.check_prompt` asks the model's head kind first: a CTC
+    model refuses any prompt.)"""
     prompt = prompt or Prompt()
-    if (prompt.language or prompt.task) and not is_encoder_decoder(model):
-        raise ComflpError(f"--language/--task set the prompt of an encoder-decoder model (Whisper); "
-                          f"this {model.config.model_type} model has none: leave them out")
     language = language_token(model, prompt.language) if prompt.language else None
     if prompt.task is not None:
         tasks = getattr(_generation_config(model), "task_to_id", None) or {}
@@ -190,3 +190,21 @@ def teacher_forcing_labels(model, tokenizer, texts: Sequence[str], prompt: Promp
     for i, seq in enumerate(rows):
         out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return out
+
+
+def detect_languages(model, batch: AudioBatch, prompt: Prompt | None = None) -> list[str] | None:
+    """The language token (``<|en|>``…) that ``model`` detects for each utterance of ``batch``, or None when
+    ``prompt`` gives the language or the checkpoint forces one (:func:`needs_detection`).
+
+    Detected once with the full model, the languages become every pruned candidate's prompt, so candidates
+    are compared on one prompt (a pruned model would detect its own, often wrongly), and generation from
+    shared encoder outputs needs no detection (transformers refuses to detect from them and the features
+    at once).
+    """
+    if not needs_detection(model, prompt or Prompt()) or not hasattr(model, "detect_language"):
+        return None
+    config = model.generation_config
+    ids = model.detect_language(input_features=batch.inputs, generation_config=config,
+                                num_segment_frames=batch.inputs.shape[-1])
+    names = {int(v): k for k, v in config.lang_to_id.items()}
+    return [names[int(i)] for i in ids]

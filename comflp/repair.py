@@ -45,8 +45,10 @@ from tqdm import tqdm
 
 from .data import Utterance, collate, length_sorted_batches
 from .errors import ComflpError
-from .model import _get, base_model, encoder_config, family_of, stack_layers
-from .prompt import Prompt, check_prompt
+from .model import base_model, encoder_config, family_of, stack_layers
+from .model.families import get_module
+from .heads import check_prompt
+from .prompt import Prompt
 from .strategy import DEFAULT_CALIB_UTTS, DEFAULT_REPAIR_RIDGE as DEFAULT_RIDGE, REPAIR_KINDS, to_blocks, validate
 
 log = logging.getLogger(__name__)
@@ -103,20 +105,20 @@ def state_site(model, stack: str, state: int) -> Site | None:
     if state == 0:
         if stack != "encoder" or _pre_norm(model) or family.input_norm is None:
             return None
-        module = _get(base_model(model), family.input_norm)
+        module = get_module(base_model(model), family.input_norm)
         return Site("norm", module, family.input_norm) if isinstance(module, nn.LayerNorm) else None
     layer = stack_layers(model, stack)[state - 1]
     where = f"{stack} layer {state}"
     if not _pre_norm(model):
-        module = _get(layer, family.end_norm)
+        module = get_module(layer, family.end_norm)
         if not isinstance(module, nn.LayerNorm) or module.weight is None:
             raise ComflpError(f"{where} does not end in a LayerNorm with weights ({family.end_norm}): comflp "
                               "cannot fold a repair into it")
         return Site("norm", module, f"{where} {family.end_norm}")
-    if family.ffn_extra and _get(layer, family.ffn_extra) is not None:
+    if family.ffn_extra and get_module(layer, family.ffn_extra) is not None:
         raise ComflpError(f"{where} adds {family.ffn_extra} after its feed-forward (MMS adapters): a repair "
                           "cannot fold into it exactly; use --repair none")
-    module = _get(layer, family.ffn_output) if family.ffn_output else None
+    module = get_module(layer, family.ffn_output) if family.ffn_output else None
     if not isinstance(module, nn.Linear) or module.bias is None:
         raise ComflpError(f"{where}: no feed-forward output projection with a bias ({family.ffn_output}) to fold "
                           "a repair into")
@@ -291,7 +293,7 @@ def _capture_ffn(model, stack: str, layers: Sequence[int]) -> Iterator[dict[int,
     out: dict[int, torch.Tensor] = {}
     handles = []
     for index in layers:
-        module = _get(stack_layers(model, stack)[index], family.ffn_output)
+        module = get_module(stack_layers(model, stack)[index], family.ffn_output)
 
         def grab(mod, args, output, index=index):
             out[index] = output

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -368,3 +369,31 @@ def search(matrix: np.ndarray, k: int, mode: str, *, top_n: int = 10, beam_size:
     if mode == "linspace":
         return linspace(matrix, k)
     raise ComflpError(f"unknown search mode {mode!r}; one of {', '.join(SEARCH_MODES)}")
+
+
+@dataclass(frozen=True)
+class Coarse:
+    """The coarse search stage's result (candidates best first) and its seconds."""
+
+    result: SearchResult
+    seconds: float
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return self.result.candidates
+
+    def meta(self, *, measure: str, matrix: str, k: int) -> dict:
+        """What a strategy file records of the coarse search: the mode, the measure that scored the strategies
+        and the matrix file it came from."""
+        return {"search_mode": self.result.mode, "select_measure": measure, "matrix": matrix,
+                "coarse_seconds": self.seconds, "num_clip_layers": k}
+
+
+def coarse(matrix: np.ndarray, k: int, *, mode: str = "exact", top_n: int = 10, beam_size: int = 10,
+           seed: int = 42) -> Coarse:
+    """The coarse search stage: score pruning strategies of ``k`` layers on ``matrix`` [L+1, L+1] alone
+    (:func:`search`), timed. Here rather than in :mod:`comflp.stages` (which re-exports it) so that a
+    coarse-only search does not import transformers."""
+    start = time.perf_counter()
+    result = search(matrix, k, mode, top_n=top_n, beam_size=beam_size, seed=seed)
+    return Coarse(result, time.perf_counter() - start)

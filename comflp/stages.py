@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,14 +31,17 @@ import torch
 from .data import Utterance
 from .decode import Transcription, transcribe
 from .errors import ComflpError
+from .finetune import FinetuneConfig
 from .artifacts import REPAIR_FILE, WRITTEN_BY, ExperimentDir, is_matrix_set, matrix_meta, save_matrices, save_matrix
 from .hidden import MOMENT_MEMORY_GB, MeasureSettings, Statistics, collect
-from .metrics import ErrorRate, Unit, guess_unit, rate_name
-from .prompt import Prompt, check_prompt
-from .model import (LoadedModel, adapter_files, base_model, count_parameters, fingerprint, is_encoder_decoder,
+from .metrics import ErrorRate, Unit, guess_unit, rate_name, unusable_note
+from .heads import check_prompt
+from .prompt import Prompt
+from .model import (LoadedModel, adapter_files, base_model, count_parameters, family_of, fingerprint,
                     num_layers, prune as prune_model, prune_layer_weights, save_model)
 from .repair import DEFAULT_RIDGE, Repair
-from .search import SearchResult, search
+from .report import MeasureReport
+from .search import Coarse, coarse  # the coarse stage lives with the search: no transformers import
 from .strategy import Candidate, validate
 from .verify import RACE_CONFIDENCE, FineSearch, GLPResult, VerifyReport, greedy_layer_pruning, race, verify
 
@@ -60,13 +64,14 @@ class Measured:
     model: str = ""
     data: str = ""
     fingerprint: str | None = None  # of the model measured (comflp.model.fingerprint)
+    record: dict = field(default_factory=dict)  # more to record beside the matrices (a command's settings)
 
     def meta(self) -> dict:
-        """What a matrix file records (:func:`comflp.artifacts.matrix_meta`)."""
-        return matrix_meta(model=self.model, data=self.data, num_layers=self.num_layers, stack=self.stack,
-                           settings=self.settings.to_dict(), num_utterances=self.stats.num_utterances,
-                           num_frames=self.stats.num_frames, num_batches=self.stats.num_batches,
-                           seconds=self.seconds, fingerprint=self.fingerprint)
+        """What a matrix file records (:func:`comflp.artifacts.matrix_meta`, then :attr:`record`)."""
+        return {**matrix_meta(model=self.model, data=self.data, num_layers=self.num_layers, stack=self.stack,
+                              settings=self.settings.to_dict(), num_utterances=self.stats.num_utterances,
+                              num_frames=self.stats.num_frames, num_batches=self.stats.num_batches,
+                              seconds=self.seconds, fingerprint=self.fingerprint), **self.record}
 
     def save(self, path: str | os.PathLike, measure: str | None = None, *, overwrite: bool = False) -> Path:
         """One matrix (default: the first measured) as the paper's ``.npy`` + sidecar, or all of them to an
@@ -74,18 +79,6 @@ class Measured:
         if is_matrix_set(path):
             return save_matrices(path, self.matrices, self.meta(), overwrite=overwrite)
         return save_matrix(path, self.matrices[measure or next(iter(self.matrices))], self.meta(), overwrite=overwrite)
-
-
-@dataclass(frozen=True)
-class Coarse:
-    """The coarse search's result (candidates best first) and its seconds."""
-
-    result: SearchResult
-    seconds: float
-
-    @property
-    def candidates(self) -> list[Candidate]:
-        return self.result.candidates
 
 
 @dataclass(frozen=True)
@@ -110,6 +103,38 @@ class Fine:
     def ranked_decoded(self) -> list[int]:
         """Utterances decoded per candidate, in :attr:`ranked` order."""
         return [self.report.decoded[i] for i in self._order()]
+
+    def meta(self, *, data: str, model: str, racing: bool, confidence: float | None = None) -> dict:
+        """What a strategy file records of the fine search (``data``: the subset's source, ``model``: the
+        model's): the error rate's name, the utterances each candidate was decoded on, the race, the
+        correlation, the work, the detected languages and, when every candidate is broken, a note saying so."""
+        engine = self.engine
+        meta = {"error_rate": rate_name(engine.unit), "decoded_utterances": self.ranked_decoded, "race": racing,
+                "race_confidence": confidence if racing else None, "pearson": self.report.pearson,
+                "fine_seconds": self.seconds, "verify_data_dir": data, "verify_utterances": len(engine.utts),
+                "layer_applications": engine.stats.layer_applications,
+                "naive_layer_applications": engine.stats.naive_layer_applications, "model": model,
+                **engine_languages(engine)}
+        unusable = unusable_note([c.cer for c in self.report.candidates], what="candidate")
+        return {**meta, "unusable": unusable} if unusable else meta
+
+
+def engine_languages(engine: FineSearch) -> dict:
+    """``{"languages": {token: count}}``: the prompt languages the full model detected (a multilingual model
+    whose prompt forces none), for a strategy file; empty when none were detected."""
+    if not engine.languages:
+        return {}
+    return {"languages": dict(Counter(engine.languages.values()).most_common())}
+
+
+def glp_meta(result: GLPResult, engine: FineSearch, *, data: str, model: str) -> dict:
+    """What a GLP strategy file records: every step, the seconds and evaluations, the subset, the model, the
+    detected languages, and a note when the last step is broken."""
+    meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
+            "evaluations": result.evaluations, "verify_data_dir": data, "verify_utterances": len(engine.utts),
+            "model": model, "error_rate": rate_name(engine.unit), **engine_languages(engine)}
+    unusable = unusable_note([result.path[-1].cer], what="step of greedy pruning, to its last,")
+    return {**meta, "unusable": unusable} if unusable else meta
 
 
 @dataclass(frozen=True)
@@ -141,14 +166,6 @@ def measure(loaded: LoadedModel, utts: Sequence[Utterance], settings: MeasureSet
                               tokenizer=loaded.tokenizer, prompt=prompt)
     return Measured({k: v.numpy() for k, v in matrices.items()}, stats, time.perf_counter() - start, stack,
                     num_layers(loaded.model, stack), settings, str(loaded.source), data, fingerprint(loaded.model))
-
-
-def coarse(matrix: np.ndarray, k: int, *, mode: str = "exact", top_n: int = 10, beam_size: int = 10,
-           seed: int = 42) -> Coarse:
-    """Score pruning strategies of ``k`` layers on ``matrix`` [L+1, L+1] alone (:func:`comflp.search.search`)."""
-    start = time.perf_counter()
-    result = search(matrix, k, mode, top_n=top_n, beam_size=beam_size, seed=seed)
-    return Coarse(result, time.perf_counter() - start)
 
 
 def fine(engine: FineSearch, candidates: Sequence[Candidate], *, racing: bool = True,
@@ -266,7 +283,7 @@ def prune(loaded: LoadedModel, layers: Sequence[int], output: str | os.PathLike,
                       dtype=torch.float16 if fp16 else None, overwrite=overwrite, extra_weights=adapters,
                       extra_json=records, extra_text=card_files(card, model_dir=output))
     return Pruned(Path(path), list(layers), num_layers(pruned), sorted(adapters), decoder,
-                  num_layers(pruned, "decoder") if is_encoder_decoder(pruned) else None, repair)
+                  num_layers(pruned, "decoder") if "decoder" in family_of(pruned).stacks else None, repair)
 
 
 
@@ -339,7 +356,7 @@ def evaluate(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | o
             **({"prompt": prompt.to_dict()} if prompt is not None and (prompt.language or prompt.task) else {}),
             "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         }
-        if is_encoder_decoder(loaded.model):
+        if "decoder" in family_of(loaded.model).stacks:
             summary["decoder_layers"] = num_layers(loaded.model, "decoder")
         for utt, ref, hyp in zip(result.utt_ids, result.references, result.hypotheses):
             logging.getLogger("comflp.test.hyp").debug("%s ref=%s hyp=%s", utt, ref, hyp)
@@ -356,22 +373,18 @@ def evaluate(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | o
     return Tested(scored, report, summary)
 
 
-def finetune(model: str | os.PathLike, output_dir: str | os.PathLike, **settings) -> ExperimentDir:
-    """Fine-tune ("heal") ``model`` pruned as ``settings`` say, into the experiment dir ``output_dir``.
+def finetune(config: FinetuneConfig) -> ExperimentDir:
+    """Fine-tune ("heal") ``config.model`` pruned as ``config`` says, into the experiment dir
+    ``config.output_dir``.
 
-    ``settings``: the fields of :class:`comflp.finetune.FinetuneConfig` (the flags of ``comflp finetune``:
-    ``strategy``/``rank``, ``layers`` or ``whole_model``; ``distill``, ``epochs``, ``lr``...). An interrupted run
-    of the same settings resumes from its ``last/``; another experiment in ``output_dir`` is refused.
-    Returns the experiment dir (``epoch<N>/``, ``final/``, ``metrics.jsonl``).
+    ``config``: a :class:`comflp.finetune.FinetuneConfig` (its fields are the flags of ``comflp finetune``:
+    ``strategy``/``rank``, ``layers`` or ``whole_model``; ``distill``, ``epochs``, ``lr``...), checked by its
+    ``validate``. An interrupted run of the same settings resumes from its ``last/``; another experiment in
+    the output dir is refused. Returns the experiment dir (``epoch<N>/``, ``final/``, ``metrics.jsonl``).
     """
-    from dataclasses import fields
+    from .finetune import train
 
-    from .finetune import FinetuneConfig, train
-
-    unknown = sorted(set(settings) - ({f.name for f in fields(FinetuneConfig)} - {"model", "output_dir"}))
-    if unknown:
-        raise ComflpError(f"unknown fine-tuning setting(s) {', '.join(unknown)} (see comflp.finetune.FinetuneConfig)")
-    return ExperimentDir(train(FinetuneConfig(model=str(model), output_dir=Path(output_dir), **settings)))
+    return ExperimentDir(train(config))
 
 
 def average(exp: ExperimentDir, *, num: int, mode: str = "valid", overwrite: bool = False) -> Path:
@@ -388,7 +401,7 @@ def average(exp: ExperimentDir, *, num: int, mode: str = "valid", overwrite: boo
 
 def measure_report(engine: FineSearch, matrices: dict[str, np.ndarray], k: int, *, num_strategies: int = 40,
                    seed: int = 0, bootstrap: int = 1000, settings: dict | None = None,
-                   output: str | os.PathLike | None = None, overwrite: bool = False):
+                   output: str | os.PathLike | None = None, overwrite: bool = False) -> MeasureReport:
     """Which measure predicts the error rate: decode ``num_strategies`` strategies of ``k`` layers (every
     measure's top 3, then seeded random ones) on ``engine``'s subset and rank-correlate each matrix's score
     with their error rates (:func:`comflp.report.build_report`).

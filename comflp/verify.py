@@ -29,16 +29,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .data import AudioBatch, Utterance, collate, iter_batches, length_sorted_batches
-from .decode import (check_decodable, decode_batch, decode_logits, detect_languages, generate_batch, generation_limit,
-                     report_unknown_characters, word_normalizer)
+from .decode import check_decodable
+from .heads import decode_batch, head_of
 from .errors import ComflpError
-from .prompt import Prompt, check_prompt, generate_kwargs
+from .prompt import Prompt, detect_languages
 from .metrics import ErrorRate, Unit, error_rate, guess_unit, rate_name, utterance_errors
-from .model import (LoadedModel, call, frozen_features, is_encoder_decoder, num_layers, padding_exact, prune,
-                    run_layers, run_layers_cached)
+from .model import LoadedModel, num_layers, padding_exact, prune, run_layers
+from .model.families import base_model, family_of, get_module, set_module, stack_of
+from .model.layers import layers_slot
 from .repair import Repair, applied as repair_applied, cuts_of
 from .strategy import Candidate, check_prune_count, validate
 
@@ -50,6 +52,97 @@ def verify_subset(utts: Sequence[Utterance], num_batches: int, batch_size: int) 
     if num_batches < 1 or batch_size < 1:
         raise ComflpError("--test_num_batch and --verify_batch_size must be positive")
     return list(utts[: num_batches * batch_size])
+
+
+# The fine search's caches: what several candidates share on one batch is computed once.
+
+class _CachedLayer(nn.Module):
+    """Runs ``layer`` unless its output for this kept-layer prefix is cached."""
+
+    def __init__(self, layer: nn.Module, key: tuple[int, ...], cache: dict, counter: list[int]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.key = key
+        self.cache = cache
+        self.counter = counter
+
+    def forward(self, *args, **kwargs):
+        out = self.cache.get(self.key)
+        if out is None:
+            out = self.layer(*args, **kwargs)
+            self.cache[self.key] = out
+            self.counter[0] += 1
+        return out
+
+
+@contextlib.contextmanager
+def run_layers_cached(model: nn.Module, kept: Sequence[int], cache: dict, counter: list[int],
+                      stack: str = "encoder", *, successor_in_key: bool = False) -> Iterator[nn.Module]:
+    """:func:`run_layers`, with the output of each layer application cached under its kept-layer prefix.
+
+    ``cache`` maps a prefix ``kept[: j + 1]`` to the output of layer ``kept[j]`` after that prefix; a
+    forward finds the outputs of a prefix it shares with an earlier forward there instead of running
+    those layers again (valid while the input batch is the same). ``counter[0]`` counts the layer
+    applications actually run. ``successor_in_key``: a layer's output also depends on the layer kept after
+    it (a repair map folded at a cut, :mod:`comflp.repair`), so the key is the prefix and that layer (-1 for
+    none).
+    """
+    kept = tuple(kept)
+
+    def key(j: int) -> tuple[int, ...]:
+        if not successor_in_key:
+            return kept[: j + 1]
+        return kept[: j + 1] + (kept[j + 1] if j + 1 < len(kept) else -1,)
+
+    with run_layers(model, kept, stack):
+        parent, name = layers_slot(model, stack)
+        selected = getattr(parent, name)
+        setattr(parent, name, nn.ModuleList(
+            [_CachedLayer(layer, key(j), cache, counter) for j, layer in enumerate(selected)]))
+        try:
+            yield model
+        finally:
+            setattr(parent, name, selected)
+
+
+class _OutputOnce(nn.Module):
+    """Stands in for a module before the layers: runs it unless ``outputs`` holds its output under ``key``."""
+
+    def __init__(self, module: nn.Module, outputs: dict, key: str) -> None:
+        super().__init__()
+        self.module = module
+        self.outputs = outputs
+        self.key = key
+
+    def forward(self, *args, **kwargs):
+        if self.key not in self.outputs:
+            self.outputs[self.key] = self.module(*args, **kwargs)
+        return self.outputs[self.key]
+
+
+@contextlib.contextmanager
+def frozen_features(model: nn.Module, outputs: dict | None = None) -> Iterator[nn.Module]:
+    """Within the block, the front end and the family's ``per_batch`` modules run once: every forward after
+    the first reuses their outputs.
+
+    Valid while every forward in the block gets the same input batch (fine search decodes one batch under
+    many layer sets): what runs before the first layer is then the same for every layer set.
+    ``outputs``: module path -> output, kept by the caller to reuse them in a later block on the same batch
+    (filled in by the first forward).
+    """
+    base = base_model(model)
+    family = family_of(model)
+    outputs = {} if outputs is None else outputs
+    originals = {}
+    for path in (family.feature_encoder, *family.per_batch):
+        if (module := get_module(base, path)) is not None:
+            originals[path] = module
+            set_module(base, path, _OutputOnce(module, outputs, path))
+    try:
+        yield model
+    finally:
+        for path, module in originals.items():
+            set_module(base, path, module)
 
 
 @dataclass
@@ -100,7 +193,6 @@ class FineSearch:
     stack: str = "encoder"
     front_end_cache_gb: float = 2.0
     stats: FineSearchStats = field(default_factory=FineSearchStats)
-    hypotheses: list[list[str]] = field(default_factory=list)  # of the last evaluate(), per set, in utts order
     languages: dict[str, str] = field(default_factory=dict)  # utterance -> language token detected (multilingual)
     prompt: Prompt | None = None  # an encoder-decoder model's language and task (comflp.prompt)
     repair: Repair | None = None  # every candidate is evaluated after the repair of its cuts (comflp.repair)
@@ -111,63 +203,38 @@ class FineSearch:
         if any(u.text is None for u in self.utts):
             raise ComflpError("fine search needs transcripts (a text file in the verify data dir)")
         self.unit = self.unit or guess_unit([u.text for u in self.utts])
-        check_decodable(self.loaded.model, self.loaded.feature_extractor, self.utts)
-        self.generative = is_encoder_decoder(self.loaded.model)
-        self.prompt = check_prompt(self.loaded.model, self.prompt)
-        self._normalizer = word_normalizer(self.loaded.model, self.loaded.tokenizer, self.prompt)
-        if self.generative:  # a byte-level BPE vocabulary spells any text: no unknown characters to report
-            # the same cap for every batch, from the whole subset's references
-            self.max_new_tokens = generation_limit(self.loaded.model, self.loaded.tokenizer,
-                                                   [u.text for u in self.utts])
-            self.utts = [replace(u, text=self.normalize(u.text)) for u in self.utts]
-        else:
-            report_unknown_characters([u.text for u in self.utts], self.loaded.tokenizer,
-                                      what="fine-search references")
-        self.device = next(self.loaded.model.parameters()).device
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        check_decodable(model, self.loaded.feature_extractor, self.utts)
+        self.head = head_of(model)
+        self.prompt = self.head.check_prompt(model, self.prompt)
+        self._normalizer = self.head.normalizer(model, tokenizer, self.prompt)
+        references = [u.text for u in self.utts]
+        self.head.check_references(references, tokenizer, what="fine-search references")
+        # the same cap for every batch, from the whole subset's references (None: the head does not generate)
+        self.max_new_tokens = self.head.generation_limit(model, tokenizer, references)
+        self.utts = [replace(u, text=self.normalize(u.text)) for u in self.utts]
+        self.device = next(model.parameters()).device
         groups = length_sorted_batches(self.utts, batch_size=self.batch_size)
         self._batches: list[AudioBatch] = [collate(g, self.loaded.feature_extractor) for g in groups]
-        self.num_layers = num_layers(self.loaded.model, self.stack)
+        self.num_layers = num_layers(model, self.stack)
+        self._cacheable = stack_of(model, self.stack).cacheable
         self._front_ends: dict[int, dict] = {}  # batch index -> front-end outputs kept (frozen_features)
         self._front_end_bytes = 0
         self._languages: dict[int, list[str] | None] = {}  # batch index -> languages the full model detected
 
     def normalize(self, text: str) -> str:
-        """Text in words through Whisper's normaliser (:func:`comflp.decode.word_normalizer`: the English one
-        or the basic one); characters as they are."""
-        return self._normalizer(text) if self.generative and self.unit == "word" else text
+        """Text in words through the head kind's normaliser (:meth:`comflp.heads.HeadKind.normalizer`: Whisper's
+        English or basic one for generated text); characters, and a head without one, as they are."""
+        return self._normalizer(text) if self._normalizer is not None and self.unit == "word" else text
 
-    def _generate_batch(self, batch: AudioBatch, index: int, kept: list[tuple[int, ...]], order: list[int],
-                        hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
-        """Greedy-generate one batch under every kept sequence of the stack (encoder-decoder models), each with
-        the prompt language the full model detects (when the generation config forces none)."""
-        model, tok = self.loaded.model, self.loaded.tokenizer
-        limit = self.max_new_tokens
-        if index not in self._languages:  # the full model's detected languages: every candidate's prompt
-            self._languages[index] = detect_languages(model, batch, self.prompt)
+    def _batch_languages(self, batch: AudioBatch, index: int) -> list[str] | None:
+        """The prompt languages the full model detects for batch ``index`` (None when the prompt needs none),
+        detected once: every candidate's prompt."""
+        if index not in self._languages:
+            self._languages[index] = detect_languages(self.loaded.model, batch, self.prompt)
             if self._languages[index] is not None:
                 self.languages.update(zip(batch.utt_ids, self._languages[index]))
-        languages = self._languages[index]
-        encoder_out = call(model, batch.inputs, batch.attention_mask) if self.stack == "decoder" else None
-        cache: dict[tuple[int, ...], object] = {}
-        for i in order:
-            seq = kept[i]
-            for key in [k for k in cache if seq[: len(k)] != k]:
-                del cache[key]
-            if self.stack == "encoder":
-                switched = self._cached(seq, cache, counter)
-            else:
-                switched = contextlib.ExitStack()
-                switched.enter_context(self._repaired(seq))
-                switched.enter_context(run_layers(model, seq, "decoder"))
-            with switched:
-                extra = {"encoder_outputs": encoder_out} if encoder_out is not None else {}
-                extra.update(generate_kwargs(self.prompt, languages))
-                texts = generate_batch(model, tok, batch, max_new_tokens=limit, **extra)
-            if self.stack == "decoder":
-                counter[0] += len(seq)
-            texts = [self.normalize(t) for t in texts]
-            hyps[i].update(zip(batch.utt_ids, texts))
-            bar.update(1)
+        return self._languages[index]
 
     def _repaired(self, kept: Sequence[int]) -> contextlib.AbstractContextManager:
         """The repair maps of the kept sequence's cuts applied to the model (nothing without a repair); one line
@@ -181,13 +248,19 @@ class FineSearch:
             raise ComflpError(f"no repair was fitted for the {self.stack} block {list(missing[0].block)}")
         return repair_applied(self.loaded.model, [maps[c] for c in cuts if c in maps])
 
-    def _cached(self, seq: tuple[int, ...], cache: dict, counter: list[int]) -> contextlib.AbstractContextManager:
-        """The model running the kept sequence ``seq`` of the stack, its layer outputs cached along the trie path
-        (repaired first, when the search repairs)."""
+    def _switched(self, seq: tuple[int, ...], cache: dict, counter: list[int]) -> contextlib.AbstractContextManager:
+        """The model running the kept sequence ``seq`` of the stack (repaired first, when the search repairs).
+
+        A stack that runs once per forward has its layer outputs cached along the trie path; one that runs once
+        per generated token (a decoder) cannot, and counts its layers as applied once per candidate."""
         stack = contextlib.ExitStack()
         stack.enter_context(self._repaired(seq))  # on the full model's modules, before the layer list changes
-        stack.enter_context(run_layers_cached(self.loaded.model, seq, cache, counter, self.stack,
-                                              successor_in_key=self.repair is not None))
+        if self._cacheable:
+            stack.enter_context(run_layers_cached(self.loaded.model, seq, cache, counter, self.stack,
+                                                  successor_in_key=self.repair is not None))
+        else:
+            stack.enter_context(run_layers(self.loaded.model, seq, self.stack))
+            counter[0] += len(seq)
         return stack
 
     def _keep_front_end(self, index: int, outputs: dict) -> None:
@@ -197,21 +270,29 @@ class FineSearch:
             self._front_ends[index] = outputs
             self._front_end_bytes += size
 
-    def _evaluate_batch(self, batch: AudioBatch, index: int, kept: list[tuple[int, ...]], order: list[int],
-                        hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
-        """Decode one batch under every kept sequence, walking the trie of kept sequences in DFS order."""
+    def _decode_batch(self, batch: AudioBatch, index: int, kept: list[tuple[int, ...]], order: list[int],
+                      hyps: list[dict[str, str]], counter: list[int], bar: tqdm) -> None:
+        """Decode one batch under every kept sequence, walking the trie of kept sequences in DFS order.
+
+        What comes before the stack runs once per batch: the front end (kept between evaluations,
+        :func:`frozen_features`), the full model's detected languages, and the head kind's shared prefix (a
+        decoder's candidates share the encoder's outputs)."""
         model = self.loaded.model
+        languages = self._batch_languages(batch, index)
         cache: dict[tuple[int, ...], object] = {}
         outputs = self._front_ends.get(index, {})
-        with frozen_features(model, outputs):
+        exact = (contextlib.nullcontext() if self.pad_audio
+                 else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
+        with exact, frozen_features(model, outputs):
+            shared = self.head.shared_prefix(model, batch, self.stack)
             for i in order:
                 seq = kept[i]
                 for key in [k for k in cache if seq[: len(k)] != k]:
                     del cache[key]  # leave the trie path
-                with self._cached(seq, cache, counter):
-                    logits = call(model, batch.inputs, batch.attention_mask).logits
-                texts = decode_logits(model, self.loaded.tokenizer, logits, batch.attention_mask)
-                hyps[i].update(zip(batch.utt_ids, texts))
+                with self._switched(seq, cache, counter):
+                    texts = self.head.decode(model, self.loaded.tokenizer, batch, max_new_tokens=self.max_new_tokens,
+                                             prompt=self.prompt, languages=languages, **shared)
+                hyps[i].update(zip(batch.utt_ids, (self.normalize(t) for t in texts)))
                 bar.update(1)
         if index not in self._front_ends:
             self._keep_front_end(index, outputs)
@@ -223,21 +304,13 @@ class FineSearch:
         sets = [validate(p, self.num_layers) if p else [] for p in pruned_sets]
         kept = [tuple(i for i in range(self.num_layers) if i + 1 not in set(p)) for p in sets]
         order = sorted(range(len(sets)), key=lambda i: kept[i])  # DFS order of the trie
-        model = self.loaded.model
         hyps: list[dict[str, str]] = [{} for _ in sets]
         start = time.perf_counter()
         counter = [0]
         bar = tqdm(total=len(batches) * len(sets), desc="fine search", unit="cand-batch", disable=not self.progress)
         with torch.inference_mode():
             for index, batch in zip(indices, batches):
-                batch = batch.to(self.device)
-                if self.generative:
-                    self._generate_batch(batch, index, kept, order, hyps, counter, bar)
-                    continue
-                exact = (contextlib.nullcontext() if self.pad_audio
-                         else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
-                with exact:
-                    self._evaluate_batch(batch, index, kept, order, hyps, counter, bar)
+                self._decode_batch(batch.to(self.device), index, kept, order, hyps, counter, bar)
         bar.close()
         self.stats.layer_applications += counter[0]
         self.stats.naive_layer_applications += len(batches) * sum(len(k) for k in kept)
@@ -254,12 +327,20 @@ class FineSearch:
         """Hypotheses of each pruned set on the batches ``indices`` of :attr:`batches`, keyed by utterance id."""
         return self._decode(pruned_sets, indices)
 
+    def transcribe(self, pruned_sets: Sequence[Sequence[int]]) -> list[list[str]]:
+        """Hypotheses of each pruned set (1-based layers) on the whole subset, in ``utts`` order (normalised as
+        they are scored)."""
+        hyps = self._decode(pruned_sets, range(len(self._batches)))
+        return [[h[u.utt_id] for u in self.utts] for h in hyps]
+
+    def error_rates(self, hypotheses: Sequence[Sequence[str]]) -> list[ErrorRate]:
+        """The error rate of each set of hypotheses (from :meth:`transcribe`) against the subset."""
+        refs = [u.text for u in self.utts]
+        return [error_rate(refs, list(h), unit=self.unit) for h in hypotheses]
+
     def evaluate(self, pruned_sets: Sequence[Sequence[int]]) -> list[ErrorRate]:
         """Error rate of each pruned set (1-based layers) on the whole subset, in the order given."""
-        hyps = self._decode(pruned_sets, range(len(self._batches)))
-        refs = [u.text for u in self.utts]
-        self.hypotheses = [[h[u.utt_id] for u in self.utts] for h in hyps]
-        return [error_rate(refs, h, unit=self.unit) for h in self.hypotheses]
+        return self.error_rates(self.transcribe(pruned_sets))
 
 
 def evaluate_separately(loaded: LoadedModel, utts: Sequence[Utterance], pruned_sets: Sequence[Sequence[int]], *,

@@ -10,7 +10,7 @@ import torch
 from comflp.data import collate
 from comflp.decode import compare_speed, transcribe
 from comflp.model import forward, frame_mask, load_model, prune
-from comflp.cli.options import read_corpus
+from comflp.demo.corpus import read_corpus
 from comflp.paths import DEMO_MODEL_DIR, demo_split
 from comflp.verify import FineSearch, evaluate_separately
 

@@ -8,7 +8,7 @@ import sys
 
 from transformers import AutoModelForCTC, AutoProcessor
 
-from comflp.cli.options import read_corpus
+from comflp.demo.corpus import read_corpus
 from comflp.decode import transcribe
 from comflp.paths import DEMO_MODEL_DIR, demo_split
 

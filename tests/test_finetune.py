@@ -230,16 +230,18 @@ def test_a_dataset_trains_as_its_kaldi_dir(setup, tmp_path: Path) -> None:
 def test_labels_keep_word_boundaries_of_text_in_words_and_drop_aishell_spaces(tmp_path: Path) -> None:
     from transformers import Wav2Vec2CTCTokenizer
 
-    from comflp.finetune import _labels
+    from comflp.heads import CtcHead
+
+    _labels = CtcHead().labels
 
     from conftest import parakeet_tokenizer
 
     vocab = ["<pad>", "<unk>", "|", *"abcdefghijklmnopqrstuvwxyz", "你", "好", "世", "界"]
     (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     tok = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), word_delimiter_token="|", bos_token=None, eos_token=None)
-    english, chinese = _labels(tok, ["hi you", "你好 世界"], "cpu").tolist()
+    english, chinese = _labels(None, tok, ["hi you", "你好 世界"]).tolist()
     assert english[:6] == [vocab.index(c) for c in "hi|you"]
     assert chinese[:4] == [vocab.index(c) for c in "你好世界"] and chinese[4:] == [-100, -100]
     # Parakeet's SentencePiece vocabulary marks word starts with "▁"; AISHELL-style spaces are dropped first
     pk = parakeet_tokenizer()
-    assert pk.convert_ids_to_tokens(_labels(pk, ["你好 世界"], "cpu")[0].tolist()) == ["▁", "你", "好", "世", "界"]
+    assert pk.convert_ids_to_tokens(_labels(None, pk, ["你好 世界"])[0].tolist()) == ["▁", "你", "好", "世", "界"]

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCTC, ParakeetFeatureExtractor, SeamlessM4TFeatureExtractor, Wav2Vec2Config
 
 from comflp.errors import ComflpError
-from comflp.model import (ExtendedWav2Vec2ForCTC, count_parameters, encoder_config, encoder_frames, encoder_layers,
+from comflp.model import (ExtendedWav2Vec2ForCTC, count_parameters, encoder_config, encoder_frames, stack_layers,
                           has_layernorm_head, input_lengths, load_model, min_audio_samples, model_info, num_layers,
                           prune, save_model, skip_layers)
 
@@ -20,7 +20,7 @@ PRUNED = [1, 3, 4]
 def _identity_skipped_logits(model, pruned: list[int], x: dict[str, torch.Tensor]) -> torch.Tensor:
     """Independent reference: the unmodified model with the pruned layers' outputs replaced by their inputs."""
     handles = []
-    for i, layer in enumerate(encoder_layers(model), start=1):
+    for i, layer in enumerate(stack_layers(model), start=1):
         if i in pruned:
             def hook(module, args, kwargs, output):
                 hidden = args[0] if args else kwargs["hidden_states"]

@@ -285,8 +285,7 @@ def test_fine_search_after_repair_equals_each_repaired_model_built_alone(family:
     sets = [[2, 3], [2, 4], [2, 3, 6], [1, 5], [3], [5, 6]]
     fitted = repair(loaded, utts, candidates=sets, kind=kind)
     engine = FineSearch(loaded, utts, batch_size=3, progress=False, repair=fitted)
-    engine.evaluate(sets)
-    for pruned, hyps in zip(sets, engine.hypotheses):
+    for pruned, hyps in zip(sets, engine.transcribe(sets)):
         alone = prune_model(model, pruned)
         R.fold(alone, fitted.select(R.cuts_of(pruned, 6)),
                kept={"encoder": [i for i in range(6) if i + 1 not in pruned]})

@@ -60,14 +60,18 @@ def test_fine_tuning_config_is_the_flags_one_source_of_defaults() -> None:
     assert flags == config
 
 
-def test_finetune_stage_names_an_unknown_setting(tmp_path: Path) -> None:
+def test_finetune_stage_takes_a_checked_config(tmp_path: Path) -> None:
     import pytest
 
     from comflp.errors import ComflpError
+    from comflp.finetune import FinetuneConfig
     from comflp.stages import finetune
 
-    with pytest.raises(ComflpError, match="unknown fine-tuning setting.*learning_rate"):
-        finetune("any", tmp_path / "ft", learning_rate=1e-4)
+    with pytest.raises(TypeError, match="learning_rate"):  # a misspelt setting is no field of the config
+        FinetuneConfig(output_dir=tmp_path / "ft", learning_rate=1e-4)
+    with pytest.raises(ComflpError, match="max_grad_norm"):  # checked as the flags are, before anything runs
+        finetune(FinetuneConfig(output_dir=tmp_path / "ft", max_grad_norm=0.0))
+    assert not (tmp_path / "ft").exists()
 
 
 def test_measured_matrix_saves_with_the_record_a_search_checks(tmp_path: Path) -> None:

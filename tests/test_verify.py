@@ -30,9 +30,10 @@ def test_shared_prefix_equals_separately_built_models(family: str, corpus: Path,
     loaded = load_model(model_dir)
     utts = read_corpus_dir(corpus)
     fine = FineSearch(loaded, utts, batch_size=3, progress=False)
-    shared = fine.evaluate(SETS)
+    hyps = fine.transcribe(SETS)
+    shared = fine.error_rates(hyps)
     naive, naive_hyps = evaluate_separately(loaded, utts, SETS, batch_size=3)
-    assert fine.hypotheses == naive_hyps
+    assert hyps == naive_hyps
     assert len({tuple(h) for h in naive_hyps}) > 1  # the sets really decode differently
     assert [r.rate for r in shared] == [r.rate for r in naive]
     assert fine.stats.layer_applications < fine.stats.naive_layer_applications
@@ -52,14 +53,12 @@ def test_front_end_outputs_are_kept_across_evaluations_within_the_budget(family:
     front_end(loaded.model).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     utts = read_corpus_dir(corpus)
     kept = FineSearch(loaded, utts, batch_size=3, progress=False)  # 3 batches
-    first = kept.evaluate(SETS[:3])
+    first = kept.transcribe(SETS[:3])
     assert calls[0] == 3  # once per batch for three layer sets
-    again = kept.evaluate(SETS[3:])
+    again = kept.transcribe(SETS[3:])
     assert calls[0] == 3  # the second evaluation reuses them
     none_kept = FineSearch(loaded, utts, batch_size=3, progress=False, front_end_cache_gb=0)
-    assert [r.rate for r in none_kept.evaluate(SETS[:3]) + none_kept.evaluate(SETS[3:])] == \
-        [r.rate for r in first + again]
-    assert none_kept.hypotheses == kept.hypotheses
+    assert none_kept.transcribe(SETS[:3]) + none_kept.transcribe(SETS[3:]) == first + again
     assert calls[0] == 3 + 6
 
 
@@ -103,7 +102,7 @@ def test_worse_than_leader_bootstrap_bounds() -> None:
 
 
 def test_race_picks_what_full_evaluation_picks_on_the_demo_model() -> None:
-    from comflp.cli.options import read_corpus
+    from comflp.demo.corpus import read_corpus
     from comflp.paths import DEMO_MODEL_DIR, demo_split
     from comflp.verify import race
 

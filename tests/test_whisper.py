@@ -257,7 +257,7 @@ def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, t
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
     report = verify(engine, [Candidate(s) for s in sets])
     distinct = set()
-    for s, hyps in zip(sets, engine.hypotheses):
+    for s, hyps in zip(sets, engine.transcribe(sets)):
         model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
         separately = []
         for u in utts:  # one utterance at a time, a separately built model, no shared computation
@@ -447,8 +447,7 @@ def test_fine_search_on_a_multilingual_whisper_gives_every_candidate_the_full_mo
     from comflp.data import collate, read_corpus_dir
     from comflp.decode import detect_languages
     from comflp.prompt import Prompt, needs_detection
-    from comflp.strategy import Candidate
-    from comflp.verify import FineSearch, verify
+    from comflp.verify import FineSearch
 
     from conftest import make_corpus
 
@@ -457,10 +456,10 @@ def test_fine_search_on_a_multilingual_whisper_gives_every_candidate_the_full_mo
     utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
     sets = [[1], [2, 3], [4]]
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
-    verify(engine, [Candidate(s) for s in sets])
+    found = engine.transcribe(sets)
     languages = {u.utt_id: detect_languages(loaded.model, collate([u], loaded.feature_extractor))[0] for u in utts}
     assert engine.languages == languages and set(languages.values()) <= {"<|en|>", "<|zh|>"}
-    for s, hyps in zip(sets, engine.hypotheses):
+    for s, hyps in zip(sets, found):
         model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
         separately = []
         for u in utts:
@@ -595,8 +594,7 @@ def test_test_and_fine_search_generate_under_one_cap(tmp_path: Path) -> None:
     are the same in both (a random model babbles: the cap is what ends it)."""
     from comflp.data import read_corpus_dir
     from comflp.decode import generation_limit, transcribe
-    from comflp.strategy import Candidate
-    from comflp.verify import FineSearch, verify
+    from comflp.verify import FineSearch
 
     from conftest import make_corpus
 
@@ -607,9 +605,8 @@ def test_test_and_fine_search_generate_under_one_cap(tmp_path: Path) -> None:
     loaded = load_model(out, allow_encoder_decoder=True, need_tokenizer=True)
     utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=4))
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack="decoder")
-    verify(engine, [Candidate([])])
     tested = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=3)
-    assert tested.hypotheses == engine.hypotheses[0]
+    assert tested.hypotheses == engine.transcribe([[]])[0]
     cap = generation_limit(loaded.model, loaded.tokenizer, [u.text for u in utts])
     assert cap < loaded.model.config.max_target_positions // 2  # the references' cap, not the model's
     assert max(len(loaded.tokenizer(h, add_special_tokens=False).input_ids) for h in tested.hypotheses) == cap

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     module, function = COMMANDS[name][0].split(":")
     from ..paths import outputs_in_working_dir
-    from .options import invoked_as
+    from .argtypes import invoked_as
 
     with invoked_as(f"comflp {name}"), outputs_in_working_dir():
         getattr(importlib.import_module(module), function)(rest)

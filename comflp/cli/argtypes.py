@@ -1,16 +1,20 @@
-"""argparse types: every numeric flag of every command is range-checked by one of these.
+"""argparse types and the one-line-error parser: every numeric flag of every command is range-checked by one
+of these types.
 
-A value outside its range ends in argparse's one-line error naming the flag
-(:class:`comflp.cli.options.ArgumentParser`), before anything is loaded or
-written. A test walks every command's parser and fails on a numeric flag that
+A value outside its range ends in :class:`ArgumentParser`'s one-line error naming the flag, before anything
+is loaded or written. This module imports nothing of comflp, so that every command, paper script, demo
+module and bench can build its parser from it. A test walks every command's parser and fails on a numeric flag that
 takes a bare ``int`` or ``float``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import sys
+from typing import Iterator
 
 # numpy's legacy seeding and torch.manual_seed both take [0, 2**32 - 1]; numpy refuses negatives and torch
 # overflows past 2**64, so one range serves every command
@@ -135,3 +139,54 @@ def str2bool(text: str) -> bool:
 # types a numeric flag may take (the parser walk in tests/test_cli.py checks every command against this)
 NUMERIC_TYPES = (positive_int, non_negative_int, threads, seed, positive_float, non_negative_float, fraction,
                  probability_below_one, open_unit_upper, confidence, epoch_or_last)
+
+
+# "comflp <command>" while the comflp dispatcher runs one (comflp.cli.main); None for the paper's scripts
+_INVOKED_AS: str | None = None
+
+
+@contextlib.contextmanager
+def invoked_as(name: str) -> Iterator[None]:
+    """Name the command being run, so usage lines and errors say ``comflp finetune`` rather than the paper
+    script that shares its parser (``python clip_finetune_train.py``)."""
+    global _INVOKED_AS
+    before, _INVOKED_AS = _INVOKED_AS, name
+    try:
+        yield
+    finally:
+        _INVOKED_AS = before
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: <prog>: <what is wrong>`` and exit 2 (no usage dump).
+
+    Flags that name one input two ways (``--dataset`` and a Kaldi dir flag) are exclusive: given both, the
+    command would read one and silently ignore the other.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if _INVOKED_AS is not None:
+            kwargs["prog"] = _INVOKED_AS
+        super().__init__(*args, **kwargs)
+        self.exclusive_inputs: list[tuple[str, list[argparse.Action]]] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, rest = super().parse_known_args(args, namespace)
+        for flag, actions in self.exclusive_inputs:
+            dest = flag.lstrip("-")
+            # a value given on the command line is a new object, never the default itself (argparse's own
+            # test for mutually exclusive flags); set_defaults keeps action.default in step
+            given = [a.option_strings[0] for a in actions if getattr(parsed, a.dest, None) is not a.default]
+            if getattr(parsed, dest, None) and given:
+                self.error(f"{flag} and {' / '.join(given)} both name the input; give one of them")
+        return parsed, rest
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_overwrite(p: argparse.ArgumentParser, what: str = "output") -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing {what} written earlier by comflp (a path comflp did not write is "
+                        "never replaced)")

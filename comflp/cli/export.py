@@ -14,7 +14,8 @@ from ..errors import exit_on_error
 from ..paths import DEMO_MODEL_DIR
 from .argtypes import non_negative_int, positive_int
 from .options import (DEMO_DATA_HELP, ArgumentParser, add_overwrite, add_prompt, add_threads, apply_threads,
-                      command_line, corpus_split, read_corpus, resolve_prompt)
+                      command_line, corpus_split, resolve_prompt)
+from ..demo.corpus import read_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,15 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from ..artifacts import claim_dir, source_id
     from ..export import check_format, export
-    from ..model import is_encoder_decoder, load_model
-    from ..prompt import check_prompt
+    from ..heads import head_of
+    from ..model import load_model
+    from ..heads import check_prompt
 
     parser = build_parser()
     args = parser.parse_args(argv)
     claim_dir(args.output, overwrite=args.overwrite)  # before the slow part
     apply_threads(args.threads)
     loaded = load_model(args.model, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
-    fmt = args.format if args.format != "auto" else ("ct2" if is_encoder_decoder(loaded.model) else "onnx")
+    fmt = args.format if args.format != "auto" else head_of(loaded.model).export_format
     check_format(loaded.model, fmt, args.quantization, loaded.tokenizer)
     prompt = check_prompt(loaded.model, resolve_prompt(args))
     utts, data = [], ""

@@ -18,7 +18,8 @@ from .argtypes import (epoch_or_last, fraction, non_negative_float, non_negative
                        seed)
 from ..model import load_model
 from ..prompt import Prompt
-from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, add_repair, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, command_line, ensure_corpus, positive_float,
+from ..demo.corpus import ensure_demo_corpus
+from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, add_repair, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, command_line, positive_float,
                       positive_int, str2bool)
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     config = FinetuneConfig(**{**vars(args), "command": command_line(parser, argv)})
     if not config.dataset:
         for data_dir in (config.train_data_dir, config.valid_data_dir):
-            ensure_corpus(data_dir)
+            ensure_demo_corpus(data_dir)
     out = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"fine-tuned model: {out / 'final'}")

@@ -19,18 +19,18 @@ import numpy as np
 import torch
 
 from ..artifacts import (claim_file, dc_dump_name, heatmap_file, load_matrices, measure_log, measures_name,
-                         save_matrices, save_matrix, source_id, svcca_dump_name)
+                         source_id, svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from ..hidden import ALL_MEASURES, MOMENT_MEMORY_GB, MeasureSettings
 from ..logs import setup_logging
 from ..model import load_model, num_layers
-from ..prompt import check_prompt
+from ..heads import check_prompt
 from .argtypes import open_unit_upper, seed
 from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
                       resolve_prompt, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
-from ..stages import measure as measure_stage
+from ..stages import Measured, measure as measure_stage
 from ..paths import DEMO_MODEL_DIR, dump_dir, figure_dir
 
 log = logging.getLogger("comflp.measure")
@@ -90,8 +90,9 @@ def _accelerator():
     return None
 
 
-def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, np.ndarray], dict] | None:
-    """Load, measure, return (matrices, metadata) on process 0 (None on the others)."""
+def run(args: argparse.Namespace, settings: MeasureSettings) -> Measured | None:
+    """Load, measure, return the stage's result on process 0 (None on the others); its record names the model
+    as the user gave it and what the command adds (the random-initialisation control, processes, prompt)."""
     settings.validate()
     apply_threads(args.threads)
     accelerator = _accelerator()
@@ -113,12 +114,12 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> tuple[dict[str, 
                              prompt=prompt)
     if not is_main:
         return None
-    meta = {**measured.meta(), "model": source_id(args.model), "use_pretrained": bool(args.use_pretrained),
-            "processes": accelerator.num_processes if accelerator else 1,
-            **({"prompt": prompt.to_dict()} if prompt.language or prompt.task else {})}
+    measured = replace(measured, model=source_id(args.model), record={
+        "use_pretrained": bool(args.use_pretrained), "processes": accelerator.num_processes if accelerator else 1,
+        **({"prompt": prompt.to_dict()} if prompt.language or prompt.task else {})})
     log.info("measured %s on %d utterances (%d frames) in %.1f s", ",".join(settings.measures),
-             measured.stats.num_utterances, measured.stats.num_frames, meta["seconds"])
-    return measured.matrices, meta
+             measured.stats.num_utterances, measured.stats.num_frames, measured.seconds)
+    return measured
 
 
 def _heatmap_paths(args: argparse.Namespace, matrix_file: Path, measures: list[str | None]) -> list[Path]:
@@ -135,11 +136,11 @@ def _plot(matrix: np.ndarray, path: Path, title: str) -> None:
     log.info("heatmap -> %s", path)
 
 
-def _write_paper_matrix(matrix: np.ndarray, meta: dict, args: argparse.Namespace, name: str, title: str) -> Path:
-    path = save_matrix(Path(args.dump_dir) / name, matrix, meta, overwrite=args.overwrite)
+def _write_paper_matrix(measured: Measured, measure: str, args: argparse.Namespace, name: str, title: str) -> Path:
+    path = measured.save(Path(args.dump_dir) / name, measure, overwrite=args.overwrite)
     log.info("matrix -> %s", path)
     for png in _heatmap_paths(args, path, [None]):
-        _plot(matrix, png, title)
+        _plot(measured.matrices[measure], png, title)
     return path
 
 
@@ -175,11 +176,10 @@ def dc_main(argv: list[str] | None = None) -> None:
     name = dc_dump_name(args.mode, args.batch_size, args.iter_num, args.accum_batch, unbiased=args.unbiased,
                         stack=args.stack)
     _check_outputs(args, [Path(args.dump_dir) / name])
-    result = run(args, settings)
-    if result is None:
+    measured = run(args, settings)
+    if measured is None:
         return
-    matrices, meta = result
-    path = _write_paper_matrix(matrices[measure], meta, args, name, f"DC ({args.mode}, {measure})")
+    path = _write_paper_matrix(measured, measure, args, name, f"DC ({args.mode}, {measure})")
     print(path)
 
 
@@ -203,11 +203,10 @@ def svcca_main(argv: list[str] | None = None) -> None:
                                pool_padding=args.pool_padding, pad_audio=args.pad_audio)
     name = svcca_dump_name(args.batch_size, args.iter_num, args.mode, args.thre, stack=args.stack)
     _check_outputs(args, [Path(args.dump_dir) / name])
-    result = run(args, settings)
-    if result is None:
+    measured = run(args, settings)
+    if measured is None:
         return
-    matrices, meta = result
-    path = _write_paper_matrix(matrices["svcca"], meta, args, name, f"SVCCA ({args.mode}, thre {args.thre})")
+    path = _write_paper_matrix(measured, "svcca", args, name, f"SVCCA ({args.mode}, thre {args.thre})")
     print(path)
 
 
@@ -244,14 +243,13 @@ def measure_main(argv: list[str] | None = None) -> None:
                                                                         stack=args.stack))
     claim_file(out, overwrite=args.overwrite)
     pngs = _heatmap_paths(args, out, list(names))
-    result = run(args, settings)
-    if result is None:
+    measured = run(args, settings)
+    if measured is None:
         return
-    matrices, meta = result
-    save_matrices(out, matrices, meta, overwrite=args.overwrite)
-    for (name, m), png in zip(matrices.items(), pngs):
+    measured.save(out, overwrite=args.overwrite)
+    for (name, m), png in zip(measured.matrices.items(), pngs):
         _plot(m, png, name)
-    log.info("matrices %s -> %s", ",".join(matrices), out)
+    log.info("matrices %s -> %s", ",".join(measured.matrices), out)
     print(out)
 
 

@@ -104,7 +104,7 @@ def prune_main(argv: list[str] | None = None) -> None:
         layers, decoder = [], layers
     fitted = None
     if repairing:
-        from ..prompt import check_prompt
+        from ..heads import check_prompt
 
         prompt = check_prompt(loaded.model, resolve_prompt(args))  # a CTC model has no prompt: refused, not ignored
         fitted = fit_repair_from_flags(args, loaded, prompt, layers=layers, decoder_layers=decoder)

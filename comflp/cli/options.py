@@ -9,33 +9,15 @@ functions turn the parsed value into what the library takes, raising
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..errors import ComflpError
 from ..strategy import check_num_layers  # noqa: F401 (the commands' shared flag check, here with the others)
-from .argtypes import (fraction, non_negative_float, non_negative_int, positive_float,  # noqa: F401 (re-exported)
-                       positive_int, seed, str2bool, threads)
-
-
-# "comflp <command>" while the comflp dispatcher runs one (comflp.cli.main); None for the paper's scripts
-_INVOKED_AS: str | None = None
-
-
-@contextlib.contextmanager
-def invoked_as(name: str) -> Iterator[None]:
-    """Name the command being run, so usage lines and errors say ``comflp finetune`` rather than the paper
-    script that shares its parser (``python clip_finetune_train.py``)."""
-    global _INVOKED_AS
-    before, _INVOKED_AS = _INVOKED_AS, name
-    try:
-        yield
-    finally:
-        _INVOKED_AS = before
+from .argtypes import (ArgumentParser, add_overwrite, fraction, invoked_as, non_negative_float,  # noqa: F401 (re-exported)
+                       non_negative_int, positive_float, positive_int, seed, str2bool, threads)
 
 
 def command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> str:
@@ -44,35 +26,6 @@ def command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> str
     import shlex
 
     return shlex.join([*parser.prog.split(), *(sys.argv[1:] if argv is None else argv)])
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error: ``error: <prog>: <what is wrong>`` and exit 2 (no usage dump).
-
-    Flags that name one input two ways (``--dataset`` and a Kaldi dir flag) are exclusive: given both, the
-    command would read one and silently ignore the other.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        if _INVOKED_AS is not None:
-            kwargs["prog"] = _INVOKED_AS
-        super().__init__(*args, **kwargs)
-        self.exclusive_inputs: list[tuple[str, list[argparse.Action]]] = []
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed, rest = super().parse_known_args(args, namespace)
-        for flag, actions in self.exclusive_inputs:
-            dest = flag.lstrip("-")
-            # a value given on the command line is a new object, never the default itself (argparse's own
-            # test for mutually exclusive flags); set_defaults keeps action.default in step
-            given = [a.option_strings[0] for a in actions if getattr(parsed, a.dest, None) is not a.default]
-            if getattr(parsed, dest, None) and given:
-                self.error(f"{flag} and {' / '.join(given)} both name the input; give one of them")
-        return parsed, rest
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def add_front_end_cache(p: argparse.ArgumentParser) -> None:
@@ -144,19 +97,6 @@ def resolve_prompt(args: argparse.Namespace):
     return Prompt(getattr(args, "language", None), getattr(args, "task", None))
 
 
-def add_overwrite(p: argparse.ArgumentParser, what: str = "output") -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help=f"replace an existing {what} written earlier by comflp (a path comflp did not write is "
-                        "never replaced)")
-
-
-def ensure_corpus(data_dir) -> None:
-    """Generate the embedded corpus if ``data_dir`` is one of its missing splits (any other dir: nothing)."""
-    from ..demo.corpus import ensure_demo_corpus
-
-    ensure_demo_corpus(data_dir)
-
-
 def corpus_split(given, split: str, loaded, prompt=None) -> Path:
     """A data-dir flag's value: ``given``, else the embedded corpus's ``split`` in the language the model
     writes (:func:`comflp.decode.text_language`): English for an English model, else the Mandarin default."""
@@ -171,18 +111,6 @@ def corpus_split(given, split: str, loaded, prompt=None) -> Path:
 
 DEMO_DATA_HELP = ("the embedded corpus's {split} split in the model's language: the English one for an English "
                   "model (Whisper .en, --language en, a CTC vocabulary of ASCII letters), else the Mandarin one")
-
-
-def read_corpus(data_dir, *, require_text: bool = True):
-    """Read a corpus dir named on the command line; the embedded corpus is generated first if it is missing.
-
-    Generating the demo corpus is a command-line convenience for the default
-    data dirs; the data layer itself only reads.
-    """
-    from ..data import read_corpus_dir
-
-    ensure_corpus(data_dir)
-    return read_corpus_dir(data_dir, require_text=require_text)
 
 
 def add_dataset_arguments(p: ArgumentParser, *, split: str, replaces: list[argparse.Action]) -> None:
@@ -210,8 +138,10 @@ def read_corpus_or_dataset(args: argparse.Namespace, data_dir, *, require_text: 
     ``data_dir`` (the embedded corpus generated first if it is that and missing)."""
     from ..hfdata import read_corpus_or_dataset as read
 
+    from ..demo.corpus import ensure_demo_corpus
+
     if not getattr(args, "dataset", None):
-        ensure_corpus(data_dir)
+        ensure_demo_corpus(data_dir)
     return read(args, data_dir, require_text=require_text)
 
 
@@ -250,6 +180,7 @@ def fit_repair_from_flags(args: argparse.Namespace, loaded, prompt, *, layers=()
     """The repair the ``--repair`` flags ask for (:func:`add_repair`), fitted on their calibration utterances
     (default: the measuring corpus in the model's language) by :func:`comflp.stages.repair`; ``prompt``: the
     model's checked prompt."""
+    from ..demo.corpus import read_corpus
     from ..repair import calibration_subset
     from ..stages import repair
 

@@ -4,9 +4,7 @@ and ``comflp glp`` / ``search_strategy/wer_based_greedy_search.py``."""
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_
                       resolve_device, str2bool)
 from ..logs import setup_logging
 from ..paths import DEMO_MODEL_DIR, dump_dir, exp_dir, search_log_dir
-from ..search import SEARCH_MODES, check_matrix, search
+from ..search import SEARCH_MODES, check_matrix, coarse
 from ..strategy import Candidate, StrategyFile, check_prune_count
 
 log = logging.getLogger("comflp.search")
@@ -205,9 +203,8 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     if args.stack is not None and args.stack != stack:
         raise ComflpError(f"--stack {args.stack} but {matrix_path} was measured on the {stack} stack")
     log.info("Layer pruning %d of %d %s layers; %s search on %s", K, L, stack, mode, matrix_path)
-    start = time.perf_counter()
-    result = search(matrix, K, mode, top_n=args.topk_num, beam_size=args.beam_size, seed=args.seed)
-    coarse_s = time.perf_counter() - start
+    found_coarse = coarse(matrix, K, mode=mode, top_n=args.topk_num, beam_size=args.beam_size, seed=args.seed)
+    result = found_coarse.result
     if result.path:
         for i, step in enumerate(result.path, 1):
             log.info("prune %d layer,  prior_clipped_layers: %s", i, [list(b) for b in Candidate(step).blocks])
@@ -215,10 +212,8 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     for i, c in enumerate(cands, 1):
         log.info("%d-th layer prunning (%s_measure: %r): %s", i, args.select_measure, c.score,
                  [list(b) for b in c.blocks])
-    meta = {"search_mode": mode, "select_measure": args.select_measure, "matrix": str(matrix_path),
-            "coarse_seconds": coarse_s, "num_clip_layers": K}
+    meta = found_coarse.meta(measure=args.select_measure, matrix=str(matrix_path), k=K)
     if verifying:
-        from ..metrics import rate_name
         from ..model import fingerprint
         from ..stages import fine as fine_stage
         from ..verify import RACE_CONFIDENCE
@@ -246,22 +241,14 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         if report.pearson is not None:
             log.info("correlation between wer and correlation measure: %r", report.pearson)
         cands = found.ranked
-        meta["error_rate"] = rate_name(fine.unit)
+        meta.update(found.meta(data=str(args.verify_data_dir), model=str(args.model), racing=args.race,
+                               confidence=args.race_confidence))
         log.info("pick: %s, %s %.2f%%; %d candidate-utterance decodes (full evaluation: %d)",
                  [list(b) for b in report.best.blocks], meta["error_rate"], 100 * report.best.cer, sum(report.decoded),
                  len(fine.utts) * len(report.candidates))
-        meta.update(decoded_utterances=found.ranked_decoded, race=args.race,
-                    race_confidence=args.race_confidence if args.race else None)
-        meta.update(pearson=report.pearson, fine_seconds=fine.stats.seconds, verify_data_dir=str(args.verify_data_dir),
-                    verify_utterances=len(fine.utts), layer_applications=fine.stats.layer_applications,
-                    naive_layer_applications=fine.stats.naive_layer_applications, model=str(args.model))
-        _record_languages(fine, meta)
-        from ..metrics import unusable_note
-
-        unusable = unusable_note([c.cer for c in report.candidates], what="candidate")
-        if unusable:
-            log.warning(unusable)
-            meta["unusable"] = unusable
+        _log_languages(meta)
+        if meta.get("unusable"):
+            log.warning(meta["unusable"])
     strategy = StrategyFile(L, cands, meta, stack=stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(cands, meta.get("error_rate", "CER")))
@@ -271,13 +258,11 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     return strategy
 
 
-def _record_languages(fine, meta: dict) -> None:
-    """Log and record the prompt languages a multilingual model detected (once, with the full model)."""
-    if fine.languages:
-        counts = dict(Counter(fine.languages.values()).most_common())
+def _log_languages(meta: dict) -> None:
+    """Log the prompt languages a multilingual model detected (once, with the full model)."""
+    if meta.get("languages"):
         log.info("prompt languages, detected by the full model and given to every candidate: %s",
-                 ", ".join(f"{k} x{n}" for k, n in counts.items()))
-        meta["languages"] = counts
+                 ", ".join(f"{k} x{n}" for k, n in meta["languages"].items()))
 
 
 def glp_parser() -> argparse.ArgumentParser:
@@ -295,8 +280,7 @@ def glp_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def glp_main(argv: list[str] | None = None) -> StrategyFile:
-    from ..metrics import rate_name
-    from ..stages import glp
+    from ..stages import glp, glp_meta
 
     args = glp_parser().parse_args(argv)
     L, K = args.num_layers, args.num_clip_layers
@@ -307,16 +291,11 @@ def glp_main(argv: list[str] | None = None) -> StrategyFile:
     fine = _fine_search(args, args.stack)
     result = glp(fine, K, progress=not args.quiet)
     final = result.path[-1]
-    meta = {"search_mode": "glp", "path": [c.to_dict() for c in result.path], "seconds": result.seconds,
-            "evaluations": result.evaluations, "verify_data_dir": str(args.verify_data_dir),
-            "verify_utterances": len(fine.utts), "model": str(args.model), "error_rate": rate_name(fine.unit)}
-    _record_languages(fine, meta)
-    from ..metrics import unusable_note
-
-    unusable = unusable_note([final.cer], what="step of greedy pruning, to its last,")
+    meta = glp_meta(result, fine, data=str(args.verify_data_dir), model=str(args.model))
+    _log_languages(meta)
+    unusable = meta.get("unusable")
     if unusable:
         log.warning(unusable)
-        meta["unusable"] = unusable
     strategy = StrategyFile(L, [final], meta, stack=args.stack)
     strategy.save(out, overwrite=args.overwrite)
     print(_table(result.path, meta["error_rate"]))

@@ -15,7 +15,7 @@ from ..logs import setup_logging
 from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, corpus_split, resolve_prompt, add_dataset_arguments, add_device, add_overwrite, add_pad_audio, add_threads, apply_threads, data_label, positive_int, read_corpus_or_dataset,
                       resolve_device)
 from ..model import load_model
-from ..prompt import check_prompt
+from ..heads import check_prompt
 from ..paths import DEMO_MODEL_DIR, exp_dir
 from ..stages import evaluate
 

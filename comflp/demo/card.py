@@ -9,8 +9,9 @@ from pathlib import Path
 from .. import atomic
 from ..artifacts import ExperimentDir, ShippedModelDir, corpus_manifest
 from ..errors import ComflpError
-from ..cli.options import read_corpus
-from ..model import count_parameters, is_encoder_decoder, load_model, num_layers
+from .corpus import read_corpus
+from ..heads import head_of
+from ..model import count_parameters, load_model, num_layers
 from ..paths import demo_split
 from ..verify import FineSearch
 
@@ -102,12 +103,17 @@ def _recipe(model_dir: Path, exp_dir: Path, metrics: list[dict]) -> dict:
 
 
 def write_card(model_dir: Path, exp_dir: Path, *, batch_size: int = 32, search_picks: bool = True) -> Path:
-    """Measure a shipped demo model and write its card, ``results.json`` and training curve beside it."""
+    """Measure a shipped demo model and write its card, ``results.json`` and training curve beside it (the card
+    of its head kind, :data:`CARDS`)."""
+    model_dir = Path(model_dir)
+    kind = head_of(load_model(model_dir, need_tokenizer=True, allow_encoder_decoder=True).model).name
+    return CARDS[kind](model_dir, exp_dir, batch_size=batch_size, search_picks=search_picks)
+
+
+def _write_ctc_card(model_dir: Path, exp_dir: Path, *, batch_size: int, search_picks: bool) -> Path:
+    """A CTC demo model's card: single-layer and half-depth pruning tables, the training curve and recipe."""
     from ..plots import curves
 
-    model_dir = Path(model_dir)
-    if is_encoder_decoder(load_model(model_dir, need_tokenizer=True, allow_encoder_decoder=True).model):
-        return _write_seq2seq_card(model_dir, exp_dir, batch_size=batch_size, search_picks=search_picks)
     res = pruning_table(model_dir, batch_size=batch_size, search_picks=search_picks)
     L, name = res["num_layers"], model_dir.name
     metrics_file = ExperimentDir(exp_dir).metrics_file
@@ -332,3 +338,7 @@ exact top-10, fine search on the dev split; GLP: greedy by dev CER.
     atomic.write_text(out, text)
     log.info("model card -> %s", out)
     return out
+
+
+# the card of each head kind's demo model
+CARDS = {"ctc": _write_ctc_card, "seq2seq": _write_seq2seq_card}

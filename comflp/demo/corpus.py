@@ -48,10 +48,10 @@ from tqdm import tqdm
 
 from .. import atomic
 from ..artifacts import corpus_manifest, dir_kind, mark_dir, write_dir
-from ..data import is_corpus_dir, write_corpus_dir
+from ..data import Utterance, is_corpus_dir, read_corpus_dir, write_corpus_dir
 from ..errors import ComflpError, exit_on_error
 from ..cli.argtypes import positive_int, seed
-from ..cli.options import ArgumentParser, add_overwrite
+from ..cli.argtypes import ArgumentParser, add_overwrite
 from ..paths import DEMO_CORPUS_DIRS, demo_corpus_dir
 from . import english
 from .tts import Espeak, Voice
@@ -300,6 +300,17 @@ def ensure_demo_corpus(data_dir: str | Path) -> None:
             log.info("embedded %s corpus missing at %s: generating it (about a minute)", language, root)
             # a comflp corpus with a split missing is made anew; a dir comflp did not write is refused
             generate(root, CorpusConfig.for_language(language), overwrite=True)
+
+
+def read_corpus(data_dir: str | Path, *, require_text: bool = True) -> list[Utterance]:
+    """Read a corpus dir named on the command line, a bench or the demo; the embedded corpus is generated first
+    when ``data_dir`` is one of its missing splits (:func:`ensure_demo_corpus`).
+
+    Generating the demo corpus is a convenience of the default data dirs; the data layer itself only reads
+    (:func:`comflp.data.read_corpus_dir`).
+    """
+    ensure_demo_corpus(data_dir)
+    return read_corpus_dir(data_dir, require_text=require_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

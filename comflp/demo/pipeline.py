@@ -41,12 +41,14 @@ from ..artifacts import REPAIR_FILE, DemoDir, claim_file, heatmap_file, is_matri
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig
 from ..hidden import MeasureSettings
-from ..prompt import check_prompt
+from ..heads import check_prompt
 from ..logs import setup_logging
 from ..cli.argtypes import non_negative_int, positive_float, positive_int, probability_below_one, str2bool, threads
-from ..cli.options import ArgumentParser, add_prompt, corpus_split, read_corpus, resolve_prompt
+from ..cli.options import ArgumentParser, add_prompt, corpus_split, resolve_prompt
+from .corpus import read_corpus
 from ..paths import DEMO_MODEL_DIR, exp_dir
 from ..stages import PAPER_DC
+from ..verify import RACE_CONFIDENCE
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ def _load(model: str):
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from ..model import is_encoder_decoder, num_layers
+    from ..model import family_of, num_layers
 
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     loaded = _load(args.model)
     check_prompt(loaded.model, resolve_prompt(args))  # before the experiment dir is made
-    stacks = ("encoder", "decoder") if is_encoder_decoder(loaded.model) else ("encoder",)
+    stacks = tuple(family_of(loaded.model).stacks)
     depths = {s: num_layers(loaded.model, s) for s in stacks}
     k = args.num_clip_layers or min(depths.values()) // 2
     for s, depth in depths.items():
@@ -287,12 +289,9 @@ def _search(run: Run) -> None:
         for method, mode in (("comflp", "exact"), ("linspace", "linspace")):
             found = coarse(matrix, run.k, mode=mode, top_n=TOP_N)
             checked = fine(engine, found.candidates, racing=method == "comflp", seed=SEARCH_SEED)
-            meta_out = {"search_mode": mode, "select_measure": "dc" if method == "comflp" else "linspace",
-                        "matrix": str(path), "coarse_seconds": found.seconds, "num_clip_layers": run.k,
-                        "race": method == "comflp", "decoded_utterances": checked.ranked_decoded,
-                        "pearson": checked.report.pearson, "fine_seconds": checked.seconds,
-                        "verify_data_dir": str(run.split("dev")), "verify_utterances": len(engine.utts),
-                        "model": str(run.args.model)}
+            meta_out = {**found.meta(measure="dc" if method == "comflp" else "linspace", matrix=str(path), k=run.k),
+                        **checked.meta(data=str(run.split("dev")), model=str(run.args.model),
+                                       racing=method == "comflp", confidence=RACE_CONFIDENCE)}
             out = run.exp.strategy(stack, method)
             StrategyFile(depth, checked.ranked, meta_out, stack=stack).save(out, overwrite=True)
             best = checked.ranked[0]
@@ -316,7 +315,7 @@ def _scatter(run: Run, stack: str) -> None:
 def _report(run: Run) -> None:
     """Measure the settings worth comparing, then rank every measure by how well it predicts the CER."""
     from ..artifacts import dc_dump_name
-    from ..model import is_encoder_decoder
+    from ..heads import head_of
     from ..stages import measure, measure_report
 
     train = run.split("train")
@@ -330,7 +329,7 @@ def _report(run: Run) -> None:
             "dc_unbiased_bs32": (MeasureSettings(measures=("dc_unbiased",), batch_size=32, iter_num=10),
                                  dump / dc_dump_name("mean", 32, 10, unbiased=True, stack=stack)),
         }
-        if not is_encoder_decoder(run.loaded.model):
+        if "pad_audio" in head_of(run.loaded.model).supports:
             # the paper's own DC recipe: padded audio through the feature encoder, padded frames averaged in
             settings["dc_bs4_paper_padding"] = (
                 MeasureSettings(measures=("dc",), batch_size=4, iter_num=10, pad_audio=True, pool_padding=True),
@@ -430,13 +429,14 @@ def _finetune(run: Run) -> None:
 
     for v in run.healed_variants():
         # a forced re-run starts afresh; otherwise an interrupted run resumes from last/
-        exp = finetune(run.args.model, run.exp.finetune(v.stack, v.method).root,
+        exp = finetune(FinetuneConfig(
+                       model=run.args.model, output_dir=run.exp.finetune(v.stack, v.method).root,
                        strategy=run.exp.strategy(v.stack, v.method), rank=1, overwrite=run.args.force,
                        epochs=run.args.ft_epochs, max_train_utts=run.args.ft_max_train_utts,
                        batch_size=run.args.ft_batch_size, grad_accum=1, lr=run.args.ft_lr, distill=True,
                        layerdrop=run.args.ft_layerdrop, language=run.args.language, task=run.args.task,
                        test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=True,
-                       train_data_dir=run.split("train"), valid_data_dir=run.split("dev"))
+                       train_data_dir=run.split("train"), valid_data_dir=run.split("dev")))
         log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
     _healing_curves(run)
 
@@ -476,10 +476,10 @@ def _speed(run: Run) -> None:
     """Decode speed-up of CoMFLP's encoder pick, timed as a pair after warm-up on the same test batches."""
     from .. import atomic
     from ..decode import compare_speed
-    from ..model import is_encoder_decoder
+    from ..heads import head_of
 
-    if is_encoder_decoder(run.loaded.model):
-        return  # compare_speed times CTC decoding; a generation-time comparison is not built yet
+    if "compare_speed" not in head_of(run.loaded.model).supports:
+        return  # a generation-time comparison is not built yet
     pruned = _load(str(run.exp.pruned("encoder", "comflp", run.k)))
     utts = read_corpus(run.split("test"))[:64]
     cmp = compare_speed(run.loaded.model, pruned.model, run.loaded.feature_extractor, run.loaded.tokenizer, utts,

@@ -28,7 +28,8 @@ from transformers.models.wav2vec2.tokenization_wav2vec2 import VOCAB_FILES_NAMES
 
 from .. import atomic
 from ..cli.argtypes import non_negative_int, positive_float, positive_int, seed, threads
-from ..cli.options import ArgumentParser, read_corpus
+from ..cli.options import ArgumentParser
+from .corpus import read_corpus
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig, run_settings, train as train_loop
 from ..logs import setup_logging

@@ -1,0 +1,309 @@
+"""Head kinds: how a model turns audio into text, one object per way.
+
+A family's head kind is named by the family table (``Family.kind``) and :func:`head_of` returns its object.
+Everything that differs between the kinds lives here, and the rest of comflp asks the object:
+
+- :class:`CtcHead` (wav2vec2 and its siblings): a CTC head over the encoder's frames. Labels are the
+  transcript's token ids; the loss is CTC; distillation compares the real frames; decoding is the best path
+  (greedy collapse of one forward); text is scored as it is; no prompt.
+- :class:`Seq2SeqHead` (Whisper): a decoder after a prompt (:mod:`comflp.prompt`). Labels are the prompt
+  after the start token, the transcript's tokens and the end token; the loss is the model's cross-entropy
+  under teacher forcing; distillation compares the label positions; decoding is greedy generation with the
+  cache under one cap on new tokens; words are scored through Whisper's normaliser.
+
+The stacks each kind has, the prompt it takes and the optional capabilities it supports (:attr:`HeadKind.supports`)
+are attributes; the family table's stacks must be the kind's (a test holds them equal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+from .data import AudioBatch, Utterance, num_samples
+from .errors import ComflpError
+from .metrics import greedy_decode, guess_unit
+from .model import call, encoder_frames, family_of, forward, frame_mask
+from .prompt import (ENGLISH_ONLY, Prompt, check_prompt as check_seq2seq_prompt, generate_kwargs, prompt_language,
+                     teacher_forcing_labels)
+from .vocab import MAX_UNKNOWN_SHARE, check_known_tokens, report_unknown_characters
+
+log = logging.getLogger(__name__)
+
+
+def _cjk(tokenizer) -> tuple[bool, list[str]]:
+    """Whether the tokenizer's vocabulary holds CJK characters, and its letters."""
+    letters = [c for token in tokenizer.get_vocab() for c in token if c.isalpha()] if tokenizer is not None else []
+    return any("\u3400" <= c <= "\u9fff" for c in letters), letters
+
+
+def decode_logits(model, tokenizer, logits: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+    """Greedy CTC transcripts of a batch. logits: [B, F, V]; attention_mask: [B, T_input]."""
+    mask = frame_mask(model, attention_mask, logits.shape[1])
+    return greedy_decode(logits, tokenizer, mask.sum(-1))
+
+
+def generate_batch(model, tokenizer, batch: AudioBatch, *, max_new_tokens: int, **kwargs) -> list[str]:
+    """Greedy generation with the cache (encoder-decoder models): one transcript per utterance of ``batch``.
+
+    ``kwargs`` go to ``generate`` (e.g. ``encoder_outputs`` computed once for many decoders).
+    """
+    from transformers.utils import logging as hf_logging
+
+    # transformers warns on every call that the cap overrides its default max_length, and that Whisper passes
+    # its suppress tokens beside the generation config; neither is the user's doing, so silence both here
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        ids = model.generate(batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def generation_limit(model, tokenizer, references: Sequence[str] | None = None) -> int:
+    """New tokens allowed per utterance, the one cap of every command that generates: twice the longest
+    reference's plus 10 when references are given (a cap that stops a broken model babbling to its limit),
+    never more than half the decoder's positions."""
+    cap = int(model.config.max_target_positions) // 2
+    if references:
+        cap = min(cap, 2 * max(len(tokenizer(r).input_ids) for r in references) + 10)
+    return cap
+
+
+def normalize_words(text: str) -> str:
+    """Whisper's basic text normaliser (lower case, no punctuation or symbols), for scoring generated words."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    return BasicTextNormalizer()(text)
+
+
+def word_normalizer(model, tokenizer, prompt: Prompt | None = None) -> Callable[[str], str]:
+    """How generated words are normalised before scoring: Whisper's English normaliser ("eight" = "8",
+    British = American spelling, contractions) when the text is known to be English and the tokenizer ships
+    the spelling table (``normalizer.json``, as Whisper's do): the prompt's language, or the checkpoint's
+    forced one, is English, or the model has no language tokens (an ``.en`` checkpoint). Otherwise Whisper's
+    basic normaliser (lower case, no punctuation), which does not know the language."""
+    spelling = getattr(tokenizer, "english_spelling_normalizer", None)
+    if spelling is not None and prompt_language(model, prompt or Prompt()) in ("<|en|>", ENGLISH_ONLY):
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        return EnglishTextNormalizer(spelling)
+    return normalize_words
+
+
+class HeadKind:
+    """How a model turns audio into text (one subclass per kind; see the module docstring).
+
+    ``name``: the family table's ``kind``; ``stacks``: the layer stacks a model of this kind has;
+    ``description``: for messages; ``export_format``: what ``comflp export`` writes for it;
+    ``supports``: optional capabilities (``"pad_audio"``: the paper's padded batching means something;
+    ``"compare_speed"``: the demo times it against its pruned model).
+    """
+
+    name: str = ""
+    stacks: tuple[str, ...] = ("encoder",)
+    description: str = ""
+    export_format: str = ""
+    supports: frozenset[str] = frozenset()
+
+    def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
+        """``prompt`` (``--language``/``--task``) checked against ``model``; one line when it cannot take it."""
+        raise NotImplementedError
+
+    def labels(self, model, tokenizer, texts: Sequence[str], *, prompt: Prompt | None = None,
+               languages: Sequence[str] | None = None) -> torch.Tensor:
+        """[B, N] training (and teacher-forcing) labels of ``texts``, padded with -100."""
+        raise NotImplementedError
+
+    def prepare_training(self, model) -> None:
+        """Set what training needs in ``model``'s config (its loss reduction)."""
+
+    def check_training_data(self, utts: Sequence[Utterance], tokenizer, model, feature_extractor) -> list[Utterance]:
+        """The training utterances that can be trained on (one line when too few or too much is unknown)."""
+        raise NotImplementedError
+
+    def teacher_logits(self, teacher, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool) -> torch.Tensor:
+        """The teacher's logits on ``batch``, at the student's output positions."""
+        raise NotImplementedError
+
+    def distillation_mask(self, model, batch: AudioBatch, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[B, N] the output positions distillation compares: the real ones."""
+        raise NotImplementedError
+
+    def check_references(self, texts: Sequence[str], tokenizer, *, what: str) -> None:
+        """Report (log) what in reference transcripts the model cannot write."""
+
+    def generation_limit(self, model, tokenizer, references: Sequence[str] | None = None) -> int | None:
+        """The one cap on new tokens per utterance (None: the kind does not generate)."""
+        return None
+
+    def normalizer(self, model, tokenizer, prompt: Prompt | None = None) -> Callable[[str], str] | None:
+        """How words are normalised for scoring (None: scored as they are)."""
+        return None
+
+    def text_language(self, model, tokenizer, prompt: Prompt | None = None) -> str | None:
+        """The language ``model`` writes, where it is known before any audio is heard: "en", "zh" or None."""
+        raise NotImplementedError
+
+    def shared_prefix(self, model, batch: AudioBatch, stack: str) -> dict:
+        """What every candidate pruning of ``stack`` shares on ``batch`` (computed once by the fine search), as
+        keyword arguments of :meth:`decode`."""
+        return {}
+
+    def decode(self, model, tokenizer, batch: AudioBatch, *, max_new_tokens: int | None = None,
+               prompt: Prompt | None = None, languages: Sequence[str] | None = None, **shared) -> list[str]:
+        """Greedy transcripts of ``batch``, the caller having made the batch exact (:func:`decode_batch`)."""
+        raise NotImplementedError
+
+
+class CtcHead(HeadKind):
+    name = "ctc"
+    stacks = ("encoder",)
+    description = "a CTC model"
+    export_format = "onnx"
+    supports = frozenset({"pad_audio", "compare_speed"})
+
+    def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
+        prompt = prompt or Prompt()
+        if prompt.language or prompt.task:
+            raise ComflpError(f"--language/--task set the prompt of an encoder-decoder model (Whisper); "
+                              f"this {model.config.model_type} model has none: leave them out")
+        return Prompt()
+
+    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None) -> torch.Tensor:
+        """The transcripts' token ids. Word-segmented Chinese (AISHELL-1's transcripts) loses its spaces, which
+        its vocabularies do not model; text in words keeps them (a word delimiter, or SentencePiece's marks)."""
+        ids = [tokenizer(t if guess_unit([t]) == "word" else "".join(t.split())).input_ids for t in texts]
+        out = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.long)
+        for i, seq in enumerate(ids):
+            out[i, : len(seq)] = torch.tensor(seq)
+        return out
+
+    def prepare_training(self, model) -> None:
+        # a per-utterance mean makes the DDP average over processes equal the one-process loss
+        model.config.ctc_loss_reduction = "mean"
+        model.config.ctc_zero_infinity = True
+
+    def check_training_data(self, utts, tokenizer, model, feature_extractor):
+        """Drop utterances too short for one frame per label (CTC needs it), and report unknown characters."""
+        sampling_rate = int(feature_extractor.sampling_rate)
+        samples = torch.tensor([num_samples(u, sampling_rate) for u in utts])
+        frames = encoder_frames(model, feature_extractor, samples).tolist() if utts else []
+        kept, short = [], []
+        for u, n in zip(utts, frames):
+            chars = sum(1 for c in u.text if not c.isspace())
+            (kept if n >= max(1, chars) else short).append(u)
+        if short:
+            log.warning("dropped %d training utterance(s) too short for their transcript (fewer frames than "
+                        "characters), e.g. %s", len(short), ", ".join(u.utt_id for u in short[:3]))
+        share = report_unknown_characters([u.text for u in utts], tokenizer, what="training transcripts")
+        if share > MAX_UNKNOWN_SHARE:
+            raise ComflpError(f"{100 * share:.0f}% of the training transcripts' characters are not in the model's "
+                              "vocabulary (see the warning above): wrong corpus or wrong model?")
+        if not kept:
+            raise ComflpError("no training utterance is long enough for its transcript")
+        return kept
+
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio):
+        return forward(teacher, batch.inputs, batch.attention_mask, pad_audio=pad_audio).logits
+
+    def distillation_mask(self, model, batch, labels, logits):
+        return frame_mask(model, batch.attention_mask, logits.shape[1])
+
+    def check_references(self, texts, tokenizer, *, what):
+        report_unknown_characters(list(texts), tokenizer, what=what)
+
+    def text_language(self, model, tokenizer, prompt=None):
+        """CJK characters in the vocabulary mean Mandarin, letters that are all ASCII mean English (other
+        Latin-script languages carry accented letters)."""
+        cjk, letters = _cjk(tokenizer)
+        if cjk:
+            return "zh"
+        return "en" if letters and all(c.isascii() for c in letters) else None
+
+    def decode(self, model, tokenizer, batch, *, max_new_tokens=None, prompt=None, languages=None, **shared):
+        logits = call(model, batch.inputs, batch.attention_mask).logits
+        return decode_logits(model, tokenizer, logits, batch.attention_mask)
+
+
+class Seq2SeqHead(HeadKind):
+    name = "seq2seq"
+    stacks = ("encoder", "decoder")
+    description = "an encoder-decoder model (Whisper)"
+    export_format = "ct2"
+    supports = frozenset()
+
+    def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
+        return check_seq2seq_prompt(model, prompt)
+
+    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None) -> torch.Tensor:
+        """The prompt after the start token, the transcript's tokens and the end token (teacher forcing)."""
+        return teacher_forcing_labels(model, tokenizer, texts, prompt or Prompt(), languages)
+
+    def check_training_data(self, utts, tokenizer, model, feature_extractor):
+        """All of them: the model reads a fixed window and its BPE vocabulary spells any text; the tokenizer's
+        unknown tokens are counted instead."""
+        check_known_tokens([u.text for u in utts], tokenizer, what="training transcripts")
+        return list(utts)
+
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio):
+        # the teacher reads the same transcripts (teacher forcing)
+        return forward(teacher, batch.inputs, batch.attention_mask, pad_audio=pad_audio, labels=labels).logits
+
+    def distillation_mask(self, model, batch, labels, logits):
+        return labels != -100
+
+    def generation_limit(self, model, tokenizer, references=None):
+        return generation_limit(model, tokenizer, references)
+
+    def normalizer(self, model, tokenizer, prompt=None):
+        return word_normalizer(model, tokenizer, prompt)
+
+    def text_language(self, model, tokenizer, prompt=None):
+        """The prompt says it (``<|en|>`` given or forced); a model without language tokens is English-only
+        (OpenAI's ``.en`` checkpoints) unless its vocabulary holds CJK characters (the demo Whisper writes
+        Mandarin characters)."""
+        said = prompt_language(model, prompt or Prompt())
+        if said == ENGLISH_ONLY:
+            return "zh" if _cjk(tokenizer)[0] else "en"
+        return {"<|en|>": "en", "<|zh|>": "zh"}.get(said)
+
+    def shared_prefix(self, model, batch, stack):
+        """The decoder's candidates share the encoder's outputs."""
+        return {"encoder_outputs": call(model, batch.inputs, batch.attention_mask)} if stack == "decoder" else {}
+
+    def decode(self, model, tokenizer, batch, *, max_new_tokens=None, prompt=None, languages=None, **shared):
+        return generate_batch(model, tokenizer, batch,
+                              max_new_tokens=max_new_tokens or generation_limit(model, tokenizer),
+                              **shared, **generate_kwargs(prompt or Prompt(), languages))
+
+
+HEADS: dict[str, HeadKind] = {head.name: head for head in (CtcHead(), Seq2SeqHead())}
+
+
+def head_of(model) -> HeadKind:
+    """The head kind of ``model``, as the family table names it."""
+    return HEADS[family_of(model).kind]
+
+
+def check_prompt(model, prompt: Prompt | None) -> Prompt:
+    """``prompt`` (``--language``/``--task``) checked for ``model``: refused in one line by a model without a
+    prompt (CTC), checked against the generation config otherwise (:func:`comflp.prompt.check_prompt`)."""
+    return head_of(model).check_prompt(model, prompt)
+
+
+def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False,
+                 max_new_tokens: int | None = None, prompt: Prompt | None = None) -> list[str]:
+    """Greedy transcripts of one padded batch (batch-invariant unless ``pad_audio``): best-path CTC, or greedy
+    generation for an encoder-decoder model (``max_new_tokens``: default :func:`generation_limit`) with
+    ``prompt``'s language and task (none given: the checkpoint's, and its own detection of the language)."""
+    from .model import padding_exact
+
+    exact = (contextlib.nullcontext() if pad_audio
+             else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
+    with exact:
+        return head_of(model).decode(model, tokenizer, batch, max_new_tokens=max_new_tokens, prompt=prompt)

@@ -1,0 +1,207 @@
+"""The family table: what differs between model families, in one place.
+
+The rest of comflp asks :func:`family_of` for a model's entry and reads its fields; no module tests a family
+name. A family has one or two layer stacks (:class:`Stack`), a head kind (``kind``: how it turns audio into
+text, :mod:`comflp.heads`), an input kind, a front end, what makes a padded batch exact (:mod:`.exact`), where
+a repair folds (:mod:`comflp.repair`), and where LayerDrop is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import ComflpError
+
+STACKS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One layer stack of a family.
+
+    ``layers``: the dotted path of its ``nn.ModuleList`` under the base model; ``depth_field``: the config field
+    holding its depth, read in ``config`` (a sub-config's attribute name, e.g. Parakeet's ``encoder_config``;
+    None: the model's own config); ``cache_index``: the attribute by which a module inside a layer knows its
+    layer's position (the key-value cache slot, transformers' ``layer_idx``), renumbered when layers go;
+    ``cacheable``: the stack runs once per forward, so the fine search caches its layers' outputs along
+    shared kept-layer prefixes (a decoder runs once per generated token: it cannot).
+    """
+
+    layers: str = "encoder.layers"
+    depth_field: str = "num_hidden_layers"
+    config: str | None = None
+    cache_index: str = "layer_idx"
+    cacheable: bool = True
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """A family that pools frames before its layers (SEW, SEW-D): the layers run at 1/squeeze of the encoder's
+    frame rate.
+
+    ``squeeze_field``: the config field of the squeeze factor; ``mask``: where the pooled frame mask reaches
+    the layers, ``"layers"`` (a 4-D mask to each layer) or a module path taking it as its second argument;
+    ``upsample``: the module that spreads the pooled frames back, whose output past
+    ``floor(frames / squeeze) * squeeze`` is zeroed, as the encoder pads a shorter utterance's output.
+    """
+
+    squeeze_field: str
+    mask: str
+    upsample: str
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families; the rest of comflp asks this table, never the family name.
+
+    Paths are dotted attribute paths under the base model (:func:`base_model`).
+    ``encoder``, ``decoder``: the layer stacks (:class:`Stack`); an encoder-decoder family (Whisper) has both,
+    a CTC family the encoder only.
+    ``kind``: the head kind, how the model turns audio into text (``"ctc"``: a CTC head and greedy collapse;
+    ``"seq2seq"``: a decoder with a prompt, teacher forcing and generation; :mod:`comflp.heads`).
+    ``input_kind``: the forward's input, ``input_values`` ([B, T] audio samples) or ``input_features``
+    ([B, T, C] frames computed by the feature extractor); the attention mask is at that input's time steps.
+    ``output_lengths``: the model's method mapping input lengths to the layers' input frames.
+    ``feature_encoder``: the front end between the input and the first layer (frozen when fine-tuning,
+    computed once per batch in fine search).
+    ``per_batch``: further modules before the first layer whose output depends on the batch only (the feature
+    projection, the positional convolution), computed once per batch in fine search beside the front end;
+    a path whose module the model does not have (or holds None) is passed over.
+    ``position_conv_layers``: the path of a positional convolution built as a stack of conv layers, whose
+    padded frames must be zeroed between layers for batching to be exact (see :func:`.exact.padding_exact`).
+    ``front_end_exact``: the front end gives each utterance of a padded batch what it gives alone (feature
+    inputs are computed per utterance by the feature extractor, and these front ends mask padded frames).
+    ``depthwise_conv``: the path, inside each layer, of a "same"-padded depthwise convolution over time (a
+    conformer's), whose input :func:`.exact.padding_exact` zeroes on padded frames, as an utterance alone has
+    zeros there.
+    ``pooling``: frames pooled before the layers (:class:`Pooling`), or None.
+    ``default_features``: the feature extractor class assumed for a model saved without one.
+    ``head``: the output head's attribute on the model (a CTC head, or Whisper's projection).
+    ``auto_class``: the transformers auto class that loads the family.
+    ``layerdrop``: the fields of the encoder's config that hold the LayerDrop probability;
+    ``layerdrop_modules``: the modules (paths under the base model) that copied it when they were built
+    (Whisper's stacks, Parakeet's encoder) and read their own ``layerdrop`` when training. A family with
+    neither has no LayerDrop (SEW-D).
+    Where a repair map folds (:mod:`comflp.repair`): ``end_norm``, inside a layer, the LayerNorm whose output
+    is the layer's output (post-LN layers); ``ffn_output``, inside a layer, the feed-forward's output
+    projection, whose output plus the residual is the layer's output (pre-LN layers); ``pre_norm_field``:
+    the config field that, when true, makes the layers pre-LN (wav2vec2's ``do_stable_layer_norm``; None:
+    the family has one kind, ``end_norm`` if set); ``ffn_extra``: a module inside a layer that, when
+    present, adds to the output after the feed-forward (MMS adapters), so nothing folds there;
+    ``input_norm``: the LayerNorm (under the base model) whose output is hidden state 0, in post-LN
+    encoders. ``window_read_whole``: the encoder takes a fixed window (Whisper's 30 s) and what comes after it
+    reads every position of it, padding included (Whisper's decoder cross-attends to the whole window), so
+    a repair of the encoder is fitted on every position, not only on the real frames.
+    """
+
+    encoder: Stack = field(default_factory=Stack)
+    decoder: Stack | None = None
+    kind: str = "ctc"
+    input_kind: str = "input_values"
+    output_lengths: str = "_get_feat_extract_output_lengths"
+    feature_encoder: str = "feature_extractor"
+    per_batch: tuple[str, ...] = ("feature_projection", "encoder.pos_conv_embed")
+    position_conv_layers: str | None = None
+    front_end_exact: bool = False
+    depthwise_conv: str | None = None
+    pooling: Pooling | None = None
+    default_features: str = "Wav2Vec2FeatureExtractor"
+    head: str = "lm_head"
+    auto_class: str = "AutoModelForCTC"
+    layerdrop: tuple[str, ...] = ("layerdrop",)
+    layerdrop_modules: tuple[str, ...] = ()
+    end_norm: str | None = "final_layer_norm"
+    ffn_output: str | None = "feed_forward.output_dense"
+    pre_norm_field: str | None = "do_stable_layer_norm"
+    ffn_extra: str | None = "adapter_layer"
+    input_norm: str | None = "encoder.layer_norm"
+    window_read_whole: bool = False
+
+    @property
+    def stacks(self) -> dict[str, Stack]:
+        """The family's layer stacks by name, encoder first."""
+        return {"encoder": self.encoder, **({"decoder": self.decoder} if self.decoder is not None else {})}
+
+
+DEFAULT_FAMILY = Family()
+FAMILIES: dict[str, Family] = {
+    "data2vec-audio": Family(position_conv_layers="encoder.pos_conv_embed.layers"),
+    "wav2vec2-conformer": Family(depthwise_conv="conv_module.depthwise_conv", pre_norm_field=None, input_norm=None),
+    "sew": Family(pooling=Pooling("squeeze_factor", mask="layers", upsample="encoder.upsample")),
+    # DeBERTa-style encoder: its relative-position embeddings sit beside the layers and are shared, so they stay
+    "sew-d": Family(encoder=Stack("encoder.encoder.layer"),
+                    pooling=Pooling("squeeze_factor", mask="encoder.encoder", upsample="encoder.upsample"),
+                    layerdrop=(), end_norm="output.LayerNorm", pre_norm_field=None, input_norm=None),
+    # log-mel frames stacked in pairs; causal depthwise convolution over masked frames: batch-invariant as is
+    "wav2vec2-bert": Family(input_kind="input_features", feature_encoder="feature_projection", per_batch=(),
+                            front_end_exact=True, default_features="SeamlessM4TFeatureExtractor",
+                            pre_norm_field=None, input_norm=None),
+    # FastConformer: 8x conv subsampling of log-mel frames (masked per conv), the relative positions are
+    # computed once before the layers and passed to each, so they stay
+    "parakeet_ctc": Family(encoder=Stack(config="encoder_config"), input_kind="input_features",
+                           output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampling",
+                           per_batch=(), front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head",
+                           layerdrop_modules=("encoder",), end_norm="norm_out", pre_norm_field=None, input_norm=None),
+    # encoder-decoder: log-mel frames padded to 30 s, two conv layers, then the encoder's layers; the decoder's
+    # layers carry their cache index (``layer_idx``), renumbered when layers go
+    "whisper": Family(encoder=Stack("encoder.layers", "encoder_layers"), decoder=Stack("decoder.layers", "decoder_layers", cacheable=False),
+                      kind="seq2seq", input_kind="input_features", feature_encoder="encoder.conv1", per_batch=(),
+                      front_end_exact=True, default_features="WhisperFeatureExtractor", head="proj_out",
+                      auto_class="AutoModelForSpeechSeq2Seq", layerdrop=("encoder_layerdrop", "decoder_layerdrop"),
+                      layerdrop_modules=("encoder", "decoder"), end_norm=None, ffn_output="fc2", pre_norm_field=None,
+                      input_norm=None, window_read_whole=True),
+}
+
+
+def family_of(model) -> Family:
+    """The family-table entry of ``model`` (by ``config.model_type``; a DDP wrapper's ``.module`` is asked)."""
+    model = getattr(model, "module", model)
+    return FAMILIES.get(model.config.model_type, DEFAULT_FAMILY)
+
+
+def family_of_config(config) -> Family:
+    """The family-table entry of a model's config, before the model is built."""
+    return FAMILIES.get(config.model_type, DEFAULT_FAMILY)
+
+
+def stack_of(model, stack: str) -> Stack:
+    """The table's :class:`Stack` ``stack`` of ``model``; one line naming the stacks it has otherwise."""
+    stacks = family_of(model).stacks
+    if stack not in stacks:
+        raise ComflpError(f"{type(getattr(model, 'module', model)).__name__} has no {stack} layer stack (stacks: "
+                          f"{', '.join(stacks)})")
+    return stacks[stack]
+
+
+def stack_config(model, stack: str = "encoder"):
+    """The config holding ``stack``'s fields (depth, width): the model's, or the table's sub-config."""
+    model = getattr(model, "module", model)
+    path = stack_of(model, stack).config
+    return getattr(model.config, path) if path else model.config
+
+
+def encoder_config(model):
+    """The config holding the encoder's fields (depth, width, squeeze, LayerDrop)."""
+    return stack_config(model, "encoder")
+
+
+def base_model(model) -> nn.Module:
+    """The encoder without a head (the model itself when it has none)."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+def get_module(module: nn.Module, path: str) -> nn.Module | None:
+    """The module at dotted ``path`` under ``module``, or None where the path breaks."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def set_module(module: nn.Module, path: str, value: nn.Module) -> None:
+    """Put ``value`` at dotted ``path`` under ``module``."""
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(module, parent_path) if parent_path else module, name, value)
