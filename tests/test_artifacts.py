@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from comflp import artifacts
-from comflp.artifacts import ExperimentDir, ShippedModelDir
+from comflp.artifacts import ExperimentDir
+from comflp.demo.layout import ShippedModelDir
 from comflp.errors import ComflpError
 
 

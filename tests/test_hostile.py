@@ -462,7 +462,8 @@ def test_info_on_a_ctc_model_has_no_decoder_line(world, capsys) -> None:
 
 
 def test_a_corpus_made_before_the_mark_is_replaced_with_overwrite(tmp_path: Path, capsys) -> None:
-    from comflp.artifacts import corpus_manifest, dir_kind
+    from comflp.artifacts import dir_kind
+    from comflp.demo.layout import corpus_manifest
     from comflp.demo.corpus import main as corpus_main
 
     earlier = tmp_path / "demo"

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from .. import atomic
-from ..artifacts import ExperimentDir, ShippedModelDir, corpus_manifest
+from ..artifacts import ExperimentDir
+from .layout import ShippedModelDir, corpus_manifest
 from ..errors import ComflpError
 from .corpus import read_corpus
 from ..heads import head_of

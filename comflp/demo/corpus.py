@@ -47,7 +47,8 @@ import soxr
 from tqdm import tqdm
 
 from .. import atomic
-from ..artifacts import corpus_manifest, dir_kind, mark_dir, write_dir
+from ..artifacts import dir_kind, mark_dir, write_dir
+from .layout import corpus_manifest
 from ..data import Utterance, is_corpus_dir, read_corpus_dir, write_corpus_dir
 from ..errors import ComflpError, exit_on_error
 from ..cli.argtypes import positive_int, seed

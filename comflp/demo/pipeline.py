@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import atomic
-from ..artifacts import REPAIR_FILE, DemoDir, claim_file, heatmap_file, is_matrix_set, load_matrix, source_id
+from .layout import DemoDir
+from ..artifacts import REPAIR_FILE, claim_file, heatmap_file, is_matrix_set, load_matrix, source_id
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig
 from ..hidden import MeasureSettings

@@ -33,7 +33,8 @@ from .corpus import read_corpus
 from ..errors import ComflpError, exit_on_error
 from ..finetune import FinetuneConfig, run_settings, train as train_loop
 from ..logs import setup_logging
-from ..artifacts import ExperimentDir, RecipeDir, claim_dir
+from ..artifacts import ExperimentDir, claim_dir
+from .layout import RecipeDir
 from ..model import save_model
 from ..paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, demo_model_dir, demo_split, exp_dir
 
