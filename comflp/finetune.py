@@ -43,7 +43,7 @@ from tqdm import tqdm
 from . import atomic
 from .artifacts import ExperimentDir, finetune_output, output_lock, source_id
 from .data import collate, length_sorted_batches
-from .hfdata import read_corpus_or_dataset
+from .hfdata import DatasetSource, read_corpus_or_dataset
 from .decode import transcribe
 from .errors import ComflpError
 from .heads import check_prompt, head_of
@@ -373,13 +373,13 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     world, rank = accelerator.num_processes, accelerator.process_index
     prompt = check_prompt(loaded.model, Prompt(args.language, args.task))
     out = exp.root
-    train_utts = read_corpus_or_dataset(args, args.train_data_dir)
+    train_utts = read_corpus_or_dataset(DatasetSource.of(args), args.train_data_dir)
     if args.max_train_utts:
         train_utts = train_utts[: args.max_train_utts]
     train_utts = head_of(loaded.model).check_training_data(train_utts, loaded.tokenizer, loaded.model,
                                                            loaded.feature_extractor)
-    valid_args = replace(args, dataset_split=args.valid_dataset_split)
-    valid_utts = verify_subset(read_corpus_or_dataset(valid_args, args.valid_data_dir), args.test_num_batch,
+    valid = DatasetSource.of(args, split=args.valid_dataset_split)
+    valid_utts = verify_subset(read_corpus_or_dataset(valid, args.valid_data_dir), args.test_num_batch,
                                args.valid_batch_size)
     micro = (length_sorted_batches(train_utts, max_seconds=args.max_batch_seconds) if args.max_batch_seconds
              else length_sorted_batches(train_utts, batch_size=args.batch_size))

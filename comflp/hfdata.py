@@ -207,14 +207,28 @@ def _undecoded(table, audio_column: str):
     return table
 
 
-def read_corpus_or_dataset(source, data_dir, *, require_text: bool = True) -> list[Utterance]:
-    """The utterances of ``source.dataset`` (split ``source.dataset_split``, columns ``source.audio_column`` and
-    ``source.text_column``) when it is set, else of the Kaldi dir ``data_dir``; read only.
+@dataclass(frozen=True)
+class DatasetSource:
+    """A HuggingFace dataset named as a corpus: ``dataset`` (a ``save_to_disk`` dir, an audiofolder or a hub
+    id; None: read the Kaldi dir instead), its ``split`` and its audio and text columns (None: guessed)."""
 
-    ``source``: any object with those attributes (parsed flags, :class:`comflp.finetune.FinetuneConfig`).
-    """
-    if getattr(source, "dataset", None):
-        return read_dataset(source.dataset, split=source.dataset_split, audio_column=source.audio_column,
+    dataset: str | None = None
+    split: str = "train"
+    audio_column: str | None = None
+    text_column: str | None = None
+
+    @classmethod
+    def of(cls, settings, *, split: str | None = None) -> "DatasetSource":
+        """The source that parsed flags or a :class:`comflp.finetune.FinetuneConfig` name (``--dataset``,
+        ``--dataset_split``, ``--audio_column``, ``--text_column``); ``split`` overrides the split."""
+        return cls(getattr(settings, "dataset", None), split or getattr(settings, "dataset_split", "train"),
+                   getattr(settings, "audio_column", None), getattr(settings, "text_column", None))
+
+
+def read_corpus_or_dataset(source: DatasetSource, data_dir, *, require_text: bool = True) -> list[Utterance]:
+    """The utterances of ``source.dataset`` when it is set, else of the Kaldi dir ``data_dir``; read only."""
+    if source.dataset:
+        return read_dataset(source.dataset, split=source.split, audio_column=source.audio_column,
                             text_column=source.text_column, require_text=require_text)
     from .data import read_corpus_dir
 

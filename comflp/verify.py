@@ -114,6 +114,13 @@ class _OutputOnce(nn.Module):
         self.outputs = outputs
         self.key = key
 
+    def __getattr__(self, name: str):
+        # what the model reads off the module it wraps (Whisper's encoder reads ``conv1.stride``) is the module's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
     def forward(self, *args, **kwargs):
         if self.key not in self.outputs:
             self.outputs[self.key] = self.module(*args, **kwargs)

@@ -136,13 +136,13 @@ def data_label(args: argparse.Namespace, data_dir) -> str:
 def read_corpus_or_dataset(args: argparse.Namespace, data_dir, *, require_text: bool = True):
     """The utterances of ``args.dataset`` (split ``args.dataset_split``) when given, else of the Kaldi dir
     ``data_dir`` (the embedded corpus generated first if it is that and missing)."""
-    from ..hfdata import read_corpus_or_dataset as read
+    from ..hfdata import DatasetSource, read_corpus_or_dataset as read
 
     from ..demo.corpus import ensure_demo_corpus
 
     if not getattr(args, "dataset", None):
         ensure_demo_corpus(data_dir)
-    return read(args, data_dir, require_text=require_text)
+    return read(DatasetSource.of(args), data_dir, require_text=require_text)
 
 
 def add_repair(p: argparse.ArgumentParser, *, ranking: bool = False, healing: bool = False) -> None:
