@@ -161,3 +161,54 @@ def world(tmp_path_factory):
     model = save_plain(tiny_model("wav2vec2-stable", seed=2), tmp / "model", tmp / "proc")
     corpus = make_corpus(tmp / "corpus", n=8)
     return tmp, model, corpus
+
+
+def _called(call, cwd: Path | None, args: list[str]):
+    """Run ``call()`` as a command line would, in this process (a subprocess per run would spend seconds
+    importing torch): in ``cwd``, stdout and stderr captured, the exit status from its ``SystemExit``; the
+    working dir, torch's thread count (``--threads`` sets it) and ``sys.argv`` restored afterwards."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, here, argv = torch.get_num_threads(), os.getcwd(), sys.argv
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            call()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_comflp(*args: str, cwd: Path | None = None):
+    """``comflp <args>`` through the dispatcher the console script calls, in this process."""
+    from comflp.cli import main
+
+    return run_main(main, *args, cwd=cwd)
+
+
+def run_script(script: Path, *args: str, cwd: Path | None = None):
+    """``python <script> <args>`` (a paper script) in this process: the script run as ``__main__``."""
+    import runpy
+    import sys
+
+    def call() -> None:
+        sys.argv = [str(script), *args]
+        runpy.run_path(str(script), run_name="__main__")
+
+    return _called(call, cwd, [str(script), *args])
+
+
+def run_main(main, *args: str, cwd: Path | None = None):
+    """A command's ``main(argv)`` called in this process, as its script would run it."""
+    return _called(lambda: main(list(args)), cwd, list(args))

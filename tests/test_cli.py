@@ -4,10 +4,7 @@ as a subprocess once."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,26 +15,12 @@ from transformers import AutoModelForCTC
 
 from comflp.strategy import Candidate, StrategyFile
 
+from conftest import run_comflp
+
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``comflp <args>`` through the dispatcher the console script calls, in this process, run in ``cwd``:
-    exit status, stdout and stderr (torch's thread count and the working dir restored afterwards)."""
-    from comflp.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads, here = torch.get_num_threads(), os.getcwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        os.chdir(here)
-        torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    """``comflp <args>`` through the dispatcher the console script calls, in this process, run in ``cwd``."""
+    return run_comflp(*args, cwd=cwd)
 
 
 def test_help_lists_commands() -> None:

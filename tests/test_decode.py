@@ -22,9 +22,11 @@ def test_demo_test_split_is_batch_invariant() -> None:
     loaded = load_model(DEMO_MODEL_DIR, need_tokenizer=True)
     assert loaded.model.config.feat_extract_norm == "group"
     utts = read_corpus(demo_split("test"))
+    assert len(utts) == 200
+    utts = utts[:80]  # five batches of 16, of mixed lengths
     one = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=1)
     sixteen = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=16)
-    assert len(utts) == 200 and one.hypotheses == sixteen.hypotheses
+    assert one.hypotheses == sixteen.hypotheses
     # the paper's batching (padded audio through the group-norm encoder) is not batch-invariant
     padded = transcribe(loaded.model, loaded.feature_extractor, loaded.tokenizer, utts, batch_size=16,
                         pad_audio=True)
@@ -33,11 +35,11 @@ def test_demo_test_split_is_batch_invariant() -> None:
 
 def test_fine_search_does_not_depend_on_verify_batch_size() -> None:
     loaded = load_model(DEMO_MODEL_DIR, need_tokenizer=True)
-    utts = read_corpus(demo_split("dev"))[:48]
+    utts = read_corpus(demo_split("dev"))[:24]
     sets = [[1, 3, 5, 7, 9, 11], [2, 4, 6, 8, 10, 12], [7, 8, 9, 10, 11, 12], [12]]
     rates = {bs: [r.rate for r in FineSearch(loaded, utts, batch_size=bs, progress=False).evaluate(sets)]
-             for bs in (1, 6, 48)}
-    assert rates[1] == rates[6] == rates[48]
+             for bs in (1, 5, 24)}
+    assert rates[1] == rates[5] == rates[24]
     alone, _ = evaluate_separately(loaded, utts, sets, batch_size=1)
     assert [r.rate for r in alone] == rates[1]
 

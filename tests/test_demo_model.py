@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from transformers import AutoModelForCTC, AutoProcessor
 
@@ -23,8 +21,9 @@ def test_loads_with_plain_transformers_and_decodes_dev() -> None:
 
 
 def test_info_reports_twelve_layers() -> None:
-    out = subprocess.run([sys.executable, "-m", "comflp", "info", str(DEMO_MODEL_DIR), "--json"],
-                         capture_output=True, text=True)
+    from conftest import run_comflp
+
+    out = run_comflp("info", str(DEMO_MODEL_DIR), "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["num_layers"] == 12 and info["family"] == "wav2vec2" and info["vocab_size"] == 303

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -21,7 +19,7 @@ from comflp.cli import average as average_cli, finetune as finetune_cli
 from comflp.finetune import distillation_loss
 from comflp.strategy import Candidate, StrategyFile
 
-from conftest import make_corpus, save_plain, tiny_model
+from conftest import make_corpus, run_main, save_plain, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -41,29 +39,13 @@ def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
             "--valid_data_dir", str(corpus), "--output_dir", str(out), "--threads", "1", "--quiet", *extra]
 
 
-def _train(args: list[str], launcher: list[str] | None = None, *,
-           in_process: bool = True) -> subprocess.CompletedProcess:
-    """``clip_finetune_train.py`` with ``args``: in this process (the quick way, for refusals and short runs), or in
-    a subprocess (a kill, or a ``launcher`` such as accelerate's)."""
-    if launcher is None and in_process:
-        return _in_process(finetune_cli.main, args)
-    cmd = (launcher or [sys.executable]) + [str(REPO / "clip_finetune_train.py"), *args]
+def _train(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``clip_finetune_train.py`` with ``args``: in this process, or in a subprocess under a ``launcher`` (such as
+    accelerate's)."""
+    if launcher is None:
+        return run_main(finetune_cli.main, *args)
+    cmd = launcher + [str(REPO / "clip_finetune_train.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV)
-
-
-def _in_process(main, args: list[str]) -> subprocess.CompletedProcess:
-    """A command's ``main`` called here, as its script would run it: exit status and stderr; torch's thread count
-    (which ``--threads`` sets) restored afterwards."""
-    threads, err = torch.get_num_threads(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -88,7 +70,7 @@ def test_resume_after_sigkill_gives_identical_weights(setup, tmp_path: Path) -> 
     proc.wait()
     killed_at = json.loads(position.read_text())["update"]
     assert 2 <= killed_at < 6 and not (out / "final").exists()  # killed before the end (6 updates)
-    resumed = _train(_args(model, corpus, out, "--checkpoint_every", "1"), in_process=False)
+    resumed = _train(_args(model, corpus, out, "--checkpoint_every", "1"))  # in process too
     assert resumed.returncode == 0, resumed.stderr
     a, b = _weights(tmp_path / "ref"), _weights(out)
     assert a.keys() == b.keys()
@@ -142,15 +124,15 @@ def test_average_known_tensors(tmp_path: Path) -> None:
         save_file(sd, str(exp / f"epoch{e}" / "model.safetensors"))
         (exp / f"epoch{e}" / "config.json").write_text("{}")
     (exp / "metrics.jsonl").write_text('{"epoch": 1, "valid_cer": 0.2}\n{"epoch": 2, "valid_cer": 0.3}\n')
-    out = _in_process(average_cli.main, ["--exp_dir", str(exp), "--num", "2", "--mode", "last"])
+    out = run_main(average_cli.main, "--exp_dir", str(exp), "--num", "2", "--mode", "last")
     assert out.returncode == 0, out.stderr
     got = load_file(str(exp / "model_avg" / "model.safetensors"))
     assert torch.equal(got["w"], torch.tensor([2.0, 4.0])) and (exp / "model_avg" / "config.json").exists()
-    again = _in_process(average_cli.main, ["--exp_dir", str(exp), "--num", "1"])
+    again = run_main(average_cli.main, "--exp_dir", str(exp), "--num", "1")
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
-    best = _in_process(average_cli.main, ["--exp_dir", str(exp), "--num", "1", "--overwrite"])
+    best = run_main(average_cli.main, "--exp_dir", str(exp), "--num", "1", "--overwrite")
     assert best.returncode == 0 and json.loads((exp / "model_avg" / "averaged_epochs.json").read_text())["epochs"] == [1]
-    missing = _in_process(average_cli.main, ["--exp_dir", str(exp), "--last_epoch", "3", "--num", "2", "--mode", "last"])
+    missing = run_main(average_cli.main, "--exp_dir", str(exp), "--last_epoch", "3", "--num", "2", "--mode", "last")
     assert missing.returncode == 2 and "epoch 3 not found" in missing.stderr and "Traceback" not in missing.stderr
 
 

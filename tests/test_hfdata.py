@@ -85,14 +85,14 @@ def test_bad_datasets_end_in_one_line_naming_the_culprit(kaldi: Path, tmp_path: 
 def test_commands_take_a_dataset(kaldi: Path, tmp_path: Path) -> None:
     import json
     import subprocess
-    import sys
+
+    from conftest import run_comflp
 
     model = save_plain(tiny_model("wav2vec2", seed=1), tmp_path / "m", tmp_path / "proc")
     saved = _saved(kaldi, tmp_path / "saved")
 
     def test(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "comflp", "test", "--model", str(model), *args],
-                              capture_output=True, text=True)
+        return run_comflp("test", "--model", str(model), *args)
 
     a = test("--data_dir", str(kaldi), "--output_dir", str(tmp_path / "a"))
     b = test("--dataset", str(saved), "--dataset_split", "validation", "--output_dir", str(tmp_path / "b"))
@@ -102,9 +102,9 @@ def test_commands_take_a_dataset(kaldi: Path, tmp_path: Path) -> None:
     bad = test("--dataset", str(saved), "--output_dir", str(tmp_path / "c"))  # the test command reads split "test"
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "no split 'test'" in bad.stderr.strip().splitlines()[-1] and not (tmp_path / "c" / "test_asr.json").exists()
-    m = subprocess.run([sys.executable, "-m", "comflp", "measure", "--model", str(model), "--dataset", str(saved),
-                        "--dataset_split", "validation", "--batch_size", "2", "--iter_num", "2", "--measures", "dc",
-                        "--no_plot", "--quiet", "--dump_dir", str(tmp_path / "d")], capture_output=True, text=True)
+    m = run_comflp("measure", "--model", str(model), "--dataset", str(saved), "--dataset_split", "validation",
+                   "--batch_size", "2", "--iter_num", "2", "--measures", "dc", "--no_plot", "--quiet",
+                   "--dump_dir", str(tmp_path / "d"))
     assert m.returncode == 0, m.stderr
 
 

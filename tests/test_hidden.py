@@ -20,7 +20,7 @@ from comflp.hidden import MeasureSettings, capture_layer_states, collect, plan_b
 
 from comflp.model import call, forward, num_layers
 
-from conftest import make_corpus, processor_for, save_plain, tiny_model, tiny_processor
+from conftest import make_corpus, processor_for, run_comflp, save_plain, tiny_model, tiny_processor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,8 +174,9 @@ def test_two_processes_equal_one(setup, tmp_path: Path) -> None:
             "--measures", "dc,svcca,cka,cosine", "--svcca_mode", "T", "--no_plot", "--quiet"]
     # the two processes also build the moment in bands (3 passes), all-reducing each band
     banded = ["--moment_memory_gb", str(8 * 2 * 32 * 7 * 32 / 2**30)]
-    one = _run([sys.executable, "-m", "comflp", "measure", *args, "--dump_dir", str(tmp_path / "one"),
-                "--output", str(tmp_path / "one.npz")])
+    # one process, in this one, on one thread as each of the two below (OMP_NUM_THREADS=1)
+    one = run_comflp("measure", *args, "--threads", "1", "--dump_dir", str(tmp_path / "one"),
+                     "--output", str(tmp_path / "one.npz"), cwd=REPO)
     assert one.returncode == 0, one.stderr
     accelerate = Path(sys.executable).parent / "accelerate"
     # accelerate's torchrun route; on a CPU-only machine comflp makes it gloo on the CPU
@@ -193,10 +194,9 @@ def test_two_processes_equal_one(setup, tmp_path: Path) -> None:
 
 def test_measure_npz_records_settings(setup, tmp_path: Path) -> None:
     _, _, _, corpus, model_dir = setup
-    out = _run([sys.executable, "-m", "comflp", "measure", "--model", str(model_dir), "--data_dir", str(corpus),
-                "--batch_size", "4", "--iter_num", "2", "--measures", "dc,pwcca,angular", "--svcca_mode", "T",
-                "--dump_dir",
-                str(tmp_path), "--figure_dir", str(tmp_path), "--quiet"])
+    out = run_comflp("measure", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "4",
+                     "--iter_num", "2", "--measures", "dc,pwcca,angular", "--svcca_mode", "T",
+                     "--dump_dir", str(tmp_path), "--figure_dir", str(tmp_path), "--quiet", cwd=REPO)
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.strip().splitlines()[-1])
     mats, meta = load_npz(path)

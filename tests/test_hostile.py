@@ -252,10 +252,10 @@ def test_a_log_that_cannot_be_written_stops_the_command_in_one_line(world, tmp_p
 
 
 def test_a_dir_that_cannot_be_marked_is_not_left_behind(world, tmp_path: Path, monkeypatch, capsys) -> None:
-    from comflp import artifacts
+    from comflp.artifacts import ownership
 
     _, model, corpus = world
-    monkeypatch.setattr(artifacts, "mark_dir", _no_space)
+    monkeypatch.setattr(ownership, "mark_dir", _no_space)  # where open_output_dir calls it
     out = tmp_path / "deep" / "t"
     refused(test_asr.main, ["--model", str(model), "--data_dir", str(corpus), "--output_dir", str(out)], capsys,
             "No space left on device")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +10,7 @@ from transformers import Wav2Vec2ForCTC
 
 from comflp.model import skip_layers
 
-from conftest import save_plain, tiny_model
+from conftest import run_comflp, save_plain, tiny_model
 
 PRUNED = [2, 5]
 
@@ -24,9 +22,8 @@ def test_adapter_files_are_pruned_with_the_model(tmp_path: Path) -> None:
         torch.manual_seed(seed)
         save_file({k: torch.randn_like(v).contiguous() for k, v in model._get_adapters().items()},
                   str(src / f"adapter.{lang}.safetensors"))
-    out = subprocess.run([sys.executable, "-m", "comflp", "prune", "--model", str(src), "--layers",
-                          ",".join(map(str, PRUNED)), "--output", str(tmp_path / "pruned")],
-                         capture_output=True, text=True)
+    out = run_comflp("prune", "--model", str(src), "--layers", ",".join(map(str, PRUNED)),
+                     "--output", str(tmp_path / "pruned"))
     assert out.returncode == 0, out.stderr
     assert "2 adapter file(s)" in out.stdout
     x = torch.randn(2, 8000)
@@ -49,8 +46,7 @@ def test_adapter_files_are_pruned_with_the_model(tmp_path: Path) -> None:
 def test_a_corrupt_adapter_file_is_named_and_nothing_is_written(tmp_path: Path) -> None:
     src = save_plain(tiny_model("wav2vec2-stable", seed=3, adapter_attn_dim=8), tmp_path / "mms", tmp_path / "proc")
     (src / "adapter.cmn.safetensors").write_bytes(b"\x00" * 40)
-    out = subprocess.run([sys.executable, "-m", "comflp", "prune", "--model", str(src), "--layers", "2",
-                          "--output", str(tmp_path / "pruned")], capture_output=True, text=True)
+    out = run_comflp("prune", "--model", str(src), "--layers", "2", "--output", str(tmp_path / "pruned"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "adapter.cmn.safetensors" in out.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "pruned").exists()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from comflp.strategy import StrategyFile
 
-from conftest import make_corpus, save_plain, tiny_model
+from conftest import make_corpus, run_script, save_plain, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "search_strategy" / "search_prune_then_verify_mix.py"
@@ -19,7 +18,8 @@ REFERENCE = REPO / "tests" / "data" / "paper"
 
 
 def run(script: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=cwd or REPO)
+    """The paper script as a user runs it (in this process: :func:`conftest.run_script`)."""
+    return run_script(script, *args, cwd=cwd or REPO)
 
 
 def _error(out: subprocess.CompletedProcess) -> str:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jiwer
 import pytest
 
-from conftest import make_corpus, save_plain, tiny_model
+from conftest import make_corpus, run_script, save_plain, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,8 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_cer_equals_jiwer_on_decoded_strings(tmp_path: Path) -> None:
     model = save_plain(tiny_model("wav2vec2", seed=5), tmp_path / "m", tmp_path / "proc")
     corpus = make_corpus(tmp_path / "corpus", n=6)
-    out = subprocess.run([sys.executable, str(REPO / "test_asr.py"), "--model", str(model), "--data_dir", str(corpus),
-                          "--output_dir", str(tmp_path / "exp"), "--batch_size", "4"], capture_output=True, text=True)
+    out = run_script(REPO / "test_asr.py", "--model", str(model), "--data_dir", str(corpus),
+                     "--output_dir", str(tmp_path / "exp"), "--batch_size", "4")
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "exp" / "test_asr.json").read_text())
     hyps = dict(line.split(" ", 1) if " " in line else (line, "")
@@ -33,6 +31,5 @@ def test_cer_equals_jiwer_on_decoded_strings(tmp_path: Path) -> None:
 
 
 def test_missing_model_and_data_are_one_line(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(REPO / "test_asr.py"), "--model", str(tmp_path / "none"),
-                          "--output_dir", str(tmp_path / "e")], capture_output=True, text=True)
+    out = run_script(REPO / "test_asr.py", "--model", str(tmp_path / "none"), "--output_dir", str(tmp_path / "e"))
     assert out.returncode == 2 and "model not found" in out.stderr and "Traceback" not in out.stderr
