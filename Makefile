@@ -22,8 +22,9 @@ install: $(STAMP)
 demo: install
 	$(PY) -m comflp demo
 
+# one worker per core (at most 4), one torch thread each (tests/conftest.py), each test file on one worker
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 clean-venv:
 	rm -rf $(VENV)

@@ -212,3 +212,24 @@ def run_script(script: Path, *args: str, cwd: Path | None = None):
 def run_main(main, *args: str, cwd: Path | None = None):
     """A command's ``main(argv)`` called in this process, as its script would run it."""
     return _called(lambda: main(list(args)), cwd, list(args))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2``), the controller generates the embedded demo corpus before
+    the workers start, so that two workers never race to write it (the second would stop at its lock). A
+    sequential run generates it on first use, as a user's command does."""
+    if hasattr(config, "workerinput"):
+        # two workers on two cores: one torch thread each (and in the processes they start), as two threads
+        # each would oversubscribe the cores and spin
+        import os
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        return
+    if not getattr(config.option, "numprocesses", None):
+        return
+    from comflp.demo.corpus import ensure_demo_corpus
+    from comflp.paths import demo_split
+
+    for split in ("train", "dev", "test"):
+        ensure_demo_corpus(demo_split(split))
