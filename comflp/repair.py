@@ -114,6 +114,9 @@ def state_site(model, stack: str, state: int) -> Site | None:
         if not isinstance(module, nn.LayerNorm) or module.weight is None:
             raise ComflpError(f"{where} does not end in a LayerNorm with weights ({family.end_norm}): comflp "
                               "cannot fold a repair into it")
+        if module.bias is None:  # LASR's: the map's shift has nowhere to go without adding a parameter
+            raise ComflpError(f"{where} ends in a LayerNorm without a bias ({family.end_norm}): a repair's shift "
+                              "cannot fold into it and keep the checkpoint plain; use --repair none")
         return Site("norm", module, f"{where} {family.end_norm}")
     if family.ffn_extra and get_module(layer, family.ffn_extra) is not None:
         raise ComflpError(f"{where} adds {family.ffn_extra} after its feed-forward (MMS adapters): a repair "

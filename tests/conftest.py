@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, ParakeetCTCConfig,
+from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, LasrCTCConfig,
+                          LasrFeatureExtractor, LasrForCTC, LasrTokenizer, ParakeetCTCConfig,
                           ParakeetFeatureExtractor, ParakeetForCTC, ParakeetTokenizer, SEWConfig, SEWDConfig,
                           SeamlessM4TFeatureExtractor, SEWDForCTC, SEWForCTC, UniSpeechConfig, UniSpeechForCTC,
                           UniSpeechSatConfig, UniSpeechSatForCTC, Wav2Vec2BertConfig, Wav2Vec2BertForCTC,
@@ -43,6 +44,7 @@ FAMILIES = {
     "sew-d": (SEWDConfig, SEWDForCTC, {"squeeze_factor": 2, "position_buckets": 16, "max_position_embeddings": 64}),
     "wav2vec2-bert": (Wav2Vec2BertConfig, Wav2Vec2BertForCTC, None),  # input_features: stacked log-mel frames
     "parakeet_ctc": (ParakeetCTCConfig, ParakeetForCTC, None),  # input_features: log-mel frames, 8x subsampling
+    "lasr_ctc": (LasrCTCConfig, LasrForCTC, None),  # input_features: 128 log-mel bins, 4x subsampling
 }
 
 
@@ -57,6 +59,9 @@ def _feature_input_config(family: str, overrides: dict):
     encoder = {**_TINY_CONFORMER, "subsampling_conv_channels": 8, "conv_kernel_size": 9, "dropout": 0.0,
                "dropout_positions": 0.0, "layerdrop": 0.0, "activation_dropout": 0.0, "attention_dropout": 0.0,
                **overrides}
+    if family == "lasr_ctc":  # google/medasr's shape, tiny; its blank is the pad token, id 0
+        return LasrCTCConfig(encoder_config={**encoder, "num_key_value_heads": 2}, vocab_size=len(LASR_VOCAB),
+                             pad_token_id=0)
     return ParakeetCTCConfig(encoder_config=encoder, vocab_size=len(PARAKEET_VOCAB),
                              pad_token_id=len(PARAKEET_VOCAB) - 1)
 
@@ -75,8 +80,16 @@ def tiny_inputs(model, seed: int = 0) -> dict[str, torch.Tensor]:
     kind = model.main_input_name
     if kind == "input_values":
         return {kind: torch.randn(2, 4000, generator=g)}
-    width = 160 if model.config.model_type == "wav2vec2-bert" else 80
+    width = {"wav2vec2-bert": 160, "lasr_ctc": 128}.get(model.config.model_type, 80)
     return {kind: torch.randn(2, 50, width, generator=g)}
+
+
+# LASR's SentencePiece vocabulary (T5-style: pad = the CTC blank, then </s> and <unk>), "▁" marks a word start
+LASR_VOCAB = ["<pad>", "</s>", "<unk>", "▁"] + TINY_VOCAB[3:]
+
+
+def lasr_tokenizer() -> LasrTokenizer:
+    return LasrTokenizer(vocab=[(t, 0.0) for t in LASR_VOCAB], extra_ids=0)
 
 
 def parakeet_tokenizer() -> ParakeetTokenizer:
@@ -92,6 +105,8 @@ def processor_for(model, tmp: Path):
     fe, tok = tiny_processor(tmp)
     if model.config.model_type == "parakeet_ctc":
         return ParakeetFeatureExtractor(), parakeet_tokenizer()
+    if model.config.model_type == "lasr_ctc":
+        return LasrFeatureExtractor(), lasr_tokenizer()
     if model.config.model_type == "wav2vec2-bert":
         return SeamlessM4TFeatureExtractor(), tok
     return fe, tok

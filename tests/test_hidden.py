@@ -206,7 +206,7 @@ def test_measure_npz_records_settings(setup, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "wavlm", "data2vec-audio", "unispeech-sat", "wav2vec2-conformer", "sew",
-                                    "sew-d", "wav2vec2-bert", "parakeet_ctc"])
+                                    "sew-d", "wav2vec2-bert", "parakeet_ctc", "lasr_ctc"])
 def test_layer_frame_mask_counts_the_frames_each_utterance_has_alone(setup, family: str, tmp_path: Path) -> None:
     """Hidden state 0 is the input of layer 1, captured at the layers' frame rate (SEW pools first)."""
     from comflp.model import layer_frame_mask

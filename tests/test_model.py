@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCTC, ParakeetFeatureExtractor, SeamlessM4TFeatureExtractor, Wav2Vec2Config
+from transformers import AutoModelForCTC, LasrFeatureExtractor, ParakeetFeatureExtractor, SeamlessM4TFeatureExtractor, Wav2Vec2Config
 
 from comflp.errors import ComflpError
 from comflp.model import (ExtendedWav2Vec2ForCTC, count_parameters, encoder_config, encoder_frames, stack_layers,
@@ -159,7 +159,8 @@ def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
     assert out.stat().st_mode & 0o777 == 0o755
 
 
-@pytest.mark.parametrize("extractor", [ParakeetFeatureExtractor(), SeamlessM4TFeatureExtractor(), SeamlessM4TFeatureExtractor(stride=3)])
+@pytest.mark.parametrize("extractor", [ParakeetFeatureExtractor(), SeamlessM4TFeatureExtractor(), SeamlessM4TFeatureExtractor(stride=3),
+                                       LasrFeatureExtractor()])
 def test_input_lengths_count_the_frames_the_feature_extractor_makes(extractor) -> None:
     rng = np.random.default_rng(0)
     for n in [400, 401, 559, 560, 719, 720, 1600, *rng.integers(400, 40000, 40).tolist()]:
@@ -167,7 +168,7 @@ def test_input_lengths_count_the_frames_the_feature_extractor_makes(extractor) -
         assert int(np.asarray(made["attention_mask"]).sum()) == int(input_lengths(extractor, torch.tensor([n]))[0]), n
 
 
-@pytest.mark.parametrize("family", ["wav2vec2-bert", "parakeet_ctc"])
+@pytest.mark.parametrize("family", ["wav2vec2-bert", "parakeet_ctc", "lasr_ctc"])
 def test_feature_input_model_saved_without_processor_gets_its_family_extractor(family: str, tmp_path: Path,
                                                                                  caplog) -> None:
     model = tiny_model(family)

@@ -24,7 +24,7 @@ SETS = [[1, 2], [1, 3], [2, 5], [2, 6], [5, 6], [1, 2, 3], [4]]
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "wav2vec2-stable", "wavlm", "data2vec-audio", "unispeech-sat", "wav2vec2-conformer",
-                                    "sew", "sew-d", "wav2vec2-bert", "parakeet_ctc"])
+                                    "sew", "sew-d", "wav2vec2-bert", "parakeet_ctc", "lasr_ctc"])
 def test_shared_prefix_equals_separately_built_models(family: str, corpus: Path, tmp_path: Path) -> None:
     model_dir = save_plain(tiny_model(family, seed=3), tmp_path / "m", tmp_path / "proc")
     loaded = load_model(model_dir)

@@ -144,6 +144,12 @@ FAMILIES: dict[str, Family] = {
                            output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampling",
                            per_batch=(), front_end_exact=True, default_features="ParakeetFeatureExtractor", head="ctc_head",
                            layerdrop_modules=("encoder",), end_norm="norm_out", pre_norm_field=None, input_norm=None),
+    # LASR (Google's MedASR): Parakeet's shape (log-mel frames, unpadded strided convs, a conformer whose
+    # depthwise conv masks padded frames itself), bias-free LayerNorms
+    "lasr_ctc": Family(encoder=Stack(config="encoder_config"), input_kind="input_features",
+                       output_lengths="_get_subsampling_output_length", feature_encoder="encoder.subsampler",
+                       per_batch=(), front_end_exact=True, default_features="LasrFeatureExtractor", head="ctc_head",
+                       layerdrop_modules=("encoder",), end_norm="norm_out", pre_norm_field=None, input_norm=None),
     # encoder-decoder: log-mel frames padded to 30 s, two conv layers, then the encoder's layers; the decoder's
     # layers carry their cache index (``layer_idx``), renumbered when layers go
     "whisper": Family(encoder=Stack("encoder.layers", "encoder_layers"), decoder=Stack("decoder.layers", "decoder_layers", cacheable=False),

@@ -35,6 +35,12 @@ def _seamless_frames(fe, samples: torch.Tensor) -> torch.Tensor:
     return torch.minimum(stacks, torch.div(frames + stride - 2, stride, rounding_mode="floor")).clamp(min=0)
 
 
+def _lasr_frames(fe, samples: torch.Tensor) -> torch.Tensor:
+    """Frames of ``win_length`` samples every ``hop_length`` (no centring): floor((n - win) / hop) + 1."""
+    frames = torch.div(samples - fe.win_length, fe.hop_length, rounding_mode="floor") + 1
+    return frames.clamp(min=0)
+
+
 def _wav2vec2_default(model):
     """16 kHz, zero padding, per-utterance zero-mean unit-variance normalisation: what every
     wav2vec2/HuBERT/WavLM/Data2VecAudio CTC checkpoint on the hub uses."""
@@ -72,6 +78,7 @@ EXTRACTORS: dict[str, Extractor] = {
     "WhisperFeatureExtractor": Extractor(frames=_whisper_frames, default=_whisper_default),
     "ParakeetFeatureExtractor": Extractor(frames=_parakeet_frames),
     "SeamlessM4TFeatureExtractor": Extractor(frames=_seamless_frames),
+    "LasrFeatureExtractor": Extractor(frames=_lasr_frames),
 }
 
 
