@@ -59,6 +59,10 @@ SVCCA_T = MeasureSettings(measures=("svcca",), batch_size=8, iter_num=4, sample_
 TOP_N = 10
 SEARCH_SEED = 42  # `comflp search`'s default: the order in which a race decodes the subset
 VERIFY_BATCHES, VERIFY_BATCH_SIZE = 10, 32  # the fine search's subset: the first 320 dev utterances
+# how the demo heals: the quick default answers in minutes (1 epoch on 600 utterances at 3e-4, which healed the
+# demo model within its first epoch), --full is the documented run (3 epochs on 1800 at 1e-4, 2 averaged)
+HEALING = {"quick": {"ft_epochs": 1, "ft_max_train_utts": 600, "ft_lr": 3e-4, "avg_num": 1},
+           "full": {"ft_epochs": 3, "ft_max_train_utts": 1800, "ft_lr": 1e-4, "avg_num": 2}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,19 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal_baseline", type=str2bool, default=True,
                    help="heal the linspace pick too, so that the two picks are compared after healing as well as "
                         "before (default: %(default)s)")
-    p.add_argument("--ft_epochs", type=positive_int, default=3, help="fine-tuning epochs (default: %(default)s)")
-    p.add_argument("--ft_max_train_utts", type=positive_int, default=1800,
-                   help="fine-tune on the first N training utterances, to keep the demo short (default: %(default)s)")
+    p.add_argument("--full", action="store_true",
+                   help="the complete run, whose numbers README documents: heal 3 epochs on 1800 utterances at "
+                        "1e-4 and average 2 (about 11.5 minutes on 2 cores, outputs under exp/demo-full); without it "
+                        "the quick run heals 1 epoch on 600 utterances at 3e-4 (a few minutes, under exp/demo). "
+                        "The flags below override either")
+    p.add_argument("--ft_epochs", type=positive_int, default=None,
+                   help="fine-tuning epochs (default: 1 quick, 3 --full)")
+    p.add_argument("--ft_max_train_utts", type=positive_int, default=None,
+                   help="fine-tune on the first N training utterances (default: 600 quick, 1800 --full)")
     p.add_argument("--ft_batch_size", type=positive_int, default=8, help="(default: %(default)s)")
-    p.add_argument("--ft_lr", type=positive_float, default=1e-4,
+    p.add_argument("--ft_lr", type=positive_float, default=None,
                    help="the paper's 2e-5 suits a large pretrained model; the small demo model heals faster "
                         "with more. 3e-4 on 600 utterances healed within the first epoch and then wandered by "
                         "+-0.4 points, inside the dev subset's noise; 1e-4 on 1800 heals monotonically and "
-                        "further (default: %(default)s)")
+                        "further (default: 3e-4 quick, 1e-4 --full)")
     p.add_argument("--ft_layerdrop", type=probability_below_one, default=FT_LAYERDROP,
                    help="LayerDrop while healing; the Whisper table in README was measured when LayerDrop did not "
                         "yet reach Whisper's layers, as --ft_layerdrop 0 does (default: %(default)s)")
-    p.add_argument("--avg_num", type=positive_int, default=2, help="epochs averaged (default: %(default)s)")
+    p.add_argument("--avg_num", type=positive_int, default=None, help="epochs averaged (default: 1 quick, 2 --full)")
     p.add_argument("--repair", choices=("auto", "none", "affine", "linear"), default="auto",
                    help="also prune CoMFLP's pick with its cuts repaired (comflp prune --repair: least-squares maps "
                         "folded into the kept weights, no training) and test it beside the unrepaired pick; auto: "
@@ -168,11 +178,19 @@ def _load(model: str):
     return load_model(model, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
 
 
+def resolve_healing(args: argparse.Namespace) -> argparse.Namespace:
+    """The healing flags not given, from the run's profile (:data:`HEALING`: quick, or ``--full``)."""
+    for name, value in HEALING["full" if args.full else "quick"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     from ..model import family_of, num_layers
 
-    args = build_parser().parse_args(argv)
+    args = resolve_healing(build_parser().parse_args(argv))
     if args.threads:
         import torch
 
@@ -191,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise ComflpError(f"--corpus {args.corpus} has no {split}/ (a Kaldi dir with wav.scp and text)")
     if args.exp_dir is None:
         default = Path(args.model).resolve() == DEMO_MODEL_DIR.resolve() and k == 6
-        args.exp_dir = exp_dir() / ("demo" if default else f"demo_{Path(args.model).name}_clip{k}")
+        name = "demo" if default else f"demo_{Path(args.model).name}_clip{k}"
+        args.exp_dir = exp_dir() / (f"{name}-full" if args.full else name)
     # a finished stage is skipped only if it was run with these settings: never resume another experiment
     settings = {"model": source_id(args.model), "num_clip_layers": k,
                 **({"corpus": source_id(args.corpus)} if args.corpus is not None else {}),
@@ -256,10 +275,10 @@ def _measure(run: Run) -> None:
     train = run.split("train")
     utts = read_corpus(train)
     for stack in run.stacks:
-        dc = measure(run.loaded, utts, PAPER_DC, stack=stack, data=str(train), progress=False, prompt=run.prompt)
+        dc = measure(run.loaded, utts, PAPER_DC, stack=stack, data=str(train), progress=True, prompt=run.prompt)
         _save_measured(dc, _dc_matrix(run, stack), title=f"DC (mean, dc){'' if stack == 'encoder' else ', ' + stack}",
                        figure_dir=run.exp.figure)
-        svcca = measure(run.loaded, utts, SVCCA_T, stack=stack, data=str(train), progress=False, prompt=run.prompt)
+        svcca = measure(run.loaded, utts, SVCCA_T, stack=stack, data=str(train), progress=True, prompt=run.prompt)
         name = svcca_dump_name(SVCCA_T.batch_size, SVCCA_T.iter_num, SVCCA_T.sample_mode, SVCCA_T.thre, stack=stack)
         _save_measured(svcca, run.exp.dump / name, title=f"SVCCA (T, thre {SVCCA_T.thre})", figure_dir=run.exp.figure)
 
@@ -268,7 +287,7 @@ def _engine(run: Run, stack: str):
     from ..verify import FineSearch, verify_subset
 
     utts = verify_subset(read_corpus(run.split("dev")), VERIFY_BATCHES, VERIFY_BATCH_SIZE)
-    return FineSearch(run.loaded, utts, batch_size=VERIFY_BATCH_SIZE, progress=False, stack=stack,
+    return FineSearch(run.loaded, utts, batch_size=VERIFY_BATCH_SIZE, progress=True, stack=stack,
                       prompt=run.prompt)
 
 
@@ -436,7 +455,7 @@ def _finetune(run: Run) -> None:
                        epochs=run.args.ft_epochs, max_train_utts=run.args.ft_max_train_utts,
                        batch_size=run.args.ft_batch_size, grad_accum=1, lr=run.args.ft_lr, distill=True,
                        layerdrop=run.args.ft_layerdrop, language=run.args.language, task=run.args.task,
-                       test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=True,
+                       test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=False,  # a bar with an ETA
                        train_data_dir=run.split("train"), valid_data_dir=run.split("dev")))
         log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
     _healing_curves(run)
@@ -527,6 +546,9 @@ def _summary(run: Run, seconds: float) -> None:
     if exp.speed().is_file():
         lines.append(f"decode speed-up of CoMFLP's pick: {json.loads(exp.speed().read_text())['speedup']:.2f}x "
                      "(the two models timed as a pair on the same batches, after warm-up)")
-    stages = sum(float(m.read_text().split()[0]) for m in exp.done_markers())
-    lines.append(f"the stages took {stages:.0f} s in all ({seconds:.0f} s in this run); outputs under {exp.root}")
+    took = {m.name.split("-", 1)[1]: float(m.read_text().split()[0])
+            for m in sorted(exp.done_markers(), key=lambda m: int(m.name.split("-", 1)[0]))}
+    lines.append("stage times: " + ", ".join(f"{name} {t:.0f} s" for name, t in took.items()))
+    lines.append(f"the stages took {sum(took.values()):.0f} s in all ({seconds:.0f} s in this run); outputs under "
+                 f"{exp.root}")
     print("\n".join(lines))
