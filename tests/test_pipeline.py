@@ -23,6 +23,20 @@ def test_an_exp_dir_of_other_settings_is_refused_not_resumed(tmp_path: Path, cap
     assert (exp / ".done" / "0-corpus").exists()
 
 
+def test_quick_and_full_runs_differ_only_in_healing() -> None:
+    """``make demo``'s quick default and ``--full`` run the same stages and print the same table: only the
+    healing settings differ (and where the run goes); a healing flag given overrides either."""
+    from comflp.demo.pipeline import HEALING, build_parser, resolve_healing
+
+    quick = vars(resolve_healing(build_parser().parse_args([])))
+    full = vars(resolve_healing(build_parser().parse_args(["--full"])))
+    assert {k for k in quick if quick[k] != full[k]} == {"full", *HEALING["quick"]}
+    assert {k: full[k] for k in HEALING["full"]} == {"ft_epochs": 3, "ft_max_train_utts": 1800, "ft_lr": 1e-4,
+                                                     "avg_num": 2}  # README's documented run
+    assert quick["ft_epochs"] == 1 and quick["ft_max_train_utts"] == 600
+    assert resolve_healing(build_parser().parse_args(["--full", "--ft_epochs", "2"])).ft_epochs == 2
+
+
 def test_whisper_demo_prunes_both_stacks_against_linspace_and_heals(tmp_path: Path, capsys) -> None:
     """`comflp demo` on an encoder-decoder model: each stack searched, pruned, tested and healed, beside the
     linspace baseline; with 2 of 4 layers the fine search sees every strategy, so its pick is the brute-force
@@ -44,11 +58,12 @@ def test_whisper_demo_prunes_both_stacks_against_linspace_and_heals(tmp_path: Pa
     for split in ("train", "dev", "test"):
         make_corpus(corpus / split, n=6)
     exp = tmp_path / "exp"
-    common = ["--model", str(model_dir), "--corpus", str(corpus), "--exp_dir", str(exp), "--threads", "1",
+    common = ["--model", str(model_dir), "--corpus", str(corpus), "--exp_dir", str(exp), "--threads", "1", "--full",
               "--ft_epochs", "1", "--ft_max_train_utts", "6", "--ft_batch_size", "3", "--avg_num", "1"]
     main([*common, "--stop_stage", "2"])
     main([*common, "--stage", "4"])  # the report stage needs hundreds of utterances
     table = capsys.readouterr().out
+    assert "stage times: corpus" in table and "finetune" in table.split("stage times:")[1]
     for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",
                 "encoder: CoMFLP pick repaired (", "decoder: linspace pick",
                 "decoder: CoMFLP pick, after healing", "decoder: CoMFLP pick repaired ("):
