@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "before (default: %(default)s)")
     p.add_argument("--full", action="store_true",
                    help="the complete run, whose numbers README documents: heal 3 epochs on 1800 utterances at "
-                        "1e-4 and average 2 (about 11.5 minutes on 2 cores, outputs under exp/demo-full); without it "
+                        "1e-4 and average 2 (about 12 minutes on 2 cores, outputs under exp/demo-full); without it "
                         "the quick run heals 1 epoch on 600 utterances at 3e-4 (a few minutes, under exp/demo). "
                         "The flags below override either")
     p.add_argument("--ft_epochs", type=positive_int, default=None,
