@@ -51,7 +51,7 @@ def test_glp_then_finetune(family: str, corpus: Path, tmp_path: Path) -> None:
     """GLP picks layers by real CER, and fine-tuning (CTC + distillation) heals the pruned model of every family."""
     model = save_plain(tiny_model(family, seed=7), tmp_path / "model", tmp_path / "proc")
     glp = search_cli.glp_main(["--model", str(model), "--verify_data_dir", str(corpus), "--num_layers", "6",
-                               "--num_clip_layers", "2", "--test_num_batch", "2", "--verify_batch_size", "3",
+                               "--num_clip_layers", "2", "--test_num_batch", "1", "--verify_batch_size", "3",
                                "--log_dir", str(tmp_path), "--quiet", "--output", str(tmp_path / "g.json")])
     pick = glp.candidates[0].pruned
     assert len(pick) == 2

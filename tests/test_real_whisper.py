@@ -57,7 +57,7 @@ def test_decoder_search_prune_and_test_on_tiny_en(tiny_en: Path, english: Path, 
 
     npz = tmp_path / "dec.npz"
     measure_cli.measure_main(["--model", str(tiny_en), "--data_dir", str(english / "train"), "--stack", "decoder",
-                              "--measures", "cosine", "--batch_size", "4", "--iter_num", "4", "--no_plot", "--quiet",
+                              "--measures", "cosine", "--batch_size", "4", "--iter_num", "2", "--no_plot", "--quiet",
                               "--dump_dir", str(tmp_path), "--output", str(npz)])
     common = ["--measure_file", str(npz), "--model", str(tiny_en), "--num_layers", "4", "--num_clip_layers", "1",
               "--verify_data_dir", str(english / "dev"), "--verify_batch_size", "4", "--test_num_batch", "1",

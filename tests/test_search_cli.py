@@ -156,5 +156,5 @@ def test_every_candidate_unusable_is_said_in_one_line(world, tmp_path: Path, cap
     assert "unusable before healing" in glp.meta["unusable"]
     out = report_cli.main(["--model", str(model), "--measure_file", str(matrix), "--num_clip_layers", "2",
                            "--verify_data_dir", str(corpus), "--test_num_batch", "1", "--verify_batch_size", "8",
-                           "--num_strategies", "5", "--output", str(tmp_path / "r.json")])
+                           "--num_strategies", "5", "--bootstrap", "100", "--output", str(tmp_path / "r.json")])
     assert json.loads(Path(out).read_text())["all_unusable"] is True
