@@ -69,7 +69,7 @@ def _race(variants: dict, repeats: int) -> dict[str, float]:
 
 def ctc_rows(args) -> list[dict]:
     from comflp.data import iter_batches
-    from comflp.decode import decode_logits
+    from comflp.heads import decode_logits
     from comflp.export import ONNX_FILE, onnx_logits, onnx_session
     from comflp.model import forward, load_model
 
@@ -115,7 +115,7 @@ def whisper_rows(args) -> list[dict]:
     import ctranslate2
 
     from comflp.data import iter_batches
-    from comflp.decode import generate_batch, generation_limit, word_normalizer
+    from comflp.heads import generate_batch, generation_limit, word_normalizer
     from comflp.export import ct2_generate_batch
     from comflp.prompt import Prompt, prefix_ids
 

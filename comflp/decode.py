@@ -12,19 +12,10 @@ from tqdm import tqdm
 
 from .data import Utterance, iter_batches, num_samples
 from .errors import ComflpError
-from .heads import (decode_batch, decode_logits, generate_batch, generation_limit, head_of, normalize_words,
-                    word_normalizer)
+from .heads import decode_batch, head_of
 from .metrics import ErrorRate, Unit, error_rate, guess_unit
 from .model import min_audio_samples
-from .prompt import Prompt, detect_languages
-from .vocab import (MAX_UNKNOWN_SHARE, check_known_tokens, report_unknown_characters, unknown_characters,
-                    unknown_token_share)
-
-# the decoding functions of the head kinds, and the vocabulary checks, under the names callers know
-__all__ = ["MAX_UNKNOWN_SHARE", "SpeedComparison", "Transcription", "check_decodable", "check_known_tokens",
-           "compare_speed", "decode_batch", "decode_logits", "detect_languages", "generate_batch",
-           "generation_limit", "normalize_words", "report_unknown_characters", "text_language", "transcribe",
-           "unknown_characters", "unknown_token_share", "word_normalizer"]
+from .prompt import Prompt
 
 log = logging.getLogger(__name__)
 

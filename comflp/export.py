@@ -203,7 +203,8 @@ def ct2_transcribe(model_dir: Path, loaded: LoadedModel, utts: Sequence[Utteranc
     the prompt comflp's PyTorch decoding uses, with its cap on new tokens; and the decoding seconds."""
     import ctranslate2
 
-    from .decode import detect_languages, generation_limit
+    from .heads import generation_limit
+    from .prompt import detect_languages
     from .prompt import Prompt, needs_detection, prefix_ids
 
     prompt = prompt or Prompt()
@@ -305,7 +306,8 @@ def _check_onnx(loaded: LoadedModel, path: Path, utts: Sequence[Utterance], batc
     PyTorch's batch-invariant forward, or (a graph without exact batching) its padded batching."""
     from dataclasses import replace
 
-    from .decode import Transcription, decode_logits
+    from .decode import Transcription
+    from .heads import decode_logits
     from .model import forward, frame_mask
 
     session = onnx_session(path)

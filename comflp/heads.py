@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from .data import AudioBatch, Utterance, num_samples
 from .errors import ComflpError
 from .metrics import greedy_decode, guess_unit
-from .model import call, encoder_frames, family_of, forward, frame_mask
+from .model import call, encoder_frames, family_of, forward, frame_mask, padding_exact
 from .prompt import (ENGLISH_ONLY, Prompt, check_prompt as check_seq2seq_prompt, generate_kwargs, prompt_language,
                      teacher_forcing_labels)
 from .vocab import MAX_UNKNOWN_SHARE, check_known_tokens, report_unknown_characters
@@ -95,8 +96,9 @@ def word_normalizer(model, tokenizer, prompt: Prompt | None = None) -> Callable[
     return normalize_words
 
 
-class HeadKind:
-    """How a model turns audio into text (one subclass per kind; see the module docstring).
+class HeadKind(ABC):
+    """How a model turns audio into text (one subclass per kind; see the module docstring). The abstract methods
+    are what every kind must define; the others have the answer of a kind that does not generate.
 
     ``name``: the family table's ``kind``; ``stacks``: the layer stacks a model of this kind has;
     ``description``: for messages; ``export_format``: what ``comflp export`` writes for it;
@@ -110,32 +112,32 @@ class HeadKind:
     export_format: str = ""
     supports: frozenset[str] = frozenset()
 
+    @abstractmethod
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
         """``prompt`` (``--language``/``--task``) checked against ``model``; one line when it cannot take it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def labels(self, model, tokenizer, texts: Sequence[str], *, prompt: Prompt | None = None,
                languages: Sequence[str] | None = None) -> torch.Tensor:
         """[B, N] training (and teacher-forcing) labels of ``texts``, padded with -100."""
-        raise NotImplementedError
 
     def prepare_training(self, model) -> None:
-        """Set what training needs in ``model``'s config (its loss reduction)."""
+        """Set what training needs in ``model``'s config (its loss reduction); nothing by default."""
 
+    @abstractmethod
     def check_training_data(self, utts: Sequence[Utterance], tokenizer, model, feature_extractor) -> list[Utterance]:
         """The training utterances that can be trained on (one line when too few or too much is unknown)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def teacher_logits(self, teacher, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool) -> torch.Tensor:
         """The teacher's logits on ``batch``, at the student's output positions."""
-        raise NotImplementedError
 
+    @abstractmethod
     def distillation_mask(self, model, batch: AudioBatch, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """[B, N] the output positions distillation compares: the real ones."""
-        raise NotImplementedError
 
     def check_references(self, texts: Sequence[str], tokenizer, *, what: str) -> None:
-        """Report (log) what in reference transcripts the model cannot write."""
+        """Report (log) what in reference transcripts the model cannot write; nothing by default."""
 
     def generation_limit(self, model, tokenizer, references: Sequence[str] | None = None) -> int | None:
         """The one cap on new tokens per utterance (None: the kind does not generate)."""
@@ -145,19 +147,19 @@ class HeadKind:
         """How words are normalised for scoring (None: scored as they are)."""
         return None
 
+    @abstractmethod
     def text_language(self, model, tokenizer, prompt: Prompt | None = None) -> str | None:
         """The language ``model`` writes, where it is known before any audio is heard: "en", "zh" or None."""
-        raise NotImplementedError
 
     def shared_prefix(self, model, batch: AudioBatch, stack: str) -> dict:
         """What every candidate pruning of ``stack`` shares on ``batch`` (computed once by the fine search), as
-        keyword arguments of :meth:`decode`."""
+        keyword arguments of :meth:`decode`; nothing by default."""
         return {}
 
+    @abstractmethod
     def decode(self, model, tokenizer, batch: AudioBatch, *, max_new_tokens: int | None = None,
                prompt: Prompt | None = None, languages: Sequence[str] | None = None, **shared) -> list[str]:
         """Greedy transcripts of ``batch``, the caller having made the batch exact (:func:`decode_batch`)."""
-        raise NotImplementedError
 
 
 class CtcHead(HeadKind):
@@ -301,8 +303,6 @@ def decode_batch(model, tokenizer, batch: AudioBatch, *, pad_audio: bool = False
     """Greedy transcripts of one padded batch (batch-invariant unless ``pad_audio``): best-path CTC, or greedy
     generation for an encoder-decoder model (``max_new_tokens``: default :func:`generation_limit`) with
     ``prompt``'s language and task (none given: the checkpoint's, and its own detection of the language)."""
-    from .model import padding_exact
-
     exact = (contextlib.nullcontext() if pad_audio
              else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
     with exact:

@@ -9,7 +9,7 @@ decodes with:
 - the language and task are the user's (``--language``, ``--task``), else what
   the checkpoint's generation config forces, else (a multilingual checkpoint
   that forces none) the language the *full* model detects for each utterance,
-  detected once (:func:`comflp.decode.detect_languages`);
+  detected once (:func:`detect_languages`);
 - the token ids follow transformers' own rule for Whisper's initial tokens
   (``WhisperGenerationMixin._retrieve_init_tokens``), checked in the tests
   against what ``generate`` emits.

@@ -88,6 +88,8 @@ class Fine:
     report: VerifyReport
     engine: FineSearch = field(repr=False)
     seconds: float
+    racing: bool = False
+    confidence: float = RACE_CONFIDENCE  # the race's, when ``racing``
 
     def _order(self) -> list[int]:
         full = len(self.engine.utts)
@@ -104,13 +106,13 @@ class Fine:
         """Utterances decoded per candidate, in :attr:`ranked` order."""
         return [self.report.decoded[i] for i in self._order()]
 
-    def meta(self, *, data: str, model: str, racing: bool, confidence: float | None = None) -> dict:
+    def meta(self, *, data: str, model: str) -> dict:
         """What a strategy file records of the fine search (``data``: the subset's source, ``model``: the
         model's): the error rate's name, the utterances each candidate was decoded on, the race, the
         correlation, the work, the detected languages and, when every candidate is broken, a note saying so."""
         engine = self.engine
-        meta = {"error_rate": rate_name(engine.unit), "decoded_utterances": self.ranked_decoded, "race": racing,
-                "race_confidence": confidence if racing else None, "pearson": self.report.pearson,
+        meta = {"error_rate": rate_name(engine.unit), "decoded_utterances": self.ranked_decoded,
+                "race": self.racing, "race_confidence": self.confidence if self.racing else None, "pearson": self.report.pearson,
                 "fine_seconds": self.seconds, "verify_data_dir": data, "verify_utterances": len(engine.utts),
                 "layer_applications": engine.stats.layer_applications,
                 "naive_layer_applications": engine.stats.naive_layer_applications, "model": model,
@@ -175,7 +177,7 @@ def fine(engine: FineSearch, candidates: Sequence[Candidate], *, racing: bool = 
         raise ComflpError("no candidate to verify")
     start = time.perf_counter()
     report = race(engine, candidates, confidence=confidence, seed=seed) if racing else verify(engine, candidates)
-    return Fine(report, engine, time.perf_counter() - start)
+    return Fine(report, engine, time.perf_counter() - start, racing, confidence)
 
 
 def comflp_search(loaded: LoadedModel, measure_utts: Sequence[Utterance], engine: FineSearch, k: int, *,

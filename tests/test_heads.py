@@ -18,6 +18,10 @@ from conftest import make_corpus, save_plain, tiny_model
 
 
 def test_every_family_names_a_head_kind_with_its_stacks() -> None:
+    from comflp.heads import HeadKind
+
+    with pytest.raises(TypeError, match="abstract"):  # a kind must define what the base leaves abstract
+        HeadKind()
     for name, family in {**FAMILIES, "(default)": DEFAULT_FAMILY}.items():
         assert family.kind in HEADS, name
         assert tuple(family.stacks) == HEADS[family.kind].stacks, name

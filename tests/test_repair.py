@@ -283,7 +283,7 @@ def test_a_repair_fitted_for_other_layers_is_refused(utts, tmp_path: Path) -> No
 @pytest.mark.parametrize("family,kind", [("wav2vec2", "affine"), ("wav2vec2-stable", "linear")])
 def test_fine_search_after_repair_equals_each_repaired_model_built_alone(family: str, kind: str, utts,
                                                                         tmp_path: Path) -> None:
-    from comflp.decode import decode_batch
+    from comflp.heads import decode_batch
     from comflp.model import prune as prune_model
     from comflp.verify import FineSearch
 

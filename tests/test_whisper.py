@@ -445,7 +445,7 @@ def test_fine_search_on_a_multilingual_whisper_gives_every_candidate_the_full_mo
     every candidate decodes with that prompt (it used to end in transformers' ValueError for the decoder's
     shared encoder outputs), equal to separately pruned models given the same languages."""
     from comflp.data import collate, read_corpus_dir
-    from comflp.decode import detect_languages
+    from comflp.prompt import detect_languages
     from comflp.prompt import Prompt, needs_detection
     from comflp.verify import FineSearch
 
@@ -506,7 +506,7 @@ def test_the_prompt_builder_gives_the_tokens_generate_decodes_after(language, ta
     for given, forced and detected languages and tasks."""
     from types import SimpleNamespace
 
-    from comflp.decode import detect_languages
+    from comflp.prompt import detect_languages
     from comflp.prompt import Prompt, check_prompt, generate_kwargs, needs_detection, prefix_ids
 
     model = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True).model
@@ -575,7 +575,7 @@ def test_english_text_is_scored_through_whispers_english_normaliser(tmp_path: Pa
     tokenizer's spelling table), when the text is known to be English; otherwise the basic normaliser."""
     from types import SimpleNamespace
 
-    from comflp.decode import normalize_words, word_normalizer
+    from comflp.heads import normalize_words, word_normalizer
     from comflp.prompt import Prompt
 
     multilingual = load_model(multilingual_whisper_dir(tmp_path), allow_encoder_decoder=True).model
@@ -593,7 +593,8 @@ def test_test_and_fine_search_generate_under_one_cap(tmp_path: Path) -> None:
     """comflp test (transcribe) and the fine search cap new tokens alike, so the unpruned model's hypotheses
     are the same in both (a random model babbles: the cap is what ends it)."""
     from comflp.data import read_corpus_dir
-    from comflp.decode import generation_limit, transcribe
+    from comflp.decode import transcribe
+    from comflp.heads import generation_limit
     from comflp.verify import FineSearch
 
     from conftest import make_corpus
@@ -618,7 +619,7 @@ def test_an_end_token_that_is_also_the_unknown_token_is_not_counted_as_unknown()
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from comflp.decode import unknown_token_share
+    from comflp.vocab import unknown_token_share
 
     vocab = {"<|endoftext|>": 0, "<|startoftranscript|>": 1, "hello": 2, "world": 3}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))

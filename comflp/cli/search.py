@@ -241,8 +241,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
         if report.pearson is not None:
             log.info("correlation between wer and correlation measure: %r", report.pearson)
         cands = found.ranked
-        meta.update(found.meta(data=str(args.verify_data_dir), model=str(args.model), racing=args.race,
-                               confidence=args.race_confidence))
+        meta.update(found.meta(data=str(args.verify_data_dir), model=str(args.model)))
         log.info("pick: %s, %s %.2f%%; %d candidate-utterance decodes (full evaluation: %d)",
                  [list(b) for b in report.best.blocks], meta["error_rate"], 100 * report.best.cer, sum(report.decoded),
                  len(fine.utts) * len(report.candidates))

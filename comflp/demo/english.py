@@ -10,7 +10,7 @@ and the way Whisper's English normaliser reads both "eight" and "8".
 
 Transcripts are written text (sentence case, final punctuation), the form
 Whisper writes; scoring normalises case and punctuation away for Whisper
-models (``comflp.decode.word_normalizer``).
+models (``comflp.heads.word_normalizer``).
 """
 
 from __future__ import annotations

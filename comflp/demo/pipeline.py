@@ -49,7 +49,6 @@ from ..cli.options import ArgumentParser, add_prompt, corpus_split, resolve_prom
 from .corpus import read_corpus
 from ..paths import DEMO_MODEL_DIR, exp_dir
 from ..stages import PAPER_DC
-from ..verify import RACE_CONFIDENCE
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +309,7 @@ def _search(run: Run) -> None:
             found = coarse(matrix, run.k, mode=mode, top_n=TOP_N)
             checked = fine(engine, found.candidates, racing=method == "comflp", seed=SEARCH_SEED)
             meta_out = {**found.meta(measure="dc" if method == "comflp" else "linspace", matrix=str(path), k=run.k),
-                        **checked.meta(data=str(run.split("dev")), model=str(run.args.model),
-                                       racing=method == "comflp", confidence=RACE_CONFIDENCE)}
+                        **checked.meta(data=str(run.split("dev")), model=str(run.args.model))}
             out = run.exp.strategy(stack, method)
             StrategyFile(depth, checked.ranked, meta_out, stack=stack).save(out, overwrite=True)
             best = checked.ranked[0]
