@@ -284,15 +284,17 @@ def _add_band(stats: Statistics, samples: torch.Tensor) -> None:
 
 
 def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, settings: MeasureSettings,
-           pooled: torch.Tensor | None = None, *, moment_bytes: float = MOMENT_MEMORY_GB * 2**30) -> None:
+           pooled: torch.Tensor | None = None, *, moment_bytes: float = MOMENT_MEMORY_GB * 2**30
+           ) -> torch.Tensor | None:
     """Add one micro-batch's per-sample statistics (streamed and cosine measures) in the first pass.
 
     ``pooled`` ([L, B, D], from :func:`pool`) saves pooling twice in mode U;
     ``moment_bytes`` bounds the streamed measures' moment (:func:`plan_bands`).
+    Returns the samples [L+1, N, D] it added (float64), None when no measure wants samples.
     """
     want = set(settings.measures)
     if not want & set(STREAMED + PER_SAMPLE):
-        return
+        return None
     samples = _samples(states, mask, settings, pooled)
     stats.dims = [s.shape[-1] for s in states]
     stats.count += samples.shape[1]
@@ -308,6 +310,7 @@ def update(stats: Statistics, states: list[torch.Tensor], mask: torch.Tensor, se
         cos, ang = M.cosine_sums(samples)
         stats.cos_sum = _add(stats.cos_sum, cos)
         stats.ang_sum = _add(stats.ang_sum, ang)
+    return samples
 
 
 
@@ -335,7 +338,7 @@ def _check_streamed(stats: Statistics, settings: MeasureSettings) -> None:
                     stats.count, max(stats.dims))
 
 
-def finish_band(stats: Statistics, settings: MeasureSettings) -> None:
+def finish_band(stats: Statistics, settings: MeasureSettings, *, progress: bool = False) -> None:
     """Turn the complete (all-reduced) moment of the current band into pair values, and free it.
 
     Centred cross moments are ``C_ij = S_ij - n m_i m_j^T`` (S: uncentred sum, m: means, n: samples).
@@ -351,30 +354,29 @@ def finish_band(stats: Statistics, settings: MeasureSettings) -> None:
         return (stats.moment[i - a][:, blk[j].start - off: blk[j].stop - off]
                 - stats.count * torch.outer(mean[blk[i]], mean[blk[j]]))
 
-    with M.numpy_threads_like_torch():  # PWCCA's numpy maths: as many BLAS threads as torch's
-        if not stats.sides:
-            _check_streamed(stats, settings)
-            own = {i: centred(i, i) for i in range(a, b)}
-            own.update({i: d - stats.count * torch.outer(mean[blk[i]], mean[blk[i]]) for i, d in stats.diag.items()})
-            stats.diag = {}
-            for name in streamed:
-                stats.sides[name] = [M.layer_side(own[i], name, thre=settings.thre, mean=mean[blk[i]])
-                                     for i in range(len(stats.dims))]
-                stats.pairs[name] = torch.eye(len(stats.dims), dtype=torch.float64)
-        for i in range(a, b):
-            for j in range(i + 1, len(stats.dims)):
-                c12 = centred(i, j)
-                for name in streamed:
-                    sides = stats.sides[name]
-                    value = M.pair_value(name, sides[i], sides[j], c12, count=stats.count)
-                    stats.pairs[name][i, j] = stats.pairs[name][j, i] = value
+    if not stats.sides:
+        _check_streamed(stats, settings)
+        own = {i: centred(i, i) for i in range(a, b)}
+        own.update({i: d - stats.count * torch.outer(mean[blk[i]], mean[blk[i]]) for i, d in stats.diag.items()})
+        stats.diag = {}
+        for name in streamed:
+            stats.sides[name] = M.map_on_threads(
+                lambda i: M.layer_side(own[i], name, thre=settings.thre, mean=mean[blk[i]]),  # noqa: B023 (run now)
+                range(len(stats.dims)))
+            stats.pairs[name] = torch.eye(len(stats.dims), dtype=torch.float64)
+    pairs = [(i, j) for i in range(a, b) for j in range(i + 1, len(stats.dims))]
+    with tqdm(total=len(pairs), desc=f"layer pairs {a}-{b - 1}", unit="pair", disable=not progress) as bar:
+        values = M.pair_values(streamed, stats.sides, pairs, centred, count=stats.count, progress=bar.update)
+    for (i, j), v in zip(pairs, values):
+        for name in streamed:
+            stats.pairs[name][i, j] = stats.pairs[name][j, i] = v[name]
     stats.moment = None
 
 
-def finalize(stats: Statistics, settings: MeasureSettings) -> dict[str, torch.Tensor]:
+def finalize(stats: Statistics, settings: MeasureSettings, *, progress: bool = False) -> dict[str, torch.Tensor]:
     """Matrices [L+1, L+1] float64 from (all-reduced) statistics; every band finished."""
     if stats.moment is not None:
-        finish_band(stats, settings)
+        finish_band(stats, settings, progress=progress)
     out: dict[str, torch.Tensor] = {}
     for name in settings.measures:
         if name in PER_BATCH:
@@ -488,6 +490,11 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     device = next(model.parameters()).device
     budget = moment_memory_gb * 2**30
     stats = Statistics()
+    # The first pass's streamed samples, kept while they fit in the budget, so that the later band passes
+    # add them again instead of running the model again (the same tensors: the same sums, bit for bit).
+    # Frames keep the model's dtype (their float64 copy is exact); pooled utterances are float64 already.
+    kept: list[torch.Tensor] | None = []
+    kept_bytes = 0
 
     if stack == "decoder" and (tokenizer is None or any(u.text is None for u in chosen)):
         raise ComflpError("measuring a decoder needs transcripts and the model's tokenizer (teacher forcing)")
@@ -497,6 +504,11 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     prompt = check_prompt(model, prompt) if stack == "decoder" else Prompt()
 
     def one_pass(desc: str, first_pass: bool) -> None:
+        nonlocal kept, kept_bytes
+        if not first_pass and kept is not None:
+            for samples in tqdm(kept, desc=desc + ", kept samples", unit="batch", disable=not progress or rank != 0):
+                _add_band(stats, samples.to(torch.float64))
+            return
         with capture_layer_states(model, stack) as states:
             for group in tqdm(mine, desc=desc, unit="batch", disable=not progress or rank != 0):
                 vectors = []
@@ -511,16 +523,25 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
                     stats.num_frames += int(mask.sum())
                     pooled = pool(states, mask, pool_padding=settings.pool_padding)
                     vectors.append(flatten_sequences(states, mask) if settings.dc_mode == "seq" else pooled)
-                    update(stats, states, mask, settings, pooled, moment_bytes=budget)
+                    samples = update(stats, states, mask, settings, pooled, moment_bytes=budget)
+                    if kept is not None and samples is not None and stats.band not in (None, (0, len(stats.dims))):
+                        keep = samples if settings.sample_mode == "U" else samples.to(states[0].dtype)
+                        kept_bytes += keep.numel() * keep.element_size()
+                        if kept_bytes > budget:
+                            kept = None
+                        else:
+                            kept.append(keep)
                 if first_pass and set(PER_BATCH) & set(settings.measures):
                     if settings.dc_mode == "seq":
                         width = min(v.shape[-1] for v in vectors)
                         vectors = [v[..., :width] for v in vectors]
                     update_per_batch(stats, torch.cat(vectors, dim=1).cpu(), settings)
 
-    def maths(step, *args):
+    show = progress and rank == 0
+
+    def maths(step, *args, **kwargs):
         try:
-            return step(*args)
+            return step(*args, **kwargs)
         except ValueError as err:  # a measure undefined on these samples (measures.py says which and why)
             raise ComflpError(f"cannot compute the matrices from {stats.num_utterances} utterances ({stats.count} "
                               f"samples): {err}; measure more utterances (batch_size x iter_num) or leave that "
@@ -532,11 +553,12 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         bands = plan_bands(stats.dims, budget)
         if len(bands) > 1:
             log.info("the moment of %d features exceeds --moment_memory_gb %g: %d passes over the data, one band "
-                     "of layers each", sum(stats.dims), moment_memory_gb, len(bands))
-        maths(finish_band, stats, settings)
+                     "of layers each (%s)", sum(stats.dims), moment_memory_gb, len(bands),
+                     "over the samples kept from the first" if kept is not None else "running the model each time")
+        maths(finish_band, stats, settings, progress=show)
         for k, band in enumerate(bands[1:], 2):
             stats.band = band
             one_pass(f"measuring (pass {k}/{len(bands)}, layers {band[0]}-{band[1] - 1})", first_pass=False)
             _reduce(stats, accelerator, moment_only=True)
-            maths(finish_band, stats, settings)
-    return maths(finalize, stats, settings), stats
+            maths(finish_band, stats, settings, progress=show)
+    return maths(finalize, stats, settings, progress=show), stats

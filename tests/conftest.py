@@ -148,14 +148,14 @@ def write_wav(path: Path, seconds: float, sr: int = 16000, channels: int = 1, se
     return path
 
 
-def make_corpus(root: Path, n: int = 6, texts: list[str] | None = None) -> Path:
-    """A Kaldi dir of ``n`` short tone files with relative paths."""
+def make_corpus(root: Path, n: int = 6, texts: list[str] | None = None, seconds: float | None = None) -> Path:
+    """A Kaldi dir of ``n`` short tone files with relative paths (0.5 s, 0.6 s, ..., or all ``seconds`` long)."""
     root.mkdir(parents=True, exist_ok=True)
     texts = texts or ["你好世界", "我们是人", "你好", "世界的人", "我是你", "好的"] * (n // 6 + 1)
     scp, txt = [], []
     for i in range(n):
         utt = f"U{i:03d}"
-        write_wav(root / "wav" / f"{utt}.wav", 0.5 + 0.1 * i, seed=i)
+        write_wav(root / "wav" / f"{utt}.wav", seconds or 0.5 + 0.1 * i, seed=i)
         scp.append(f"{utt} wav/{utt}.wav\n")
         txt.append(f"{utt} {texts[i]}\n")
     (root / "wav.scp").write_text("".join(scp), encoding="utf-8")

@@ -97,12 +97,19 @@ def test_streamed_pwcca_equals_in_memory(setup) -> None:
             assert got["pwcca"][i, j] == pytest.approx(M.pwcca(frames[i], frames[j]), abs=1e-6)
 
 
-def test_banded_moment_equals_the_whole_moment(setup) -> None:
-    """A moment too big for its memory budget is built one layer band per pass: same matrices, more passes."""
+@pytest.mark.parametrize("mode", ["T", "U"])
+def test_banded_moment_equals_the_whole_moment(setup, tmp_path, mode: str) -> None:
+    """A moment too big for its memory budget is built one layer band per pass: the same matrices.
+
+    Mode T's frames (about 10,000) do not fit in the budget, so every pass runs the model again; mode U's
+    40 pooled utterances do, so the later passes add the first pass's samples again and the model runs once.
+    """
     _, fe, utts, _, _ = setup
+    if mode == "U":  # PWCCA needs more distinct utterances than the 32 features
+        utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=40, seconds=0.6))
     model = tiny_model("wav2vec2-stable", seed=3)
-    settings = MeasureSettings(measures=("svcca", "pwcca", "cka", "cosine"), batch_size=3, iter_num=4,
-                               sample_mode="T")
+    settings = MeasureSettings(measures=("svcca", "pwcca", "cka", "cosine"), batch_size=3 if mode == "T" else 4,
+                               iter_num=4 if mode == "T" else 10, sample_mode=mode)
     calls = [0]
     handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     whole, _ = collect(model, fe, utts, settings, progress=False)
@@ -110,18 +117,25 @@ def test_banded_moment_equals_the_whole_moment(setup) -> None:
     dims = [model.config.hidden_size] * (model.config.num_hidden_layers + 1)
     budget = 8 * 2 * dims[0] * sum(dims) / 2**30  # two layers' rows against every column: several bands
     calls[0] = 0
-    banded, stats = collect(model, fe, utts, settings, progress=False, moment_memory_gb=budget)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the banded pairs on two worker threads; the whole moment's one by one (1 thread)
+    try:
+        banded, stats = collect(model, fe, utts, settings, progress=False, moment_memory_gb=budget)
+    finally:
+        torch.set_num_threads(threads)
     handle.remove()
     passes = len(plan_bands(dims, budget * 2**30))
-    assert passes >= 3 and calls[0] == passes * single_pass
+    assert passes >= 3 and calls[0] == (passes if mode == "T" else 1) * single_pass
     for name in settings.measures:
-        torch.testing.assert_close(banded[name], whole[name], rtol=0, atol=1e-9, msg=name)
+        torch.testing.assert_close(banded[name], whole[name], rtol=0, atol=1e-8, msg=name)
+    assert stats.moment is None  # freed
+    if mode == "U":
+        return
     _, frames, _ = _in_memory(model, fe, utts, settings)  # and both equal the in-memory computation
     for i, j in [(0, 1), (0, len(dims) - 1), (2, 4)]:
         assert banded["svcca"][i, j] == pytest.approx(float(M.svcca(frames[i], frames[j]).mean()), abs=1e-6)
         assert banded["pwcca"][i, j] == pytest.approx(M.pwcca(frames[i], frames[j]), abs=1e-6)
         assert banded["cka"][i, j] == pytest.approx(M.linear_cka(frames[i], frames[j]), abs=1e-6)
-    assert stats.moment is None  # freed
 
 
 def test_pwcca_over_too_few_utterances_is_refused(setup) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from comflp.measures import (angular_matrix, cka_unbiased_matrix, cosine_matrix, covariance, dc_matrix,
-                             distance_correlation, linear_cka, matrix_from_cov, pwcca, svcca)
+                             distance_correlation, layer_side, layer_slices, linear_cka, map_on_threads,
+                             matrix_from_cov, pair_value, pair_values, pwcca, svcca)
 
 
 def _stack(layers: int = 4, n: int = 24, d: int = 6, seed: int = 0) -> torch.Tensor:
@@ -206,3 +207,52 @@ def test_constant_or_zero_layer_is_finite() -> None:
     stack[2] = 2.5
     for name, m in _all_matrices(stack).items():
         assert torch.isfinite(m).all(), name
+
+
+@pytest.fixture
+def two_threads():
+    """Torch (and so the pair workers) on two threads for the test, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("measure", ["svcca", "pwcca", "cka"])
+def test_pairs_on_worker_threads_equal_the_per_pair_reference(measure: str, two_threads) -> None:
+    """pair_values (two worker threads) == pair_value pair by pair, in order, and == the pairwise measure."""
+    stack = _stack(6, n=80, d=10, seed=12)
+    stack[3, :, 4] = 0.0  # a dead neuron: PWCCA drops it, SVCCA's reduction and CKA ignore it
+    flat = stack.permute(1, 0, 2).reshape(80, -1)
+    mean = flat.mean(0)
+    cov = covariance(flat)
+    blk = layer_slices([10] * 6)
+    sides = [layer_side(cov[b, b], measure, mean=mean[b]) for b in blk]
+    pairs = [(i, j) for i in range(6) for j in range(i + 1, 6)]
+    done = []
+    got = pair_values([measure], {measure: sides}, pairs, lambda i, j: cov[blk[i], blk[j]], count=80,
+                      progress=done.append)
+    assert torch.get_num_threads() == 2 and len(done) == len(pairs)
+    with torch.inference_mode():
+        torch.set_num_threads(1)
+        reference = [pair_value(measure, sides[i], sides[j], cov[blk[i], blk[j]], count=80) for i, j in pairs]
+        torch.set_num_threads(2)
+    pairwise = {"svcca": lambda x, y: float(svcca(x, y).mean()), "pwcca": pwcca, "cka": linear_cka}[measure]
+    for (i, j), values, ref in zip(pairs, got, reference):
+        assert values[measure] == pytest.approx(ref, abs=1e-8), (i, j)
+        assert values[measure] == pytest.approx(pairwise(stack[i], stack[j]), abs=1e-8), (i, j)
+
+
+def test_an_error_in_a_pair_worker_is_raised_and_threads_are_restored(two_threads) -> None:
+    stack = _stack(3, n=5, d=8, seed=13)  # PWCCA needs at least as many samples as neurons
+    flat = stack.permute(1, 0, 2).reshape(5, -1)
+    cov, mean, blk = covariance(flat), flat.mean(0), layer_slices([8] * 3)
+    sides = [layer_side(cov[b, b], "pwcca", mean=mean[b]) for b in blk]
+    with pytest.raises(ValueError, match="at least as many samples as neurons"):
+        pair_values(["pwcca"], {"pwcca": sides}, [(0, 1), (0, 2), (1, 2)], lambda i, j: cov[blk[i], blk[j]],
+                    count=5)
+    assert torch.get_num_threads() == 2
+
+
+def test_map_on_threads_keeps_order(two_threads) -> None:
+    assert map_on_threads(lambda x: x * x, list(range(50))) == [x * x for x in range(50)]

@@ -69,7 +69,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     p.add_argument("--moment_memory_gb", type=positive_float, default=MOMENT_MEMORY_GB,
                    help="memory for the second moment of SVCCA/PWCCA/CKA, (L+1)D x (L+1)D float64; when it does not "
                         "fit, the moment is built one band of layers per pass over the same utterances (same "
-                        "matrices, more forward passes) (default: %(default)s)")
+                        "matrices, more passes); the later passes reuse the first pass's samples when they fit in "
+                        "this budget too, so the process holds at most twice it (default: %(default)s)")
     p.add_argument("--dump_dir", type=Path, default=dump_dir(), help="where matrices go (default: %(default)s)")
     p.add_argument("--figure_dir", type=Path, default=figure_dir(), help="where heatmaps go (default: %(default)s)")
     p.add_argument("--no_plot", action="store_true", help="skip the heatmap PNGs")
