@@ -7,7 +7,7 @@ with the same shared-prefix engine; their picks are then scored on the test spli
 Goal: CoMFLP >= 10x faster, its pick's test CER within 10% (relative) of GLP's.
 It also measures the cost model behind the ratio (the front end's seconds, the seconds per
 layer application of a batch) and the most any fine search could reach: measuring, the
-front end and the winner's layers alone.
+front end and the winner's layers alone, and how close each fine search comes to it (CoMFLP / floor).
 Writes bench/results/glp_vs_comflp.json.
 """
 
@@ -30,6 +30,17 @@ from comflp.stages import fine as fine_stage
 from comflp.stages import glp as glp_stage
 from comflp.stages import measure as measure_stage
 from comflp.verify import FineSearch, verify_subset
+
+
+def trie_nodes(pruned_sets: list[list[int]], num_layers: int) -> int:
+    """Layer applications per batch of a shared-prefix fine search of these pruned sets: the distinct
+    prefixes of their kept-layer sequences (each runs once per batch, comflp.verify).
+
+    >>> trie_nodes([[1], [2]], 3), trie_nodes([[3], [2]], 3)
+    (4, 3)
+    """
+    kept = [tuple(i for i in range(1, num_layers + 1) if i not in set(p)) for p in pruned_sets]
+    return len({k[: j + 1] for k in kept for j in range(len(k))})
 
 
 def main() -> None:
@@ -85,6 +96,18 @@ def main() -> None:
           f"{front_end_s + glp_apps * layer_s:.2f} s, measured {glp_s:.2f} s); a fine search that decoded only "
           f"its winner would cost {floor_s:.2f} s with measuring: GLP / CoMFLP <= {glp_s / floor_s:.1f}x")
 
+    # How close each fine search comes to that floor, and why racing stops where it does: the candidates it
+    # could not drop are decoded on the whole subset, and their kept-layer trie is what that costs at least.
+    survivors = [c.pruned for c, d in zip(raced.candidates, raced.decoded) if d == len(subset)]
+    survivor_apps = trie_nodes(survivors, probe.num_layers) * num_batches
+    survivor_floor_s = measure_s + coarse_s + front_end_s + survivor_apps * layer_s
+    cers = [c.cer for c, d in zip(report.candidates, raced.decoded) if d == len(subset)]
+    print(f"CoMFLP / floor: {comflp_s / floor_s:.2f} full evaluation, {comflp_race_s / floor_s:.2f} racing "
+          f"(goal <= 1.3); the race kept {len(survivors)} of {len(coarse)} candidates to the end (subset CERs "
+          f"{100 * min(cers):.2f}-{100 * max(cers):.2f}%, not separable at confidence {race_run.confidence}); "
+          f"decoding those alone costs {survivor_floor_s:.2f} s ({survivor_apps} layer applications): "
+          f"racing / that = {comflp_race_s / survivor_floor_s:.2f}")
+
     test = FineSearch(loaded, read_corpus(demo_split("test")), batch_size=32, progress=False)
     comflp_test, glp_test = (r.rate for r in test.evaluate([comflp_pick.pruned, glp_pick.pruned]))
     speedup = glp_s / comflp_s
@@ -107,7 +130,11 @@ def main() -> None:
         "speedup_race": glp_s / comflp_race_s, "race_pick": raced.best.pruned,
         "race_decodes": sum(raced.decoded), "full_decodes": len(subset) * len(coarse), "pearson_score_cer": report.pearson,
         "front_end_seconds": front_end_s, "layer_application_seconds": layer_s, "comflp_layer_applications": comflp_apps,
-        "glp_layer_applications": glp_apps, "floor_seconds": floor_s, "speedup_bound": glp_s / floor_s, "threads": torch.get_num_threads(),
+        "glp_layer_applications": glp_apps, "floor_seconds": floor_s, "speedup_bound": glp_s / floor_s,
+        "comflp_over_floor": comflp_s / floor_s, "comflp_race_over_floor": comflp_race_s / floor_s,
+        "race_layer_applications": race_engine.stats.layer_applications, "race_survivors": survivors,
+        "survivor_layer_applications": survivor_apps, "survivor_floor_seconds": survivor_floor_s,
+        "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine()})
 
 

@@ -6,7 +6,9 @@ CoMFLP is two commands, `dc_analysis.py --batch_size 4 --iter_num 10` then
 `search_strategy/search_prune_then_verify_mix.py --search_mode exact --topk_num 10`
 (fine search of the top 10, once with full evaluation and once racing; `--topk_nums` adds
 searches of more candidates, to show what a larger fine search buys in pick quality and costs in
-speed); GLP is `search_strategy/wer_based_greedy_search.py`.
+speed); GLP is `search_strategy/wer_based_greedy_search.py`. The floor is `dc_analysis.py` plus the same search
+decoding one candidate (`--topk_num 1`), what a fine search that decoded only its winner would cost;
+CoMFLP / floor says how close each fine search comes to it.
 Both verify on the whole dev split of the embedded corpus (200 utterances:
 `--test_num_batch 7 --verify_batch_size 32`). Every output goes to a temporary
 dir. Goals (issue 10, 24 -> 12): GLP / CoMFLP >= 10x; CoMFLP's pick within 10%
@@ -75,6 +77,12 @@ def main() -> None:
                                            "--measure_file", str(Path(tmp) / "dc_mat_mean_bs4_iter10.npy"),
                                            "--race", str(race), "--log_dir", tmp, "--output", str(out)])
                 picks[n, race] = json.loads(out.read_text())
+        # the floor: the same search process decoding a single candidate (the coarse top 1), as a fine search
+        # that decoded only its winner would
+        floor_s = measure_s + timed([py, "search_strategy/search_prune_then_verify_mix.py", *verify, "--search_mode",
+                                     "exact", "--topk_num", "1", "--select_measure", "dc", "--measure_file",
+                                     str(Path(tmp) / "dc_mat_mean_bs4_iter10.npy"), "--race", "False",
+                                     "--log_dir", tmp, "--output", str(Path(tmp) / "floor.json")])
         glp_s = timed([py, "search_strategy/wer_based_greedy_search.py", *verify, "--log_dir", tmp,
                        "--output", str(Path(tmp) / "glp.json")])
         glp = json.loads((Path(tmp) / "glp.json").read_text())
@@ -88,18 +96,21 @@ def main() -> None:
             mode = "racing" if race else "full"
             rows[f"top{n}_{mode}"] = {
                 "topk_num": n, "racing": race, "search_seconds": search_s[n, race], "comflp_seconds": total,
-                "speedup": glp_s / total, "pick": pick, "relative_subset_cer": rel,
+                "speedup": glp_s / total, "over_floor": total / floor_s, "pick": pick, "relative_subset_cer": rel,
                 "decoded_utterances": picks[n, race]["meta"].get("decoded_utterances")}
             print(f"CoMFLP, top {n}, {mode} fine search: dc_analysis {measure_s:.1f} s + search "
                   f"{search_s[n, race]:.1f} s = {total:.1f} s; pick {pick['pruned']} subset CER "
-                  f"{100 * pick['cer']:.2f}%; GLP / CoMFLP = {glp_s / total:.1f}x (goal >= 10); "
+                  f"{100 * pick['cer']:.2f}%; GLP / CoMFLP = {glp_s / total:.1f}x (goal >= 10); CoMFLP / floor = "
+                  f"{total / floor_s:.2f}; "
                   f"{100 * rel:+.1f}% relative subset CER vs GLP (goal within 10%)")
         same = picks[n, True]["candidates"][0]["pruned"] == picks[n, False]["candidates"][0]["pruned"]
         rows[f"top{n}_racing"]["same_pick_as_full"] = same
         print(f"top {n}: racing picks what full evaluation picks: {same}")
     print(f"GLP: {glp_s:.1f} s; pick {glp_pick['pruned']} subset CER {100 * glp_pick['cer']:.2f}%")
+    print(f"floor (dc_analysis + a search process decoding one candidate): {floor_s:.1f} s")
     write_json(REPO_ROOT / "bench" / "results" / f"whole_process_{num_layers}to{num_layers - k}.json", {
         "model": str(args.model), "k": k, "measure_seconds": measure_s, "glp_seconds": glp_s, "glp_pick": glp_pick,
+        "floor_seconds": floor_s,
         "comflp": rows, "threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": platform.processor() or platform.machine()})
 

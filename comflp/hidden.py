@@ -357,13 +357,15 @@ def finish_band(stats: Statistics, settings: MeasureSettings, *, progress: bool 
     if not stats.sides:
         _check_streamed(stats, settings)
         own = {i: centred(i, i) for i in range(a, b)}
-        own.update({i: d - stats.count * torch.outer(mean[blk[i]], mean[blk[i]]) for i, d in stats.diag.items()})
+        for i, d in stats.diag.items():  # centred in place: the uncentred sums are not needed again
+            own[i] = d.sub_(stats.count * torch.outer(mean[blk[i]], mean[blk[i]]))
         stats.diag = {}
         for name in streamed:
             stats.sides[name] = M.map_on_threads(
                 lambda i: M.layer_side(own[i], name, thre=settings.thre, mean=mean[blk[i]]),  # noqa: B023 (run now)
                 range(len(stats.dims)))
             stats.pairs[name] = torch.eye(len(stats.dims), dtype=torch.float64)
+        del own  # what a side keeps of it (PWCCA's moment) stays with the side
     pairs = [(i, j) for i in range(a, b) for j in range(i + 1, len(stats.dims))]
     with tqdm(total=len(pairs), desc=f"layer pairs {a}-{b - 1}", unit="pair", disable=not progress) as bar:
         values = M.pair_values(streamed, stats.sides, pairs, centred, count=stats.count, progress=bar.update)

@@ -245,7 +245,7 @@ def _pwcca_side(c: torch.Tensor, mean: torch.Tensor, epsilon: float) -> _PwccaSi
     keep = np.abs(np.diag(c / scale)) >= epsilon
     if not keep.any():
         return None
-    kept = c[np.ix_(keep, keep)]
+    kept = c if keep.all() else c[np.ix_(keep, keep)]  # (no copy of a layer's moment when every neuron is kept)
     whiten = _google_sqrt(np.linalg.pinv(kept / scale + epsilon * np.eye(keep.sum())))
     return _PwccaSide(keep, scale, whiten, kept, mean[keep])
 

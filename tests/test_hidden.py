@@ -112,14 +112,14 @@ def test_banded_moment_equals_the_whole_moment(setup, tmp_path, mode: str) -> No
                                iter_num=4 if mode == "T" else 10, sample_mode=mode)
     calls = [0]
     handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    whole, _ = collect(model, fe, utts, settings, progress=False)
-    single_pass = calls[0]
     dims = [model.config.hidden_size] * (model.config.num_hidden_layers + 1)
     budget = 8 * 2 * dims[0] * sum(dims) / 2**30  # two layers' rows against every column: several bands
-    calls[0] = 0
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the banded pairs on two worker threads; the whole moment's one by one (1 thread)
+    torch.set_num_threads(2)  # the pairs on two worker threads (the forward on two threads in both runs)
     try:
+        whole, _ = collect(model, fe, utts, settings, progress=False)
+        single_pass = calls[0]
+        calls[0] = 0
         banded, stats = collect(model, fe, utts, settings, progress=False, moment_memory_gb=budget)
     finally:
         torch.set_num_threads(threads)
