@@ -463,7 +463,8 @@ def map_on_threads(fn: Callable[[T], R], items: Sequence[T], *,
 
     For independent calls into LAPACK (torch's or numpy's, which release the GIL) on matrices too small
     for a second BLAS thread to pay; numpy's BLAS is held to one thread per worker too. ``progress(1)``
-    after each call, in order. An exception in ``fn`` is raised here.
+    after each call, in order. An exception in ``fn`` is raised here, once the calls running finish; the
+    calls not started are dropped.
     """
     workers = torch.get_num_threads()
     out: list[R] = []
@@ -476,6 +477,7 @@ def map_on_threads(fn: Callable[[T], R], items: Sequence[T], *,
         return out
     torch.set_num_threads(1)
     try:
+        # Executor.map cancels the calls not yet started when one raises (or on Ctrl-C)
         with numpy_threads_like_torch(), ThreadPoolExecutor(workers) as pool:
             for value in pool.map(fn, items):
                 out.append(value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dcor
 import numpy as np
 import pytest
@@ -254,5 +256,17 @@ def test_an_error_in_a_pair_worker_is_raised_and_threads_are_restored(two_thread
     assert torch.get_num_threads() == 2
 
 
-def test_map_on_threads_keeps_order(two_threads) -> None:
+def test_map_on_threads_keeps_order_and_stops_at_an_error(two_threads) -> None:
     assert map_on_threads(lambda x: x * x, list(range(50))) == [x * x for x in range(50)]
+    started = []
+
+    def fails_at_three(x: int) -> int:
+        started.append(x)
+        if x == 3:
+            raise ValueError("three")
+        time.sleep(0.01)
+        return x
+
+    with pytest.raises(ValueError, match="three"):
+        map_on_threads(fails_at_three, list(range(200)))
+    assert len(started) < 50 and torch.get_num_threads() == 2  # the rest were dropped, not run
