@@ -203,6 +203,33 @@ def plan_bands(dims: Sequence[int], budget_bytes: float) -> list[tuple[int, int]
 
 
 @dataclass
+class KeptSamples:
+    """The first pass's streamed samples, kept while they fit in ``budget`` bytes, so that the later band
+    passes add them again instead of running the model again (the same tensors: the same sums, bit for bit).
+
+    Frames are kept in the model's dtype (their float64 copy is exact); pooled utterances are float64 already.
+    Past the budget everything kept is dropped (``complete`` is then False) and the model runs each pass.
+    """
+
+    budget: float
+    samples: list[torch.Tensor] | None = field(default_factory=list)
+    nbytes: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.samples is not None
+
+    def add(self, samples: torch.Tensor) -> None:
+        if self.samples is None:
+            return
+        self.nbytes += samples.numel() * samples.element_size()
+        if self.nbytes > self.budget:
+            self.samples = None
+        else:
+            self.samples.append(samples)
+
+
+@dataclass
 class Statistics:
     """Running sums; everything is float64 and additive over batches and processes.
 
@@ -492,11 +519,7 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     device = next(model.parameters()).device
     budget = moment_memory_gb * 2**30
     stats = Statistics()
-    # The first pass's streamed samples, kept while they fit in the budget, so that the later band passes
-    # add them again instead of running the model again (the same tensors: the same sums, bit for bit).
-    # Frames keep the model's dtype (their float64 copy is exact); pooled utterances are float64 already.
-    kept: list[torch.Tensor] | None = []
-    kept_bytes = 0
+    kept = KeptSamples(budget)
 
     if stack == "decoder" and (tokenizer is None or any(u.text is None for u in chosen)):
         raise ComflpError("measuring a decoder needs transcripts and the model's tokenizer (teacher forcing)")
@@ -505,14 +528,15 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     # the decoder is measured inside the prompt it decodes with (comflp.prompt)
     prompt = check_prompt(model, prompt) if stack == "decoder" else Prompt()
 
+    show = progress and rank == 0
+
     def one_pass(desc: str, first_pass: bool) -> None:
-        nonlocal kept, kept_bytes
-        if not first_pass and kept is not None:
-            for samples in tqdm(kept, desc=desc + ", kept samples", unit="batch", disable=not progress or rank != 0):
+        if not first_pass and kept.complete:
+            for samples in tqdm(kept.samples, desc=desc + ", kept samples", unit="batch", disable=not show):
                 _add_band(stats, samples.to(torch.float64))
             return
         with capture_layer_states(model, stack) as states:
-            for group in tqdm(mine, desc=desc, unit="batch", disable=not progress or rank != 0):
+            for group in tqdm(mine, desc=desc, unit="batch", disable=not show):
                 vectors = []
                 for start in range(0, len(group), forward_batch):
                     batch = collate(group[start: start + forward_batch], feature_extractor).to(device)
@@ -526,20 +550,13 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
                     pooled = pool(states, mask, pool_padding=settings.pool_padding)
                     vectors.append(flatten_sequences(states, mask) if settings.dc_mode == "seq" else pooled)
                     samples = update(stats, states, mask, settings, pooled, moment_bytes=budget)
-                    if kept is not None and samples is not None and stats.band not in (None, (0, len(stats.dims))):
-                        keep = samples if settings.sample_mode == "U" else samples.to(states[0].dtype)
-                        kept_bytes += keep.numel() * keep.element_size()
-                        if kept_bytes > budget:
-                            kept = None
-                        else:
-                            kept.append(keep)
+                    if samples is not None and stats.band not in (None, (0, len(stats.dims))):  # passes to come
+                        kept.add(samples if settings.sample_mode == "U" else samples.to(states[0].dtype))
                 if first_pass and set(PER_BATCH) & set(settings.measures):
                     if settings.dc_mode == "seq":
                         width = min(v.shape[-1] for v in vectors)
                         vectors = [v[..., :width] for v in vectors]
                     update_per_batch(stats, torch.cat(vectors, dim=1).cpu(), settings)
-
-    show = progress and rank == 0
 
     def maths(step, *args, **kwargs):
         try:
@@ -556,7 +573,7 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
         if len(bands) > 1:
             log.info("the moment of %d features exceeds --moment_memory_gb %g: %d passes over the data, one band "
                      "of layers each (%s)", sum(stats.dims), moment_memory_gb, len(bands),
-                     "over the samples kept from the first" if kept is not None else "running the model each time")
+                     "over the samples kept from the first" if kept.complete else "running the model each time")
         maths(finish_band, stats, settings, progress=show)
         for k, band in enumerate(bands[1:], 2):
             stats.band = band

@@ -441,9 +441,8 @@ def pair_values(measures: Sequence[str], sides: Mapping[str, Sequence], pairs: S
     What is shared across pairs (each layer's reduction, whitening and norm) is computed once, in its side.
     What remains per pair is a few [k, k] products and one small decomposition (SVCCA's singular values,
     PWCCA's SVD, which must be numpy's LAPACK for google's sign convention), whose LAPACK calls barely
-    use a second thread at these sizes (a 512-wide SVD: 67 ms on two threads, 81 ms on one). So the pairs
-    run on as many worker threads as torch has, each pair single-threaded: torch's and numpy's LAPACK
-    release the GIL, and the pairs are independent. ``progress(n)`` is called as n pairs complete.
+    use a second thread at these sizes (a 512-wide SVD: 67 ms on two threads, 81 ms on one); so the
+    independent pairs run by :func:`map_on_threads`. ``progress(1)`` is called as each pair completes.
     """
     def one(pair: tuple[int, int]) -> dict[str, float]:
         i, j = pair
