@@ -65,8 +65,13 @@ def check_format(model, fmt: str, quantization: str, tokenizer=None) -> None:
     the vocabulary (``tokenizer``): without it, it takes every token after its unknown-token stand-in for a
     timestamp and decodes something else than the model (the demo Whisper's character vocabulary)."""
     kind, wanted = head_of(model).description, head_of(model).export_format
+    own = family_of(model).export_format
+    wanted = wanted if own is None else own
     if fmt not in FORMATS:
         raise ComflpError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    if not wanted:
+        raise ComflpError(f"comflp export has no format for {model.config.model_type} models (neither CTranslate2 "
+                          "nor the ONNX graph of a CTC model takes them); the pruned checkpoint itself is the output")
     if fmt != wanted:
         raise ComflpError(f"--format {fmt} does not export {kind}: use --format {wanted}")
     if quantization not in QUANTIZATIONS:

@@ -59,7 +59,8 @@ def generate_batch(model, tokenizer, batch: AudioBatch, *, max_new_tokens: int, 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        ids = model.generate(batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs)
+        ids = model.generate(batch.inputs, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -69,7 +70,7 @@ def generation_limit(model, tokenizer, references: Sequence[str] | None = None) 
     """New tokens allowed per utterance, the one cap of every command that generates: twice the longest
     reference's plus 10 when references are given (a cap that stops a broken model babbling to its limit),
     never more than half the decoder's positions."""
-    cap = int(model.config.max_target_positions) // 2
+    cap = int(getattr(model.config, family_of(model).decoder_positions)) // 2
     if references:
         cap = min(cap, 2 * max(len(tokenizer(r).input_ids) for r in references) + 10)
     return cap

@@ -92,7 +92,7 @@ def forward_stack(model, batch, states: Sequence[torch.Tensor], stack: str = "en
     languages = detect_languages(model, batch, prompt)  # by the measured (full) model, if the prompt needs
     labels = head_of(model).labels(model, tokenizer, batch.texts, prompt=prompt,
                                    languages=languages).to(batch.inputs.device)
-    call(model, batch.inputs, batch.attention_mask, labels=labels)
+    forward(model, batch.inputs, batch.attention_mask, pad_audio=pad_audio, labels=labels)
     # decoder input i = start token, then label i - 1: real where label i is; the positions that predict the
     # prompt's own tokens (language, task) are left out, so the states pooled are those that spell the text
     mask = labels != -100

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .families import Family, base_model, encoder_config, family_of, get_module, set_module
-from .frames import feature_lengths, layer_lengths
+from .frames import conv_lengths, feature_lengths, layer_lengths
 from .layers import stack_layers
 
 
@@ -108,6 +108,19 @@ def _zero_padded_output(mask: torch.Tensor):
     return hook
 
 
+def _subsampled_mask(frames: torch.Tensor, stride: int, device):
+    """A forward pre-hook (with kwargs) replacing a module's ``attention_mask`` [B, T] by one whose every
+    ``stride``-th step (0, stride, 2 stride, ...) is 1 exactly for each utterance's ``frames`` real frames."""
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return None
+        steps = torch.arange(mask.shape[-1], device=device)[None, :]
+        kwargs["attention_mask"] = (steps < stride * (frames.to(device)[:, None] - 1) + 1).to(mask.dtype)
+        return args, kwargs
+    return hook
+
+
 def _pooled_mask_hooks(model: nn.Module, base: nn.Module, family: Family, sample_lengths: torch.Tensor,
                        device) -> list:
     """Hooks giving a pooling family's layers the ``floor(frames / squeeze)`` pooled frames each utterance has
@@ -164,7 +177,12 @@ def padding_exact(model: nn.Module, sample_lengths: Sequence[int]) -> Iterator[n
     - in families that pool frames before their layers (SEW, SEW-D), the layers
       get the ``floor(frames / squeeze)`` pooled frames an utterance has alone
       (the encoder's max-pooled mask also counts the window straddling its end)
-      and the upsampled frames past them are zeroed (the table's ``pooling``).
+      and the upsampled frames past them are zeroed (the table's ``pooling``);
+    - a front end of plain convs with a group norm over time between them (Moonshine, the table's
+      ``conv_front_end`` and ``time_norm``) gets the masked group norm too;
+    - a module that subsamples the input mask into its frame mask (the table's ``subsampled_mask``:
+      Moonshine's encoder keeps every 384th sample, so one or two frames computed from padding count as
+      real) is handed a mask whose kept steps mark exactly each utterance's real frames.
 
     Feature-input families (``front_end_exact``) need neither: their features are computed per utterance
     and their front ends mask padded frames. ``sample_lengths`` are the input's real time steps (samples,
@@ -177,8 +195,16 @@ def padding_exact(model: nn.Module, sample_lengths: Sequence[int]) -> Iterator[n
     restore: list[tuple[object, str, object]] = []  # (owner, attribute, original)
     encoder = get_module(base, family.feature_encoder)
     stack = _conv_stack(encoder)
-    if stack is not None and not family.front_end_exact:
-        lengths = torch.as_tensor(list(sample_lengths))
+    lengths = torch.as_tensor(list(sample_lengths))
+    if family.conv_front_end:  # unpadded convs: only a group norm over time between them reads padding
+        if family.time_norm is not None:
+            path, convs_before = family.time_norm
+            norm = get_module(base, path)
+            parent_path, _, name = path.rpartition(".")
+            restore.append((get_module(base, parent_path) if parent_path else base, name, norm))
+            convs = [get_module(base, conv) for conv in family.conv_front_end[:convs_before]]
+            set_module(base, path, _MaskedGroupNorm(norm, conv_lengths(convs, lengths).to(device)))
+    elif stack is not None and not family.front_end_exact:
         for layer, conv in stack:
             lengths = torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
             norm = getattr(layer, "layer_norm", None)
@@ -190,6 +216,11 @@ def padding_exact(model: nn.Module, sample_lengths: Sequence[int]) -> Iterator[n
         restore.append((get_module(base, parent_path) if parent_path else base, name, encoder))
         set_module(base, family.feature_encoder, _UnpaddedFeatureEncoder(encoder, sample_lengths))
     hooks = []  # forward hooks removed on exit
+    if family.subsampled_mask is not None:
+        path, stride = family.subsampled_mask
+        hooks.append(get_module(base, path).register_forward_pre_hook(
+            _subsampled_mask(feature_lengths(inner, torch.as_tensor(list(sample_lengths))), stride, device),
+            with_kwargs=True))
     conv_stack = get_module(base, family.position_conv_layers) if family.position_conv_layers else None
     if conv_stack is not None:
         frames = feature_lengths(inner, torch.as_tensor(list(sample_lengths)))

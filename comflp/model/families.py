@@ -94,6 +94,19 @@ class Family:
     encoders. ``window_read_whole``: the encoder takes a fixed window (Whisper's 30 s) and what comes after it
     reads every position of it, padding included (Whisper's decoder cross-attends to the whole window), so
     a repair of the encoder is fitted on every position, not only on the real frames.
+    ``conv_front_end``: a front end that is a chain of unpadded strided convolutions over raw audio (paths
+    under the base model, Moonshine's ``encoder.conv1``..``conv3``): frames follow from their kernels and
+    strides in closed form (Moonshine's own output-length method casts one length to ``int`` and takes no
+    batch), and they are frozen and computed once per batch with the front end.
+    ``time_norm``: a group norm over time inside that chain (its path, and how many of the chain's convs come
+    before it), which :func:`.exact.padding_exact` gives statistics over real frames only.
+    ``subsampled_mask``: (module path, stride) of a module that takes the input's attention mask and keeps
+    every ``stride``-th step of it as its frame mask (Moonshine's encoder, every 384th sample), which counts
+    one or two frames computed from padding as real; :func:`.exact.padding_exact` hands it a mask whose kept
+    steps mark exactly the real frames.
+    ``decoder_positions``: the config field of the decoder's positions (the cap on new tokens reads it).
+    ``export_format``: what ``comflp export`` writes for the family, when not its head kind's (``""``: no
+    export, e.g. no CTranslate2 converter for Moonshine).
     """
 
     encoder: Stack = field(default_factory=Stack)
@@ -118,6 +131,11 @@ class Family:
     ffn_extra: str | None = "adapter_layer"
     input_norm: str | None = "encoder.layer_norm"
     window_read_whole: bool = False
+    conv_front_end: tuple[str, ...] = ()
+    time_norm: tuple[str, int] | None = None
+    subsampled_mask: tuple[str, int] | None = None
+    decoder_positions: str = "max_target_positions"
+    export_format: str | None = None
 
     @property
     def stacks(self) -> dict[str, Stack]:
@@ -158,6 +176,18 @@ FAMILIES: dict[str, Family] = {
                       auto_class="AutoModelForSpeechSeq2Seq", layerdrop=("encoder_layerdrop", "decoder_layerdrop"),
                       layerdrop_modules=("encoder", "decoder"), end_norm=None, ffn_output="fc2", pre_norm_field=None,
                       input_norm=None, window_read_whole=True),
+    # encoder-decoder over raw audio: three unpadded strided convs (a group norm over time after the first),
+    # rotary positions, pre-LN layers; the encoder's frame mask keeps every 384th sample of the input mask
+    "moonshine": Family(encoder=Stack("encoder.layers", "encoder_num_hidden_layers"),
+                        decoder=Stack("decoder.layers", "decoder_num_hidden_layers", cacheable=False),
+                        kind="seq2seq", feature_encoder="encoder.conv1",
+                        per_batch=("encoder.groupnorm", "encoder.conv2", "encoder.conv3"),
+                        conv_front_end=("encoder.conv1", "encoder.conv2", "encoder.conv3"),
+                        time_norm=("encoder.groupnorm", 1), subsampled_mask=("encoder", 64 * 3 * 2),
+                        default_features="Wav2Vec2FeatureExtractor/raw", head="proj_out",
+                        auto_class="AutoModelForSpeechSeq2Seq", layerdrop=(), end_norm=None, ffn_output="mlp.fc2",
+                        pre_norm_field=None, input_norm=None, decoder_positions="max_position_embeddings",
+                        export_format=""),
 }
 
 

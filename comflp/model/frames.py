@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..errors import ComflpError
-from .families import encoder_config, family_of
+from .families import base_model, encoder_config, family_of, get_module
 
 
 def _whisper_frames(fe, samples: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,14 @@ def _lasr_frames(fe, samples: torch.Tensor) -> torch.Tensor:
     """Frames of ``win_length`` samples every ``hop_length`` (no centring): floor((n - win) / hop) + 1."""
     frames = torch.div(samples - fe.win_length, fe.hop_length, rounding_mode="floor") + 1
     return frames.clamp(min=0)
+
+
+def _raw_audio_default(model):
+    """16 kHz raw samples as they are (no normalisation), zero padding: Moonshine's checkpoints."""
+    import transformers
+
+    return transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                  do_normalize=False, return_attention_mask=True)
 
 
 def _wav2vec2_default(model):
@@ -75,6 +83,7 @@ class Extractor:
 
 EXTRACTORS: dict[str, Extractor] = {
     "Wav2Vec2FeatureExtractor": Extractor(default=_wav2vec2_default),
+    "Wav2Vec2FeatureExtractor/raw": Extractor(default=_raw_audio_default),  # the same class, unnormalised
     "WhisperFeatureExtractor": Extractor(frames=_whisper_frames, default=_whisper_default),
     "ParakeetFeatureExtractor": Extractor(frames=_parakeet_frames),
     "SeamlessM4TFeatureExtractor": Extractor(frames=_seamless_frames),
@@ -92,10 +101,23 @@ def default_feature_extractor(model) -> object:
     return build(model) if build is not None else getattr(transformers, name)()
 
 
+def conv_lengths(convs, input_lengths: torch.Tensor) -> torch.Tensor:
+    """[B] input steps -> [B] output frames of a chain of unpadded, undilated 1-d convs: each maps n to
+    floor((n - kernel) / stride) + 1 (no output below 0)."""
+    lengths = torch.as_tensor(input_lengths).long()
+    for conv in convs:
+        lengths = (torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1).clamp(min=0)
+    return lengths
+
+
 def feature_lengths(model, input_lengths: torch.Tensor) -> torch.Tensor:
-    """[B] input time steps (audio samples or feature frames) -> [B] encoder frames, by the model's own arithmetic."""
+    """[B] input time steps (audio samples or feature frames) -> [B] encoder frames, by the model's own
+    arithmetic (a front end of plain convs, the table's ``conv_front_end``: by their kernels and strides)."""
     model = getattr(model, "module", model)
-    return getattr(model, family_of(model).output_lengths)(input_lengths).long()
+    family = family_of(model)
+    if family.conv_front_end:
+        return conv_lengths([get_module(base_model(model), path) for path in family.conv_front_end], input_lengths)
+    return getattr(model, family.output_lengths)(input_lengths).long()
 
 
 def input_lengths(feature_extractor, samples: torch.Tensor) -> torch.Tensor:

@@ -117,13 +117,17 @@ def front_end(model) -> nn.Module:
 
 
 def freeze_feature_encoder(model) -> None:
-    """Stop training the family's front end (the modules before the first layer)."""
+    """Stop training the family's front end (the modules before the first layer; a front end of several
+    convs, the table's ``conv_front_end``, with its group norm)."""
     encoder = front_end(model)
     if hasattr(encoder, "_freeze_parameters"):  # wav2vec2's conv encoder also stops asking for input gradients
         encoder._freeze_parameters()
         return
-    for p in encoder.parameters():
-        p.requires_grad = False
+    family = family_of(model)
+    rest = [*family.conv_front_end, *([family.time_norm[0]] if family.time_norm else [])]
+    for module in (encoder, *(get_module(base_model(model), path) for path in rest)):
+        for p in module.parameters():
+            p.requires_grad = False
 
 
 def set_layerdrop(model, probability: float) -> bool:
