@@ -289,8 +289,13 @@ HEADS: dict[str, HeadKind] = {head.name: head for head in (CtcHead(), Seq2SeqHea
 
 
 def head_of(model) -> HeadKind:
-    """The head kind of ``model``, as the family table names it."""
-    return HEADS[family_of(model).kind]
+    """The head kind of ``model``, as the family table names it; one line for a kind comflp prunes but does
+    not yet decode (a speech-LLM)."""
+    kind = family_of(model).kind
+    if kind not in HEADS:
+        raise ComflpError(f"comflp prunes {getattr(model, 'module', model).config.model_type} models (comflp prune "
+                          "--layers/--decoder_layers) but does not yet decode, measure or fine-tune them")
+    return HEADS[kind]
 
 
 def check_prompt(model, prompt: Prompt | None) -> Prompt:

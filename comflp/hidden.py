@@ -48,7 +48,7 @@ from .vocab import check_known_tokens
 from .errors import ComflpError
 from .heads import check_prompt, head_of
 from .prompt import Prompt, detect_languages, prefix_ids
-from .model import call, forward, layer_frame_mask, min_audio_samples, stack_layers
+from .model import forward, layer_frame_mask, min_audio_samples, stack_layers
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,19 @@ class Stack:
     layer's position (the key-value cache slot, transformers' ``layer_idx``), renumbered when layers go;
     ``cacheable``: the stack runs once per forward, so the fine search caches its layers' outputs along
     shared kept-layer prefixes (a decoder runs once per generated token: it cannot).
+
+    Index-bearing fields of ``config`` that pruning rewrites (the layers kept decide them):
+    ``layer_lists``: one entry per layer (an LLM's ``layer_types``: full or sliding-window attention), the kept
+    layers' entries kept; ``prefix_counts``: a count of the stack's first layers (Qwen2's
+    ``max_window_layers``), which becomes the number of kept layers among them; ``state_indices``: a list of
+    hidden-state indices (0: the stack's input, i: layer i's output; Granite Speech Plus's
+    ``cat_hidden_layers``, concatenated into the projector's input), each becoming the index of the last
+    kept layer at or before it, as switching layers off would read (refused where two become one, which
+    would change the projector's width). ``depth_copies``: (module path under the base model, attribute)
+    of a module that copied the depth when built (Granite's encoder ``num_layers``), set with the config.
+    ``half_feedback``: the model feeds its CTC output back into the stack after layer ``depth // 2``
+    (1-based; Granite Speech): the pruned stack must do so after the same kept layer (the last kept one at
+    or before the source's), which holds only for some layer sets; others are refused in one line.
     """
 
     layers: str = "encoder.layers"
@@ -34,6 +47,11 @@ class Stack:
     config: str | None = None
     cache_index: str = "layer_idx"
     cacheable: bool = True
+    layer_lists: tuple[str, ...] = ()
+    prefix_counts: tuple[str, ...] = ()
+    state_indices: tuple[str, ...] = ()
+    depth_copies: tuple[tuple[str, str], ...] = ()
+    half_feedback: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,8 @@ class Family:
     ``encoder``, ``decoder``: the layer stacks (:class:`Stack`); an encoder-decoder family (Whisper) has both,
     a CTC family the encoder only.
     ``kind``: the head kind, how the model turns audio into text (``"ctc"``: a CTC head and greedy collapse;
-    ``"seq2seq"``: a decoder with a prompt, teacher forcing and generation; :mod:`comflp.heads`).
+    ``"seq2seq"``: a decoder with a prompt, teacher forcing and generation; ``"speechllm"``: an LLM prompted
+    with audio tokens; :mod:`comflp.heads`).
     ``input_kind``: the forward's input, ``input_values`` ([B, T] audio samples) or ``input_features``
     ([B, T, C] frames computed by the feature extractor); the attention mask is at that input's time steps.
     ``output_lengths``: the model's method mapping input lengths to the layers' input frames.
@@ -189,6 +208,47 @@ FAMILIES: dict[str, Family] = {
                         pre_norm_field=None, input_norm=None, decoder_positions="max_position_embeddings",
                         export_format=""),
 }
+
+
+def _llm(layers: str = "language_model.layers") -> Stack:
+    """The LLM decoder of a speech-LLM: its text config's layers, one ``layer_types`` entry each (full or
+    sliding-window attention), Qwen2's full-attention prefix count; run once per generated token."""
+    return Stack(layers, "num_hidden_layers", config="text_config", cacheable=False, layer_lists=("layer_types",),
+                 prefix_counts=("max_window_layers",))
+
+
+def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM") -> Family:
+    """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
+    audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
+    Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
+    return Family(encoder=audio, decoder=_llm(), kind="speechllm", input_kind="input_features",
+                  feature_encoder=front_end, per_batch=(), front_end_exact=True, default_features=features,
+                  auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
+                  input_norm=None, ffn_extra=None, export_format="")
+
+
+# speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a
+# conformer CTC encoder (Granite Speech), then a projector and an LLM; both stacks prune
+FAMILIES.update({
+    "qwen2_audio": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
+                               front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
+    "voxtral": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
+                           front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
+    "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
+                             front_end="audio_tower.conv2d1", features="WhisperFeatureExtractor"),
+    "glmasr": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
+                          front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
+    # the conformer feeds its mid-stack CTC output back after layer depth // 2, and its encoder module keeps
+    # its own copy of the depth; the layer cache would be written in place by that feedback, so it is off
+    "granite_speech": _speech_llm(Stack("encoder.layers", "num_layers", config="encoder_config", cacheable=False,
+                                        depth_copies=(("encoder", "num_layers"),), half_feedback=True),
+                                  front_end="encoder.input_linear", features="GraniteSpeechFeatureExtractor"),
+    # Granite Speech Plus also concatenates chosen hidden states of the encoder into the projector's input
+    "granite_speech_plus": _speech_llm(Stack("encoder.layers", "num_layers", config="encoder_config",
+                                             cacheable=False, depth_copies=(("encoder", "num_layers"),),
+                                             half_feedback=True, state_indices=("cat_hidden_layers",)),
+                                       front_end="encoder.input_linear", features="GraniteSpeechFeatureExtractor"),
+})
 
 
 def family_of(model) -> Family:

@@ -59,12 +59,13 @@ def _wav2vec2_default(model):
 
 
 def _whisper_default(model):
-    """The window the encoder takes: 2 frames of 10 ms per position."""
+    """The window the encoder takes: 2 frames of 10 ms per position (30 s for an encoder without a fixed
+    window), the encoder's mel bins (a speech-LLM's audio tower's)."""
     import transformers
 
-    cfg = model.config
-    return transformers.WhisperFeatureExtractor(feature_size=cfg.num_mel_bins,
-                                                chunk_length=cfg.max_source_positions * 2 // 100)
+    cfg = encoder_config(model)
+    positions = getattr(cfg, "max_source_positions", 1500)
+    return transformers.WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, chunk_length=positions * 2 // 100)
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,16 @@ def select_layers(model, kept: Sequence[int], stack: str = "encoder"):
     fields = stack_of(model, stack)
     config = stack_config(model, stack)
     old_count = getattr(config, fields.depth_field)
+    rewritten = index_fields(model, stack, kept)
+    previous = {key: getattr(config, key) for key in rewritten}
+    copies = [(get_module(base_model(model), path), attribute) for path, attribute in fields.depth_copies]
+    copied = [getattr(module, attribute) for module, attribute in copies]
     setattr(parent, name, nn.ModuleList([old_layers[i] for i in kept]))
     setattr(config, fields.depth_field, len(kept))
+    for key, value in rewritten.items():
+        setattr(config, key, value)
+    for module, attribute in copies:
+        setattr(module, attribute, len(kept))
     renumbered = []
     for new, i in enumerate(kept):
         for module in old_layers[i].modules():
@@ -78,12 +86,69 @@ def select_layers(model, kept: Sequence[int], stack: str = "encoder"):
     def undo() -> None:
         for module, index in renumbered:
             setattr(module, fields.cache_index, index)
+        for key, value in previous.items():
+            setattr(config, key, value)
+        for (module, attribute), value in zip(copies, copied):
+            setattr(module, attribute, value)
         if moved is not None:
             del moved.rel_attn_embed
         setattr(parent, name, old_layers)
         setattr(config, fields.depth_field, old_count)
 
     return undo
+
+
+def index_fields(model, stack: str, kept: Sequence[int]) -> dict:
+    """The index-bearing config fields of ``stack`` (the family table's ``layer_lists``, ``prefix_counts``,
+    ``state_indices``) as they must read when only the 0-based layers ``kept`` stay; one line refusing a
+    layer set the model cannot express (``half_feedback``, ``state_indices`` that collapse).
+
+    Switching a layer off passes its input on, so hidden state i of the source becomes state
+    ``#kept layers <= i`` of the pruned stack: that is where a state index, or the layer after which Granite
+    feeds its CTC output back, must point.
+    """
+    fields = stack_of(model, stack)
+    config = stack_config(model, stack)
+    depth = getattr(config, fields.depth_field)
+    kept = list(kept)
+
+    def state(i: int) -> int:  # source hidden state i -> the pruned stack's state that equals it
+        return sum(1 for k in kept if k < i)
+
+    out: dict = {}
+    for key in fields.layer_lists:
+        values = getattr(config, key, None)
+        if values is not None:
+            if len(values) != depth:
+                raise ComflpError(f"the config's {key} has {len(values)} entries for {depth} {stack} layers "
+                                  f"({fields.depth_field}): the config disagrees with itself")
+            out[key] = [values[i] for i in kept]
+    for key in fields.prefix_counts:
+        count = getattr(config, key, None)
+        if isinstance(count, int):
+            out[key] = state(count)
+    for key in fields.state_indices:
+        indices = getattr(config, key, None)
+        if indices:
+            new = [state(int(i)) for i in indices]
+            if len(set(new)) != len(new):
+                raise ComflpError(f"the {stack} concatenates its hidden states {list(indices)} ({key}); without "
+                                  f"layers {_one_based_removed(kept, depth)} two of them become one, which would "
+                                  "change the projector's input width: keep a layer between each two")
+            out[key] = new
+    if fields.half_feedback and len(kept) != depth:
+        source, target = depth // 2, len(kept) // 2
+        if state(source) != target:
+            raise ComflpError(
+                f"the {stack} feeds its CTC output back after layer {source} of {depth} (depth // 2); without layers "
+                f"{_one_based_removed(kept, depth)} that point lies after kept layer {state(source)} but the pruned "
+                f"{len(kept)}-layer {stack} feeds back after its layer {target}: remove "
+                f"{source - target} layer(s) among 1..{source} and the rest above it")
+    return out
+
+
+def _one_based_removed(kept: Sequence[int], depth: int) -> str:
+    return ",".join(str(i + 1) for i in range(depth) if i not in set(kept))
 
 
 @contextlib.contextmanager
