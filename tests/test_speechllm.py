@@ -252,3 +252,18 @@ def test_the_family_table_knows_each_class() -> None:
         model = tiny_speech_llm(family)
         assert family_of(model).kind == "speechllm" and set(family_of(model).stacks) == {"encoder", "decoder"}
         assert family_of(model).decoder.config == "text_config"
+
+
+@pytest.mark.parametrize("family", ["qwen2_audio", "granite_speech"])
+def test_info_and_a_refused_prune_from_the_command_line(family: str, tmp_path: Path) -> None:
+    from conftest import run_comflp
+
+    tiny_speech_llm(family).save_pretrained(tmp_path / "m")
+    result = run_comflp("info", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    assert all(line in result.stdout for line in (f"family: {family}", "num_layers: 4", "decoder_layers: 4",
+                                                  "hidden_size: 32", f"vocab_size: {VOCAB}"))
+    if family == "granite_speech":  # the CTC feedback would move: one line, nothing written
+        result = run_comflp("prune", "--model", str(tmp_path / "m"), "--layers", "3", "--output", str(tmp_path / "p"))
+        assert result.returncode == 2 and "feeds its CTC output back after layer 2 of 4" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "p").exists()

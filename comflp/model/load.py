@@ -20,7 +20,7 @@ from transformers import Wav2Vec2ForCTC
 
 from ..errors import ComflpError
 from ..paths import DEMO_MODEL_DIR, missing_local_path
-from .families import base_model, encoder_config, family_of, family_of_config
+from .families import base_model, encoder_config, family_of, family_of_config, stack_config
 from .frames import default_feature_extractor
 from .layers import count_parameters, num_layers, stack_layers
 
@@ -256,6 +256,12 @@ def fingerprint(model: PreTrainedModel) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _width(config) -> int:
+    """A stack's width: ``hidden_size`` (or the config's alias of it), Granite's conformer ``hidden_dim``."""
+    width = getattr(config, "hidden_size", None)
+    return int(width if width is not None else config.hidden_dim)
+
+
 def model_info(loaded: LoadedModel) -> ModelInfo:
     model = loaded.model
     cfg = model.config
@@ -265,8 +271,9 @@ def model_info(loaded: LoadedModel) -> ModelInfo:
         family=cfg.model_type,
         num_layers=num_layers(model),
         num_parameters=count_parameters(model if loaded.has_ctc_head else base_model(model)),
-        hidden_size=encoder_config(model).hidden_size,
-        vocab_size=cfg.vocab_size,
+        hidden_size=_width(encoder_config(model)),
+        # a speech-LLM's vocabulary is its text config's
+        vocab_size=getattr(cfg, "vocab_size", None) or stack_config(model, "decoder").vocab_size,
         head=head,
         sampling_rate=getattr(loaded.feature_extractor, "sampling_rate", None),
         decoder_layers=num_layers(model, "decoder") if "decoder" in family_of(model).stacks else None,
