@@ -197,7 +197,9 @@ class AudioBatch:
 
     inputs: what the feature extractor makes of the audio, the model's first input: [B, T] float32
     samples (``input_values``, normalised) or [B, T, C] feature frames (``input_features``);
-    attention_mask: [B, T] long, 1 on the inputs' real time steps; lengths: [B] audio samples.
+    attention_mask: [B, T] long, 1 on the inputs' real time steps; lengths: [B] audio samples;
+    waves: the B resampled waveforms themselves (float32 numpy), for a processor that builds the model's whole
+    input from the audio (a speech-LLM's: the prompt's audio placeholders follow the audio's length).
     """
 
     utt_ids: list[str]
@@ -205,10 +207,11 @@ class AudioBatch:
     inputs: torch.Tensor
     attention_mask: torch.Tensor
     lengths: torch.Tensor
+    waves: list | None = None
 
     def to(self, device: torch.device | str) -> "AudioBatch":
         return AudioBatch(self.utt_ids, self.texts, self.inputs.to(device),
-                          self.attention_mask.to(device), self.lengths.to(device))
+                          self.attention_mask.to(device), self.lengths.to(device), self.waves)
 
 
 def collate(utts: Sequence[Utterance], feature_extractor) -> AudioBatch:
@@ -224,7 +227,7 @@ def collate(utts: Sequence[Utterance], feature_extractor) -> AudioBatch:
     mask = feats.get("attention_mask")
     if mask is None:  # raw audio: the real samples
         mask = (torch.arange(inputs.shape[1])[None, :] < lengths[:, None]).long()
-    return AudioBatch([u.utt_id for u in utts], [u.text for u in utts], inputs, mask.long(), lengths)
+    return AudioBatch([u.utt_id for u in utts], [u.text for u in utts], inputs, mask.long(), lengths, waves)
 
 
 def length_sorted_batches(utts: Sequence[Utterance], *, batch_size: int | None = None,

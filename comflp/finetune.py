@@ -46,7 +46,7 @@ from .data import collate, length_sorted_batches
 from .hfdata import DatasetSource, read_corpus_or_dataset
 from .decode import transcribe
 from .errors import ComflpError
-from .heads import check_prompt, head_of
+from .heads import check_prompt, head_of, require
 from .prompt import Prompt, detect_languages, needs_detection
 from .logs import logging_to
 from .model import (LoadedModel, family_of, forward, freeze_feature_encoder, load_model, num_layers, prune, save_model,
@@ -198,6 +198,7 @@ def _student_and_teacher(args, device) -> tuple[LoadedModel, torch.nn.Module, li
     from .modelcard import pruning_record, strategy_source
 
     source = load_model(args.model, need_tokenizer=True, need_ctc_head=True, allow_encoder_decoder=True)
+    require(source.model, "train", "fine-tuning")
     stack = StrategyFile.load(args.strategy).stack if args.strategy is not None else "encoder"
     if stack == "decoder" and args.decoder_layers is not None:
         raise ComflpError(f"{args.strategy} prunes the decoder: drop --decoder_layers")

@@ -27,7 +27,7 @@ import torch
 from .data import AudioBatch, Utterance, num_samples
 from .errors import ComflpError
 from .metrics import greedy_decode, guess_unit
-from .model import call, encoder_frames, family_of, forward, frame_mask, padding_exact
+from .model import call, encoder_frames, family_of, forward, frame_mask, padding_exact, stack_config
 from .prompt import (ENGLISH_ONLY, Prompt, check_prompt as check_seq2seq_prompt, generate_kwargs, prompt_language,
                      teacher_forcing_labels)
 from .vocab import MAX_UNKNOWN_SHARE, check_known_tokens, report_unknown_characters
@@ -70,7 +70,7 @@ def generation_limit(model, tokenizer, references: Sequence[str] | None = None) 
     """New tokens allowed per utterance, the one cap of every command that generates: twice the longest
     reference's plus 10 when references are given (a cap that stops a broken model babbling to its limit),
     never more than half the decoder's positions."""
-    cap = int(getattr(model.config, family_of(model).decoder_positions)) // 2
+    cap = int(getattr(stack_config(model, "decoder"), family_of(model).decoder_positions)) // 2
     if references:
         cap = min(cap, 2 * max(len(tokenizer(r).input_ids) for r in references) + 10)
     return cap
@@ -104,7 +104,8 @@ class HeadKind(ABC):
     ``name``: the family table's ``kind``; ``stacks``: the layer stacks a model of this kind has;
     ``description``: for messages; ``export_format``: what ``comflp export`` writes for it;
     ``supports``: optional capabilities (``"pad_audio"``: the paper's padded batching means something;
-    ``"compare_speed"``: the demo times it against its pruned model).
+    ``"compare_speed"``: the demo times it against its pruned model; ``"measure"``: its hidden states can be
+    measured; ``"train"``: it can be fine-tuned).
     """
 
     name: str = ""
@@ -152,7 +153,7 @@ class HeadKind(ABC):
     def text_language(self, model, tokenizer, prompt: Prompt | None = None) -> str | None:
         """The language ``model`` writes, where it is known before any audio is heard: "en", "zh" or None."""
 
-    def shared_prefix(self, model, batch: AudioBatch, stack: str) -> dict:
+    def shared_prefix(self, model, tokenizer, batch: AudioBatch, stack: str) -> dict:
         """What every candidate pruning of ``stack`` shares on ``batch`` (computed once by the fine search), as
         keyword arguments of :meth:`decode`; nothing by default."""
         return {}
@@ -168,7 +169,7 @@ class CtcHead(HeadKind):
     stacks = ("encoder",)
     description = "a CTC model"
     export_format = "onnx"
-    supports = frozenset({"pad_audio", "compare_speed"})
+    supports = frozenset({"pad_audio", "compare_speed", "measure", "train"})
 
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
         prompt = prompt or Prompt()
@@ -238,7 +239,7 @@ class Seq2SeqHead(HeadKind):
     stacks = ("encoder", "decoder")
     description = "an encoder-decoder model (Whisper)"
     export_format = "ct2"
-    supports = frozenset()
+    supports = frozenset({"measure", "train"})
 
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
         return check_seq2seq_prompt(model, prompt)
@@ -275,7 +276,7 @@ class Seq2SeqHead(HeadKind):
             return "zh" if _cjk(tokenizer)[0] else "en"
         return {"<|en|>": "en", "<|zh|>": "zh"}.get(said)
 
-    def shared_prefix(self, model, batch, stack):
+    def shared_prefix(self, model, tokenizer, batch, stack):
         """The decoder's candidates share the encoder's outputs."""
         return {"encoder_outputs": call(model, batch.inputs, batch.attention_mask)} if stack == "decoder" else {}
 
@@ -285,17 +286,133 @@ class Seq2SeqHead(HeadKind):
                               **shared, **generate_kwargs(prompt or Prompt(), languages))
 
 
-HEADS: dict[str, HeadKind] = {head.name: head for head in (CtcHead(), Seq2SeqHead())}
+def chat_prompt(model, processor) -> str:
+    """The text of a speech-LLM's prompt: its chat template rendering one user turn (the audio, then the
+    family's transcription request, ``Family.instruction``) and opening the assistant's turn."""
+    conversation = [{"role": "user", "content": [{"type": "audio"},
+                                                 {"type": "text", "text": family_of(model).instruction}]}]
+    try:
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ComflpError(f"the processor's chat template cannot render an audio turn: {err}") from None
+
+
+def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-utterance [1, ...] tensors as one [B, ...] tensor, each zero-padded at the end of every dimension to
+    the largest (audio features and their masks: zero is padding)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
+        padded.append(torch.nn.functional.pad(t, pad))
+    return torch.cat(padded)
+
+
+def prompt_inputs(model, processor, batch: AudioBatch) -> dict[str, torch.Tensor]:
+    """A speech-LLM's inputs for ``batch``: each utterance's from the processor (the chat prompt with its audio
+    placeholders expanded to the audio's length, the audio features and masks), the token rows left-padded so
+    that generation continues every row from its end, the audio inputs stacked."""
+    if batch.waves is None:
+        raise ComflpError("a speech-LLM's inputs are built from the waveforms, and this batch holds none")
+    text = chat_prompt(model, processor)
+    rate = int(processor.feature_extractor.sampling_rate)
+    rows = [processor(text=text, audio=[wave], sampling_rate=rate, return_tensors="pt") for wave in batch.waves]
+    pad = processor.tokenizer.pad_token_id
+    pad = pad if pad is not None else processor.tokenizer.eos_token_id
+    width = max(r["input_ids"].shape[1] for r in rows)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = r["input_ids"].shape[1]
+        ids[i, width - n:] = r["input_ids"][0]
+        mask[i, width - n:] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    out.update((key, _stacked([r[key] for r in rows])) for key in rows[0] if key not in out)
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in out.items()}
+
+
+class SpeechLlmHead(HeadKind):
+    """A speech-LLM: an audio tower and a projector turn the audio into the LLM's audio-token embeddings, and
+    the LLM, prompted by its chat template, writes the transcript. Its "tokenizer" is the model's processor.
+    Decoding is greedy generation with the cache from the prompt (left-padded rows); training and measuring
+    are not offered yet."""
+
+    name = "speechllm"
+    stacks = ("encoder", "decoder")
+    description = "a speech-LLM"
+    export_format = ""
+    supports = frozenset()
+
+    def _not_yet(self, what: str) -> ComflpError:
+        return ComflpError(f"{what} a speech-LLM is not offered yet; comflp decodes, searches (fine search and "
+                           "GLP) and prunes it")
+
+    def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
+        prompt = prompt or Prompt()
+        if prompt.language or prompt.task:
+            raise ComflpError("--language/--task set Whisper's prompt tokens; a speech-LLM is prompted by its chat "
+                              "template with its transcription request: leave them out")
+        return Prompt()
+
+    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None) -> torch.Tensor:
+        raise self._not_yet("teacher-forcing")
+
+    def check_training_data(self, utts, tokenizer, model, feature_extractor):
+        raise self._not_yet("fine-tuning")
+
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio):
+        raise self._not_yet("distilling into")
+
+    def distillation_mask(self, model, batch, labels, logits):
+        raise self._not_yet("distilling into")
+
+    def generation_limit(self, model, tokenizer, references=None):
+        return generation_limit(model, tokenizer.tokenizer, references)
+
+    def normalizer(self, model, tokenizer, prompt=None):
+        return normalize_words
+
+    def text_language(self, model, tokenizer, prompt=None):
+        """Unknown before any audio is heard: an LLM's vocabulary spells many languages."""
+        return None
+
+    def shared_prefix(self, model, tokenizer, batch, stack):
+        """Every candidate of either stack decodes from the same prompt and audio inputs."""
+        return {"prompt_inputs": prompt_inputs(model, tokenizer, batch)}
+
+    def decode(self, model, tokenizer, batch, *, max_new_tokens=None, prompt=None, languages=None, **shared):
+        from transformers.utils import logging as hf_logging
+
+        inputs = shared.get("prompt_inputs") or prompt_inputs(model, tokenizer, batch)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the cap overriding generate's default max_length, said on every call
+        try:
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens or self.generation_limit(model, tokenizer),
+                                 do_sample=False, num_beams=1)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # a transcript is one line: an LLM may break its answer into lines, which hyp.txt and scoring read as spaces
+        return [" ".join(t.split()) for t in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
+                                                                    skip_special_tokens=True)]
+
+
+HEADS: dict[str, HeadKind] = {head.name: head for head in (CtcHead(), Seq2SeqHead(), SpeechLlmHead())}
 
 
 def head_of(model) -> HeadKind:
-    """The head kind of ``model``, as the family table names it; one line for a kind comflp prunes but does
-    not yet decode (a speech-LLM)."""
-    kind = family_of(model).kind
-    if kind not in HEADS:
-        raise ComflpError(f"comflp prunes {getattr(model, 'module', model).config.model_type} models (comflp prune "
-                          "--layers/--decoder_layers) but does not yet decode, measure or fine-tune them")
-    return HEADS[kind]
+    """The head kind of ``model``, as the family table names it."""
+    return HEADS[family_of(model).kind]
+
+
+def require(model, capability: str, what: str) -> HeadKind:
+    """``model``'s head kind, or one line when the kind does not offer ``capability`` (``"measure"``,
+    ``"train"``; :attr:`HeadKind.supports`) for ``what`` the command does."""
+    head = head_of(model)
+    if capability not in head.supports:
+        raise ComflpError(f"{what} {head.description} is not offered yet; comflp decodes, searches (fine search "
+                          "and GLP) and prunes it")
+    return head
 
 
 def check_prompt(model, prompt: Prompt | None) -> Prompt:

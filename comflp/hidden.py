@@ -46,7 +46,7 @@ from . import measures as M
 from .data import Utterance, collate, num_samples
 from .vocab import check_known_tokens
 from .errors import ComflpError
-from .heads import check_prompt, head_of
+from .heads import check_prompt, head_of, require
 from .prompt import Prompt, detect_languages, prefix_ids
 from .model import forward, layer_frame_mask, min_audio_samples, stack_layers
 
@@ -493,6 +493,7 @@ def collect(model, feature_extractor, utts: Sequence[Utterance], settings: Measu
     tokens; its causal self-attention makes each token's states independent of the padding after it.
     """
     settings.validate()
+    require(model, "measure", "measuring")
     sr = int(feature_extractor.sampling_rate)
     least = min_audio_samples(model, feature_extractor)
     usable, short = [], []

@@ -70,5 +70,5 @@ def test_seq2seq_distils_over_the_label_positions(tmp_path: Path) -> None:
         logits = head.teacher_logits(loaded.model, batch, labels, pad_audio=False)
     assert logits.shape[:2] == labels.shape  # one prediction per label: teacher forcing
     assert torch.equal(head.distillation_mask(loaded.model, batch, labels, logits), labels != -100)
-    assert head.shared_prefix(loaded.model, batch, "encoder") == {}
-    assert set(head.shared_prefix(loaded.model, batch, "decoder")) == {"encoder_outputs"}
+    assert head.shared_prefix(loaded.model, loaded.tokenizer, batch, "encoder") == {}
+    assert set(head.shared_prefix(loaded.model, loaded.tokenizer, batch, "decoder")) == {"encoder_outputs"}

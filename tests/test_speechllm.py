@@ -14,11 +14,15 @@ from transformers import AutoModelForMultimodalLM, GenerationConfig
 from comflp.errors import ComflpError
 from comflp.model import family_of, num_layers, prune, stack_config, stack_layers
 
-VOCAB = 64
-AUDIO_TOKEN = 63
+# the tiny processor's tokenizer: Qwen's chat and audio tokens first, then a character vocabulary
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>", "<unk>"]
+CHARS = [*"你好世界我们是的人", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:,\n"]
+VOCAB = 96
+AUDIO_TOKEN = 4
 _TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
              num_key_value_heads=1, head_dim=16, max_position_embeddings=256, initializer_range=0.3,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+assert len(SPECIAL) + len(CHARS) <= VOCAB
 # a Whisper-style audio tower, tiny: 16 mel bins, a window of 96 frames (48 positions)
 _WHISPER_TOWER = dict(num_mel_bins=16, d_model=32, encoder_layers=4, encoder_attention_heads=2, encoder_ffn_dim=48,
                       max_source_positions=48)
@@ -31,7 +35,7 @@ _QFORMER = dict(model_type="blip_2_qformer", hidden_size=32, num_hidden_layers=1
 def _config(family: str):
     if family == "qwen2_audio":  # Qwen2's sliding-window layers: layer_types and max_window_layers follow the layers
         return transformers.Qwen2AudioConfig(
-            audio_config=dict(model_type="qwen2_audio_encoder", **_WHISPER_TOWER),
+            audio_config=dict(model_type="qwen2_audio_encoder", **{**_WHISPER_TOWER, "max_source_positions": 50}),
             text_config=dict(model_type="qwen2", **_TEXT, use_sliding_window=True, sliding_window=4,
                              max_window_layers=2),
             audio_token_index=AUDIO_TOKEN)
@@ -84,7 +88,7 @@ def audio_prompt(model, seed: int = 0) -> tuple[torch.Tensor, dict]:
     family = model.config.model_type
     g = torch.Generator().manual_seed(seed)
     granite = family.startswith("granite")
-    frames = 100 if family == "qwen3_asr" else 96
+    frames = 100 if family in ("qwen3_asr", "qwen2_audio") else 96  # Qwen2-Audio: a 1-s window
     features = torch.randn(1, 40, 16, generator=g) if granite else torch.randn(1, 16, frames, generator=g)
     audio = {"input_features": features}
     if family in _FEATURE_MASK:
@@ -97,6 +101,7 @@ def audio_prompt(model, seed: int = 0) -> tuple[torch.Tensor, dict]:
     if granite:
         audio["input_features_mask"] = torch.ones(1, count, dtype=torch.bool)
     ids = torch.tensor([[5, 6, *[AUDIO_TOKEN] * count, 7, 8, 9]])
+    assert AUDIO_TOKEN not in (5, 6, 7, 8, 9)
     return ids, audio
 
 
@@ -235,16 +240,129 @@ def test_granite_plus_concatenated_states_follow_the_kept_layers() -> None:
         prune(model, [1, 2])  # state 2 would be the encoder's input, state 0
 
 
-def test_commands_that_decode_refuse_a_speech_llm_in_one_line(tmp_path: Path) -> None:
+def qwen2_audio_processor():
+    """Qwen2-Audio's processor, tiny: a 1-s Whisper window of 16 mel bins, a character tokenizer with Qwen's chat
+    and audio tokens, and the processor's own chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                                     eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:6]})
+    assert tokenizer.convert_tokens_to_ids("<|AUDIO|>") == AUDIO_TOKEN
+    features = transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=1)
+    return transformers.Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer)
+
+
+def qwen2_audio_dir(tmp: Path, seed: int = 3) -> Path:
+    """A tiny Qwen2-Audio saved with its processor, generating with Qwen's end of turn and no sampling."""
+    out = tmp / "qwen2-audio"
+    model = tiny_speech_llm("qwen2_audio", seed)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
+    model.save_pretrained(out)
+    qwen2_audio_processor().save_pretrained(out)
+    return out
+
+
+def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
+    """Independent reference: plain transformers, one utterance at a time (the processor's prompt around its
+    audio, greedy generation, the new tokens decoded)."""
+    from comflp.data import load_audio
+    from comflp.heads import chat_prompt
+
+    text = chat_prompt(model, processor)
+    out = []
+    for u in utts:
+        inputs = processor(text=text, audio=[load_audio(u.path, 16000)], sampling_rate=16000, return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        answer = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        out.append(" ".join(answer.split()))  # one line per transcript, as comflp writes them
+    return out
+
+
+def test_a_speech_llm_decodes_what_it_decodes_alone_at_any_batch_size(tmp_path: Path) -> None:
+    """`comflp test` of a speech-LLM: the chat prompt around each utterance's audio, greedy generation; the
+    same transcripts at batch 1 and 4 (rows left-padded) as plain transformers gives one utterance at a time."""
     from conftest import make_corpus, run_comflp
 
-    model = tiny_speech_llm("voxtral")
-    model.save_pretrained(tmp_path / "m")
-    corpus = make_corpus(tmp_path / "corpus", n=3)
-    result = run_comflp("measure", "--model", str(tmp_path / "m"), "--data_dir", str(corpus), "--batch_size", "1",
+    from comflp.data import read_corpus_dir
+    from comflp.model import load_model
+
+    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=5)
+    hyps = []
+    for bs in (1, 4):
+        result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", str(bs),
+                            "--output_dir", str(tmp_path / f"test{bs}"))
+        assert result.returncode == 0, result.stderr
+        hyps.append((tmp_path / f"test{bs}" / "hyp.txt").read_text(encoding="utf-8"))
+    assert hyps[0] == hyps[1]
+    loaded = load_model(model_dir, allow_encoder_decoder=True, need_tokenizer=True)
+    utts = read_corpus_dir(corpus)
+    from comflp.heads import head_of
+
+    limit = head_of(loaded.model).generation_limit(loaded.model, loaded.tokenizer, [u.text for u in utts])
+    expected = _alone(loaded.model, loaded.tokenizer, utts, limit)
+    got = dict(line.split(maxsplit=1) if " " in line else (line, "") for line in hyps[0].splitlines())
+    assert [got[u.utt_id].strip() for u in utts] == expected and len(set(expected)) > 1
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_fine_search_equals_separately_pruned_models(stack: str, tmp_path: Path) -> None:
+    """Switching layers of either stack off decodes what each pruned model decodes alone (plain transformers)."""
+    from conftest import make_corpus
+
+    from comflp.data import read_corpus_dir
+    from comflp.model import load_model
+    from comflp.strategy import Candidate
+    from comflp.verify import FineSearch, verify
+
+    loaded = load_model(qwen2_audio_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
+    sets = [[1], [2, 3], [4], [1, 4]]
+    engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
+    report = verify(engine, [Candidate(s) for s in sets])
+    distinct = set()
+    for s, hyps in zip(sets, engine.transcribe(sets)):
+        model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
+        assert hyps == [engine.normalize(t) for t in _alone(model, loaded.tokenizer, utts, engine.max_new_tokens)]
+        distinct.add(tuple(hyps))
+    assert len(distinct) > 1
+    assert [c.pruned for c in report.candidates] == sets
+
+
+def test_glp_prune_and_test_a_speech_llm_decoder(tmp_path: Path) -> None:
+    """GLP by generated CER on the LLM's layers, then the pick pruned and tested: the CER GLP measured."""
+    from conftest import make_corpus
+    from comflp.cli import model as cli, search as search_cli, testset as testset_cli
+
+    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=4)
+    glp = search_cli.glp_main(["--model", str(model_dir), "--stack", "decoder", "--verify_data_dir", str(corpus),
+                               "--num_layers", "4", "--num_clip_layers", "1", "--test_num_batch", "2",
+                               "--verify_batch_size", "2", "--log_dir", str(tmp_path), "--quiet",
+                               "--output", str(tmp_path / "g.json")])
+    pick = glp.candidates[0]
+    cli.prune_main(["--model", str(model_dir), "--strategy", str(tmp_path / "g.json"), "--output", str(tmp_path / "p")])
+    report = testset_cli.main(["--model", str(tmp_path / "p"), "--data_dir", str(corpus), "--batch_size", "3",
+                               "--output_dir", str(tmp_path / "test")])
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 3
+    assert report["error_rate"] == pytest.approx(pick.cer, abs=1e-12)
+
+
+def test_measuring_and_healing_a_speech_llm_are_refused_in_one_line(tmp_path: Path) -> None:
+    from conftest import make_corpus, run_comflp
+
+    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=3)
+    result = run_comflp("measure", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "1",
                         "--iter_num", "3", "--measures", "cosine", "--no_plot", "--output", str(tmp_path / "x.npz"))
-    assert result.returncode == 2 and "does not yet decode, measure or fine-tune" in result.stderr
+    assert result.returncode == 2 and "measuring a speech-LLM is not offered yet" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.npz").exists()
+    result = run_comflp("finetune", "--model", str(model_dir), "--decoder_layers", "2", "--train_data_dir",
+                        str(corpus), "--valid_data_dir", str(corpus), "--output_dir", str(tmp_path / "ft"))
+    assert result.returncode == 2 and "fine-tuning a speech-LLM is not offered yet" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "ft").exists()
 
 
 def test_the_family_table_knows_each_class() -> None:

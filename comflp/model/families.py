@@ -82,7 +82,9 @@ class Family:
     with audio tokens; :mod:`comflp.heads`).
     ``input_kind``: the forward's input, ``input_values`` ([B, T] audio samples) or ``input_features``
     ([B, T, C] frames computed by the feature extractor); the attention mask is at that input's time steps.
-    ``output_lengths``: the model's method mapping input lengths to the layers' input frames.
+    ``output_lengths``: the model's method mapping input lengths to the layers' input frames (None: counted at
+    the input's rate; a speech-LLM's audio tower, whose frames only decide whether an utterance is long enough
+    to decode while measuring it is not offered).
     ``feature_encoder``: the front end between the input and the first layer (frozen when fine-tuning,
     computed once per batch in fine search).
     ``per_batch``: further modules before the first layer whose output depends on the batch only (the feature
@@ -126,13 +128,15 @@ class Family:
     ``decoder_positions``: the config field of the decoder's positions (the cap on new tokens reads it).
     ``export_format``: what ``comflp export`` writes for the family, when not its head kind's (``""``: no
     export, e.g. no CTranslate2 converter for Moonshine).
+    ``instruction``: a speech-LLM's transcription request, the text after the audio in the user's turn of
+    its chat template.
     """
 
     encoder: Stack = field(default_factory=Stack)
     decoder: Stack | None = None
     kind: str = "ctc"
     input_kind: str = "input_values"
-    output_lengths: str = "_get_feat_extract_output_lengths"
+    output_lengths: str | None = "_get_feat_extract_output_lengths"
     feature_encoder: str = "feature_extractor"
     per_batch: tuple[str, ...] = ("feature_projection", "encoder.pos_conv_embed")
     position_conv_layers: str | None = None
@@ -155,6 +159,7 @@ class Family:
     subsampled_mask: tuple[str, int] | None = None
     decoder_positions: str = "max_target_positions"
     export_format: str | None = None
+    instruction: str = "Transcribe the audio."
 
     @property
     def stacks(self) -> dict[str, Stack]:
@@ -221,10 +226,10 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
     """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
     audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
     Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
-    return Family(encoder=audio, decoder=_llm(), kind="speechllm", input_kind="input_features",
+    return Family(encoder=audio, decoder=_llm(), kind="speechllm", input_kind="input_features", output_lengths=None,
                   feature_encoder=front_end, per_batch=(), front_end_exact=True, default_features=features,
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
-                  input_norm=None, ffn_extra=None, export_format="")
+                  input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings")
 
 
 # speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a

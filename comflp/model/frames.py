@@ -118,6 +118,8 @@ def feature_lengths(model, input_lengths: torch.Tensor) -> torch.Tensor:
     family = family_of(model)
     if family.conv_front_end:
         return conv_lengths([get_module(base_model(model), path) for path in family.conv_front_end], input_lengths)
+    if family.output_lengths is None:  # counted at the input's rate (see Family.output_lengths)
+        return torch.as_tensor(input_lengths).long()
     return getattr(model, family.output_lengths)(input_lengths).long()
 
 

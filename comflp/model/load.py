@@ -191,15 +191,33 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
                         "16 kHz); save the right one beside the model to silence this", source, type(fe).__name__)
     if fe is not None and need_features:  # commands that only touch weights do not feed it
         _check_window(model, fe, source)
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
-        tok = None
-    if tok is None and need_tokenizer:
-        raise ComflpError(f"{source} has no tokenizer (vocab.json); decoding needs one")
+    if family.kind == "speechllm":  # its processor builds the prompt around the audio and decodes the text
+        tok = _processor(source)
+        if tok is None and need_tokenizer:
+            raise ComflpError(f"{source} has no processor (processor_config.json with its tokenizer and chat "
+                              "template); decoding a speech-LLM needs one")
+        fe = tok.feature_extractor if tok is not None else fe
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            tok = None
+        if tok is None and need_tokenizer:
+            raise ComflpError(f"{source} has no tokenizer (vocab.json); decoding needs one")
     stack_layers(model)  # fail early on an unsupported architecture
     model.eval().to(device)
     return LoadedModel(model, fe, tok, source, has_head)
+
+
+def _processor(source: str):
+    """A speech-LLM's processor (feature extractor, tokenizer, chat template), or None when it has none."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return processor if hasattr(processor, "feature_extractor") and hasattr(processor, "tokenizer") else None
 
 
 def _check_weights_match_config(model: PreTrainedModel, info: dict, source: str) -> None:
