@@ -27,7 +27,8 @@ import torch
 from .data import AudioBatch, Utterance, num_samples
 from .errors import ComflpError
 from .metrics import greedy_decode, guess_unit
-from .model import call, encoder_frames, family_of, forward, frame_mask, padding_exact, stack_config
+from .model import base_model, call, encoder_frames, family_of, forward, frame_mask, padding_exact, stack_config
+from .model.families import get_module
 from .prompt import (ENGLISH_ONLY, Prompt, check_prompt as check_seq2seq_prompt, generate_kwargs, prompt_language,
                      teacher_forcing_labels)
 from .vocab import MAX_UNKNOWN_SHARE, check_known_tokens, report_unknown_characters
@@ -157,6 +158,13 @@ class HeadKind(ABC):
         """What every candidate pruning of ``stack`` shares on ``batch`` (computed once by the fine search), as
         keyword arguments of :meth:`decode`; nothing by default."""
         return {}
+
+    def forward_stack(self, model, tokenizer, batch: AudioBatch, states, stack: str, *,
+                      with_prompt: bool = False) -> torch.Tensor | None:
+        """Run ``model`` on ``batch`` so that the captured ``states`` of ``stack`` fill, and return the [B, T] bool
+        mask of the positions measured (:func:`comflp.hidden.forward_stack`); None: the family's own forward on
+        the audio (and teacher forcing by :meth:`labels` for a decoder), the default."""
+        return None
 
     @abstractmethod
     def decode(self, model, tokenizer, batch: AudioBatch, *, max_new_tokens: int | None = None,
@@ -308,28 +316,63 @@ def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(padded)
 
 
-def prompt_inputs(model, processor, batch: AudioBatch) -> dict[str, torch.Tensor]:
+def _speech_llm_rows(model, processor, batch: AudioBatch, tails: Sequence[Sequence[int]] | None = None, *,
+                     left: bool) -> dict[str, torch.Tensor]:
     """A speech-LLM's inputs for ``batch``: each utterance's from the processor (the chat prompt with its audio
-    placeholders expanded to the audio's length, the audio features and masks), the token rows left-padded so
-    that generation continues every row from its end, the audio inputs stacked."""
+    placeholders expanded to the audio's length, the audio features and masks), ``tails[i]`` (token ids)
+    appended to row i, the token rows padded on the ``left`` (generation continues every row from its end) or
+    on the right (teacher forcing: positions count from each row's start), the audio inputs stacked. Also
+    ``prompt_lengths`` [B]: each row's prompt tokens."""
     if batch.waves is None:
         raise ComflpError("a speech-LLM's inputs are built from the waveforms, and this batch holds none")
     text = chat_prompt(model, processor)
     rate = int(processor.feature_extractor.sampling_rate)
     rows = [processor(text=text, audio=[wave], sampling_rate=rate, return_tensors="pt") for wave in batch.waves]
+    tokens = [r["input_ids"][0].tolist() + list(tails[i] if tails else []) for i, r in enumerate(rows)]
     pad = processor.tokenizer.pad_token_id
     pad = pad if pad is not None else processor.tokenizer.eos_token_id
-    width = max(r["input_ids"].shape[1] for r in rows)
+    width = max(map(len, tokens))
     ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = r["input_ids"].shape[1]
-        ids[i, width - n:] = r["input_ids"][0]
-        mask[i, width - n:] = 1
+    for i, row in enumerate(tokens):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
     out = {"input_ids": ids, "attention_mask": mask}
     out.update((key, _stacked([r[key] for r in rows])) for key in rows[0] if key not in out)
     device = next(model.parameters()).device
-    return {key: value.to(device) for key, value in out.items()}
+    out = {key: value.to(device) for key, value in out.items()}
+    out["prompt_lengths"] = torch.tensor([r["input_ids"].shape[1] for r in rows], device=device)
+    return out
+
+
+def prompt_inputs(model, processor, batch: AudioBatch) -> dict[str, torch.Tensor]:
+    """A speech-LLM's generation inputs for ``batch``: the prompts, left-padded (:func:`_speech_llm_rows`)."""
+    out = _speech_llm_rows(model, processor, batch, left=True)
+    del out["prompt_lengths"]
+    return out
+
+
+def end_token(model, tokenizer) -> int:
+    """The token that ends a transcript: the generation config's (the first of several), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return int(eos if eos is not None else tokenizer.eos_token_id)
+
+
+def teacher_forced_inputs(model, processor, batch: AudioBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(inputs, transcript mask) for teacher forcing a speech-LLM: each row its prompt, its transcript's tokens
+    and the end token, right-padded; the [B, N] bool mask marks the transcript's tokens."""
+    tokenizer = processor.tokenizer
+    texts = [" ".join((t or "").split()) for t in batch.texts]
+    spelled = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    end = end_token(model, tokenizer)
+    out = _speech_llm_rows(model, processor, batch, [s + [end] for s in spelled], left=False)
+    starts = out.pop("prompt_lengths")
+    positions = torch.arange(out["input_ids"].shape[1], device=starts.device)[None, :]
+    lengths = torch.tensor([len(s) for s in spelled], device=starts.device)
+    transcript = (positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])
+    return out, transcript
 
 
 class SpeechLlmHead(HeadKind):
@@ -342,7 +385,7 @@ class SpeechLlmHead(HeadKind):
     stacks = ("encoder", "decoder")
     description = "a speech-LLM"
     export_format = ""
-    supports = frozenset()
+    supports = frozenset({"measure"})
 
     def _not_yet(self, what: str) -> ComflpError:
         return ComflpError(f"{what} a speech-LLM is not offered yet; comflp decodes, searches (fine search and "
@@ -376,6 +419,24 @@ class SpeechLlmHead(HeadKind):
     def text_language(self, model, tokenizer, prompt=None):
         """Unknown before any audio is heard: an LLM's vocabulary spells many languages."""
         return None
+
+    def forward_stack(self, model, tokenizer, batch, states, stack, *, with_prompt=False):
+        """Teacher forcing inside the chat prompt (:func:`teacher_forced_inputs`). The LLM's states are measured
+        at the transcript's tokens (``with_prompt``: at every real token); the audio tower's at its real frames,
+        counted by the method the family table names (``audio_frames``)."""
+        inputs, transcript = teacher_forced_inputs(model, tokenizer, batch)
+        model(**inputs)
+        if stack == "decoder":
+            return inputs["attention_mask"].bool() if with_prompt else transcript
+        counted = family_of(model).audio_frames
+        if counted is None:
+            raise ComflpError(f"measuring the audio tower of a {model.config.model_type} model is not offered yet "
+                              "(the family table does not count its frames); --stack decoder measures its LLM")
+        mask_key, method = counted
+        frames = get_module(base_model(model), method.rpartition(".")[0])
+        lengths = getattr(frames, method.rpartition(".")[2])(inputs[mask_key].sum(-1))
+        lengths = lengths[0] if isinstance(lengths, tuple) else lengths
+        return torch.arange(states[0].shape[1], device=lengths.device)[None, :] < lengths[:, None]
 
     def shared_prefix(self, model, tokenizer, batch, stack):
         """Every candidate of either stack decodes from the same prompt and audio inputs."""

@@ -50,8 +50,9 @@ def unknown_token_share(texts: Sequence[str], tokenizer) -> float:
 
 def check_known_tokens(texts: Sequence[str], tokenizer, *, what: str) -> None:
     """Refuse (one line) transcripts whose tokens are mostly unknown to the model: teacher forcing on them
-    measures or trains on nothing the model can say; warn when some are."""
-    share = unknown_token_share(texts, tokenizer)
+    measures or trains on nothing the model can say; warn when some are. A processor (a speech-LLM's) is asked
+    through its tokenizer."""
+    share = unknown_token_share(texts, getattr(tokenizer, "tokenizer", tokenizer))
     if share > MAX_UNKNOWN_SHARE:
         raise ComflpError(f"{100 * share:.0f}% of the tokens of the {what} are unknown to the model's tokenizer: "
                           "wrong corpus or wrong model?")

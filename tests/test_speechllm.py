@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -351,13 +352,103 @@ def test_glp_prune_and_test_a_speech_llm_decoder(tmp_path: Path) -> None:
     assert report["error_rate"] == pytest.approx(pick.cer, abs=1e-12)
 
 
-def test_measuring_and_healing_a_speech_llm_are_refused_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
+    """The LLM measured under teacher forcing inside the chat prompt, the audio tower at its real frames: the
+    same matrices at batch 3 and 1."""
+    from conftest import make_corpus
+    from test_whisper import _measure
+
+    from comflp.cli import measure as analysis
+
+    model, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    matrices = []
+    for bs, iters in ((3, 2), (1, 6)):
+        out = _measure(model, corpus, tmp_path / f"m{bs}.npz", stack=stack, measures="cosine,cka", batch_size=bs,
+                       iter_num=iters)
+        m, meta = analysis.load_npz(out)
+        assert meta["stack"] == stack and meta["num_layers"] == 4 and m["cosine"].shape == (5, 5)
+        matrices.append(m)
+    for name in ("cosine", "cka"):
+        np.testing.assert_allclose(matrices[0][name], matrices[1][name], rtol=0, atol=1e-6)
+
+
+def test_captured_states_are_the_models_own_at_the_transcripts_tokens(tmp_path: Path) -> None:
+    """Teacher forcing: each row is the processor's prompt, the transcript's tokens and the end token; the LLM
+    states comflp pools are plain transformers' hidden states at the transcript's tokens of each utterance alone,
+    and the audio tower's at its real frames."""
+    from conftest import make_corpus
+
+    from comflp.data import collate, read_corpus_dir
+    from comflp.heads import chat_prompt, end_token
+    from comflp.hidden import capture_layer_states, forward_stack
+    from comflp.model import load_model
+
+    loaded = load_model(qwen2_audio_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    model, processor = loaded.model, loaded.tokenizer
+    utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=3))
+    batch = collate(utts, loaded.feature_extractor)
+    with torch.no_grad():
+        with capture_layer_states(model, "decoder") as states:
+            mask = forward_stack(model, batch, states, "decoder", tokenizer=processor)
+            dec = list(states)
+        with capture_layer_states(model, "encoder") as states:
+            frames = forward_stack(model, batch, states, "encoder", tokenizer=processor)
+            enc = list(states)
+        for i, u in enumerate(utts):
+            alone = processor(text=chat_prompt(model, processor), audio=[batch.waves[i]], sampling_rate=16000,
+                              return_tensors="pt")
+            spelled = processor.tokenizer(u.text, add_special_tokens=False).input_ids
+            ids = torch.cat([alone["input_ids"], torch.tensor([spelled + [end_token(model, processor.tokenizer)]])], 1)
+            own = model(input_ids=ids, input_features=alone["input_features"],
+                        feature_attention_mask=alone["feature_attention_mask"], output_hidden_states=True)
+            start = alone["input_ids"].shape[1]
+            assert int(mask[i].sum()) == len(spelled) and bool(mask[i, start]) and not bool(mask[i, start - 1])
+            for layer in range(4):  # HF's last state is after the final norm; comflp's is the layer's output
+                torch.testing.assert_close(dec[layer][i][mask[i]], own.hidden_states[layer][0, start: start + len(spelled)],
+                                           rtol=1e-4, atol=1e-4)
+            # the tower's real frames: half the real mel frames (its stride-2 conv)
+            assert int(frames[i].sum()) == (int(alone["feature_attention_mask"].sum()) - 1) // 2 + 1
+            assert enc[0].shape[1] == 50
+
+
+def test_measure_search_prune_test_a_speech_llm(tmp_path: Path) -> None:
+    """measure the LLM -> coarse and fine search by generated CER -> prune -> test: the CER the search measured."""
+    from conftest import make_corpus
+    from test_whisper import _measure
+
+    from comflp.cli import model as cli, search as search_cli, testset as testset_cli
+
+    model, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    npz = _measure(model, corpus, tmp_path / "m.npz", stack="decoder")
+    strategy = tmp_path / "s.json"
+    search_cli.search_main(["--model", str(model), "--measure_file", str(npz), "--num_layers", "4",
+                            "--num_clip_layers", "2", "--select_measure", "cosine", "--search_mode", "exact",
+                            "--topk_num", "3", "--verify_data_dir", str(corpus), "--test_num_batch", "2",
+                            "--verify_batch_size", "3", "--log_dir", str(tmp_path), "--quiet", "--output", str(strategy)])
+    written = json.loads(strategy.read_text())
+    assert written["stack"] == "decoder" and len(written["candidates"]) == 3
+    cli.prune_main(["--model", str(model), "--strategy", str(strategy), "--output", str(tmp_path / "p")])
+    report = testset_cli.main(["--model", str(tmp_path / "p"), "--data_dir", str(corpus), "--batch_size", "2",
+                               "--output_dir", str(tmp_path / "test")])
+    assert report["error_rate"] == pytest.approx(written["candidates"][0]["cer"], abs=1e-12)
+
+
+def test_unmeasurable_towers_and_healing_are_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A family whose audio frames the table does not count cannot have its tower measured (its LLM can), and
+    fine-tuning a speech-LLM is not offered yet: one line each, nothing written."""
+    import dataclasses
+
     from conftest import make_corpus, run_comflp
 
+    from comflp.model import families
+
     model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=3)
+    monkeypatch.setitem(families.FAMILIES, "qwen2_audio",
+                        dataclasses.replace(families.FAMILIES["qwen2_audio"], audio_frames=None))
     result = run_comflp("measure", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "1",
                         "--iter_num", "3", "--measures", "cosine", "--no_plot", "--output", str(tmp_path / "x.npz"))
-    assert result.returncode == 2 and "measuring a speech-LLM is not offered yet" in result.stderr
+    assert result.returncode == 2 and "measuring the audio tower of a qwen2_audio model is not offered" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.npz").exists()
     result = run_comflp("finetune", "--model", str(model_dir), "--decoder_layers", "2", "--train_data_dir",
                         str(corpus), "--valid_data_dir", str(corpus), "--output_dir", str(tmp_path / "ft"))

@@ -130,6 +130,9 @@ class Family:
     export, e.g. no CTranslate2 converter for Moonshine).
     ``instruction``: a speech-LLM's transcription request, the text after the audio in the user's turn of
     its chat template.
+    ``audio_frames``: (the input key of a speech-LLM's audio-frame mask, the method under the base model that
+    maps its lengths to the audio tower's layer frames, the first of a tuple it returns): where the tower's
+    real frames are, for measuring it (None: not known, its measuring refused).
     """
 
     encoder: Stack = field(default_factory=Stack)
@@ -160,6 +163,7 @@ class Family:
     decoder_positions: str = "max_target_positions"
     export_format: str | None = None
     instruction: str = "Transcribe the audio."
+    audio_frames: tuple[str, str] | None = None
 
     @property
     def stacks(self) -> dict[str, Stack]:
@@ -222,21 +226,24 @@ def _llm(layers: str = "language_model.layers") -> Stack:
                  prefix_counts=("max_window_layers",))
 
 
-def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM") -> Family:
+def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM",
+                audio_frames: tuple[str, str] | None = None) -> Family:
     """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
     audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
     Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
     return Family(encoder=audio, decoder=_llm(), kind="speechllm", input_kind="input_features", output_lengths=None,
                   feature_encoder=front_end, per_batch=(), front_end_exact=True, default_features=features,
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
-                  input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings")
+                  input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings",
+                  audio_frames=audio_frames)
 
 
 # speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a
 # conformer CTC encoder (Granite Speech), then a projector and an LLM; both stacks prune
 FAMILIES.update({
     "qwen2_audio": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
-                               front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
+                               front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
+                               audio_frames=("feature_attention_mask", "audio_tower._get_feat_extract_output_lengths")),
     "voxtral": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                            front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
     "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
