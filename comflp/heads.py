@@ -353,6 +353,33 @@ def prompt_inputs(model, processor, batch: AudioBatch) -> dict[str, torch.Tensor
     return out
 
 
+class _Reached(Exception):
+    """Stops a forward once the module it was after has been given its input."""
+
+
+def llm_input_embeddings(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, N, D] what a speech-LLM feeds its LLM for ``inputs``: the prompt's token embeddings with the audio
+    tower and projector's output in place of the audio placeholders. Taken from the model's own forward, stopped
+    at the LLM (whose module holds the table's decoder layers), so every family merges as it does itself."""
+    llm = get_module(base_model(model), family_of(model).decoder.layers.rpartition(".")[0])
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs.get("inputs_embeds")
+        raise _Reached
+
+    handle = llm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if seen.get("embeds") is None:
+        raise ComflpError(f"{model.config.model_type}: its forward did not hand its LLM input embeddings")
+    return seen["embeds"]
+
+
 def end_token(model, tokenizer) -> int:
     """The token that ends a transcript: the generation config's (the first of several), else the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -439,13 +466,20 @@ class SpeechLlmHead(HeadKind):
         return torch.arange(states[0].shape[1], device=lengths.device)[None, :] < lengths[:, None]
 
     def shared_prefix(self, model, tokenizer, batch, stack):
-        """Every candidate of either stack decodes from the same prompt and audio inputs."""
-        return {"prompt_inputs": prompt_inputs(model, tokenizer, batch)}
+        """Every candidate of either stack decodes from the same prompt and audio inputs; the LLM's candidates
+        from the same input embeddings too (the audio tower and projector's output in the prompt's), computed
+        once per batch."""
+        inputs = prompt_inputs(model, tokenizer, batch)
+        if stack == "decoder":
+            inputs = {"inputs_embeds": llm_input_embeddings(model, inputs), "attention_mask": inputs["attention_mask"]}
+        return {"prompt_inputs": inputs}
 
     def decode(self, model, tokenizer, batch, *, max_new_tokens=None, prompt=None, languages=None, **shared):
         from transformers.utils import logging as hf_logging
 
         inputs = shared.get("prompt_inputs") or prompt_inputs(model, tokenizer, batch)
+        # generate returns the prompt's ids before the new ones, unless it was given embeddings only
+        start = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the cap overriding generate's default max_length, said on every call
         try:
@@ -454,8 +488,7 @@ class SpeechLlmHead(HeadKind):
         finally:
             hf_logging.set_verbosity(verbosity)
         # a transcript is one line: an LLM may break its answer into lines, which hyp.txt and scoring read as spaces
-        return [" ".join(t.split()) for t in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
-                                                                    skip_special_tokens=True)]
+        return [" ".join(t.split()) for t in tokenizer.batch_decode(ids[:, start:], skip_special_tokens=True)]
 
 
 HEADS: dict[str, HeadKind] = {head.name: head for head in (CtcHead(), Seq2SeqHead(), SpeechLlmHead())}

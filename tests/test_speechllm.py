@@ -325,8 +325,16 @@ def test_fine_search_equals_separately_pruned_models(stack: str, tmp_path: Path)
     sets = [[1], [2, 3], [4], [1, 4]]
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
     report = verify(engine, [Candidate(s) for s in sets])
+    towers = []
+    handle = loaded.model.model.audio_tower.register_forward_hook(lambda *a: towers.append(1))
+    try:
+        transcribed = engine.transcribe(sets)
+    finally:
+        handle.remove()
+    # the LLM's candidates share the audio tower's output: it runs once per batch (3 batches of 5 utterances)
+    assert len(towers) == (3 if stack == "decoder" else 3 * len(sets))
     distinct = set()
-    for s, hyps in zip(sets, engine.transcribe(sets)):
+    for s, hyps in zip(sets, transcribed):
         model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
         assert hyps == [engine.normalize(t) for t in _alone(model, loaded.tokenizer, utts, engine.max_new_tokens)]
         distinct.add(tuple(hyps))
