@@ -49,7 +49,7 @@ from .errors import ComflpError
 from .heads import check_prompt, head_of, require
 from .prompt import Prompt, detect_languages, needs_detection
 from .logs import logging_to
-from .model import (LoadedModel, family_of, forward, freeze_feature_encoder, load_model, num_layers, prune, save_model,
+from .model import (LoadedModel, family_of, freeze_feature_encoder, load_model, num_layers, prune, save_model,
                     set_layerdrop)
 from .paths import DEMO_MODEL_DIR, demo_split, exp_dir
 from .repair import fold_into_pruned
@@ -474,16 +474,16 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
                 utts = micro[index][rank::world]
                 batch = collate(utts, loaded.feature_extractor).to(device)
                 labels = head.labels(raw, loaded.tokenizer, [u.text for u in utts], prompt=prompt,
-                                     languages=languages(utts, batch)).to(device)
+                                     languages=languages(utts, batch), batch=batch).to(device)
                 sync = i == len(group) - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
-                    output = forward(model, batch.inputs, batch.attention_mask, labels=labels,
-                                     pad_audio=args.pad_audio)
+                    output = head.student_output(model, loaded.tokenizer, batch, labels, pad_audio=args.pad_audio)
                     loss = output.loss
                     if teacher is not None:
                         with torch.no_grad():
-                            t_logits = head.teacher_logits(teacher, batch, labels, pad_audio=args.pad_audio)
+                            t_logits = head.teacher_logits(teacher, batch, labels, pad_audio=args.pad_audio,
+                                                           tokenizer=loaded.tokenizer)
                         mask = head.distillation_mask(raw, batch, labels, output.logits)
                         kd = distillation_loss(output.logits, t_logits, mask, temperature=args.temperature)
                         loss = (1 - args.distill_weight) * loss + args.distill_weight * kd

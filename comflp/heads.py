@@ -121,8 +121,13 @@ class HeadKind(ABC):
 
     @abstractmethod
     def labels(self, model, tokenizer, texts: Sequence[str], *, prompt: Prompt | None = None,
-               languages: Sequence[str] | None = None) -> torch.Tensor:
-        """[B, N] training (and teacher-forcing) labels of ``texts``, padded with -100."""
+               languages: Sequence[str] | None = None, batch: AudioBatch | None = None) -> torch.Tensor:
+        """[B, N] training (and teacher-forcing) labels of ``texts`` (the transcripts of ``batch``), padded with
+        -100."""
+
+    def student_output(self, model, tokenizer, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool):
+        """The training forward of ``model`` on ``batch`` with ``labels``: its output's ``loss`` and ``logits``."""
+        return forward(model, batch.inputs, batch.attention_mask, labels=labels, pad_audio=pad_audio)
 
     def prepare_training(self, model) -> None:
         """Set what training needs in ``model``'s config (its loss reduction); nothing by default."""
@@ -132,7 +137,8 @@ class HeadKind(ABC):
         """The training utterances that can be trained on (one line when too few or too much is unknown)."""
 
     @abstractmethod
-    def teacher_logits(self, teacher, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool) -> torch.Tensor:
+    def teacher_logits(self, teacher, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool,
+                       tokenizer=None) -> torch.Tensor:
         """The teacher's logits on ``batch``, at the student's output positions."""
 
     @abstractmethod
@@ -186,7 +192,7 @@ class CtcHead(HeadKind):
                               f"this {model.config.model_type} model has none: leave them out")
         return Prompt()
 
-    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None) -> torch.Tensor:
+    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None, batch=None) -> torch.Tensor:
         """The transcripts' token ids. Word-segmented Chinese (AISHELL-1's transcripts) loses its spaces, which
         its vocabularies do not model; text in words keeps them (a word delimiter, or SentencePiece's marks)."""
         ids = [tokenizer(t if guess_unit([t]) == "word" else "".join(t.split())).input_ids for t in texts]
@@ -220,7 +226,7 @@ class CtcHead(HeadKind):
             raise ComflpError("no training utterance is long enough for its transcript")
         return kept
 
-    def teacher_logits(self, teacher, batch, labels, *, pad_audio):
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None):
         return forward(teacher, batch.inputs, batch.attention_mask, pad_audio=pad_audio).logits
 
     def distillation_mask(self, model, batch, labels, logits):
@@ -252,7 +258,7 @@ class Seq2SeqHead(HeadKind):
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
         return check_seq2seq_prompt(model, prompt)
 
-    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None) -> torch.Tensor:
+    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None, batch=None) -> torch.Tensor:
         """The prompt after the start token, the transcript's tokens and the end token (teacher forcing)."""
         return teacher_forcing_labels(model, tokenizer, texts, prompt or Prompt(), languages)
 
@@ -262,7 +268,7 @@ class Seq2SeqHead(HeadKind):
         check_known_tokens([u.text for u in utts], tokenizer, what="training transcripts")
         return list(utts)
 
-    def teacher_logits(self, teacher, batch, labels, *, pad_audio):
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None):
         # the teacher reads the same transcripts (teacher forcing)
         return forward(teacher, batch.inputs, batch.attention_mask, pad_audio=pad_audio, labels=labels).logits
 
@@ -387,9 +393,11 @@ def end_token(model, tokenizer) -> int:
     return int(eos if eos is not None else tokenizer.eos_token_id)
 
 
-def teacher_forced_inputs(model, processor, batch: AudioBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(inputs, transcript mask) for teacher forcing a speech-LLM: each row its prompt, its transcript's tokens
-    and the end token, right-padded; the [B, N] bool mask marks the transcript's tokens."""
+def teacher_forced_inputs(model, processor, batch: AudioBatch
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(inputs, transcript mask, labels) for teacher forcing a speech-LLM: each row its prompt, its transcript's
+    tokens and the end token, right-padded; the [B, N] bool mask marks the transcript's tokens; the labels are
+    the row's tokens where they are the transcript's or the end, -100 elsewhere (the model shifts them)."""
     tokenizer = processor.tokenizer
     texts = [" ".join((t or "").split()) for t in batch.texts]
     spelled = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
@@ -399,20 +407,22 @@ def teacher_forced_inputs(model, processor, batch: AudioBatch) -> tuple[dict[str
     positions = torch.arange(out["input_ids"].shape[1], device=starts.device)[None, :]
     lengths = torch.tensor([len(s) for s in spelled], device=starts.device)
     transcript = (positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])
-    return out, transcript
+    labelled = (positions >= starts[:, None]) & (positions <= (starts + lengths)[:, None])
+    labels = torch.where(labelled, out["input_ids"], torch.full_like(out["input_ids"], -100))
+    return out, transcript, labels
 
 
 class SpeechLlmHead(HeadKind):
     """A speech-LLM: an audio tower and a projector turn the audio into the LLM's audio-token embeddings, and
     the LLM, prompted by its chat template, writes the transcript. Its "tokenizer" is the model's processor.
-    Decoding is greedy generation with the cache from the prompt (left-padded rows); training and measuring
-    are not offered yet."""
+    Decoding is greedy generation with the cache from the prompt (left-padded rows); teacher forcing (measuring,
+    training) appends the transcript and the end token to the prompt (right-padded rows)."""
 
     name = "speechllm"
     stacks = ("encoder", "decoder")
     description = "a speech-LLM"
     export_format = ""
-    supports = frozenset({"measure"})
+    supports = frozenset({"measure", "train"})
 
     def _not_yet(self, what: str) -> ComflpError:
         return ComflpError(f"{what} a speech-LLM is not offered yet; comflp decodes, searches (fine search and "
@@ -425,17 +435,30 @@ class SpeechLlmHead(HeadKind):
                               "template with its transcription request: leave them out")
         return Prompt()
 
-    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None) -> torch.Tensor:
-        raise self._not_yet("teacher-forcing")
+    def labels(self, model, tokenizer, texts, *, prompt=None, languages=None, batch=None) -> torch.Tensor:
+        """The teacher-forced rows' labels: the transcript's tokens and the end token, inside the chat prompt
+        around ``batch``'s audio (which decides how many audio placeholders each row holds)."""
+        if batch is None:
+            raise ComflpError("a speech-LLM's labels follow its audio: the batch is needed")
+        return self._teacher_forced(model, tokenizer, batch)[2]
+
+    def student_output(self, model, tokenizer, batch, labels, *, pad_audio):
+        inputs = self._teacher_forced(getattr(model, "module", model), tokenizer, batch)[0]
+        return model(**inputs, labels=labels)
 
     def check_training_data(self, utts, tokenizer, model, feature_extractor):
-        raise self._not_yet("fine-tuning")
+        """All of them (the LLM's vocabulary spells any text); the tokenizer's unknown tokens are counted."""
+        check_known_tokens([u.text for u in utts], tokenizer, what="training transcripts")
+        return list(utts)
 
-    def teacher_logits(self, teacher, batch, labels, *, pad_audio):
-        raise self._not_yet("distilling into")
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None):
+        return teacher(**self._teacher_forced(teacher, tokenizer, batch)[0]).logits
 
     def distillation_mask(self, model, batch, labels, logits):
-        raise self._not_yet("distilling into")
+        """The positions whose next token is labelled (logits at t predict the token at t + 1)."""
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != -100
+        return mask
 
     def generation_limit(self, model, tokenizer, references=None):
         return generation_limit(model, tokenizer.tokenizer, references)
@@ -447,11 +470,19 @@ class SpeechLlmHead(HeadKind):
         """Unknown before any audio is heard: an LLM's vocabulary spells many languages."""
         return None
 
+    def _teacher_forced(self, model, processor, batch):
+        """:func:`teacher_forced_inputs` of ``batch``, built once for the student, the teacher and the mask of a
+        training step (the last batch's are kept, keyed by what they are made of)."""
+        key = (id(processor), tuple(batch.utt_ids), tuple(batch.texts), str(next(model.parameters()).device))
+        if getattr(self, "_last", (None,))[0] != key:
+            self._last = (key, teacher_forced_inputs(model, processor, batch))
+        return self._last[1]
+
     def forward_stack(self, model, tokenizer, batch, states, stack, *, with_prompt=False):
         """Teacher forcing inside the chat prompt (:func:`teacher_forced_inputs`). The LLM's states are measured
         at the transcript's tokens (``with_prompt``: at every real token); the audio tower's at its real frames,
         counted by the method the family table names (``audio_frames``)."""
-        inputs, transcript = teacher_forced_inputs(model, tokenizer, batch)
+        inputs, transcript, _ = teacher_forced_inputs(model, tokenizer, batch)
         model(**inputs)
         if stack == "decoder":
             return inputs["attention_mask"].bool() if with_prompt else transcript

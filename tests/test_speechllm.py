@@ -442,9 +442,9 @@ def test_measure_search_prune_test_a_speech_llm(tmp_path: Path) -> None:
     assert report["error_rate"] == pytest.approx(written["candidates"][0]["cer"], abs=1e-12)
 
 
-def test_unmeasurable_towers_and_healing_are_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
-    """A family whose audio frames the table does not count cannot have its tower measured (its LLM can), and
-    fine-tuning a speech-LLM is not offered yet: one line each, nothing written."""
+def test_an_unmeasurable_tower_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A family whose audio frames the table does not count cannot have its tower measured (its LLM can): one
+    line, nothing written."""
     import dataclasses
 
     from conftest import make_corpus, run_comflp
@@ -458,10 +458,62 @@ def test_unmeasurable_towers_and_healing_are_refused_in_one_line(tmp_path: Path,
                         "--iter_num", "3", "--measures", "cosine", "--no_plot", "--output", str(tmp_path / "x.npz"))
     assert result.returncode == 2 and "measuring the audio tower of a qwen2_audio model is not offered" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.npz").exists()
-    result = run_comflp("finetune", "--model", str(model_dir), "--decoder_layers", "2", "--train_data_dir",
-                        str(corpus), "--valid_data_dir", str(corpus), "--output_dir", str(tmp_path / "ft"))
-    assert result.returncode == 2 and "fine-tuning a speech-LLM is not offered yet" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "ft").exists()
+
+
+def test_heal_a_pruned_speech_llm_and_test_it(tmp_path: Path) -> None:
+    """Healing a speech-LLM: cross-entropy on the transcript's tokens inside the chat prompt plus distillation
+    from the unpruned teacher; the checkpoints are plain and `comflp test` decodes them."""
+    from conftest import make_corpus
+
+    from comflp.cli import finetune, testset as testset_cli
+
+    texts = ["你好世界", "我们是人", "你好", "世界的人", "我是你", "好的"]
+    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6, texts=texts)
+    out = tmp_path / "ft"
+    finetune.main(["--model", str(model_dir), "--layers", "4", "--decoder_layers", "2,3", "--batch_size", "3",
+                   "--epochs", "3", "--lr", "3e-3", "--test_num_batch", "2", "--valid_batch_size", "3",
+                   "--train_data_dir", str(corpus), "--valid_data_dir", str(corpus), "--output_dir", str(out),
+                   "--threads", "1", "--quiet"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and all(np.isfinite(r["train_loss"]) for r in rows[1:])
+    assert rows[3]["train_loss"] < rows[1]["train_loss"]  # it learns the transcripts
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["pruned"] == [4] and settings["decoder_pruned"] == [2, 3]
+    healed, info = AutoModelForMultimodalLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (healed.config.audio_config.encoder_layers, healed.config.text_config.num_hidden_layers) == (3, 2)
+    report = testset_cli.main(["--model", str(out / "final"), "--data_dir", str(corpus), "--batch_size", "2",
+                               "--output_dir", str(tmp_path / "test")])
+    assert report["error_rate"] == pytest.approx(rows[3]["valid_cer"], abs=1e-12)
+
+
+def test_distillation_compares_the_positions_that_predict_the_labels(tmp_path: Path) -> None:
+    """The speech-LLM's labels are the transcript's tokens and the end token; the student's logits at t predict
+    the token at t + 1, so distillation compares the positions just before each label; the model's own loss with
+    those labels is its cross-entropy there."""
+    from conftest import make_corpus
+
+    from comflp.data import collate, read_corpus_dir
+    from comflp.heads import head_of
+    from comflp.model import load_model
+
+    loaded = load_model(qwen2_audio_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=2))
+    batch = collate(utts, loaded.feature_extractor)
+    head = head_of(loaded.model)
+    labels = head.labels(loaded.model, loaded.tokenizer, batch.texts, batch=batch)
+    with torch.no_grad():
+        output = head.student_output(loaded.model, loaded.tokenizer, batch, labels, pad_audio=False)
+        teacher = head.teacher_logits(loaded.model, batch, labels, pad_audio=False, tokenizer=loaded.tokenizer)
+    mask = head.distillation_mask(loaded.model, batch, labels, output.logits)
+    assert int(mask.sum()) == int((labels != -100).sum())
+    torch.testing.assert_close(output.logits, teacher)
+    picked = output.logits[mask]  # [M, V], in row order; the tokens they predict, in the same order
+    ce = torch.nn.functional.cross_entropy(picked.float(), labels[labels != -100])
+    torch.testing.assert_close(output.loss, ce, rtol=1e-5, atol=1e-5)
+    for i, u in enumerate(utts):
+        spelled = loaded.tokenizer.tokenizer(u.text, add_special_tokens=False).input_ids
+        assert labels[i][labels[i] != -100].tolist() == spelled + [2]  # the generation config's end of turn
 
 
 def test_the_family_table_knows_each_class() -> None:
