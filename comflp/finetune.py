@@ -49,6 +49,7 @@ from .errors import ComflpError
 from .heads import check_prompt, head_of, require
 from .prompt import Prompt, detect_languages, needs_detection
 from .logs import logging_to
+from .lora import has_lora, merged, with_lora
 from .model import (LoadedModel, family_of, freeze_feature_encoder, load_model, num_layers, prune, save_model,
                     set_layerdrop)
 from .paths import DEMO_MODEL_DIR, demo_split, exp_dir
@@ -110,6 +111,8 @@ class FinetuneConfig:
     test_num_batch: int = 10
     valid_batch_size: int = 32
     freeze_feature_encoder: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
     mixed_precision: str = "no"
     distill: bool = False
     distill_weight: float = 0.5
@@ -173,6 +176,8 @@ _RANGES = (
     ("calib_batch_size", lambda v: v >= 1, "a positive integer"),
     ("calib_seed", lambda v: 0 <= v <= 2**32 - 1, "in [0, 4294967295]"),
     ("repair_ridge", lambda v: 0 <= v < math.inf, "a number >= 0"),
+    ("lora_rank", lambda v: v >= 0, "an integer >= 0"),
+    ("lora_alpha", lambda v: 0 < v < math.inf, "a positive number"),
 )
 
 
@@ -320,6 +325,11 @@ def train(args: FinetuneConfig) -> Path:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     args.validate()
+    if args.lora_alpha is not None and not args.lora_rank:
+        raise ComflpError("--lora_alpha scales LoRA adapters: give --lora_rank too")
+    if args.lora_rank and args.resume_epoch > 0:
+        raise ComflpError("--resume_epoch N restarts from a saved epoch, which is merged (no adapters left): start a "
+                          "new run with that epoch's dir as --model instead")
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cpu = not torch.cuda.is_available()
@@ -361,7 +371,8 @@ def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequen
     # settings that did not exist when earlier runs were recorded are recorded only when not the default, so
     # those runs still resume
     newer = {k: getattr(args, k) for k in ("max_batch_seconds", "schedule", "warmup_updates", "adam_beta2",
-                                            "weight_decay", "keep_best", "language", "task", "repair")
+                                            "weight_decay", "keep_best", "language", "task", "repair",
+                                            "lora_rank", "lora_alpha")
              if getattr(args, k) != getattr(FinetuneConfig, k)}
     if args.repair != "none":  # what the repaired start was fitted on
         newer.update({k: getattr(args, k) for k in ("calib_utts", "calib_seed", "repair_ridge")},
@@ -392,6 +403,8 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
     model = loaded.model
     if args.freeze_feature_encoder:
         freeze_feature_encoder(model)
+    if args.lora_rank:  # before a resume loads last/, which holds the adapters
+        with_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, seed=args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
     scheduler = None
@@ -511,8 +524,9 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
                 _save_last(exp.last, raw, optimizer, scheduler, position)
     bar.close()
     if accelerator.is_main_process:
-        save_model(raw, exp.final, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
-                   overwrite=True, extra_text=_healed_card(card, args, exp, position["epoch"], exp.final))
+        save_model(merged(raw) if has_lora(raw) else raw, exp.final, feature_extractor=loaded.feature_extractor,
+                   tokenizer=loaded.tokenizer, overwrite=True,
+                   extra_text=_healed_card(card, args, exp, position["epoch"], exp.final))
         _save_last(exp.last, raw, optimizer, scheduler, position)
     accelerator.wait_for_everyone()
     return out
@@ -547,6 +561,8 @@ def _healed_card(card: dict, args: FinetuneConfig, exp: ExperimentDir, epochs: i
 
     rows = {r["epoch"]: r for r in exp.read_metrics()}
     healing = {"epochs": epochs, "run": str(exp.root.resolve()), "lr": args.lr, "distill": args.distill,
+               **({"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or 2 * args.lora_rank}
+                  if args.lora_rank else {}),
                "distill_weight": args.distill_weight, "temperature": args.temperature,
                "data": source_id(args.dataset or args.train_data_dir),
                "valid_cer": rows.get(epochs, {}).get("valid_cer"), "valid_cer_before": rows.get(0, {}).get("valid_cer")}
@@ -568,10 +584,11 @@ def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, p
     best_so_far = all(cer < r["valid_cer"] for r in exp.read_metrics() if r["epoch"] not in (0, epoch)
                       and isinstance(r.get("valid_cer"), (int, float)))
     exp.write_metrics_row(row)
-    save_model(raw, exp.epoch(epoch), feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+    plain = merged(raw) if has_lora(raw) else raw  # a saved model is plain: adapters merged
+    save_model(plain, exp.epoch(epoch), feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                overwrite=True, extra_text=_healed_card(card, args, exp, epoch, exp.epoch(epoch)))
     log.info("----EPOCH: %d, Test wer : %s%%", epoch, 100 * cer)
     if args.keep_best and best_so_far:
-        save_model(raw, exp.best, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
+        save_model(plain, exp.best, feature_extractor=loaded.feature_extractor, tokenizer=loaded.tokenizer,
                    overwrite=True, extra_text=_healed_card(card, args, exp, epoch, exp.best))
         log.info("best validation CER so far -> %s", exp.best)

@@ -194,8 +194,10 @@ def render(record: dict, *, name: str) -> str:
         valid = (f"; validation CER {100 * healing['valid_cer']:.2f}% (before healing "
                  f"{100 * healing['valid_cer_before']:.2f}%)" if healing.get("valid_cer") is not None
                  and healing.get("valid_cer_before") is not None else "")
+        lora = (f", LoRA adapters of rank {healing['lora_rank']} (alpha {healing['lora_alpha']}) on the layers' "
+                "linear maps, merged into the weights" if healing.get("lora_rank") else "")
         parts.append(f"Fine-tuned for {healing['epochs']} epoch(s) on `{healing['data']}` at learning rate "
-                     f"{healing['lr']}{distill}{valid}.\n")
+                     f"{healing['lr']}{lora}{distill}{valid}.\n")
     else:
         parts.append("Not fine-tuned after pruning: expect a higher error rate than the base until it is "
                      "healed (`comflp finetune`).\n")

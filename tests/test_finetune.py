@@ -227,3 +227,68 @@ def test_labels_keep_word_boundaries_of_text_in_words_and_drop_aishell_spaces(tm
     # Parakeet's SentencePiece vocabulary marks word starts with "▁"; AISHELL-style spaces are dropped first
     pk = parakeet_tokenizer()
     assert pk.convert_ids_to_tokens(_labels(None, pk, ["你好 世界"])[0].tolist()) == ["▁", "你", "好", "世", "界"]
+
+
+def test_merged_lora_equals_the_adapted_model() -> None:
+    """LoRA on every linear layer of both Whisper stacks: the adapted model starts equal to the source (B = 0);
+    with trained (here random) adapters, the merged copy is a plain model of the source's class and parameter
+    names that computes what the adapted one does, and the adapted one is left adapted."""
+    from comflp.lora import has_lora, lora_targets, merged, with_lora
+    from test_whisper import _features, tiny_whisper
+
+    model = tiny_whisper()
+    x, tokens = _features(), torch.tensor([[1, 5, 9, 12], [1, 7, 3, 11]])
+    with torch.no_grad():
+        base = model(input_features=x, decoder_input_ids=tokens).logits
+    assert len(lora_targets(model)) == 4 * 6 + 4 * 10  # encoder: q, k, v, out, fc1, fc2; decoder: also cross-attention
+    with_lora(model, rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_features=x, decoder_input_ids=tokens).logits, base)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+        adapted = model(input_features=x, decoder_input_ids=tokens).logits
+        plain = merged(model)
+        got = plain(input_features=x, decoder_input_ids=tokens).logits
+    assert (adapted - base).abs().max() > 0.1 and has_lora(model) and not has_lora(plain)
+    torch.testing.assert_close(got, adapted, rtol=0, atol=1e-5)
+    assert type(plain) is type(model) and set(plain.state_dict()) == set(tiny_whisper().state_dict())
+
+
+def test_lora_healing_trains_only_the_adapters_and_saves_plain_models(tmp_path: Path) -> None:
+    """--lora_rank: the layers' linear maps change only by their merged adapters (norms, embeddings, front end
+    and head stay the source's), every saved model is plain, and a resumed run continues the adapters."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    from comflp.cli import finetune
+    from conftest import make_corpus
+    from test_whisper import _whisper_dir
+
+    model_dir, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    out = tmp_path / "ft"
+    argv = ["--model", str(model_dir), "--decoder_layers", "2,3", "--batch_size", "3", "--epochs", "2",
+            "--grad_accum", "1", "--lr", "1e-2", "--test_num_batch", "1", "--valid_batch_size", "3", "--layerdrop", "0",
+            "--lora_rank", "2", "--train_data_dir", str(corpus), "--valid_data_dir", str(corpus),
+            "--output_dir", str(out), "--threads", "1", "--quiet"]
+    finetune.main(argv)
+    source = load_file(str(model_dir / "model.safetensors"))
+    for saved in (out / "epoch1", out / "final"):
+        healed, info = AutoModelForSpeechSeq2Seq.from_pretrained(saved, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        state = healed.state_dict()
+        assert not any("lora" in k for k in state) and healed.config.decoder_layers == 2
+        changed = {k for k in state if k.startswith("model.encoder.") and not torch.equal(state[k], source[k])}
+        assert changed and all(k.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+                               for k in changed)
+        assert torch.equal(state["model.encoder.conv1.weight"], source["model.encoder.conv1.weight"])
+        assert torch.equal(state["model.encoder.layer_norm.weight"], source["model.encoder.layer_norm.weight"])
+    last = load_file(str(out / "last" / "model.safetensors"))
+    assert any("lora_A" in k for k in last)  # the run's own state keeps the adapters, to resume them
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["lora_rank"] == 2
+    finetune.main(argv)  # the same run again: it resumes from last/, adapters and all, with nothing left to do
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation decoding batch size; the validation subset is the first "
                         "test_num_batch x valid_batch_size utterances (default: %(default)s)")
     p.add_argument("--freeze_feature_encoder", action="store_true", help="do not train the front end (conv feature encoder, feature projection or subsampling)")
+    p.add_argument("--lora_rank", type=non_negative_int,
+                   help="train LoRA adapters of this rank on every linear layer inside the layer stacks instead of "
+                        "the whole model (peft; for an LLM decoder too big to fine-tune whole), the rest frozen; every "
+                        "checkpoint is saved merged, a plain model; 0: fine-tune the whole model (default: %(default)s)")
+    p.add_argument("--lora_alpha", type=positive_float,
+                   help="the adapters' scale is lora_alpha / lora_rank, > 0 (default: 2 x --lora_rank)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="GPU only (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="add KL distillation from the unpruned teacher")
     p.add_argument("--distill_weight", type=fraction, help="w in (1-w) CTC + w KL (cross-entropy instead of CTC for encoder-decoder models; default: %(default)s)")
