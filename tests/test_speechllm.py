@@ -241,9 +241,8 @@ def test_granite_plus_concatenated_states_follow_the_kept_layers() -> None:
         prune(model, [1, 2])  # state 2 would be the encoder's input, state 0
 
 
-def qwen2_audio_processor():
-    """Qwen2-Audio's processor, tiny: a 1-s Whisper window of 16 mel bins, a character tokenizer with Qwen's chat
-    and audio tokens, and the processor's own chat template."""
+def _chat_tokenizer():
+    """A character tokenizer with Qwen's chat and audio tokens (<|AUDIO|> is AUDIO_TOKEN)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
@@ -254,18 +253,43 @@ def qwen2_audio_processor():
                                                      eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:6]})
     assert tokenizer.convert_tokens_to_ids("<|AUDIO|>") == AUDIO_TOKEN
+    return tokenizer
+
+
+# a ChatML template rendering an audio item as its placeholder between Qwen's audio markers
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+           "{% else %}{% for c in m['content'] %}{% if c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+           "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def speech_llm_processor(family: str = "qwen2_audio"):
+    """The family's processor, tiny: a Whisper window of 16 mel bins (1 s for Qwen2-Audio, 2 s for GLM-ASR,
+    whose projector merges 4 frames), the character tokenizer; Qwen2-Audio's own chat template, a ChatML one
+    for GLM-ASR (its checkpoints ship theirs)."""
+    tokenizer = _chat_tokenizer()
+    if family == "glmasr":
+        return transformers.GlmAsrProcessor(feature_extractor=transformers.WhisperFeatureExtractor(
+            feature_size=16, chunk_length=2), tokenizer=tokenizer, chat_template=_CHATML, audio_token="<|AUDIO|>")
     features = transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=1)
     return transformers.Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer)
 
 
-def qwen2_audio_dir(tmp: Path, seed: int = 3) -> Path:
-    """A tiny Qwen2-Audio saved with its processor, generating with Qwen's end of turn and no sampling."""
-    out = tmp / "qwen2-audio"
-    model = tiny_speech_llm("qwen2_audio", seed)
+def speech_llm_dir(tmp: Path, family: str = "qwen2_audio", seed: int = 3) -> Path:
+    """A tiny speech-LLM saved with its processor, generating until Qwen's end of turn."""
+    out = tmp / family
+    model = tiny_speech_llm(family, seed)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
     model.save_pretrained(out)
-    qwen2_audio_processor().save_pretrained(out)
+    speech_llm_processor(family).save_pretrained(out)
     return out
+
+
+def qwen2_audio_dir(tmp: Path, seed: int = 3) -> Path:
+    return speech_llm_dir(tmp, "qwen2_audio", seed)
+
+
+WITH_PROCESSORS = ["qwen2_audio", "glmasr"]
 
 
 def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
@@ -284,7 +308,8 @@ def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
     return out
 
 
-def test_a_speech_llm_decodes_what_it_decodes_alone_at_any_batch_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", WITH_PROCESSORS)
+def test_a_speech_llm_decodes_what_it_decodes_alone_at_any_batch_size(family: str, tmp_path: Path) -> None:
     """`comflp test` of a speech-LLM: the chat prompt around each utterance's audio, greedy generation; the
     same transcripts at batch 1 and 4 (rows left-padded) as plain transformers gives one utterance at a time."""
     from conftest import make_corpus, run_comflp
@@ -292,7 +317,7 @@ def test_a_speech_llm_decodes_what_it_decodes_alone_at_any_batch_size(tmp_path: 
     from comflp.data import read_corpus_dir
     from comflp.model import load_model
 
-    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=5)
+    model_dir, corpus = speech_llm_dir(tmp_path, family), make_corpus(tmp_path / "corpus", n=5)
     hyps = []
     for bs in (1, 4):
         result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", str(bs),
@@ -306,12 +331,12 @@ def test_a_speech_llm_decodes_what_it_decodes_alone_at_any_batch_size(tmp_path: 
 
     limit = head_of(loaded.model).generation_limit(loaded.model, loaded.tokenizer, [u.text for u in utts])
     expected = _alone(loaded.model, loaded.tokenizer, utts, limit)
-    got = dict(line.split(maxsplit=1) if " " in line else (line, "") for line in hyps[0].splitlines())
+    got = dict(line.partition(" ")[::2] for line in hyps[0].splitlines())  # "utt text" (text may be empty)
     assert [got[u.utt_id].strip() for u in utts] == expected and len(set(expected)) > 1
 
 
-@pytest.mark.parametrize("stack", ["encoder", "decoder"])
-def test_fine_search_equals_separately_pruned_models(stack: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family,stack", [(f, s) for f in WITH_PROCESSORS for s in ("encoder", "decoder")])
+def test_fine_search_equals_separately_pruned_models(family: str, stack: str, tmp_path: Path) -> None:
     """Switching layers of either stack off decodes what each pruned model decodes alone (plain transformers)."""
     from conftest import make_corpus
 
@@ -320,7 +345,7 @@ def test_fine_search_equals_separately_pruned_models(stack: str, tmp_path: Path)
     from comflp.strategy import Candidate
     from comflp.verify import FineSearch, verify
 
-    loaded = load_model(qwen2_audio_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    loaded = load_model(speech_llm_dir(tmp_path, family), allow_encoder_decoder=True, need_tokenizer=True)
     utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
     sets = [[1], [2, 3], [4], [1, 4]]
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
@@ -360,8 +385,8 @@ def test_glp_prune_and_test_a_speech_llm_decoder(tmp_path: Path) -> None:
     assert report["error_rate"] == pytest.approx(pick.cer, abs=1e-12)
 
 
-@pytest.mark.parametrize("stack", ["encoder", "decoder"])
-def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family,stack", [("qwen2_audio", "encoder"), ("qwen2_audio", "decoder"), ("glmasr", "decoder")])
+def test_measure_each_stack_at_any_batch_size(family: str, stack: str, tmp_path: Path) -> None:
     """The LLM measured under teacher forcing inside the chat prompt, the audio tower at its real frames: the
     same matrices at batch 3 and 1."""
     from conftest import make_corpus
@@ -369,7 +394,7 @@ def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> Non
 
     from comflp.cli import measure as analysis
 
-    model, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
+    model, corpus = speech_llm_dir(tmp_path, family), make_corpus(tmp_path / "corpus", n=6)
     matrices = []
     for bs, iters in ((3, 2), (1, 6)):
         out = _measure(model, corpus, tmp_path / f"m{bs}.npz", stack=stack, measures="cosine,cka", batch_size=bs,
