@@ -130,6 +130,7 @@ class FinetuneConfig:
     quiet: bool = False
     language: str | None = None
     task: str | None = None
+    instruction: str | None = None
     repair: str = "none"
     calib_data_dir: Path | None = None
     calib_utts: int = DEFAULT_CALIB_UTTS
@@ -255,7 +256,7 @@ def _fit_repair(args: FinetuneConfig, source: LoadedModel, pruned: list[int], de
     fitted = fit_repair(source, chosen, layers=pruned, decoder_layers=decoder, kind=args.repair,
                         ridge=args.repair_ridge, batch_size=args.calib_batch_size,
                         data=f"{data_dir} ({len(chosen)} utterances, seed {args.calib_seed})",
-                        prompt=Prompt(args.language, args.task), pad_audio=args.pad_audio, progress=not args.quiet)
+                        prompt=Prompt(args.language, args.task, args.instruction), pad_audio=args.pad_audio, progress=not args.quiet)
     for m in fitted.maps:
         log.info("repaired %s block %s before healing: R² %.4f (unrepaired %.4f)", m.cut.stack, list(m.cut.block),
                  m.r2, m.r2_unrepaired)
@@ -341,7 +342,7 @@ def train(args: FinetuneConfig) -> Path:
     if args.max_batch_seconds is None and args.batch_size % world:
         raise ComflpError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
     loaded, teacher, pruned, decoder_pruned, card = _student_and_teacher(args, accelerator.device)
-    check_prompt(loaded.model, Prompt(args.language, args.task))  # one line before anything is written
+    check_prompt(loaded.model, Prompt(args.language, args.task, args.instruction))  # one line before anything is written
     if not family_of(loaded.model).layerdrop:
         args = replace(args, layerdrop=0.0)  # what the run does, and so what run.json records
     total = len(pruned) + num_layers(loaded.model)
@@ -372,7 +373,7 @@ def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequen
     # those runs still resume
     newer = {k: getattr(args, k) for k in ("max_batch_seconds", "schedule", "warmup_updates", "adam_beta2",
                                             "weight_decay", "keep_best", "language", "task", "repair",
-                                            "lora_rank", "lora_alpha")
+                                            "lora_rank", "lora_alpha", "instruction")
              if getattr(args, k) != getattr(FinetuneConfig, k)}
     if args.repair != "none":  # what the repaired start was fitted on
         newer.update({k: getattr(args, k) for k in ("calib_utts", "calib_seed", "repair_ridge")},
@@ -383,7 +384,7 @@ def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequen
 
 def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp: ExperimentDir, card: dict) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
-    prompt = check_prompt(loaded.model, Prompt(args.language, args.task))
+    prompt = check_prompt(loaded.model, Prompt(args.language, args.task, args.instruction))
     out = exp.root
     train_utts = read_corpus_or_dataset(DatasetSource.of(args), args.train_data_dir)
     if args.max_train_utts:
@@ -491,12 +492,13 @@ def _train(args: FinetuneConfig, accelerator, loaded: LoadedModel, teacher, exp:
                 sync = i == len(group) - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
-                    output = head.student_output(model, loaded.tokenizer, batch, labels, pad_audio=args.pad_audio)
+                    output = head.student_output(model, loaded.tokenizer, batch, labels, pad_audio=args.pad_audio,
+                                                 prompt=prompt)
                     loss = output.loss
                     if teacher is not None:
                         with torch.no_grad():
                             t_logits = head.teacher_logits(teacher, batch, labels, pad_audio=args.pad_audio,
-                                                           tokenizer=loaded.tokenizer)
+                                                           tokenizer=loaded.tokenizer, prompt=prompt)
                         mask = head.distillation_mask(raw, batch, labels, output.logits)
                         kd = distillation_loss(output.logits, t_logits, mask, temperature=args.temperature)
                         loss = (1 - args.distill_weight) * loss + args.distill_weight * kd
@@ -575,7 +577,7 @@ def _end_epoch(args, accelerator, raw, loaded, valid_utts, exp: ExperimentDir, p
         return
     epoch = position["epoch"] + 1
     cer = validation_cer(raw, loaded, valid_utts, batch_size=args.valid_batch_size, device=accelerator.device,
-                         pad_audio=args.pad_audio, prompt=check_prompt(raw, Prompt(args.language, args.task)))
+                         pad_audio=args.pad_audio, prompt=check_prompt(raw, Prompt(args.language, args.task, args.instruction)))
     count = position.get("loss_count", 0)
     row = {"epoch": epoch, "update": position["update"],
            "train_loss": position["loss_sum"] / count if count else None,

@@ -125,7 +125,8 @@ class HeadKind(ABC):
         """[B, N] training (and teacher-forcing) labels of ``texts`` (the transcripts of ``batch``), padded with
         -100."""
 
-    def student_output(self, model, tokenizer, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool):
+    def student_output(self, model, tokenizer, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool,
+                       prompt: Prompt | None = None):
         """The training forward of ``model`` on ``batch`` with ``labels``: its output's ``loss`` and ``logits``."""
         return forward(model, batch.inputs, batch.attention_mask, labels=labels, pad_audio=pad_audio)
 
@@ -138,7 +139,7 @@ class HeadKind(ABC):
 
     @abstractmethod
     def teacher_logits(self, teacher, batch: AudioBatch, labels: torch.Tensor, *, pad_audio: bool,
-                       tokenizer=None) -> torch.Tensor:
+                       tokenizer=None, prompt: Prompt | None = None) -> torch.Tensor:
         """The teacher's logits on ``batch``, at the student's output positions."""
 
     @abstractmethod
@@ -160,13 +161,13 @@ class HeadKind(ABC):
     def text_language(self, model, tokenizer, prompt: Prompt | None = None) -> str | None:
         """The language ``model`` writes, where it is known before any audio is heard: "en", "zh" or None."""
 
-    def shared_prefix(self, model, tokenizer, batch: AudioBatch, stack: str) -> dict:
+    def shared_prefix(self, model, tokenizer, batch: AudioBatch, stack: str, prompt: Prompt | None = None) -> dict:
         """What every candidate pruning of ``stack`` shares on ``batch`` (computed once by the fine search), as
         keyword arguments of :meth:`decode`; nothing by default."""
         return {}
 
-    def forward_stack(self, model, tokenizer, batch: AudioBatch, states, stack: str, *,
-                      with_prompt: bool = False) -> torch.Tensor | None:
+    def forward_stack(self, model, tokenizer, batch: AudioBatch, states, stack: str, *, with_prompt: bool = False,
+                      prompt: Prompt | None = None) -> torch.Tensor | None:
         """Run ``model`` on ``batch`` so that the captured ``states`` of ``stack`` fill, and return the [B, T] bool
         mask of the positions measured (:func:`comflp.hidden.forward_stack`); None: the family's own forward on
         the audio (and teacher forcing by :meth:`labels` for a decoder), the default."""
@@ -187,9 +188,9 @@ class CtcHead(HeadKind):
 
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
         prompt = prompt or Prompt()
-        if prompt.language or prompt.task:
-            raise ComflpError(f"--language/--task set the prompt of an encoder-decoder model (Whisper); "
-                              f"this {model.config.model_type} model has none: leave them out")
+        if prompt.language or prompt.task or prompt.instruction:
+            raise ComflpError(f"--language/--task/--instruction set the prompt of an encoder-decoder model (Whisper) "
+                              f"or a speech-LLM; this {model.config.model_type} model has none: leave them out")
         return Prompt()
 
     def labels(self, model, tokenizer, texts, *, prompt=None, languages=None, batch=None) -> torch.Tensor:
@@ -226,7 +227,7 @@ class CtcHead(HeadKind):
             raise ComflpError("no training utterance is long enough for its transcript")
         return kept
 
-    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None):
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None, prompt=None):
         return forward(teacher, batch.inputs, batch.attention_mask, pad_audio=pad_audio).logits
 
     def distillation_mask(self, model, batch, labels, logits):
@@ -268,7 +269,7 @@ class Seq2SeqHead(HeadKind):
         check_known_tokens([u.text for u in utts], tokenizer, what="training transcripts")
         return list(utts)
 
-    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None):
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None, prompt=None):
         # the teacher reads the same transcripts (teacher forcing)
         return forward(teacher, batch.inputs, batch.attention_mask, pad_audio=pad_audio, labels=labels).logits
 
@@ -290,7 +291,7 @@ class Seq2SeqHead(HeadKind):
             return "zh" if _cjk(tokenizer)[0] else "en"
         return {"<|en|>": "en", "<|zh|>": "zh"}.get(said)
 
-    def shared_prefix(self, model, tokenizer, batch, stack):
+    def shared_prefix(self, model, tokenizer, batch, stack, prompt=None):
         """The decoder's candidates share the encoder's outputs."""
         return {"encoder_outputs": call(model, batch.inputs, batch.attention_mask)} if stack == "decoder" else {}
 
@@ -300,11 +301,18 @@ class Seq2SeqHead(HeadKind):
                               **shared, **generate_kwargs(prompt or Prompt(), languages))
 
 
-def chat_prompt(model, processor) -> str:
+def instruction(model, processor, prompt: Prompt | None = None) -> str:
+    """The transcription request a speech-LLM is sent: ``--instruction``, else its processor's own default
+    (GLM-ASR's ``default_transcription_prompt``), else the family table's (``Family.instruction``)."""
+    given = (prompt or Prompt()).instruction
+    return given or getattr(processor, "default_transcription_prompt", None) or family_of(model).instruction
+
+
+def chat_prompt(model, processor, prompt: Prompt | None = None) -> str:
     """The text of a speech-LLM's prompt: its chat template rendering one user turn (the audio, then the
-    family's transcription request, ``Family.instruction``) and opening the assistant's turn."""
+    transcription request, :func:`instruction`) and opening the assistant's turn."""
     conversation = [{"role": "user", "content": [{"type": "audio"},
-                                                 {"type": "text", "text": family_of(model).instruction}]}]
+                                                 {"type": "text", "text": instruction(model, processor, prompt)}]}]
     try:
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     except (ValueError, TypeError, KeyError) as err:
@@ -323,7 +331,7 @@ def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _speech_llm_rows(model, processor, batch: AudioBatch, tails: Sequence[Sequence[int]] | None = None, *,
-                     left: bool) -> dict[str, torch.Tensor]:
+                     left: bool, prompt: Prompt | None = None) -> dict[str, torch.Tensor]:
     """A speech-LLM's inputs for ``batch``: each utterance's from the processor (the chat prompt with its audio
     placeholders expanded to the audio's length, the audio features and masks), ``tails[i]`` (token ids)
     appended to row i, the token rows padded on the ``left`` (generation continues every row from its end) or
@@ -331,7 +339,7 @@ def _speech_llm_rows(model, processor, batch: AudioBatch, tails: Sequence[Sequen
     ``prompt_lengths`` [B]: each row's prompt tokens."""
     if batch.waves is None:
         raise ComflpError("a speech-LLM's inputs are built from the waveforms, and this batch holds none")
-    text = chat_prompt(model, processor)
+    text = chat_prompt(model, processor, prompt)
     rate = int(processor.feature_extractor.sampling_rate)
     rows = [processor(text=text, audio=[wave], sampling_rate=rate, return_tensors="pt") for wave in batch.waves]
     tokens = [r["input_ids"][0].tolist() + list(tails[i] if tails else []) for i, r in enumerate(rows)]
@@ -352,9 +360,9 @@ def _speech_llm_rows(model, processor, batch: AudioBatch, tails: Sequence[Sequen
     return out
 
 
-def prompt_inputs(model, processor, batch: AudioBatch) -> dict[str, torch.Tensor]:
+def prompt_inputs(model, processor, batch: AudioBatch, prompt: Prompt | None = None) -> dict[str, torch.Tensor]:
     """A speech-LLM's generation inputs for ``batch``: the prompts, left-padded (:func:`_speech_llm_rows`)."""
-    out = _speech_llm_rows(model, processor, batch, left=True)
+    out = _speech_llm_rows(model, processor, batch, left=True, prompt=prompt)
     del out["prompt_lengths"]
     return out
 
@@ -393,7 +401,7 @@ def end_token(model, tokenizer) -> int:
     return int(eos if eos is not None else tokenizer.eos_token_id)
 
 
-def teacher_forced_inputs(model, processor, batch: AudioBatch
+def teacher_forced_inputs(model, processor, batch: AudioBatch, prompt: Prompt | None = None
                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(inputs, transcript mask, labels) for teacher forcing a speech-LLM: each row its prompt, its transcript's
     tokens and the end token, right-padded; the [B, N] bool mask marks the transcript's tokens; the labels are
@@ -402,7 +410,7 @@ def teacher_forced_inputs(model, processor, batch: AudioBatch
     texts = [" ".join((t or "").split()) for t in batch.texts]
     spelled = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     end = end_token(model, tokenizer)
-    out = _speech_llm_rows(model, processor, batch, [s + [end] for s in spelled], left=False)
+    out = _speech_llm_rows(model, processor, batch, [s + [end] for s in spelled], left=False, prompt=prompt)
     starts = out.pop("prompt_lengths")
     positions = torch.arange(out["input_ids"].shape[1], device=starts.device)[None, :]
     lengths = torch.tensor([len(s) for s in spelled], device=starts.device)
@@ -432,18 +440,20 @@ class SpeechLlmHead(HeadKind):
         prompt = prompt or Prompt()
         if prompt.language or prompt.task:
             raise ComflpError("--language/--task set Whisper's prompt tokens; a speech-LLM is prompted by its chat "
-                              "template with its transcription request: leave them out")
-        return Prompt()
+                              "template with a transcription request (--instruction): leave them out")
+        if prompt.instruction is not None and not prompt.instruction.strip():
+            raise ComflpError("--instruction is empty: give the request the model transcribes by, or leave it out")
+        return Prompt(instruction=prompt.instruction)
 
     def labels(self, model, tokenizer, texts, *, prompt=None, languages=None, batch=None) -> torch.Tensor:
         """The teacher-forced rows' labels: the transcript's tokens and the end token, inside the chat prompt
         around ``batch``'s audio (which decides how many audio placeholders each row holds)."""
         if batch is None:
             raise ComflpError("a speech-LLM's labels follow its audio: the batch is needed")
-        return self._teacher_forced(model, tokenizer, batch)[2]
+        return self._teacher_forced(model, tokenizer, batch, prompt)[2]
 
-    def student_output(self, model, tokenizer, batch, labels, *, pad_audio):
-        inputs = self._teacher_forced(getattr(model, "module", model), tokenizer, batch)[0]
+    def student_output(self, model, tokenizer, batch, labels, *, pad_audio, prompt=None):
+        inputs = self._teacher_forced(getattr(model, "module", model), tokenizer, batch, prompt)[0]
         return model(**inputs, labels=labels)
 
     def check_training_data(self, utts, tokenizer, model, feature_extractor):
@@ -451,8 +461,8 @@ class SpeechLlmHead(HeadKind):
         check_known_tokens([u.text for u in utts], tokenizer, what="training transcripts")
         return list(utts)
 
-    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None):
-        return teacher(**self._teacher_forced(teacher, tokenizer, batch)[0]).logits
+    def teacher_logits(self, teacher, batch, labels, *, pad_audio, tokenizer=None, prompt=None):
+        return teacher(**self._teacher_forced(teacher, tokenizer, batch, prompt)[0]).logits
 
     def distillation_mask(self, model, batch, labels, logits):
         """The positions whose next token is labelled (logits at t predict the token at t + 1)."""
@@ -470,19 +480,20 @@ class SpeechLlmHead(HeadKind):
         """Unknown before any audio is heard: an LLM's vocabulary spells many languages."""
         return None
 
-    def _teacher_forced(self, model, processor, batch):
+    def _teacher_forced(self, model, processor, batch, prompt):
         """:func:`teacher_forced_inputs` of ``batch``, built once for the student, the teacher and the mask of a
         training step (the last batch's are kept, keyed by what they are made of)."""
-        key = (id(processor), tuple(batch.utt_ids), tuple(batch.texts), str(next(model.parameters()).device))
+        key = (id(processor), tuple(batch.utt_ids), tuple(batch.texts), str(next(model.parameters()).device),
+               instruction(model, processor, prompt))
         if getattr(self, "_last", (None,))[0] != key:
-            self._last = (key, teacher_forced_inputs(model, processor, batch))
+            self._last = (key, teacher_forced_inputs(model, processor, batch, prompt))
         return self._last[1]
 
-    def forward_stack(self, model, tokenizer, batch, states, stack, *, with_prompt=False):
+    def forward_stack(self, model, tokenizer, batch, states, stack, *, with_prompt=False, prompt=None):
         """Teacher forcing inside the chat prompt (:func:`teacher_forced_inputs`). The LLM's states are measured
         at the transcript's tokens (``with_prompt``: at every real token); the audio tower's at its real frames,
         counted by the method the family table names (``audio_frames``)."""
-        inputs, transcript, _ = teacher_forced_inputs(model, tokenizer, batch)
+        inputs, transcript, _ = teacher_forced_inputs(model, tokenizer, batch, prompt)
         model(**inputs)
         if stack == "decoder":
             return inputs["attention_mask"].bool() if with_prompt else transcript
@@ -496,11 +507,11 @@ class SpeechLlmHead(HeadKind):
         lengths = lengths[0] if isinstance(lengths, tuple) else lengths
         return torch.arange(states[0].shape[1], device=lengths.device)[None, :] < lengths[:, None]
 
-    def shared_prefix(self, model, tokenizer, batch, stack):
+    def shared_prefix(self, model, tokenizer, batch, stack, prompt=None):
         """Every candidate of either stack decodes from the same prompt and audio inputs; the LLM's candidates
         from the same input embeddings too (the audio tower and projector's output in the prompt's), computed
         once per batch."""
-        inputs = prompt_inputs(model, tokenizer, batch)
+        inputs = prompt_inputs(model, tokenizer, batch, prompt)
         if stack == "decoder":
             inputs = {"inputs_embeds": llm_input_embeddings(model, inputs), "attention_mask": inputs["attention_mask"]}
         return {"prompt_inputs": inputs}
@@ -508,7 +519,7 @@ class SpeechLlmHead(HeadKind):
     def decode(self, model, tokenizer, batch, *, max_new_tokens=None, prompt=None, languages=None, **shared):
         from transformers.utils import logging as hf_logging
 
-        inputs = shared.get("prompt_inputs") or prompt_inputs(model, tokenizer, batch)
+        inputs = shared.get("prompt_inputs") or prompt_inputs(model, tokenizer, batch, prompt)
         # generate returns the prompt's ids before the new ones, unless it was given embeddings only
         start = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
         verbosity = hf_logging.get_verbosity()

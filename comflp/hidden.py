@@ -86,7 +86,7 @@ def forward_stack(model, batch, states: Sequence[torch.Tensor], stack: str = "en
     of the real positions of ``stack``: the real frames the encoder's layers see, or, for a decoder (teacher
     forcing on the batch's transcripts, ``prompt`` checked by :func:`comflp.prompt.check_prompt`), the tokens
     that predict the transcript (``with_prompt``: those that predict the prompt's own tokens too)."""
-    own = head_of(model).forward_stack(model, tokenizer, batch, states, stack, with_prompt=with_prompt)
+    own = head_of(model).forward_stack(model, tokenizer, batch, states, stack, with_prompt=with_prompt, prompt=prompt)
     if own is not None:  # a head kind whose inputs are more than the audio (a speech-LLM's prompt)
         return own
     if stack == "encoder":

@@ -35,13 +35,17 @@ TASKS = ("transcribe", "translate")
 @dataclass(frozen=True)
 class Prompt:
     """What the user asked for: ``language`` ("en", "english" or "<|en|>") and ``task`` ("transcribe" or
-    "translate"); None leaves each to the checkpoint (and the language, if it forces none, to detection)."""
+    "translate"), Whisper's; None leaves each to the checkpoint (and the language, if it forces none, to
+    detection). ``instruction``: a speech-LLM's transcription request (None: its processor's default, else the
+    family table's)."""
 
     language: str | None = None
     task: str | None = None
+    instruction: str | None = None
 
     def to_dict(self) -> dict:
-        return {"language": self.language, "task": self.task}
+        return {"language": self.language, "task": self.task,
+                **({"instruction": self.instruction} if self.instruction else {})}
 
 
 def _generation_config(model):
@@ -70,6 +74,9 @@ def check_prompt(model, prompt: Prompt | None) -> Prompt:
     language becomes its token. (:func:`comflp.heads.check_prompt` asks the model's head kind first: a CTC
     model refuses any prompt.)"""
     prompt = prompt or Prompt()
+    if prompt.instruction:
+        raise ComflpError("--instruction is a speech-LLM's transcription request; Whisper's prompt is its language "
+                          "and task tokens (--language, --task)")
     language = language_token(model, prompt.language) if prompt.language else None
     if prompt.task is not None:
         tasks = getattr(_generation_config(model), "task_to_id", None) or {}

@@ -355,7 +355,7 @@ def evaluate(loaded: LoadedModel, utts: Sequence[Utterance], output_dir: str | o
             "audio_seconds": result.audio_seconds, "decode_seconds": result.decode_seconds, "rtf": scored.rtf,
             "num_parameters": scored.num_parameters, "num_layers": scored.num_layers, "device": str(device),
             "batch_size": batch_size, "pad_audio": pad_audio,
-            **({"prompt": prompt.to_dict()} if prompt is not None and (prompt.language or prompt.task) else {}),
+            **({"prompt": prompt.to_dict()} if prompt is not None and (prompt.language or prompt.task or prompt.instruction) else {}),
             "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         }
         if "decoder" in family_of(loaded.model).stacks:

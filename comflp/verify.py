@@ -291,7 +291,7 @@ class FineSearch:
         exact = (contextlib.nullcontext() if self.pad_audio
                  else padding_exact(model, batch.attention_mask.sum(-1).tolist()))
         with exact, frozen_features(model, outputs):
-            shared = self.head.shared_prefix(model, self.loaded.tokenizer, batch, self.stack)
+            shared = self.head.shared_prefix(model, self.loaded.tokenizer, batch, self.stack, self.prompt)
             for i in order:
                 seq = kept[i]
                 for key in [k for k in cache if seq[: len(k)] != k]:

@@ -561,3 +561,36 @@ def test_info_and_a_refused_prune_from_the_command_line(family: str, tmp_path: P
         result = run_comflp("prune", "--model", str(tmp_path / "m"), "--layers", "3", "--output", str(tmp_path / "p"))
         assert result.returncode == 2 and "feeds its CTC output back after layer 2 of 4" in result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "p").exists()
+
+
+def test_the_instruction_is_the_one_given_everywhere(tmp_path: Path, capsys) -> None:
+    """--instruction: the request in the prompt of decoding and of teacher forcing; the processor's own default
+    (GLM-ASR's) otherwise; refused by a model without a chat prompt, and empty."""
+    from conftest import make_corpus, run_comflp, save_plain, tiny_model
+
+    from comflp.data import collate, read_corpus_dir
+    from comflp.heads import chat_prompt, prompt_inputs, teacher_forced_inputs
+    from comflp.model import load_model
+    from comflp.prompt import Prompt
+
+    loaded = load_model(qwen2_audio_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    batch = collate(read_corpus_dir(make_corpus(tmp_path / "corpus", n=2)), loaded.feature_extractor)
+    asked = Prompt(instruction="Write what is said.")
+    assert "Write what is said." in chat_prompt(loaded.model, loaded.tokenizer, asked)
+    assert "Transcribe the audio." in chat_prompt(loaded.model, loaded.tokenizer)
+    text = loaded.tokenizer.tokenizer
+    for ids in (prompt_inputs(loaded.model, loaded.tokenizer, batch, asked)["input_ids"],
+                teacher_forced_inputs(loaded.model, loaded.tokenizer, batch, asked)[0]["input_ids"]):
+        assert "Write what is said." in text.decode(ids[0])
+    glm = load_model(speech_llm_dir(tmp_path, "glmasr"), allow_encoder_decoder=True, need_tokenizer=True)
+    assert "Please transcribe this audio into text" in chat_prompt(glm.model, glm.tokenizer)
+    corpus = tmp_path / "corpus"
+    ctc = save_plain(tiny_model("wav2vec2"), tmp_path / "ctc", tmp_path / "proc")
+    for model, flag, message in ((ctc, "Write it.", "this wav2vec2 model has none"),
+                                 (tmp_path / "qwen2_audio", " ", "--instruction is empty")):
+        result = run_comflp("test", "--model", str(model), "--data_dir", str(corpus), "--instruction", flag,
+                            "--output_dir", str(tmp_path / "t"))
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    result = run_comflp("test", "--model", str(tmp_path / "qwen2_audio"), "--data_dir", str(corpus),
+                        "--instruction", "Write what is said.", "--output_dir", str(tmp_path / "t"))
+    assert result.returncode == 0, result.stderr

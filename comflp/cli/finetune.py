@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         loaded = None
     else:  # the default corpus is the one in the language the model writes
         loaded = load_model(args.model, allow_encoder_decoder=True, need_features=False)
-    prompt = Prompt(args.language, args.task)
+    prompt = Prompt(args.language, args.task, args.instruction)
     args.train_data_dir = corpus_split(args.train_data_dir, "train", loaded, prompt)
     args.valid_data_dir = corpus_split(args.valid_data_dir, "dev", loaded, prompt)
     config = FinetuneConfig(**{**vars(args), "command": command_line(parser, argv)})

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> Measured | None:
         return None
     measured = replace(measured, model=source_id(args.model), record={
         "use_pretrained": bool(args.use_pretrained), "processes": accelerator.num_processes if accelerator else 1,
-        **({"prompt": prompt.to_dict()} if prompt.language or prompt.task else {})})
+        **({"prompt": prompt.to_dict()} if prompt.language or prompt.task or prompt.instruction else {})})
     log.info("measured %s on %d utterances (%d frames) in %.1f s", ",".join(settings.measures),
              measured.stats.num_utterances, measured.stats.num_frames, measured.seconds)
     return measured

@@ -80,7 +80,8 @@ def add_pad_audio(p: argparse.ArgumentParser) -> None:
 
 
 def add_prompt(p: argparse.ArgumentParser) -> None:
-    """``--language`` and ``--task``: the prompt of an encoder-decoder model (Whisper)."""
+    """``--language`` and ``--task``: the prompt of an encoder-decoder model (Whisper); ``--instruction``: a
+    speech-LLM's transcription request."""
     p.add_argument("--language", default=None,
                    help="Whisper: the language of the speech (en, english or <|en|>), given to generation, to the "
                         "teacher-forced decoder and to the fine-tuning labels alike (default: what the checkpoint's "
@@ -88,13 +89,17 @@ def add_prompt(p: argparse.ArgumentParser) -> None:
                         "full model, once, when measuring, searching or training, by the model itself when testing)")
     p.add_argument("--task", choices=["transcribe", "translate"], default=None,
                    help="Whisper: the task token of the prompt (default: the checkpoint's, else transcribe)")
+    p.add_argument("--instruction", default=None,
+                   help="speech-LLMs: the transcription request sent after the audio in the user's turn of the chat "
+                        "template, the same in decoding, measuring and training (default: the processor's own "
+                        "default request where it has one, else \"Transcribe the audio.\")")
 
 
 def resolve_prompt(args: argparse.Namespace):
     """The :class:`comflp.prompt.Prompt` the flags name (checked against the model where it is used)."""
     from ..prompt import Prompt
 
-    return Prompt(getattr(args, "language", None), getattr(args, "task", None))
+    return Prompt(getattr(args, "language", None), getattr(args, "task", None), getattr(args, "instruction", None))
 
 
 def corpus_split(given, split: str, loaded, prompt=None) -> Path:

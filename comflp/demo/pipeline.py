@@ -453,6 +453,7 @@ def _finetune(run: Run) -> None:
                        epochs=run.args.ft_epochs, max_train_utts=run.args.ft_max_train_utts,
                        batch_size=run.args.ft_batch_size, grad_accum=1, lr=run.args.ft_lr, distill=True,
                        layerdrop=run.args.ft_layerdrop, language=run.args.language, task=run.args.task,
+                       instruction=run.args.instruction,
                        test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=False,  # a bar with an ETA
                        train_data_dir=run.split("train"), valid_data_dir=run.split("dev")))
         log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
