@@ -34,7 +34,7 @@ def test_a_ctc_model_refuses_a_prompt_in_one_line(tmp_path: Path) -> None:
     loaded = load_model(save_plain(tiny_model("wav2vec2", seed=1), tmp_path / "m", tmp_path / "p"))
     assert isinstance(head_of(loaded.model), CtcHead)
     assert check_prompt(loaded.model, None) == Prompt()
-    with pytest.raises(ComflpError, match="--language/--task set the prompt of an encoder-decoder model"):
+    with pytest.raises(ComflpError, match="--language/--task/--instruction set the prompt of an encoder-decoder model"):
         check_prompt(loaded.model, Prompt(language="en"))
 
 
