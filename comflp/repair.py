@@ -128,6 +128,18 @@ def state_site(model, stack: str, state: int) -> Site | None:
     return Site("ffn", module, f"{where} {family.ffn_output}")
 
 
+def unrepairable(model, stack: str) -> str | None:
+    """Why no cut of ``stack`` can take a repair (its layers have nothing a map folds into), or None when a cut
+    after its first layer can."""
+    if len(stack_layers(model, stack)) < 2:
+        return f"the {stack} has one layer"
+    try:
+        state_site(model, stack, 1)
+    except ComflpError as err:
+        return str(err)
+    return None
+
+
 def check_kind(model, cuts: Sequence[Cut], kind: str) -> dict[Cut, Site | None]:
     """The fold site of every cut; ``linear`` on a post-LN site is refused in one line (a full map cannot fold
     into a LayerNorm)."""

@@ -99,3 +99,30 @@ def load_corpus(path: Path):
     from comflp.data import read_corpus_dir
 
     return read_corpus_dir(path)
+
+
+def test_speech_llm_demo_prunes_the_audio_tower_and_the_llm_and_heals(tmp_path: Path, capsys) -> None:
+    """`comflp demo` on a speech-LLM: the audio tower and the LLM each searched, pruned, tested and healed beside
+    linspace; no repaired row (nothing folds into a speech-LLM's layers) and the tables say which stack lost
+    which layers."""
+    from transformers import AutoModelForMultimodalLM
+
+    from conftest import make_corpus
+    from test_speechllm import qwen2_audio_dir
+
+    model_dir = qwen2_audio_dir(tmp_path)
+    corpus = tmp_path / "corpus"
+    for split in ("train", "dev", "test"):
+        make_corpus(corpus / split, n=6)
+    exp = tmp_path / "exp"
+    common = ["--model", str(model_dir), "--corpus", str(corpus), "--exp_dir", str(exp), "--threads", "1", "--full",
+              "--ft_epochs", "1", "--ft_max_train_utts", "6", "--ft_batch_size", "3", "--avg_num", "1"]
+    main([*common, "--stop_stage", "2"])
+    main([*common, "--stage", "4"])  # the report stage needs hundreds of utterances
+    table = capsys.readouterr().out
+    for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",
+                "decoder: CoMFLP pick, after healing", "decoder: linspace pick"):
+        assert row in table, table
+    assert "repaired" not in table.split("full model")[1]
+    pruned = AutoModelForMultimodalLM.from_pretrained(exp / "finetune_decoder" / "final")
+    assert pruned.config.text_config.num_hidden_layers == 2 and pruned.config.audio_config.encoder_layers == 4

@@ -144,8 +144,15 @@ class Run:
 
     @property
     def variants(self) -> list[Variant]:
-        methods = ("comflp",) + (("repaired",) if self.args.repair != "none" else ()) + ("linspace",)
-        return [Variant(s, m) for s in self.stacks for m in methods]
+        """Per stack: CoMFLP's pick, it repaired (unless --repair none, or nothing folds into the stack's layers:
+        a speech-LLM's bias-free feed-forwards) and the linspace baseline."""
+        from ..repair import unrepairable
+
+        def methods(stack: str) -> tuple[str, ...]:
+            repaired = self.args.repair != "none" and unrepairable(self.loaded.model, stack) is None
+            return ("comflp",) + (("repaired",) if repaired else ()) + ("linspace",)
+
+        return [Variant(s, m) for s in self.stacks for m in methods(s)]
 
     def healed_variants(self) -> list[Variant]:
         """The variants healed: CoMFLP's picks, and the baseline's unless it is the same pick or not wanted (the
