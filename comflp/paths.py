@@ -28,6 +28,7 @@ REPO_ROOT: Path = _root()
 MODELS_DIR: Path = REPO_ROOT / "models"
 DEMO_MODEL_DIR: Path = MODELS_DIR / "demo-12l"
 DEMO_WHISPER_DIR: Path = MODELS_DIR / "demo-whisper"
+DEMO_SPEECHLLM_DIR: Path = MODELS_DIR / "demo-speechllm"
 DEMO_CORPUS_DIR: Path = REPO_ROOT / "AISHELL1" / "demo"
 # the embedded corpora by language: Mandarin in the paper's AISHELL1/ layout, English beside it
 DEMO_CORPUS_DIRS: dict[str, Path] = {"zh": DEMO_CORPUS_DIR, "en": REPO_ROOT / "corpora" / "demo-en"}

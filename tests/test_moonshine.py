@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -136,19 +135,9 @@ def test_comflp_prune_saves_what_plain_transformers_reloads_and_generates(tmp_pa
 
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])
 def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
-    from comflp.cli import measure as analysis
-    from test_whisper import _measure
+    from test_whisper import measured_alike_at_batch_sizes
 
-    model, corpus = moonshine_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
-    matrices = []
-    for bs, iters in ((3, 2), (1, 6)):
-        out = _measure(model, corpus, tmp_path / f"m{bs}.npz", stack=stack, measures="cosine,cka", batch_size=bs,
-                       iter_num=iters)
-        m, meta = analysis.load_npz(out)
-        assert meta["stack"] == stack and meta["num_layers"] == 4 and m["cosine"].shape == (5, 5)
-        matrices.append(m)
-    for name in ("cosine", "cka"):
-        np.testing.assert_allclose(matrices[0][name], matrices[1][name], rtol=0, atol=1e-6)
+    measured_alike_at_batch_sizes(moonshine_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6), tmp_path, stack)
 
 
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])

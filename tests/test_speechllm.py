@@ -390,20 +390,10 @@ def test_measure_each_stack_at_any_batch_size(family: str, stack: str, tmp_path:
     """The LLM measured under teacher forcing inside the chat prompt, the audio tower at its real frames: the
     same matrices at batch 3 and 1."""
     from conftest import make_corpus
-    from test_whisper import _measure
+    from test_whisper import measured_alike_at_batch_sizes
 
-    from comflp.cli import measure as analysis
-
-    model, corpus = speech_llm_dir(tmp_path, family), make_corpus(tmp_path / "corpus", n=6)
-    matrices = []
-    for bs, iters in ((3, 2), (1, 6)):
-        out = _measure(model, corpus, tmp_path / f"m{bs}.npz", stack=stack, measures="cosine,cka", batch_size=bs,
-                       iter_num=iters)
-        m, meta = analysis.load_npz(out)
-        assert meta["stack"] == stack and meta["num_layers"] == 4 and m["cosine"].shape == (5, 5)
-        matrices.append(m)
-    for name in ("cosine", "cka"):
-        np.testing.assert_allclose(matrices[0][name], matrices[1][name], rtol=0, atol=1e-6)
+    measured_alike_at_batch_sizes(speech_llm_dir(tmp_path, family), make_corpus(tmp_path / "corpus", n=6), tmp_path,
+                                  stack)
 
 
 def test_captured_states_are_the_models_own_at_the_transcripts_tokens(tmp_path: Path) -> None:
@@ -594,3 +584,34 @@ def test_the_instruction_is_the_one_given_everywhere(tmp_path: Path, capsys) -> 
     result = run_comflp("test", "--model", str(tmp_path / "qwen2_audio"), "--data_dir", str(corpus),
                         "--instruction", "Write what is said.", "--output_dir", str(tmp_path / "t"))
     assert result.returncode == 0, result.stderr
+
+
+def test_demo_speech_llm_start_has_the_demo_whispers_encoder_as_its_tower(tmp_path: Path) -> None:
+    """`python -m comflp.demo speechllm-init`: Qwen2-Audio's architecture, the audio tower the Whisper's encoder
+    weight for weight, the processor's prompt around the audio, the corpus's characters spelled without an
+    unknown token; it decodes (untrained) through comflp."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from comflp.data import collate, read_corpus_dir
+    from comflp.demo.recipes import speechllm_init
+    from comflp.heads import decode_batch
+    from comflp.model import load_model
+    from comflp.paths import DEMO_WHISPER_DIR, demo_split
+
+    out = speechllm_init(argparse.Namespace(whisper=DEMO_WHISPER_DIR, output=tmp_path / "init", llm_layers=4,
+                                            d_model=192, seed=0, overwrite=False))
+    loaded = load_model(out, allow_encoder_decoder=True, need_tokenizer=True)
+    assert type(loaded.model).__name__ == "Qwen2AudioForConditionalGeneration"
+    whisper = load_file(str(DEMO_WHISPER_DIR / "model.safetensors"))
+    tower = loaded.model.model.audio_tower.state_dict()
+    assert all(torch.equal(tower[k.removeprefix("model.encoder.")], v.float())
+               for k, v in whisper.items() if k.startswith("model.encoder."))
+    utts = read_corpus_dir(demo_split("train"))[:3]
+    tokenizer = loaded.tokenizer.tokenizer
+    for u in utts:
+        ids = tokenizer(u.text, add_special_tokens=False).input_ids
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == u.text
+    texts = decode_batch(loaded.model, loaded.tokenizer, collate(utts, loaded.feature_extractor), max_new_tokens=4)
+    assert len(texts) == 3

@@ -149,22 +149,27 @@ def _measure(model_dir: Path, corpus: Path, out: Path, *, stack: str = "decoder"
     return out
 
 
-@pytest.mark.parametrize("stack", ["encoder", "decoder"])
-def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
+def measured_alike_at_batch_sizes(model: Path, corpus: Path, tmp: Path, stack: str) -> None:
+    """``stack`` of a 4-layer ``model`` measured (cosine, CKA) at batch 3 and at batch 1 gives the same 5 x 5
+    matrices, recorded as that stack's."""
     from comflp.cli import measure as analysis
 
-    from conftest import make_corpus
-
-    model, corpus = _whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
     matrices = []
     for bs, iters in ((3, 2), (1, 6)):
-        out = _measure(model, corpus, tmp_path / f"m{bs}.npz", stack=stack, measures="cosine,cka", batch_size=bs,
+        out = _measure(model, corpus, tmp / f"m{bs}.npz", stack=stack, measures="cosine,cka", batch_size=bs,
                        iter_num=iters)
         m, meta = analysis.load_npz(out)
         assert meta["stack"] == stack and meta["num_layers"] == 4 and m["cosine"].shape == (5, 5)
         matrices.append(m)
     for name in ("cosine", "cka"):
         np.testing.assert_allclose(matrices[0][name], matrices[1][name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> None:
+    from conftest import make_corpus
+
+    measured_alike_at_batch_sizes(_whisper_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6), tmp_path, stack)
 
 
 def test_captured_states_are_each_stacks_hidden_states(tmp_path: Path) -> None:

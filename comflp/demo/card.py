@@ -243,17 +243,34 @@ def _training_rows(model_dir: Path, exp_dir: Path) -> list[dict]:
     return rows
 
 
-def _write_seq2seq_card(model_dir: Path, exp_dir: Path, *, batch_size: int, search_picks: bool) -> Path:
-    """The card of the demo Whisper: both stacks' pruning tables, the training curve, the recipe."""
+def _scores(res: dict, name: str) -> str:
+    """The card's last rows of the model table (weights, dev and test CER) and how they were measured."""
+    return (f"| weights | `model.safetensors`, float16 |\n| **dev CER** (200 utt.) | **{100 * res['dev_cer']:.2f}%** |\n"
+            f"| **test CER** (200 utt.) | **{100 * res['test_cer']:.2f}%** |\n\nGreedy generation with the cache, CER "
+            f"over the whole split, measured by\n`python -m comflp.demo card --model models/{name}`.\n")
+
+
+def _stack_table(r: dict, stack: str) -> str:
+    """The pruning tables of one stack (:func:`pruning_table`'s ``r``) in markdown: half its layers, then one."""
+    half = "\n".join(f"| {n} | {100 * v:.2f} |" for n, v in r["half"].items())
+    single = "\n".join(f"| {i} | {100 * v:.2f} |" for i, v in r["single"].items())
+    return (f"{r['num_layers'] // 2} of {r['num_layers']} {stack} layers removed:\n\n| removed | test CER (%) |\n"
+            f"|---|---:|\n{half}\n\nOne {stack} layer removed:\n\n| removed layer | test CER (%) |\n"
+            f"|---:|---:|\n{single}")
+
+
+def _two_stack_results(model_dir: Path, exp_dir: Path, *, batch_size: int, search_picks: bool) -> dict:
+    """Both stacks' pruning tables, the training rows and curve, and the recipe of a two-stack demo model,
+    written to its ``results.json`` (and returned)."""
     from ..plots import curves
 
-    name = model_dir.name
     stacks = {stack: pruning_table(model_dir, batch_size=batch_size, search_picks=search_picks, stack=stack)
               for stack in ("encoder", "decoder")}
     enc, dec = stacks["encoder"], stacks["decoder"]
     rows = _training_rows(model_dir, Path(exp_dir))
     curves({"dev CER (%), 64-utterance subset": ([r["epoch"] for r in rows], [100 * r["valid_cer"] for r in rows])},
-           ShippedModelDir(model_dir).training_curve, xlabel="epoch", ylabel="dev CER (%)", title=f"{name} training")
+           ShippedModelDir(model_dir).training_curve, xlabel="epoch", ylabel="dev CER (%)",
+           title=f"{model_dir.name} training")
     settings = ExperimentDir(exp_dir).settings() or {}
     recorded = ShippedModelDir(model_dir).results().get("recipe", {})
     recipe = {k: settings.get(k, recorded.get(k)) for k in ("lr", "epochs", "batch_size", "layerdrop")}
@@ -262,15 +279,92 @@ def _write_seq2seq_card(model_dir: Path, exp_dir: Path, *, batch_size: int, sear
            "num_parameters": enc["num_parameters"], "dev_cer": enc["dev_cer"], "test_cer": enc["test_cer"],
            "stacks": stacks, "recipe": recipe, "training": rows}
     atomic.write_json(ShippedModelDir(model_dir).results_file, res)
+    return res
+
+
+def _write_speechllm_card(model_dir: Path, exp_dir: Path, *, batch_size: int, search_picks: bool) -> Path:
+    """The card of the demo speech-LLM: the audio tower's and the LLM's pruning tables, the training curve, the
+    recipe."""
+    name = model_dir.name
+    res = _two_stack_results(model_dir, exp_dir, batch_size=batch_size, search_picks=search_picks)
+    recipe, rows, stacks = res["recipe"], res["training"], res["stacks"]
+    config = json.loads(ShippedModelDir(model_dir).config_file.read_text())
+    audio, text = config["audio_config"], config["text_config"]
+    curve_rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.3f} | {100 * r['valid_cer']:.2f} |" for r in rows)
+    averaged = recipe.get("averaged_epochs") or []
+    card = f"""---
+language: zh
+tags: [automatic-speech-recognition, speech-llm, qwen2-audio, comflp, synthetic]
+---
+
+# {name}: a small speech-LLM for the comflp demo
+
+A speech-LLM of Qwen2-Audio's architecture: the demo Whisper's trained encoder as its audio tower, a
+projector, and a small Qwen2 LLM over characters, prompted by a chat template to transcribe; trained by
+comflp's one training loop on its embedded synthetic Mandarin corpus (`AISHELL1/demo/`, espeak-ng
+speech), so that comflp's speech-LLM commands run offline (`comflp demo --model models/{name}` prunes
+the audio tower and the LLM in turn). It is not a real-world ASR model.
+
+| | |
+|---|---|
+| architecture | `Qwen2AudioForConditionalGeneration`: audio tower {audio['encoder_layers']} layers, {audio['d_model']} wide; LLM (Qwen2) {text['num_hidden_layers']} layers, {text['hidden_size']} wide, {text['num_attention_heads']} heads ({text['num_key_value_heads']} key-value), FFN {text['intermediate_size']} |
+| parameters | {res['num_parameters']:,} |
+| vocabulary | {text['vocab_size']} tokens: Qwen's chat and audio tokens, printable ASCII, one token per character of the training transcripts |
+| prompt | `<|im_start|>user\\n<|audio_bos|><|AUDIO|><|audio_eos|>Transcribe the audio.<|im_end|>\\n<|im_start|>assistant\\n` |
+{_scores(res, name)}
+## Recipe
+
+```bash
+python -m comflp.demo speechllm-init    # the start: exp/demo-speechllm-train/init (tower = demo-whisper's encoder)
+python -m comflp finetune --model exp/demo-speechllm-train/init --whole_model --batch_size {recipe['batch_size']} --grad_accum 1 \\
+    --lr {recipe['lr']} --epochs {recipe['epochs']} --test_num_batch 2 --valid_batch_size 32 --keep_best --output_dir {exp_dir}
+python average_model_pts.py --exp_dir {exp_dir} --num {len(averaged) or 1}     # the best epochs by dev CER
+python -m comflp.demo ship --model {exp_dir}/model_avg --output models/{name}
+python -m comflp.demo card --model models/{name} --exp_dir {exp_dir}
+```
+
+Cross-entropy on the transcript's tokens inside the chat prompt, AdamW, linear warm-up over 10% of the
+updates then linear decay, batches of {recipe['batch_size']} utterances (no LayerDrop: the family has none);
+the averaged epochs were {averaged}. The second command resumes a killed run.
+
+Dev CER during training (a 64-utterance dev subset; curve in `training_curve.png`):
+
+| epoch | train loss | dev CER (%) |
+|---:|---:|---:|
+{curve_rows}
+
+## Pruning tables (test CER, no fine-tuning)
+
+Full model: **{100 * res['test_cer']:.2f}%**. Each stack pruned with the other whole (the audio tower is the
+`encoder` stack, the LLM the `decoder`); linspace removes {linspace_layers(stacks['encoder']['num_layers'])}
+of the tower and {linspace_layers(stacks['decoder']['num_layers'])} of the LLM. CoMFLP's pick: the paper's DC
+at batch 4 over 10 batches of the train split (the LLM's under teacher forcing, at the transcript's tokens),
+exact top-10, fine search on the dev split; GLP: greedy by dev CER.
+
+### Audio tower
+
+{_stack_table(stacks['encoder'], 'encoder')}
+
+### LLM
+
+{_stack_table(stacks['decoder'], 'decoder')}
+"""
+    out = ShippedModelDir(model_dir).card
+    atomic.write_text(out, card)
+    log.info("model card -> %s", out)
+    return out
+
+
+def _write_seq2seq_card(model_dir: Path, exp_dir: Path, *, batch_size: int, search_picks: bool) -> Path:
+    """The card of the demo Whisper: both stacks' pruning tables, the training curve, the recipe."""
+    name = model_dir.name
+    res = _two_stack_results(model_dir, exp_dir, batch_size=batch_size, search_picks=search_picks)
+    recipe, rows, stacks = res["recipe"], res["training"], res["stacks"]
+    enc, dec = stacks["encoder"], stacks["decoder"]
     config = json.loads(ShippedModelDir(model_dir).config_file.read_text())
 
     def table(stack: str) -> str:
-        r = stacks[stack]
-        half = "\n".join(f"| {n} | {100 * v:.2f} |" for n, v in r["half"].items())
-        single = "\n".join(f"| {i} | {100 * v:.2f} |" for i, v in r["single"].items())
-        return (f"{r['num_layers'] // 2} of {r['num_layers']} {stack} layers removed:\n\n| removed | test CER (%) |\n"
-                f"|---|---:|\n{half}\n\nOne {stack} layer removed:\n\n| removed layer | test CER (%) |\n"
-                f"|---:|---:|\n{single}")
+        return _stack_table(stacks[stack], stack)
 
     curve_rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.3f} | {100 * r['valid_cer']:.2f} |" for r in rows)
     averaged = recipe.get("averaged_epochs") or []
@@ -291,13 +385,7 @@ both of its stacks). It is not a real-world ASR model.
 | architecture | `WhisperForConditionalGeneration`, {enc['num_layers']} encoder + {dec['num_layers']} decoder layers, {config['d_model']} wide, {config['encoder_attention_heads']} heads, FFN {config['encoder_ffn_dim']}, 80 log-mel bins, a {2 * config['max_source_positions'] // 100}-s window |
 | parameters | {res['num_parameters']:,} |
 | vocabulary | {config['vocab_size']} tokens: `<pad>`, `<|startoftranscript|>`, `<|endoftext|>`, `<unk>` and one token per character of the training transcripts |
-| weights | `model.safetensors`, float16 |
-| **dev CER** (200 utt.) | **{100 * res['dev_cer']:.2f}%** |
-| **test CER** (200 utt.) | **{100 * res['test_cer']:.2f}%** |
-
-Greedy generation with the cache, CER over the whole split, measured by
-`python -m comflp.demo card --model models/{name}`.
-
+{_scores(res, name)}
 ## Recipe
 
 ```bash
@@ -342,4 +430,4 @@ exact top-10, fine search on the dev split; GLP: greedy by dev CER.
 
 
 # the card of each head kind's demo model
-CARDS = {"ctc": _write_ctc_card, "seq2seq": _write_seq2seq_card}
+CARDS = {"ctc": _write_ctc_card, "seq2seq": _write_seq2seq_card, "speechllm": _write_speechllm_card}

@@ -36,7 +36,8 @@ from ..logs import setup_logging
 from ..artifacts import ExperimentDir, claim_dir
 from .layout import RecipeDir
 from ..model import save_model
-from ..paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_WHISPER_DIR, demo_model_dir, demo_split, exp_dir
+from ..paths import (DEMO_CORPUS_DIR, DEMO_MODEL_DIR, DEMO_SPEECHLLM_DIR, DEMO_WHISPER_DIR, demo_model_dir, demo_split,
+                     exp_dir)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,75 @@ def whisper_init(args: argparse.Namespace) -> Path:
     out = save_model(model, args.output, feature_extractor=fe, tokenizer=tok, overwrite=args.overwrite)
     log.info("demo Whisper start: %d parameters, vocab %d -> %s", sum(p.numel() for p in model.parameters()),
              len(tok), out)
+    return out
+
+
+# the demo speech-LLM's chat: Qwen's ChatML turns, the audio between Qwen2-Audio's markers, no system turn
+SPEECHLLM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>",
+                            "<|audio_eos|>", "<unk>")
+SPEECHLLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_speechllm_processor(vocab: str, feature_extractor):
+    """Qwen2-Audio's processor for the demo speech-LLM: ``feature_extractor`` (the demo Whisper's 4-s window),
+    a character tokenizer (Qwen's chat and audio tokens, printable ASCII for the chat's own words, then the
+    corpus's characters) and :data:`SPEECHLLM_CHAT_TEMPLATE`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2AudioProcessor
+
+    ascii_chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tokens = list(SPEECHLLM_SPECIAL_TOKENS) + ascii_chars + [c for c in vocab if c not in ascii_chars]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": list(SPEECHLLM_SPECIAL_TOKENS[1:6])})
+    return Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tok, chat_template=SPEECHLLM_CHAT_TEMPLATE)
+
+
+def speechllm_init(args: argparse.Namespace) -> Path:
+    """The demo speech-LLM's start: Qwen2-Audio's architecture, its audio tower the demo Whisper's trained encoder
+    (same shape, its weights copied), a random projector and a small random Qwen2 LLM over a character
+    vocabulary; ``comflp finetune --whole_model`` trains it."""
+    from transformers import GenerationConfig, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    from ..model import load_model, save_model
+
+    whisper = load_model(args.whisper, need_tokenizer=True, allow_encoder_decoder=True)
+    wcfg = whisper.model.config
+    vocab = "".join(t for t in whisper.tokenizer.get_vocab() if len(t) == 1)
+    processor = build_speechllm_processor(vocab, whisper.feature_extractor)
+    tok = processor.tokenizer
+    d = args.d_model
+    config = Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=wcfg.num_mel_bins, d_model=wcfg.d_model,
+                          encoder_layers=wcfg.encoder_layers, encoder_attention_heads=wcfg.encoder_attention_heads,
+                          encoder_ffn_dim=wcfg.encoder_ffn_dim, max_source_positions=wcfg.max_source_positions,
+                          dropout=0.1, activation_function=wcfg.activation_function),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=d, intermediate_size=4 * d,
+                         num_hidden_layers=args.llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.convert_tokens_to_ids("<|im_start|>")),
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(args.seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    tower = {k.removeprefix("model.encoder."): v for k, v in whisper.model.state_dict().items()
+             if k.startswith("model.encoder.")}
+    missing, unexpected = model.model.audio_tower.load_state_dict(tower, strict=False)
+    if missing or unexpected:
+        raise ComflpError(f"{args.whisper}: its encoder is not the tower's shape (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    model.generation_config = GenerationConfig(bos_token_id=config.text_config.bos_token_id,
+                                               eos_token_id=[tok.eos_token_id, tok.pad_token_id],
+                                               pad_token_id=tok.pad_token_id)
+    out = save_model(model, args.output, tokenizer=processor, overwrite=args.overwrite)
+    log.info("demo speech-LLM start: %d parameters (tower from %s), vocab %d -> %s",
+             sum(p.numel() for p in model.parameters()), args.whisper, len(tok), out)
     return out
 
 
@@ -214,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--d_model", type=positive_int, default=192, help="width (default: %(default)s)")
     w.add_argument("--seed", type=seed, default=0, help="(default: %(default)s)")
     w.add_argument("--overwrite", action="store_true", help="replace an earlier comflp output at --output")
+    q = sub.add_parser("speechllm-init", help="the demo speech-LLM's start (Qwen2-Audio's architecture: the demo "
+                                              "Whisper's encoder as its audio tower, a small Qwen2 LLM over "
+                                              "characters); `comflp finetune --whole_model` trains it")
+    q.add_argument("--whisper", type=Path, default=DEMO_WHISPER_DIR,
+                   help="the Whisper whose encoder becomes the audio tower (default: %(default)s)")
+    q.add_argument("--output", type=Path, default=RecipeDir.of(exp_dir(), DEMO_SPEECHLLM_DIR.name).init(),
+                   help="model dir (default: %(default)s)")
+    q.add_argument("--llm_layers", type=positive_int, default=4, help="the LLM's layers (default: %(default)s)")
+    q.add_argument("--d_model", type=positive_int, default=192, help="the LLM's width (default: %(default)s)")
+    q.add_argument("--seed", type=seed, default=0, help="(default: %(default)s)")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier comflp output at --output")
     s = sub.add_parser("ship", help="save a trained model as a shipped demo model: float16 safetensors with its "
                                     "processor and generation config (the demo Whisper's last step before its card)")
     s.add_argument("--model", type=Path, required=True, help="the trained model dir, e.g. <exp>/model_avg")
@@ -243,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     elif args.command == "whisper-init":
         print(whisper_init(args))
+    elif args.command == "speechllm-init":
+        print(speechllm_init(args))
     elif args.command == "ship":
         print(ship(args.model, args.output, overwrite=args.overwrite))
     else:
