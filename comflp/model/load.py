@@ -192,7 +192,12 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     if fe is not None and need_features:  # commands that only touch weights do not feed it
         _check_window(model, fe, source)
     if family.kind == "speechllm":  # its processor builds the prompt around the audio and decodes the text
-        tok = _processor(source)
+        try:
+            tok = _processor(source)
+        except ComflpError:
+            if need_tokenizer:
+                raise
+            tok = None  # a command that only touches weights (prune, info) does without it
         if tok is None and need_tokenizer:
             raise ComflpError(f"{source} has no processor (processor_config.json with its tokenizer and chat "
                               "template); decoding a speech-LLM needs one")
@@ -217,7 +222,13 @@ def _processor(source: str):
         processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return processor if hasattr(processor, "feature_extractor") and hasattr(processor, "tokenizer") else None
+    if not hasattr(processor, "tokenizer"):
+        return None
+    if not hasattr(processor, "feature_extractor"):  # Granite Speech's is an ``audio_processor``
+        raise ComflpError(f"{source}: comflp reads a speech-LLM's audio through its processor's feature extractor, "
+                          f"and {type(processor).__name__} has none (Granite Speech's audio processor is not "
+                          "supported yet); it can still be pruned (comflp prune)")
+    return processor
 
 
 def _check_weights_match_config(model: PreTrainedModel, info: dict, source: str) -> None:
