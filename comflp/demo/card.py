@@ -292,6 +292,11 @@ def _write_speechllm_card(model_dir: Path, exp_dir: Path, *, batch_size: int, se
     audio, text = config["audio_config"], config["text_config"]
     curve_rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.3f} | {100 * r['valid_cer']:.2f} |" for r in rows)
     averaged = recipe.get("averaged_epochs") or []
+    searched = any(k.startswith(("CoMFLP", "GLP")) for r in stacks.values() for k in r["half"])
+    picks = ("CoMFLP's pick: the paper's DC at batch 4 over 10 batches of the train split (the LLM's under teacher "
+             "forcing, at the transcript's tokens), exact top-10, fine search on the dev split; GLP: greedy by dev "
+             "CER." if searched else "CoMFLP's and GLP's picks are not in these tables (`card --no_search`); "
+             "`comflp demo` tests CoMFLP's pick beside linspace, before and after healing.")
     card = f"""---
 language: zh
 tags: [automatic-speech-recognition, speech-llm, qwen2-audio, comflp, synthetic]
@@ -337,9 +342,7 @@ Dev CER during training (a 64-utterance dev subset; curve in `training_curve.png
 
 Full model: **{100 * res['test_cer']:.2f}%**. Each stack pruned with the other whole (the audio tower is the
 `encoder` stack, the LLM the `decoder`); linspace removes {linspace_layers(stacks['encoder']['num_layers'])}
-of the tower and {linspace_layers(stacks['decoder']['num_layers'])} of the LLM. CoMFLP's pick: the paper's DC
-at batch 4 over 10 batches of the train split (the LLM's under teacher forcing, at the transcript's tokens),
-exact top-10, fine search on the dev split; GLP: greedy by dev CER.
+of the tower and {linspace_layers(stacks['decoder']['num_layers'])} of the LLM. {picks}
 
 ### Audio tower
 
