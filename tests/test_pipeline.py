@@ -37,6 +37,22 @@ def test_quick_and_full_runs_differ_only_in_healing() -> None:
     assert resolve_healing(build_parser().parse_args(["--full", "--ft_epochs", "2"])).ft_epochs == 2
 
 
+def _tiny_demo(model_dir: Path, tmp_path: Path, capsys) -> tuple[Path, Path, str, list[str]]:
+    """(corpus, exp dir, printed table, the demo's flags) of `comflp demo --full` on ``model_dir`` over
+    6-utterance splits, healing one epoch, the report stage skipped (it needs hundreds of utterances)."""
+    from conftest import make_corpus
+
+    corpus = tmp_path / "corpus"
+    for split in ("train", "dev", "test"):
+        make_corpus(corpus / split, n=6)
+    exp = tmp_path / "exp"
+    common = ["--model", str(model_dir), "--corpus", str(corpus), "--exp_dir", str(exp), "--threads", "1", "--full",
+              "--ft_epochs", "1", "--ft_max_train_utts", "6", "--ft_batch_size", "3", "--avg_num", "1"]
+    main([*common, "--stop_stage", "2"])
+    main([*common, "--stage", "4"])
+    return corpus, exp, capsys.readouterr().out, common
+
+
 def test_whisper_demo_prunes_both_stacks_against_linspace_and_heals(tmp_path: Path, capsys) -> None:
     """`comflp demo` on an encoder-decoder model: each stack searched, pruned, tested and healed, beside the
     linspace baseline; with 2 of 4 layers the fine search sees every strategy, so its pick is the brute-force
@@ -50,19 +66,10 @@ def test_whisper_demo_prunes_both_stacks_against_linspace_and_heals(tmp_path: Pa
     from comflp.strategy import StrategyFile
     from comflp.verify import FineSearch
 
-    from conftest import make_corpus
     from test_whisper import _whisper_dir
 
     model_dir = _whisper_dir(tmp_path)
-    corpus = tmp_path / "corpus"
-    for split in ("train", "dev", "test"):
-        make_corpus(corpus / split, n=6)
-    exp = tmp_path / "exp"
-    common = ["--model", str(model_dir), "--corpus", str(corpus), "--exp_dir", str(exp), "--threads", "1", "--full",
-              "--ft_epochs", "1", "--ft_max_train_utts", "6", "--ft_batch_size", "3", "--avg_num", "1"]
-    main([*common, "--stop_stage", "2"])
-    main([*common, "--stage", "4"])  # the report stage needs hundreds of utterances
-    table = capsys.readouterr().out
+    corpus, exp, table, common = _tiny_demo(model_dir, tmp_path, capsys)
     assert "stage times: corpus" in table and "finetune" in table.split("stage times:")[1]
     for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",
                 "encoder: CoMFLP pick repaired (", "decoder: linspace pick",
@@ -107,19 +114,9 @@ def test_speech_llm_demo_prunes_the_audio_tower_and_the_llm_and_heals(tmp_path: 
     which layers."""
     from transformers import AutoModelForMultimodalLM
 
-    from conftest import make_corpus
     from test_speechllm import qwen2_audio_dir
 
-    model_dir = qwen2_audio_dir(tmp_path)
-    corpus = tmp_path / "corpus"
-    for split in ("train", "dev", "test"):
-        make_corpus(corpus / split, n=6)
-    exp = tmp_path / "exp"
-    common = ["--model", str(model_dir), "--corpus", str(corpus), "--exp_dir", str(exp), "--threads", "1", "--full",
-              "--ft_epochs", "1", "--ft_max_train_utts", "6", "--ft_batch_size", "3", "--avg_num", "1"]
-    main([*common, "--stop_stage", "2"])
-    main([*common, "--stage", "4"])  # the report stage needs hundreds of utterances
-    table = capsys.readouterr().out
+    exp, table = _tiny_demo(qwen2_audio_dir(tmp_path), tmp_path, capsys)[1:3]
     for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",
                 "decoder: CoMFLP pick, after healing", "decoder: linspace pick"):
         assert row in table, table

@@ -106,19 +106,6 @@ def audio_prompt(model, seed: int = 0) -> tuple[torch.Tensor, dict]:
     return ids, audio
 
 
-def _with_identity(model, encoder: list[int], decoder: list[int]):
-    """Independent reference: the unmodified model with the pruned layers' outputs replaced by their inputs."""
-    handles = []
-    for stack, pruned in (("encoder", encoder), ("decoder", decoder)):
-        for i, layer in enumerate(stack_layers(model, stack), start=1):
-            if i in pruned:
-                def hook(module, args, kwargs, output):
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-                handles.append(layer.register_forward_hook(hook, with_kwargs=True))
-    return handles
-
-
 def _run(model, ids: torch.Tensor, audio: dict):
     """(logits of the prompt, greedy tokens with the cache, their scores)."""
     with torch.no_grad():
@@ -136,6 +123,8 @@ _ENCODER_SETS = {"granite_speech": [1], "granite_speech_plus": [1]}
 
 @pytest.mark.parametrize("family", SPEECH_LLMS)
 def test_pruned_equals_switched_off_with_cached_generation(family: str) -> None:
+    from test_whisper import _with_identity
+
     model = tiny_speech_llm(family)
     ids, audio = audio_prompt(model)
     for encoder, decoder in ((_ENCODER_SETS.get(family, [2, 4]), []), ([], [1, 3]), (_ENCODER_SETS.get(family, [3]), [2])):
