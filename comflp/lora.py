@@ -43,10 +43,9 @@ def with_lora(model, *, rank: int, alpha: float | None = None, seed: int = 0):
 
 
 def has_lora(model) -> bool:
-    """Whether ``model`` carries LoRA adapters (:func:`with_lora`)."""
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    """Whether ``model`` carries LoRA adapters (:func:`with_lora`): peft names their weights ``lora_A``/``lora_B``
+    (asked by name, so that a run without adapters never imports peft)."""
+    return any(".lora_A." in name for name, _ in model.named_parameters())
 
 
 def merged(model):
