@@ -1,9 +1,11 @@
-"""Recipes for the embedded demo models ``models/demo-12l``, ``models/demo-24l`` and ``models/demo-whisper``.
+"""Recipes for the embedded demo models ``models/demo-12l``, ``models/demo-24l``, ``models/demo-whisper`` and
+``models/demo-speechllm``.
 
 ``python -m comflp.demo train [--num_layers 24]`` trains a small wav2vec2-style
 CTC model (12 layers unless told) from scratch on the embedded synthetic corpus (generated if missing);
-``python -m comflp.demo whisper-init`` makes the demo Whisper's random start, which ``comflp finetune
---whole_model`` trains; ``python -m comflp.demo ship`` saves a trained model as shipped (float16);
+``python -m comflp.demo whisper-init`` makes the demo Whisper's random start and ``python -m comflp.demo
+speechllm-init`` the demo speech-LLM's start (the demo Whisper's encoder as its audio tower), which
+``comflp finetune --whole_model`` trains; ``python -m comflp.demo ship`` saves a trained model as shipped (float16);
 ``python -m comflp.demo card`` measures a shipped model and writes its model card with the
 pruning tables. All are deterministic from their seed on a given machine and
 torch build.
