@@ -53,18 +53,25 @@ def generate_batch(model, tokenizer, batch: AudioBatch, *, max_new_tokens: int, 
 
     ``kwargs`` go to ``generate`` (e.g. ``encoder_outputs`` computed once for many decoders).
     """
+    with quiet_generation():
+        ids = model.generate(batch.inputs, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, **kwargs)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def quiet_generation():
+    """Within the block, transformers logs errors only: it warns on every ``generate`` call that the cap overrides
+    its default max_length (and that Whisper passes its suppress tokens beside the generation config); neither
+    is the user's doing."""
     from transformers.utils import logging as hf_logging
 
-    # transformers warns on every call that the cap overrides its default max_length, and that Whisper passes
-    # its suppress tokens beside the generation config; neither is the user's doing, so silence both here
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        ids = model.generate(batch.inputs, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, **kwargs)
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def generation_limit(model, tokenizer, references: Sequence[str] | None = None) -> int:
@@ -432,10 +439,6 @@ class SpeechLlmHead(HeadKind):
     export_format = ""
     supports = frozenset({"measure", "train"})
 
-    def _not_yet(self, what: str) -> ComflpError:
-        return ComflpError(f"{what} a speech-LLM is not offered yet; comflp decodes, searches (fine search and "
-                           "GLP) and prunes it")
-
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
         prompt = prompt or Prompt()
         if prompt.language or prompt.task:
@@ -517,18 +520,12 @@ class SpeechLlmHead(HeadKind):
         return {"prompt_inputs": inputs}
 
     def decode(self, model, tokenizer, batch, *, max_new_tokens=None, prompt=None, languages=None, **shared):
-        from transformers.utils import logging as hf_logging
-
         inputs = shared.get("prompt_inputs") or prompt_inputs(model, tokenizer, batch, prompt)
         # generate returns the prompt's ids before the new ones, unless it was given embeddings only
         start = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the cap overriding generate's default max_length, said on every call
-        try:
+        with quiet_generation():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens or self.generation_limit(model, tokenizer),
                                  do_sample=False, num_beams=1)
-        finally:
-            hf_logging.set_verbosity(verbosity)
         # a transcript is one line: an LLM may break its answer into lines, which hyp.txt and scoring read as spaces
         return [" ".join(t.split()) for t in tokenizer.batch_decode(ids[:, start:], skip_special_tokens=True)]
 

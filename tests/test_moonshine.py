@@ -144,28 +144,10 @@ def test_measure_each_stack_at_any_batch_size(stack: str, tmp_path: Path) -> Non
 def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, tmp_path: Path) -> None:
     """Switching layers off (shared encoder prefixes / one encoder pass, padded batches of 2) decodes what each
     pruned model decodes from each utterance alone."""
-    from comflp.data import collate, read_corpus_dir
-    from comflp.strategy import Candidate
-    from comflp.verify import FineSearch, verify
+    from test_whisper import fine_search_equals_separately_pruned_models
 
     loaded = load_model(moonshine_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
-    utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
-    sets = [[1], [2, 3], [4], [1, 4]]
-    engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
-    report = verify(engine, [Candidate(s) for s in sets])
-    distinct = set()
-    for s, hyps in zip(sets, engine.transcribe(sets)):
-        model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
-        separately = []
-        for u in utts:
-            batch = collate([u], loaded.feature_extractor)
-            ids = model.generate(batch.inputs, attention_mask=batch.attention_mask,
-                                 max_new_tokens=engine.max_new_tokens, do_sample=False, num_beams=1)
-            separately.append(loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)[0])
-        assert hyps == separately
-        distinct.add(tuple(hyps))
-    assert len(distinct) > 1
-    assert [c.pruned for c in report.candidates] == sets
+    fine_search_equals_separately_pruned_models(loaded, tmp_path, stack)
 
 
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])

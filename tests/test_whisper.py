@@ -247,16 +247,15 @@ def test_decoder_search_strategy_round_trips_and_prunes_the_decoder(tmp_path: Pa
     assert StrategyFile.load(tmp_path / "c.json").stack == "encoder"
 
 
-@pytest.mark.parametrize("stack", ["encoder", "decoder"])
-def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, tmp_path: Path) -> None:
-    """Switching layers off (shared encoder prefixes / one encoder pass) decodes what each pruned model decodes."""
+def fine_search_equals_separately_pruned_models(loaded, tmp_path: Path, stack: str) -> None:
+    """Switching layers of ``stack`` off in a fine search (batches of 2) decodes what each separately pruned model
+    decodes from each utterance alone, with no shared computation; the sets really decode differently."""
     from comflp.data import collate, read_corpus_dir
     from comflp.strategy import Candidate
     from comflp.verify import FineSearch, verify
 
     from conftest import make_corpus
 
-    loaded = load_model(_whisper_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
     utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=5))
     sets = [[1], [2, 3], [4], [1, 4]]
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
@@ -265,14 +264,22 @@ def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, t
     for s, hyps in zip(sets, engine.transcribe(sets)):
         model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
         separately = []
-        for u in utts:  # one utterance at a time, a separately built model, no shared computation
-            ids = model.generate(collate([u], loaded.feature_extractor).inputs, max_new_tokens=engine.max_new_tokens,
-                                 do_sample=False, num_beams=1)
+        for u in utts:
+            batch = collate([u], loaded.feature_extractor)
+            ids = model.generate(batch.inputs, attention_mask=batch.attention_mask,
+                                 max_new_tokens=engine.max_new_tokens, do_sample=False, num_beams=1)
             separately.append(loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)[0])
         assert hyps == separately
         distinct.add(tuple(hyps))
-    assert len(distinct) > 1  # the sets really decode differently
+    assert len(distinct) > 1
     assert [c.pruned for c in report.candidates] == sets and report.best.cer == min(c.cer for c in report.candidates)
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_fine_search_by_generation_equals_separately_pruned_models(stack: str, tmp_path: Path) -> None:
+    """Switching layers off (shared encoder prefixes / one encoder pass) decodes what each pruned model decodes."""
+    loaded = load_model(_whisper_dir(tmp_path), allow_encoder_decoder=True, need_tokenizer=True)
+    fine_search_equals_separately_pruned_models(loaded, tmp_path, stack)
 
 
 @pytest.mark.parametrize("multilingual", [False, True])
