@@ -320,10 +320,13 @@ def chat_prompt(model, processor, prompt: Prompt | None = None) -> str:
     transcription request, :func:`instruction`) and opening the assistant's turn."""
     conversation = [{"role": "user", "content": [{"type": "audio"},
                                                  {"type": "text", "text": instruction(model, processor, prompt)}]}]
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
     try:
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ComflpError(f"the processor's chat template cannot render an audio turn: {err}") from None
+    except (ValueError, TypeError, KeyError, TemplateError) as err:
+        raise ComflpError(f"the processor's chat template cannot render an audio turn "
+                          f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -604,3 +604,18 @@ def test_demo_speech_llm_start_has_the_demo_whispers_encoder_as_its_tower(tmp_pa
         assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == u.text
     texts = decode_batch(loaded.model, loaded.tokenizer, collate(utts, loaded.feature_extractor), max_new_tokens=4)
     assert len(texts) == 3
+
+
+def test_a_speech_llm_without_its_processor_or_with_a_broken_template_is_named_in_one_line(tmp_path: Path) -> None:
+    from conftest import make_corpus, run_comflp
+
+    corpus = make_corpus(tmp_path / "corpus", n=3)
+    tiny_speech_llm("qwen2_audio").save_pretrained(tmp_path / "bare")
+    broken = qwen2_audio_dir(tmp_path)
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] ", encoding="utf-8")
+    for model, message in ((tmp_path / "bare", "has no processor"),
+                           (broken, "chat template cannot render an audio turn (TemplateSyntaxError")):
+        result = run_comflp("test", "--model", str(model), "--data_dir", str(corpus),
+                            "--output_dir", str(tmp_path / "t"))
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "t" / "test_asr.json").exists()  # no report (the template fails at decoding)
