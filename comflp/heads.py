@@ -498,7 +498,7 @@ class SpeechLlmHead(HeadKind):
     def forward_stack(self, model, tokenizer, batch, states, stack, *, with_prompt=False, prompt=None):
         """Teacher forcing inside the chat prompt (:func:`teacher_forced_inputs`). The LLM's states are measured
         at the transcript's tokens (``with_prompt``: at every real token); the audio tower's at its real frames,
-        counted by the method the family table names (``audio_frames``)."""
+        where the family table's ``audio_frames`` counts them (a packed tower's states split back into rows)."""
         inputs, transcript, _ = teacher_forced_inputs(model, tokenizer, batch, prompt)
         model(**inputs)
         if stack == "decoder":
@@ -507,10 +507,10 @@ class SpeechLlmHead(HeadKind):
         if counted is None:
             raise ComflpError(f"measuring the audio tower of a {model.config.model_type} model is not offered yet "
                               "(the family table does not count its frames); --stack decoder measures its LLM")
-        mask_key, method = counted
-        frames = get_module(base_model(model), method.rpartition(".")[0])
-        lengths = getattr(frames, method.rpartition(".")[2])(inputs[mask_key].sum(-1))
-        lengths = lengths[0] if isinstance(lengths, tuple) else lengths
+        lengths = counted.lengths(base_model(model), inputs[counted.mask]).to(states[0].device)
+        if counted.packed:  # one [N, D] sequence of every row's frames: back to [B, T, D] rows, zero-padded
+            states[:] = [torch.nn.utils.rnn.pad_sequence(list(s.split(lengths.tolist())), batch_first=True)
+                         for s in states]
         return torch.arange(states[0].shape[1], device=lengths.device)[None, :] < lengths[:, None]
 
     def shared_prefix(self, model, tokenizer, batch, stack, prompt=None):

@@ -168,6 +168,18 @@ def test_input_lengths_count_the_frames_the_feature_extractor_makes(extractor) -
         assert int(np.asarray(made["attention_mask"]).sum()) == int(input_lengths(extractor, torch.tensor([n]))[0]), n
 
 
+def test_input_lengths_count_the_frames_qwen3_asrs_processor_makes() -> None:
+    """Qwen3-ASR's processor extracts each utterance padded to its own length (``padding=True``), clips shorter
+    than half a second zero-padded to it first."""
+    from transformers import Qwen3ASRFeatureExtractor
+
+    extractor, rng = Qwen3ASRFeatureExtractor(feature_size=16), np.random.default_rng(0)
+    for n in [1, 159, 160, 161, 7999, 8000, 8001, 8160, 8161, *rng.integers(1, 40000, 30).tolist()]:
+        made = extractor([rng.standard_normal(n).astype(np.float32)], sampling_rate=16000, padding=True,
+                         return_attention_mask=True, n_window=0)
+        assert int(np.asarray(made["attention_mask"]).sum()) == int(input_lengths(extractor, torch.tensor([n]))[0]), n
+
+
 @pytest.mark.parametrize("family", ["wav2vec2-bert", "parakeet_ctc", "lasr_ctc"])
 def test_feature_input_model_saved_without_processor_gets_its_family_extractor(family: str, tmp_path: Path,
                                                                                  caplog) -> None:

@@ -230,8 +230,9 @@ def test_granite_plus_concatenated_states_follow_the_kept_layers() -> None:
         prune(model, [1, 2])  # state 2 would be the encoder's input, state 0
 
 
-def _chat_tokenizer():
-    """A character tokenizer with Qwen's chat and audio tokens (<|AUDIO|> is AUDIO_TOKEN)."""
+def _chat_tokenizer(**named):
+    """A character tokenizer with Qwen's chat and audio tokens (<|AUDIO|> is AUDIO_TOKEN); ``named``: special
+    tokens the processor reads by attribute (Qwen3-ASR's ``audio_token``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
@@ -239,7 +240,8 @@ def _chat_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                                     eos_token="<|im_end|>", pad_token="<|endoftext|>")
+                                                     eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                                     extra_special_tokens=named)
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:6]})
     assert tokenizer.convert_tokens_to_ids("<|AUDIO|>") == AUDIO_TOKEN
     return tokenizer
@@ -254,8 +256,14 @@ _CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content
 
 def speech_llm_processor(family: str = "qwen2_audio"):
     """The family's processor, tiny: a Whisper window of 16 mel bins (1 s for Qwen2-Audio, 2 s for GLM-ASR,
-    whose projector merges 4 frames), the character tokenizer; Qwen2-Audio's own chat template, a ChatML one
-    for GLM-ASR (its checkpoints ship theirs)."""
+    whose projector merges 4 frames; Qwen3-ASR's own extractor, padding to its 100-frame chunks), the character
+    tokenizer; Qwen2-Audio's own chat template, a ChatML one for GLM-ASR and Qwen3-ASR (their checkpoints ship
+    theirs)."""
+    if family == "qwen3_asr":
+        tokenizer = _chat_tokenizer(audio_token="<|AUDIO|>", audio_bos_token="<|audio_bos|>",
+                                    audio_eos_token="<|audio_eos|>")
+        return transformers.Qwen3ASRProcessor(feature_extractor=transformers.Qwen3ASRFeatureExtractor(
+            feature_size=16), tokenizer=tokenizer, chat_template=_CHATML)
     tokenizer = _chat_tokenizer()
     if family == "glmasr":
         return transformers.GlmAsrProcessor(feature_extractor=transformers.WhisperFeatureExtractor(
@@ -278,7 +286,7 @@ def qwen2_audio_dir(tmp: Path, seed: int = 3) -> Path:
     return speech_llm_dir(tmp, "qwen2_audio", seed)
 
 
-WITH_PROCESSORS = ["qwen2_audio", "glmasr"]
+WITH_PROCESSORS = ["qwen2_audio", "glmasr", "qwen3_asr"]
 
 
 def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
@@ -374,7 +382,8 @@ def test_glp_prune_and_test_a_speech_llm_decoder(tmp_path: Path) -> None:
     assert report["error_rate"] == pytest.approx(pick.cer, abs=1e-12)
 
 
-@pytest.mark.parametrize("family,stack", [("qwen2_audio", "encoder"), ("qwen2_audio", "decoder"), ("glmasr", "decoder")])
+@pytest.mark.parametrize("family,stack", [("qwen2_audio", "encoder"), ("qwen2_audio", "decoder"), ("glmasr", "encoder"),
+                                          ("qwen3_asr", "encoder"), ("qwen3_asr", "decoder")])
 def test_measure_each_stack_at_any_batch_size(family: str, stack: str, tmp_path: Path) -> None:
     """The LLM measured under teacher forcing inside the chat prompt, the audio tower at its real frames: the
     same matrices at batch 3 and 1."""
@@ -422,6 +431,47 @@ def test_captured_states_are_the_models_own_at_the_transcripts_tokens(tmp_path: 
             # the tower's real frames: half the real mel frames (its stride-2 conv)
             assert int(frames[i].sum()) == (int(alone["feature_attention_mask"].sum()) - 1) // 2 + 1
             assert enc[0].shape[1] == 50
+
+
+@pytest.mark.parametrize("family", ["glmasr", "qwen3_asr"])
+def test_captured_tower_states_are_the_towers_own_at_its_real_frames(family: str, tmp_path: Path) -> None:
+    """The audio tower's states comflp pools, in a batch of utterances of different lengths, are plain
+    transformers' tower states of each utterance alone at its real frames (Qwen3-ASR's tower packs every
+    utterance's frames into one sequence: comflp splits them back); padding frames are not counted.
+    (Qwen2-Audio's: test_captured_states_are_the_models_own_at_the_transcripts_tokens.)"""
+    from conftest import make_corpus
+
+    from comflp.data import collate, read_corpus_dir
+    from comflp.heads import chat_prompt
+    from comflp.hidden import capture_layer_states, forward_stack
+    from comflp.model import load_model
+
+    loaded = load_model(speech_llm_dir(tmp_path, family), allow_encoder_decoder=True, need_tokenizer=True)
+    model, processor = loaded.model, loaded.tokenizer
+    utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=3))
+    batch = collate(utts, loaded.feature_extractor)
+    assert len({len(w) for w in batch.waves}) == 3
+    mask_key = _FEATURE_MASK[family]
+    with torch.no_grad():
+        with capture_layer_states(model, "encoder") as states:
+            frames = forward_stack(model, batch, states, "encoder", tokenizer=processor)
+            enc = list(states)
+        for i in range(len(utts)):
+            alone = processor(text=chat_prompt(model, processor), audio=[batch.waves[i]], sampling_rate=16000,
+                              return_tensors="pt")
+            tower_inputs = {"input_features": alone["input_features"]}
+            if family == "qwen3_asr":  # its tower takes the frame mask (the others read the whole window)
+                tower_inputs[mask_key] = alone[mask_key]
+            own = model.model.audio_tower(**tower_inputs, output_hidden_states=True).hidden_states
+            real = int(frames[i].sum())
+            # the real frames: those the projector hands the LLM (one audio token per frame, or per 4 for GLM-ASR)
+            tokens = int((alone["input_ids"] == AUDIO_TOKEN).sum())
+            assert real // 4 == tokens if family == "glmasr" else real == tokens
+            for layer in range(4):
+                mine = enc[layer][i][frames[i]]
+                theirs = own[layer].reshape(-1, own[layer].shape[-1])[:real] if family == "qwen3_asr" else \
+                    own[layer][0, :real]
+                torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_measure_search_prune_test_a_speech_llm(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ a repair folds (:mod:`comflp.repair`), and where LayerDrop is read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import ComflpError
@@ -68,6 +70,44 @@ class Pooling:
     squeeze_field: str
     mask: str
     upsample: str
+
+
+@dataclass(frozen=True)
+class TowerFrames:
+    """How many real frames each utterance has in a speech-LLM audio tower's layers.
+
+    ``mask``: the model input holding the audio frames' mask, [B, T_in] (1: a real input frame);
+    ``lengths``: (base model, that mask) -> [B] real frames at the layers, by the model's own arithmetic;
+    ``packed``: the layers see every utterance's real frames packed end to end as one [N, D] sequence
+    (Qwen3-ASR), which the measuring splits back into [B, T, D] rows by those lengths.
+    """
+
+    mask: str
+    lengths: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    packed: bool = False
+
+
+def _whisper_tower_frames(base: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """Qwen2-Audio: its tower's own output-length method (the first of the pair it returns)."""
+    return base.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))[0]
+
+
+def _padded_conv_tower_frames(base: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """GLM-ASR: the tower's two padded convs, each n -> floor((n + 2p - d(k - 1) - 1) / s) + 1."""
+    lengths = mask.sum(-1).long()
+    for conv in (base.audio_tower.conv1, base.audio_tower.conv2):
+        span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+        lengths = torch.div(lengths + 2 * conv.padding[0] - span, conv.stride[0], rounding_mode="floor") + 1
+    return lengths.clamp(min=0)
+
+
+def _chunked_tower_frames(base: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """Qwen3-ASR: the mel frames cut in chunks of 2 x ``n_window``, each chunk's real frames through the three
+    strided convs (the tower's own ``_post_cnn_length``), summed over the utterance's chunks."""
+    tower = base.audio_tower
+    chunk = 2 * int(tower.n_window)
+    per_chunk = mask.reshape(mask.shape[0], -1, chunk).sum(-1).long()
+    return tower._post_cnn_length(per_chunk).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -130,9 +170,8 @@ class Family:
     export, e.g. no CTranslate2 converter for Moonshine).
     ``instruction``: a speech-LLM's transcription request, the text after the audio in the user's turn of
     its chat template.
-    ``audio_frames``: (the input key of a speech-LLM's audio-frame mask, the method under the base model that
-    maps its lengths to the audio tower's layer frames, the first of a tuple it returns): where the tower's
-    real frames are, for measuring it (None: not known, its measuring refused).
+    ``audio_frames``: where a speech-LLM's audio tower's real frames are, for measuring it
+    (:class:`TowerFrames`; None: not known, its measuring refused).
     """
 
     encoder: Stack = field(default_factory=Stack)
@@ -163,7 +202,7 @@ class Family:
     decoder_positions: str = "max_target_positions"
     export_format: str | None = None
     instruction: str = "Transcribe the audio."
-    audio_frames: tuple[str, str] | None = None
+    audio_frames: TowerFrames | None = None
 
     @property
     def stacks(self) -> dict[str, Stack]:
@@ -227,7 +266,7 @@ def _llm(layers: str = "language_model.layers") -> Stack:
 
 
 def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM",
-                audio_frames: tuple[str, str] | None = None) -> Family:
+                audio_frames: TowerFrames | None = None) -> Family:
     """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
     audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
     Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
@@ -243,13 +282,15 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
 FAMILIES.update({
     "qwen2_audio": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
                                front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
-                               audio_frames=("feature_attention_mask", "audio_tower._get_feat_extract_output_lengths")),
+                               audio_frames=TowerFrames("feature_attention_mask", _whisper_tower_frames)),
     "voxtral": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                            front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
     "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
-                             front_end="audio_tower.conv2d1", features="WhisperFeatureExtractor"),
+                             front_end="audio_tower.conv2d1", features="Qwen3ASRFeatureExtractor",
+                             audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, packed=True)),
     "glmasr": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
-                          front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
+                          front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
+                          audio_frames=TowerFrames("input_features_mask", _padded_conv_tower_frames)),
     # the conformer feeds its mid-stack CTC output back after layer depth // 2, and its encoder module keeps
     # its own copy of the depth; the layer cache would be written in place by that feedback, so it is off
     "granite_speech": _speech_llm(Stack("encoder.layers", "num_layers", config="encoder_config", cacheable=False,

@@ -41,6 +41,13 @@ def _lasr_frames(fe, samples: torch.Tensor) -> torch.Tensor:
     return frames.clamp(min=0)
 
 
+def _qwen3_asr_frames(fe, samples: torch.Tensor) -> torch.Tensor:
+    """Mel frames of an utterance as Qwen3-ASR's processor extracts it alone (padding to its own length): clips
+    shorter than ``min_length`` samples are zero-padded to it first (counted as real, as the original does),
+    then every ``hop_length``-th sample's mask is kept, the last dropped when it is partial: floor(n' / hop)."""
+    return torch.div(samples.clamp(min=int(getattr(fe, "min_length", 0) or 0)), fe.hop_length, rounding_mode="floor")
+
+
 def _raw_audio_default(model):
     """16 kHz raw samples as they are (no normalisation), zero padding: Moonshine's checkpoints."""
     import transformers
@@ -68,6 +75,14 @@ def _whisper_default(model):
     return transformers.WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, chunk_length=positions * 2 // 100)
 
 
+def _qwen3_asr_default(model):
+    """Qwen3-ASR's extractor with the audio tower's mel bins and chunk (2 x ``n_window`` frames)."""
+    import transformers
+
+    cfg = encoder_config(model)
+    return transformers.Qwen3ASRFeatureExtractor(feature_size=cfg.num_mel_bins, n_window=cfg.n_window)
+
+
 @dataclass(frozen=True)
 class Extractor:
     """A feature extractor class as comflp knows it.
@@ -89,6 +104,7 @@ EXTRACTORS: dict[str, Extractor] = {
     "ParakeetFeatureExtractor": Extractor(frames=_parakeet_frames),
     "SeamlessM4TFeatureExtractor": Extractor(frames=_seamless_frames),
     "LasrFeatureExtractor": Extractor(frames=_lasr_frames),
+    "Qwen3ASRFeatureExtractor": Extractor(frames=_qwen3_asr_frames, default=_qwen3_asr_default),
 }
 
 
