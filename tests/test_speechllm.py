@@ -370,7 +370,7 @@ def test_glp_prune_and_test_a_speech_llm_decoder(tmp_path: Path) -> None:
     from comflp.cli import model as cli, search as search_cli, testset as testset_cli
 
     model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=4)
-    glp = search_cli.glp_main(["--model", str(model_dir), "--stack", "decoder", "--verify_data_dir", str(corpus),
+    glp = search_cli.glp_main(["--model", str(model_dir), "--stack", "llm", "--verify_data_dir", str(corpus),
                                "--num_layers", "4", "--num_clip_layers", "1", "--test_num_batch", "2",
                                "--verify_batch_size", "2", "--log_dir", str(tmp_path), "--quiet",
                                "--output", str(tmp_path / "g.json")])
@@ -378,8 +378,29 @@ def test_glp_prune_and_test_a_speech_llm_decoder(tmp_path: Path) -> None:
     cli.prune_main(["--model", str(model_dir), "--strategy", str(tmp_path / "g.json"), "--output", str(tmp_path / "p")])
     report = testset_cli.main(["--model", str(tmp_path / "p"), "--data_dir", str(corpus), "--batch_size", "3",
                                "--output_dir", str(tmp_path / "test")])
+    assert json.loads((tmp_path / "g.json").read_text())["stack"] == "decoder"  # --stack llm: the LLM's layers
     assert json.loads((tmp_path / "p" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 3
     assert report["error_rate"] == pytest.approx(pick.cer, abs=1e-12)
+
+
+def test_stack_names_audio_and_llm_mean_a_speech_llms_tower_and_llm(tmp_path: Path) -> None:
+    """`--stack audio` measures what `--stack encoder` measures (the audio tower), into the same file name;
+    `--stack llm` on a CTC model, or on Whisper, is refused in one line naming the model's stacks."""
+    from conftest import make_corpus, run_comflp, save_plain, tiny_model
+    from test_whisper import _measure
+
+    model, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=4)
+    by_alias = np.load(_measure(model, corpus, tmp_path / "a" / "m.npz", stack="audio"))
+    by_name = np.load(_measure(model, corpus, tmp_path / "e" / "m.npz", stack="encoder"))
+    assert np.array_equal(by_alias["cosine"], by_name["cosine"]) and by_alias["cosine"].shape == (5, 5)
+    ctc = save_plain(tiny_model("wav2vec2"), tmp_path / "ctc", tmp_path / "proc")
+    for argv in (["measure", "--model", str(ctc), "--stack", "llm"],
+                 ["glp", "--model", str(ctc), "--stack", "audio", "--num_layers", "6", "--num_clip_layers", "1"]):
+        result = run_comflp(*argv, "--data_dir" if argv[0] == "measure" else "--verify_data_dir", str(corpus),
+                            "--dump_dir" if argv[0] == "measure" else "--log_dir", str(tmp_path / "x"), "--quiet")
+        last = result.stderr.strip().splitlines()[-1]  # after transformers' weight-loading bar
+        assert result.returncode == 2 and result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+        assert "names a speech-LLM's stack" in last and last.endswith("has: encoder"), result.stderr
 
 
 @pytest.mark.parametrize("family,stack", [("qwen2_audio", "encoder"), ("qwen2_audio", "decoder"), ("glmasr", "encoder"),

@@ -26,7 +26,7 @@ from ..logs import setup_logging
 from ..model import load_model, num_layers
 from ..heads import check_prompt
 from .argtypes import open_unit_upper, seed
-from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_stack, add_threads, apply_threads, model_stack,
                       resolve_prompt, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
@@ -53,11 +53,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     p.add_argument("--use_pretrained", type=int, choices=[0, 1], default=1,
                    help="1: the model's trained weights; 0: a random initialisation of its config, a control (default: %(default)s)")
     p.add_argument("--num_layers", type=positive_int, default=None, help="expected number of layers; checked against the model")
-    p.add_argument("--stack", choices=["encoder", "decoder"], default="encoder",
-                   help="the layer stack to measure: an encoder-decoder model (Whisper) has two; the encoder's "
-                        "states are pooled over each utterance's real frames, the decoder's come under teacher "
-                        "forcing on the transcripts (which --data_dir must then have) and are pooled over their "
-                        "tokens; the matrix file name gets _decoder (default: %(default)s)")
+    add_stack(p, default="encoder",
+              help="the layer stack to measure: an encoder-decoder model (Whisper) has two; the encoder's "
+                   "states are pooled over each utterance's real frames, the decoder's come under teacher "
+                   "forcing on the transcripts (which --data_dir must then have) and are pooled over their "
+                   "tokens; the matrix file name gets _decoder (default: %(default)s)")
     p.add_argument("--pool_padding", action="store_true",
                    help="average padded frames into the pooled vectors as the paper did (default: padding ignored)")
     add_pad_audio(p)
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> Measured | None:
     loaded = load_model(args.model, device=device, allow_encoder_decoder=True, need_tokenizer=decoder)
     args.data_dir = corpus_split(args.data_dir, "train", loaded, resolve_prompt(args))
     utts = read_corpus_or_dataset(args, args.data_dir, require_text=decoder)
+    model_stack(args, loaded.model)  # the name given is one of the model's
     check_num_layers(args.num_layers, num_layers(loaded.model, args.stack), args.model)
     if not args.use_pretrained:  # the control: a random initialisation of the same config
         torch.manual_seed(settings.seed)

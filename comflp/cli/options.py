@@ -95,6 +95,34 @@ def add_prompt(p: argparse.ArgumentParser) -> None:
                         "default request where it has one, else \"Transcribe the audio.\")")
 
 
+class _StackAction(argparse.Action):
+    """``--stack``: ``args.stack`` is the stack meant (encoder or decoder), ``args.stack_name`` the name given
+    (a speech-LLM's ``audio``/``llm`` too), checked against the model by :func:`model_stack`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..model.families import resolve_stack
+
+        namespace.stack, namespace.stack_name = resolve_stack(values), values
+
+
+def add_stack(p: argparse.ArgumentParser, *, default: str | None, help: str) -> None:
+    """``--stack``: encoder or decoder; a speech-LLM's ``audio`` (its audio tower, the encoder stack) or ``llm``
+    (its LLM's decoder layers, the decoder stack) too."""
+    from ..model.families import STACK_ALIASES, STACKS
+
+    p.add_argument("--stack", choices=[*STACKS, *STACK_ALIASES], default=default, action=_StackAction,
+                   help=help + "; a speech-LLM's stacks are also called audio (its audio tower: the encoder) "
+                               "and llm (its LLM's layers: the decoder)")
+    p.set_defaults(stack_name=None)
+
+
+def model_stack(args: argparse.Namespace, model) -> str:
+    """The stack ``--stack`` means for ``model``: one line if the name is not one of its stacks'."""
+    from ..model.families import resolve_stack
+
+    return resolve_stack(args.stack_name or args.stack, model)
+
+
 def resolve_prompt(args: argparse.Namespace):
     """The :class:`comflp.prompt.Prompt` the flags name (checked against the model where it is used)."""
     from ..prompt import Prompt

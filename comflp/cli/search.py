@@ -14,7 +14,7 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
                          svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from .argtypes import confidence, open_unit_upper, seed
-from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_repair, add_threads, apply_threads,
+from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_repair, add_stack, add_threads, apply_threads, model_stack,
                       resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, fit_repair_from_flags, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
@@ -76,9 +76,9 @@ def search_parser(*, default_measure: str = PAPER_MEASURE,
     p.add_argument("--topk_num", type=positive_int, default=10,
                    help="candidates kept by exhaustive/exact/rand (default: %(default)s)")
     p.add_argument("--beam_size", type=positive_int, default=10, help="beam width (default: %(default)s)")
-    p.add_argument("--stack", choices=["encoder", "decoder"], default=None,
-                   help="the layer stack the strategies prune (encoder-decoder models); checked against the stack "
-                        "the matrix was measured on, and written to the strategy JSON (default: the matrix's)")
+    add_stack(p, default=None,
+              help="the layer stack the strategies prune (encoder-decoder models); checked against the stack "
+                   "the matrix was measured on, and written to the strategy JSON (default: the matrix's)")
     p.add_argument("--coarse_search_only", type=str2bool, default=False, help="skip the fine search (default: %(default)s)")
     p.add_argument("--verify_wer", type=str2bool, default=True, help="measure CER/WER of the candidates (default: %(default)s)")
     p.add_argument("--bs", type=positive_int, default=32, help="batch size in the DC/SVCCA dump name (default: %(default)s)")
@@ -173,6 +173,8 @@ def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
     apply_threads(args.threads)
     loaded = load_model(args.model, device=resolve_device(args.device), need_tokenizer=True, need_ctc_head=True,
                         allow_encoder_decoder=True)
+    if args.stack_name is not None:  # the name given must be one of the model's (a speech-LLM's llm, ...)
+        stack = model_stack(args, loaded.model)
     check_num_layers(args.num_layers, num_layers(loaded.model, stack), args.model)
     args.verify_data_dir = corpus_split(args.verify_data_dir, "dev", loaded, resolve_prompt(args))
     utts = verify_subset(read_corpus_or_dataset(args, args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
@@ -201,7 +203,7 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     check_matrix_model(matrix_meta, num_layers=L, model=None, where=str(matrix_path))  # the depth; the model below
     stack = matrix_meta.get("stack", "encoder")
     if args.stack is not None and args.stack != stack:
-        raise ComflpError(f"--stack {args.stack} but {matrix_path} was measured on the {stack} stack")
+        raise ComflpError(f"--stack {args.stack_name} but {matrix_path} was measured on the {stack} stack")
     log.info("Layer pruning %d of %d %s layers; %s search on %s", K, L, stack, mode, matrix_path)
     found_coarse = coarse(matrix, K, mode=mode, top_n=args.topk_num, beam_size=args.beam_size, seed=args.seed)
     result = found_coarse.result
@@ -271,8 +273,7 @@ def glp_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_layers", type=positive_int, default=12, help="layers of the model (default: %(default)s)")
     p.add_argument("--num_clip_layers", type=positive_int, default=6, help="K, layers to prune (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="strategy JSON (default: exp/search/clip{L}to{L-K}_glp.json)")
-    p.add_argument("--stack", choices=["encoder", "decoder"], default="encoder",
-                   help="the layer stack to prune (encoder-decoder models; default: %(default)s)")
+    add_stack(p, default="encoder", help="the layer stack to prune (encoder-decoder models; default: %(default)s)")
     add_verify_arguments(p)
     return p
 

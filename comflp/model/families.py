@@ -17,6 +17,8 @@ from torch import nn
 from ..errors import ComflpError
 
 STACKS = ("encoder", "decoder")
+# the names a speech-LLM's stacks go by besides encoder and decoder (``--stack audio``, ``--stack llm``)
+STACK_ALIASES = {"audio": "encoder", "llm": "decoder"}
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ class Family:
     its chat template.
     ``audio_frames``: where a speech-LLM's audio tower's real frames are, for measuring it
     (:class:`TowerFrames`; None: not known, its measuring refused).
+    ``stack_aliases``: the :data:`STACK_ALIASES` the family's stacks also answer to (a speech-LLM's ``audio``
+    and ``llm``).
     """
 
     encoder: Stack = field(default_factory=Stack)
@@ -203,6 +207,7 @@ class Family:
     export_format: str | None = None
     instruction: str = "Transcribe the audio."
     audio_frames: TowerFrames | None = None
+    stack_aliases: tuple[str, ...] = ()
 
     @property
     def stacks(self) -> dict[str, Stack]:
@@ -274,7 +279,7 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
                   feature_encoder=front_end, per_batch=(), front_end_exact=True, default_features=features,
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
                   input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings",
-                  audio_frames=audio_frames)
+                  audio_frames=audio_frames, stack_aliases=("audio", "llm"))
 
 
 # speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a
@@ -322,6 +327,21 @@ def stack_of(model, stack: str) -> Stack:
         raise ComflpError(f"{type(getattr(model, 'module', model)).__name__} has no {stack} layer stack (stacks: "
                           f"{', '.join(stacks)})")
     return stacks[stack]
+
+
+def resolve_stack(name: str, model=None) -> str:
+    """The stack (encoder or decoder) that ``--stack name`` means: a name of :data:`STACKS`, or an alias of
+    :data:`STACK_ALIASES`, which ``model`` (when given) must answer to; one line naming its stacks otherwise."""
+    stack = STACK_ALIASES.get(name, name)
+    if model is None:
+        return stack
+    family = family_of(model)
+    if name in STACK_ALIASES and name not in family.stack_aliases:
+        names = {s: [s, *[a for a in family.stack_aliases if STACK_ALIASES[a] == s]] for s in family.stacks}
+        raise ComflpError(f"--stack {name} names a speech-LLM's stack; {type(getattr(model, 'module', model)).__name__} "
+                          f"has: {', '.join('/'.join(n) for n in names.values())}")
+    stack_of(model, stack)  # one line when the model lacks it
+    return stack
 
 
 def stack_config(model, stack: str = "encoder"):
