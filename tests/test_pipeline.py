@@ -114,7 +114,7 @@ def test_speech_llm_demo_prunes_the_audio_tower_and_the_llm_and_heals(tmp_path: 
     which layers."""
     from transformers import AutoModelForMultimodalLM
 
-    from test_speechllm import qwen2_audio_dir
+    from tiny_speechllm import qwen2_audio_dir
 
     exp, table = _tiny_demo(qwen2_audio_dir(tmp_path), tmp_path, capsys)[1:3]
     for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",

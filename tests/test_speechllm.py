@@ -1,5 +1,6 @@
-"""Speech-LLMs (an audio tower, a projector and an LLM decoder): both stacks pruned, their index-bearing config
-fields rewritten, plain reload, cached generation equal to the source with those layers switched off."""
+"""Speech-LLMs through comflp's speech-LLM head: decoding by the chat prompt at any batch size, the fine search
+of either stack, measuring both stacks, GLP, healing (CE + distillation on the transcript), --instruction.
+(Their family-table entries, pruning and reload: test_families.py.)"""
 
 from __future__ import annotations
 
@@ -9,284 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForMultimodalLM, GenerationConfig
 
-from comflp.errors import ComflpError
-from comflp.model import family_of, num_layers, prune, stack_config, stack_layers
+from transformers import AutoModelForMultimodalLM
 
-# the tiny processor's tokenizer: Qwen's chat and audio tokens first, then a character vocabulary
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>", "<unk>"]
-CHARS = [*"你好世界我们是的人", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:,\n"]
-VOCAB = 96
-AUDIO_TOKEN = 4
-_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
-             num_key_value_heads=1, head_dim=16, max_position_embeddings=256, initializer_range=0.3,
-             pad_token_id=0, bos_token_id=1, eos_token_id=2)
-assert len(SPECIAL) + len(CHARS) <= VOCAB
-# a Whisper-style audio tower, tiny: 16 mel bins, a window of 96 frames (48 positions)
-_WHISPER_TOWER = dict(num_mel_bins=16, d_model=32, encoder_layers=4, encoder_attention_heads=2, encoder_ffn_dim=48,
-                      max_source_positions=48)
-_GRANITE_ENCODER = dict(input_dim=16, num_layers=4, hidden_dim=32, num_heads=2, dim_head=16, output_dim=8,
-                        context_size=10, max_pos_emb=20, dropout=0.0)
-_QFORMER = dict(model_type="blip_2_qformer", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=48, encoder_hidden_size=32)
+from comflp.model import prune
 
-
-def _config(family: str):
-    if family == "qwen2_audio":  # Qwen2's sliding-window layers: layer_types and max_window_layers follow the layers
-        return transformers.Qwen2AudioConfig(
-            audio_config=dict(model_type="qwen2_audio_encoder", **{**_WHISPER_TOWER, "max_source_positions": 50}),
-            text_config=dict(model_type="qwen2", **_TEXT, use_sliding_window=True, sliding_window=4,
-                             max_window_layers=2),
-            audio_token_index=AUDIO_TOKEN)
-    if family == "voxtral":  # the projector reads 4 frames at once: intermediate_size = 4 x hidden_size
-        return transformers.VoxtralConfig(
-            audio_config=dict(model_type="voxtral_encoder", num_mel_bins=16, hidden_size=32, num_hidden_layers=4,
-                              num_attention_heads=2, intermediate_size=128, max_source_positions=48, vocab_size=VOCAB),
-            text_config=dict(model_type="llama", **_TEXT), audio_token_id=AUDIO_TOKEN)
-    if family == "qwen3_asr":  # windows of 100 frames
-        return transformers.Qwen3ASRConfig(
-            audio_config=dict(model_type="qwen3_asr_encoder", num_mel_bins=16, d_model=32, encoder_layers=4,
-                              encoder_attention_heads=2, encoder_ffn_dim=48, output_dim=32, n_window=50,
-                              n_window_infer=800, downsample_hidden_size=8),
-            text_config=dict(model_type="qwen3", **_TEXT), audio_token_id=AUDIO_TOKEN)
-    if family == "glmasr":
-        return transformers.GlmAsrConfig(
-            audio_config=dict(model_type="glmasr_encoder", num_mel_bins=16, hidden_size=32, num_hidden_layers=4,
-                              num_attention_heads=2, intermediate_size=128, max_position_embeddings=100),
-            text_config=dict(model_type="llama", **_TEXT), audio_token_id=AUDIO_TOKEN)
-    if family == "granite_speech":
-        return transformers.GraniteSpeechConfig(
-            encoder_config=dict(model_type="granite_speech_encoder", **_GRANITE_ENCODER), projector_config=_QFORMER,
-            text_config=dict(model_type="granite", **_TEXT), audio_token_index=AUDIO_TOKEN, window_size=5,
-            downsample_rate=5)
-    if family == "granite_speech_plus":  # hidden states 0 and 2 concatenated beside the last
-        return transformers.GraniteSpeechPlusConfig(
-            encoder_config=dict(model_type="granite_speech_plus_encoder", **_GRANITE_ENCODER, cat_hidden_layers=[0, 2]),
-            projector_config={**_QFORMER, "encoder_hidden_size": 96},
-            text_config=dict(model_type="granite", **_TEXT), audio_token_index=AUDIO_TOKEN, window_size=5,
-            downsample_rate=5, has_lora_adapter=False)
-    raise KeyError(family)
-
-
-SPEECH_LLMS = ["qwen2_audio", "voxtral", "qwen3_asr", "glmasr", "granite_speech", "granite_speech_plus"]
-# the forward's name of the audio frames' mask, where the family takes one
-_FEATURE_MASK = {"qwen2_audio": "feature_attention_mask", "qwen3_asr": "input_features_mask",
-                 "glmasr": "input_features_mask"}
-
-
-def tiny_speech_llm(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForMultimodalLM.from_config(_config(family)).eval()
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return model
-
-
-def audio_prompt(model, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """(input_ids [1, N], the audio keyword arguments): a few text tokens around as many audio placeholders as
-    the model's audio tower and projector make of random features."""
-    family = model.config.model_type
-    g = torch.Generator().manual_seed(seed)
-    granite = family.startswith("granite")
-    frames = 100 if family in ("qwen3_asr", "qwen2_audio") else 96  # Qwen2-Audio: a 1-s window
-    features = torch.randn(1, 40, 16, generator=g) if granite else torch.randn(1, 16, frames, generator=g)
-    audio = {"input_features": features}
-    if family in _FEATURE_MASK:
-        audio[_FEATURE_MASK[family]] = torch.ones(1, frames, dtype=torch.long)
-    with torch.no_grad():
-        if family == "qwen2_audio":
-            count = int(model.model.audio_tower._get_feat_extract_output_lengths(torch.tensor([frames]))[1])
-        else:
-            count = model.model.get_audio_features(**audio).pooler_output.numel() // model.config.text_config.hidden_size
-    if granite:
-        audio["input_features_mask"] = torch.ones(1, count, dtype=torch.bool)
-    ids = torch.tensor([[5, 6, *[AUDIO_TOKEN] * count, 7, 8, 9]])
-    assert AUDIO_TOKEN not in (5, 6, 7, 8, 9)
-    return ids, audio
-
-
-def _run(model, ids: torch.Tensor, audio: dict):
-    """(logits of the prompt, greedy tokens with the cache, their scores)."""
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **audio).logits
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **audio, max_new_tokens=6,
-                             do_sample=False, num_beams=1, use_cache=True, output_scores=True,
-                             return_dict_in_generate=True)
-    return logits, out.sequences, torch.stack(out.scores)
-
-
-# Granite feeds its CTC output back after encoder layer depth // 2: without layer 1 of 4 it stays after source
-# layer 2 (now the first of 3, and 3 // 2 = 1)
-_ENCODER_SETS = {"granite_speech": [1], "granite_speech_plus": [1]}
-
-
-@pytest.mark.parametrize("family", SPEECH_LLMS)
-def test_pruned_equals_switched_off_with_cached_generation(family: str) -> None:
-    from test_whisper import _with_identity
-
-    model = tiny_speech_llm(family)
-    ids, audio = audio_prompt(model)
-    for encoder, decoder in ((_ENCODER_SETS.get(family, [2, 4]), []), ([], [1, 3]), (_ENCODER_SETS.get(family, [3]), [2])):
-        pruned = prune(model, encoder, decoder_pruned=decoder)
-        handles = _with_identity(model, encoder, decoder)
-        try:
-            ref_logits, ref_seq, ref_scores = _run(model, ids, audio)
-        finally:
-            for h in handles:
-                h.remove()
-        logits, seq, scores = _run(pruned, ids, audio)
-        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
-        assert torch.equal(seq, ref_seq)
-        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
-        assert (num_layers(pruned), num_layers(pruned, "decoder")) == (4 - len(encoder), 4 - len(decoder))
-        # the kept LLM layers carry their new cache index; the source keeps its own
-        assert [layer.self_attn.layer_idx for layer in stack_layers(pruned, "decoder")] == list(range(4 - len(decoder)))
-    assert [layer.self_attn.layer_idx for layer in stack_layers(model, "decoder")] == [0, 1, 2, 3]
-    # the source's config and modules are as they were
-    assert (num_layers(model), stack_config(model, "decoder").num_hidden_layers) == (4, 4)
-
-
-def _per_layer_lists(config: dict, depth: int, path: str = "") -> dict[str, int]:
-    """Every list in a config dict (sub-configs too) whose length is ``depth``: its dotted path -> length."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_per_layer_lists(value, depth, f"{path}{key}."))
-        elif isinstance(value, list) and len(value) == depth:
-            out[f"{path}{key}"] = len(value)
-    return out
-
-
-@pytest.mark.parametrize("family", SPEECH_LLMS)
-def test_every_per_layer_list_of_the_pruned_config_has_the_new_depth(family: str, tmp_path: Path) -> None:
-    """Any list in the source config with one entry per layer (of either stack) has one per kept layer after
-    pruning (an LLM's layer_types; checked over every sub-config, so a field the family table misses fails)."""
-    from comflp.cli import model as cli
-
-    model = tiny_speech_llm(family)
-    model.save_pretrained(tmp_path / "src")
-    source = json.loads((tmp_path / "src" / "config.json").read_text())
-    encoder, decoder = _ENCODER_SETS.get(family, [3]), [1, 3]
-    cli.prune_main(["--model", str(tmp_path / "src"), "--layers", ",".join(map(str, encoder)),
-                    "--decoder_layers", ",".join(map(str, decoder)), "--output", str(tmp_path / "p")])
-    pruned = json.loads((tmp_path / "p" / "config.json").read_text())
-    lists = _per_layer_lists(source, 4)
-    if family == "qwen2_audio":
-        assert "text_config.layer_types" in lists
-    for path in lists:
-        value = pruned
-        for key in path.split("."):
-            value = value[key]
-        assert len(value) == (4 - len(decoder) if path.startswith("text_config") else 4 - len(encoder)), path
-    reloaded, info = AutoModelForMultimodalLM.from_pretrained(tmp_path / "p", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    ids, audio = audio_prompt(model, seed=1)
-    expected = prune(model, encoder, decoder_pruned=decoder)
-    got, want = _run(reloaded.eval(), ids, audio), _run(expected, ids, audio)
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
-    assert torch.equal(got[1], want[1])
-
-
-def test_sliding_window_layers_keep_their_attention_type() -> None:
-    """Qwen2's first max_window_layers layers attend fully, the rest in a sliding window: the pruned config's
-    layer_types are the kept layers' own, and max_window_layers counts the kept full-attention layers."""
-    model = tiny_speech_llm("qwen2_audio")
-    text = stack_config(model, "decoder")
-    assert text.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
-    pruned = prune(model, [], decoder_pruned=[2, 3])
-    assert stack_config(pruned, "decoder").layer_types == ["full_attention", "sliding_attention"]
-    assert stack_config(pruned, "decoder").max_window_layers == 1
-    assert [layer.self_attn.layer_type for layer in stack_layers(pruned, "decoder")] == ["full_attention", "sliding_attention"]
-    assert text.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
-    assert text.max_window_layers == 2
-
-
-@pytest.mark.parametrize("family", ["granite_speech", "granite_speech_plus"])
-def test_granite_ctc_feedback_must_stay_after_the_same_kept_layer(family: str) -> None:
-    """Granite feeds its CTC output back after encoder layer depth // 2. Without layer 3 of 4 that point (after
-    source layer 2, kept layer 2) is no longer after the pruned 3-layer encoder's layer 3 // 2 = 1: refused in
-    one line, in memory (the fine search) and when pruning, and the source is left as it was."""
-    from comflp.model import skip_layers
-
-    model = tiny_speech_llm(family)
-    for attempt in (lambda: prune(model, [3]), lambda: skip_layers(model, [3]).__enter__()):
-        with pytest.raises(ComflpError, match=r"feeds its CTC output back after layer 2 of 4.*remove 1 layer\(s\) among 1\.\.2"):
-            attempt()
-    assert num_layers(model) == 4 and model.model.encoder.num_layers == 4
-    assert stack_config(model, "encoder").num_layers == 4
-    # without layers 1 and 4 it stays after source layer 2 (kept layer 1 of 2): allowed, and the module's own
-    # copy of the depth follows
-    pruned = prune(model, [1, 4])
-    assert pruned.model.encoder.num_layers == 2 and stack_config(pruned, "encoder").num_layers == 2
-
-
-def test_granite_plus_concatenated_states_follow_the_kept_layers() -> None:
-    model = tiny_speech_llm("granite_speech_plus")
-    pruned = prune(model, [1])  # states 0 and 2 of the source are states 0 and 1 of the pruned encoder
-    assert stack_config(pruned, "encoder").cat_hidden_layers == [0, 1]
-    assert stack_config(model, "encoder").cat_hidden_layers == [0, 2]
-    with pytest.raises(ComflpError, match=r"concatenates its hidden states \[0, 2\].*two of them become one"):
-        prune(model, [1, 2])  # state 2 would be the encoder's input, state 0
-
-
-def _chat_tokenizer(**named):
-    """A character tokenizer with Qwen's chat and audio tokens (<|AUDIO|> is AUDIO_TOKEN); ``named``: special
-    tokens the processor reads by attribute (Qwen3-ASR's ``audio_token``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                                     eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                                     extra_special_tokens=named)
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:6]})
-    assert tokenizer.convert_tokens_to_ids("<|AUDIO|>") == AUDIO_TOKEN
-    return tokenizer
-
-
-# a ChatML template rendering an audio item as its placeholder between Qwen's audio markers
-_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-           "{% else %}{% for c in m['content'] %}{% if c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
-           "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def speech_llm_processor(family: str = "qwen2_audio"):
-    """The family's processor, tiny: a Whisper window of 16 mel bins (1 s for Qwen2-Audio, 2 s for GLM-ASR,
-    whose projector merges 4 frames; Qwen3-ASR's own extractor, padding to its 100-frame chunks), the character
-    tokenizer; Qwen2-Audio's own chat template, a ChatML one for GLM-ASR and Qwen3-ASR (their checkpoints ship
-    theirs)."""
-    if family == "qwen3_asr":
-        tokenizer = _chat_tokenizer(audio_token="<|AUDIO|>", audio_bos_token="<|audio_bos|>",
-                                    audio_eos_token="<|audio_eos|>")
-        return transformers.Qwen3ASRProcessor(feature_extractor=transformers.Qwen3ASRFeatureExtractor(
-            feature_size=16), tokenizer=tokenizer, chat_template=_CHATML)
-    tokenizer = _chat_tokenizer()
-    if family == "glmasr":
-        return transformers.GlmAsrProcessor(feature_extractor=transformers.WhisperFeatureExtractor(
-            feature_size=16, chunk_length=2), tokenizer=tokenizer, chat_template=_CHATML, audio_token="<|AUDIO|>")
-    features = transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=1)
-    return transformers.Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer)
-
-
-def speech_llm_dir(tmp: Path, family: str = "qwen2_audio", seed: int = 3) -> Path:
-    """A tiny speech-LLM saved with its processor, generating until Qwen's end of turn."""
-    out = tmp / family
-    model = tiny_speech_llm(family, seed)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
-    model.save_pretrained(out)
-    speech_llm_processor(family).save_pretrained(out)
-    return out
-
-
-def qwen2_audio_dir(tmp: Path, seed: int = 3) -> Path:
-    return speech_llm_dir(tmp, "qwen2_audio", seed)
-
-
-WITH_PROCESSORS = ["qwen2_audio", "glmasr", "qwen3_asr"]
+from tiny_speechllm import (AUDIO_TOKEN, FEATURE_MASK, VOCAB, WITH_PROCESSORS, qwen2_audio_dir, speech_llm_dir,
+                            tiny_speech_llm)
 
 
 def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
@@ -472,7 +202,7 @@ def test_captured_tower_states_are_the_towers_own_at_its_real_frames(family: str
     utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=3))
     batch = collate(utts, loaded.feature_extractor)
     assert len({len(w) for w in batch.waves}) == 3
-    mask_key = _FEATURE_MASK[family]
+    mask_key = FEATURE_MASK[family]
     with torch.no_grad():
         with capture_layer_states(model, "encoder") as states:
             frames = forward_stack(model, batch, states, "encoder", tokenizer=processor)
@@ -495,22 +225,25 @@ def test_captured_tower_states_are_the_towers_own_at_its_real_frames(family: str
                 torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_measure_search_prune_test_a_speech_llm(tmp_path: Path) -> None:
-    """measure the LLM -> coarse and fine search by generated CER -> prune -> test: the CER the search measured."""
+@pytest.mark.parametrize("family,stack", [("qwen2_audio", "llm"), ("glmasr", "audio"), ("qwen3_asr", "llm")])
+def test_measure_search_prune_test_a_speech_llm(family: str, stack: str, tmp_path: Path) -> None:
+    """measure either stack -> coarse and fine search by generated CER -> prune -> test: the CER the search
+    measured."""
     from conftest import make_corpus
     from test_whisper import _measure
 
     from comflp.cli import model as cli, search as search_cli, testset as testset_cli
 
-    model, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6)
-    npz = _measure(model, corpus, tmp_path / "m.npz", stack="decoder")
+    model, corpus = speech_llm_dir(tmp_path, family), make_corpus(tmp_path / "corpus", n=6)
+    npz = _measure(model, corpus, tmp_path / "m.npz", stack=stack)
     strategy = tmp_path / "s.json"
     search_cli.search_main(["--model", str(model), "--measure_file", str(npz), "--num_layers", "4",
                             "--num_clip_layers", "2", "--select_measure", "cosine", "--search_mode", "exact",
                             "--topk_num", "3", "--verify_data_dir", str(corpus), "--test_num_batch", "2",
                             "--verify_batch_size", "3", "--log_dir", str(tmp_path), "--quiet", "--output", str(strategy)])
     written = json.loads(strategy.read_text())
-    assert written["stack"] == "decoder" and len(written["candidates"]) == 3
+    assert written.get("stack", "encoder") == {"audio": "encoder", "llm": "decoder"}[stack] \
+        and len(written["candidates"]) == 3
     cli.prune_main(["--model", str(model), "--strategy", str(strategy), "--output", str(tmp_path / "p")])
     report = testset_cli.main(["--model", str(tmp_path / "p"), "--data_dir", str(corpus), "--batch_size", "2",
                                "--output_dir", str(tmp_path / "test")])
@@ -589,13 +322,6 @@ def test_distillation_compares_the_positions_that_predict_the_labels(tmp_path: P
     for i, u in enumerate(utts):
         spelled = loaded.tokenizer.tokenizer(u.text, add_special_tokens=False).input_ids
         assert labels[i][labels[i] != -100].tolist() == spelled + [2]  # the generation config's end of turn
-
-
-def test_the_family_table_knows_each_class() -> None:
-    for family in SPEECH_LLMS:
-        model = tiny_speech_llm(family)
-        assert family_of(model).kind == "speechllm" and set(family_of(model).stacks) == {"encoder", "decoder"}
-        assert family_of(model).decoder.config == "text_config"
 
 
 @pytest.mark.parametrize("family", ["qwen2_audio", "granite_speech"])
