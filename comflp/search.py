@@ -22,6 +22,13 @@ Modes:
   ``sum of (block score - lam) >= 0``, and an N-best dynamic programme over
   (layer, pruned count) enumerates every set with that sum >= 0).
 - ``rand``: N distinct random sets (seeded), the paper's baseline.
+
+Every mode takes ``allowed``, a predicate on pruned sets, for a model that cannot express every set (Granite
+Speech's CTC feedback must stay after the same kept layer, :func:`comflp.model.layers.expressible`): only
+allowed sets are returned. ``exhaustive`` and ``rand`` draw among the allowed sets, ``exact`` widens its
+top-N until N allowed sets are found (the exact top N of the allowed sets), ``greedy``/``beam`` choose among
+allowed sets at their last step, and before it among the partial sets ``allowed.reachable(set, k)`` says can
+still grow into one, where the predicate has that method.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +45,13 @@ from .errors import ComflpError
 from .strategy import Candidate, check_prune_count, to_blocks
 
 SEARCH_MODES = ("exhaustive", "greedy", "beam", "exact", "rand", "linspace")
+Allowed = Callable[[Sequence[int]], bool]  # a predicate on 1-based pruned sets (see the module docstring)
+
+
+def _none_allowed(mode: str, k: int, num_layers: int) -> ComflpError:
+    return ComflpError(f"{mode} search found no set of {k} of {num_layers} layers this model can prune (its "
+                       f"family refuses the others)" + ("; --search_mode exact searches them all"
+                                                        if mode in ("greedy", "beam") else ""))
 MAX_EXHAUSTIVE = 5_000_000
 
 
@@ -107,8 +121,8 @@ class SearchResult:
     path: list[list[int]] | None = None
 
 
-def exhaustive(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
-    """All C(L, K) sets; top-N by the paper's ``np.argsort`` ranking."""
+def exhaustive(matrix: np.ndarray, k: int, top_n: int = 10, *, allowed: Allowed | None = None) -> SearchResult:
+    """All C(L, K) sets (the ``allowed`` ones); top-N by the paper's ``np.argsort`` ranking."""
     m = check_matrix(matrix)
     L = m.shape[0] - 1
     check_prune_count(L, k)
@@ -116,6 +130,11 @@ def exhaustive(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
     if total > MAX_EXHAUSTIVE:
         raise ComflpError(f"exhaustive search over C({L},{k}) = {total:,} sets is too large; use --search_mode exact")
     combos = np.array(list(itertools.combinations(range(1, L + 1), k)), dtype=np.int64)
+    if allowed is not None:
+        combos = combos[np.array([allowed(c) for c in combos.tolist()], dtype=bool)]
+        if not len(combos):
+            raise _none_allowed("exhaustive", k, L)
+        total = len(combos)
     masks = np.zeros((total, L), dtype=bool)
     masks[np.repeat(np.arange(total), k), combos.ravel() - 1] = True
     scores = score_masks(m, masks)
@@ -123,13 +142,15 @@ def exhaustive(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
     return SearchResult([Candidate(combos[i].tolist(), float(scores[i])) for i in top], "exhaustive")
 
 
-def beam(matrix: np.ndarray, k: int, beam_size: int = 10) -> SearchResult:
+def beam(matrix: np.ndarray, k: int, beam_size: int = 10, *, allowed: Allowed | None = None) -> SearchResult:
     """The paper's beam search (greedy is ``beam_size=1``); returns the final beams, best first.
 
     Each step extends every beam (in beam order) by every remaining layer (in
     ascending order), drops sets already produced earlier in that step, and
     keeps ``np.argsort(scores)[-beam_size:][::-1]``. New sets are scored
     incrementally from their parent's blocks, in the same left-to-right order.
+    The last step keeps only ``allowed`` sets, the steps before it the partial sets that can still grow into
+    one (``allowed.reachable``, where the predicate has it).
     """
     m = check_matrix(matrix)
     L = m.shape[0] - 1
@@ -142,11 +163,18 @@ def beam(matrix: np.ndarray, k: int, beam_size: int = 10) -> SearchResult:
     hashes = [np.int64(0)]
     path: list[list[int]] = []
     top_scores = np.zeros(1)
-    for _ in range(k):
+    for step in range(k):
         parent, layer, scores = _extend_scores(m, beams)
         hs = np.array(hashes, dtype=np.int64)[parent] ^ zobrist[layer]
         _, first = np.unique(hs, return_index=True)
         keep = np.sort(first)  # first occurrence of each set, in generation order
+        if allowed is not None:
+            check = allowed if step == k - 1 else getattr(allowed, "reachable", None)
+            if check is not None:
+                grown = ([*np.flatnonzero(beams[parent[i]]).tolist(), int(layer[i])] for i in keep)
+                keep = keep[[bool(check(sorted(g)) if step == k - 1 else check(g, k)) for g in grown]]
+            if not len(keep):
+                raise _none_allowed("greedy" if beam_size == 1 else "beam", k, L)
         parent, layer, scores, hs = parent[keep], layer[keep], scores[keep], hs[keep]
         top = np.argsort(scores)[-beam_size:][::-1]
         new_beams = []
@@ -160,9 +188,9 @@ def beam(matrix: np.ndarray, k: int, beam_size: int = 10) -> SearchResult:
     return SearchResult(cands, "greedy" if beam_size == 1 else "beam", path)
 
 
-def greedy(matrix: np.ndarray, k: int) -> SearchResult:
+def greedy(matrix: np.ndarray, k: int, *, allowed: Allowed | None = None) -> SearchResult:
     """The paper's greedy search: one layer at a time, the best-scoring addition each time."""
-    return beam(matrix, k, beam_size=1)
+    return beam(matrix, k, beam_size=1, allowed=allowed)
 
 
 def _extend_scores(m: np.ndarray, beams: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,12 +230,13 @@ def _extend_scores(m: np.ndarray, beams: list[np.ndarray]) -> tuple[np.ndarray, 
     return np.concatenate(parents), np.concatenate(layers), np.concatenate(scores)
 
 
-def random_search(matrix: np.ndarray, k: int, top_n: int = 10, *, seed: int = 42) -> SearchResult:
+def random_search(matrix: np.ndarray, k: int, top_n: int = 10, *, seed: int = 42,
+                  allowed: Allowed | None = None) -> SearchResult:
     """N distinct random sets (the paper's 'rand' baseline), scored and listed in draw order.
 
     For C(L, K) up to the exhaustive limit this is the paper's draw
     (``np.random.seed(seed); np.random.choice(C(L,K), N, replace=False)`` over
-    combinations in order); above it, sets are drawn directly.
+    combinations in order, the ``allowed`` ones); above it, sets are drawn directly (allowed ones kept).
     """
     m = check_matrix(matrix)
     L = m.shape[0] - 1
@@ -217,20 +246,30 @@ def random_search(matrix: np.ndarray, k: int, top_n: int = 10, *, seed: int = 42
     rs = np.random.RandomState(seed)
     if total <= MAX_EXHAUSTIVE:
         combos = list(itertools.combinations(range(1, L + 1), k))
-        sets = [list(combos[i]) for i in rs.choice(np.arange(total), top_n, replace=False)]
+        if allowed is not None:
+            combos = [c for c in combos if allowed(c)]
+            if not combos:
+                raise _none_allowed("rand", k, L)
+        top_n = min(top_n, len(combos))
+        sets = [list(combos[i]) for i in rs.choice(np.arange(len(combos)), top_n, replace=False)]
     else:
         seen: set[tuple[int, ...]] = set()
         sets = []
+        draws = 0
         while len(sets) < top_n:
+            draws += 1
+            if draws > 1000 * top_n:  # the allowed sets are too rare to draw
+                raise _none_allowed("rand", k, L)
             s = tuple(sorted((rs.choice(L, k, replace=False) + 1).tolist()))
             if s not in seen:
                 seen.add(s)
-                sets.append(list(s))
+                if allowed is None or allowed(s):
+                    sets.append(list(s))
     scores = score_masks(m, _to_mask(sets, L))
     return SearchResult([Candidate(s, float(v)) for s, v in zip(sets, scores)], "rand")
 
 
-def linspace(matrix: np.ndarray, k: int) -> SearchResult:
+def linspace(matrix: np.ndarray, k: int, *, allowed: Allowed | None = None) -> SearchResult:
     """distil-whisper's baseline: keep L-K evenly spaced layers, the first and the last always.
 
     Kept (0-based) = ``np.linspace(0, L - 1, L - K, dtype=int)``, as distil-whisper picks its student's
@@ -244,6 +283,9 @@ def linspace(matrix: np.ndarray, k: int) -> SearchResult:
     check_prune_count(L, k)
     kept = set(np.linspace(0, L - 1, L - k, dtype=int).tolist())
     pruned = [i + 1 for i in range(L) if i not in kept]  # the spacing is >= 1, so the kept layers are distinct
+    if allowed is not None and not allowed(pruned):
+        raise ComflpError(f"linspace's set {pruned} of {L} layers cannot be pruned from this model (its family "
+                          "refuses it): choose another --search_mode")
     return SearchResult([Candidate(pruned, float(score_masks(m, _to_mask([pruned], L))[0]))], "linspace")
 
 
@@ -315,8 +357,9 @@ def _nbest_dp(m: np.ndarray, k: int, lam: float, width: int) -> list[tuple[float
     return out
 
 
-def exact(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
-    """The exact top-N sets by score (ties by ascending layer list), without enumerating C(L, K).
+def exact(matrix: np.ndarray, k: int, top_n: int = 10, *, allowed: Allowed | None = None) -> SearchResult:
+    """The exact top-N sets by score (ties by ascending layer list), without enumerating C(L, K); of the
+    ``allowed`` sets: the top N' for N' = N, 4N, 16N, ... until N of them are allowed (or all sets are seen).
 
     Parametric search on the mean: with lam <= the N-th best score, every set
     scoring >= lam has ``sum(block - lam) >= 0``; when the N-best DP list at
@@ -326,6 +369,16 @@ def exact(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
     m = check_matrix(matrix)
     L = m.shape[0] - 1
     check_prune_count(L, k)
+    if allowed is not None:
+        wanted, width = top_n, top_n
+        while True:
+            found = [c for c in exact(m, k, width).candidates if allowed(c.pruned)]
+            if len(found) >= wanted or width >= math.comb(L, k):
+                break
+            width *= 4
+        if not found:
+            raise _none_allowed("exact", k, L)
+        return SearchResult(found[:wanted], "exact")
     top_n = min(top_n, math.comb(L, k))
     seen: dict[tuple[int, ...], float] = {}
 
@@ -354,20 +407,21 @@ def exact(matrix: np.ndarray, k: int, top_n: int = 10) -> SearchResult:
     return SearchResult([Candidate(list(s), v) for s, v in best], "exact")
 
 
-def search(matrix: np.ndarray, k: int, mode: str, *, top_n: int = 10, beam_size: int = 10, seed: int = 42) -> SearchResult:
-    """Dispatch to one search mode."""
+def search(matrix: np.ndarray, k: int, mode: str, *, top_n: int = 10, beam_size: int = 10, seed: int = 42,
+           allowed: Allowed | None = None) -> SearchResult:
+    """Dispatch to one search mode (``allowed``: the sets the model can prune, see the module docstring)."""
     if mode == "exhaustive":
-        return exhaustive(matrix, k, top_n)
+        return exhaustive(matrix, k, top_n, allowed=allowed)
     if mode == "greedy":
-        return greedy(matrix, k)
+        return greedy(matrix, k, allowed=allowed)
     if mode == "beam":
-        return beam(matrix, k, beam_size)
+        return beam(matrix, k, beam_size, allowed=allowed)
     if mode == "exact":
-        return exact(matrix, k, top_n)
+        return exact(matrix, k, top_n, allowed=allowed)
     if mode == "rand":
-        return random_search(matrix, k, top_n, seed=seed)
+        return random_search(matrix, k, top_n, seed=seed, allowed=allowed)
     if mode == "linspace":
-        return linspace(matrix, k)
+        return linspace(matrix, k, allowed=allowed)
     raise ComflpError(f"unknown search mode {mode!r}; one of {', '.join(SEARCH_MODES)}")
 
 
@@ -390,10 +444,10 @@ class Coarse:
 
 
 def coarse(matrix: np.ndarray, k: int, *, mode: str = "exact", top_n: int = 10, beam_size: int = 10,
-           seed: int = 42) -> Coarse:
+           seed: int = 42, allowed: Allowed | None = None) -> Coarse:
     """The coarse search stage: score pruning strategies of ``k`` layers on ``matrix`` [L+1, L+1] alone
     (:func:`search`), timed. Here rather than in :mod:`comflp.stages` (which re-exports it) so that a
     coarse-only search does not import transformers."""
     start = time.perf_counter()
-    result = search(matrix, k, mode, top_n=top_n, beam_size=beam_size, seed=seed)
+    result = search(matrix, k, mode, top_n=top_n, beam_size=beam_size, seed=seed, allowed=allowed)
     return Coarse(result, time.perf_counter() - start)

@@ -192,7 +192,9 @@ def comflp_search(loaded: LoadedModel, measure_utts: Sequence[Utterance], engine
     name = measure_name or settings.measures[0]
     if name not in measured.matrices:
         raise ComflpError(f"{name} was not measured (measured: {', '.join(measured.matrices)})")
-    found = coarse(measured.matrices[name], k, top_n=top_n)
+    from .model.layers import expressible
+
+    found = coarse(measured.matrices[name], k, top_n=top_n, allowed=expressible(loaded.model, engine.stack))
     return SearchRun(measured, found, fine(engine, found.candidates, racing=racing, seed=seed))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,96 @@ def test_errors() -> None:
     bad[1, 2] = np.nan
     with pytest.raises(ComflpError, match="NaN"):
         check_matrix(bad)
+
+
+class _GraniteRule:
+    """Granite Speech's rule written out: its CTC output is fed back after layer L // 2, which must stay after
+    kept layer (L - k) // 2, so exactly L // 2 - (L - k) // 2 of the pruned layers lie in 1..L // 2."""
+
+    def __init__(self, L: int, k: int):
+        self.half, self.below, self.k = L // 2, L // 2 - (L - k) // 2, k
+
+    def __call__(self, pruned) -> bool:
+        return sum(1 for p in pruned if p <= self.half) == self.below
+
+    def reachable(self, pruned, k: int) -> bool:
+        under = sum(1 for p in pruned if p <= self.half)
+        return under <= self.below and len(pruned) - under <= self.k - self.below
+
+
+def _granite_rule(L: int, k: int) -> _GraniteRule:
+    return _GraniteRule(L, k)
+
+
+@pytest.mark.parametrize("L,k,seed", [(8, 3, 1), (12, 6, 3), (16, 8, 6), (11, 4, 9)])
+def test_every_mode_returns_only_allowed_sets_and_exact_the_best_of_them(L: int, k: int, seed: int) -> None:
+    """A model that cannot prune every set (Granite): exact and exhaustive give the top-N of the allowed sets
+    (brute force over them), rand draws only allowed ones, greedy and beam end on allowed ones."""
+    m, allowed = _sym(L, seed), _granite_rule(L, k)
+    ranked = sorted(((c, s) for c, s in brute_scores(m, k) if allowed(c)), key=lambda cs: (-cs[1], cs[0]))[:10]
+    assert 10 <= len([c for c, _ in brute_scores(m, k) if allowed(c)]) < math.comb(L, k)
+    got = exact(m, k, 10, allowed=allowed).candidates
+    assert [tuple(c.pruned) for c in got] == [c for c, _ in ranked]
+    assert [c.score for c in got] == pytest.approx([s for _, s in ranked], abs=1e-12)
+    assert {tuple(c.pruned) for c in exhaustive(m, k, 10, allowed=allowed).candidates} == {c for c, _ in ranked}
+    for result in (random_search(m, k, 10, allowed=allowed), greedy(m, k, allowed=allowed),
+                   beam(m, k, 5, allowed=allowed)):
+        assert result.candidates and all(allowed(c.pruned) for c in result.candidates)
+        assert all(c.score == pytest.approx(score(m, c.pruned), abs=1e-12) for c in result.candidates)
+    # a plain predicate (no reachable): greedy may end where no allowed set is one layer away
+    plain = lambda pruned: allowed(pruned)  # noqa: E731
+    assert all(plain(c.pruned) for c in beam(m, k, 10, allowed=plain).candidates)
+    # with nothing refused, every mode is the paper's, unchanged
+    assert exact(m, k, 10, allowed=lambda s: True).candidates == exact(m, k, 10).candidates
+
+
+def test_granite_speech_search_offers_only_sets_it_can_prune(tmp_path: Path) -> None:
+    """The model's refusals, read from its config alone, keep the coarse search to sets `comflp prune` takes:
+    each of the top candidates prunes, and the best unrestricted set (refused by prune) is not among them."""
+    from comflp.cli.search import _expressible
+    from comflp.model import prune
+
+    from tiny_speechllm import tiny_speech_llm
+
+    model = tiny_speech_llm("granite_speech")
+    model.save_pretrained(tmp_path / "granite")
+    allowed = _expressible(tmp_path / "granite", "encoder")
+    assert _expressible(tmp_path / "granite", "decoder") is None  # its LLM's layers: any set
+    m = np.eye(5)
+    m[2, 4] = m[4, 2] = 0.9  # pruning layers 3 and 4 scores best; it moves the feedback point
+    best = exact(m, 2, 1).candidates[0].pruned
+    assert best == [3, 4]
+    with pytest.raises(ComflpError, match="feeds its CTC output back"):
+        prune(model, best)
+    found = exact(m, 2, 4, allowed=allowed).candidates
+    assert len(found) == 4 and best not in [c.pruned for c in found]
+    for c in found:
+        assert allowed(c.pruned) and prune(model, c.pruned) is not None
+    # the model's own rule agrees with the rule written out, set by set, partial sets too
+    rule = _granite_rule(4, 2)
+    assert all(allowed(s) == rule(s) for s in itertools.combinations(range(1, 5), 2))
+    assert all(allowed.reachable(s, 2) == rule.reachable(s, 2) for s in itertools.combinations(range(1, 5), 1))
+    assert greedy(m, 2, allowed=allowed).candidates[0].pruned in [c.pruned for c in found]
+
+
+@pytest.mark.parametrize("family", ["granite_speech", "granite_speech_plus"])
+def test_allowed_is_what_prune_accepts_and_reachable_never_rules_out_an_allowed_set(family: str) -> None:
+    """Every set of the tiny Granite encoder: allowed exactly when pruning it succeeds; every part of an allowed
+    set is reachable (so greedy and beam never drop a partial set that could have become one)."""
+    from comflp.model import prune
+    from comflp.model.layers import expressible
+
+    from tiny_speechllm import tiny_speech_llm
+
+    model = tiny_speech_llm(family)
+    allowed = expressible(model, "encoder")
+    for k in (1, 2, 3):
+        for s in itertools.combinations(range(1, 5), k):
+            try:
+                prune(model, list(s))
+                pruned = True
+            except ComflpError:
+                pruned = False
+            assert allowed(s) == pruned, (k, s)
+            if pruned:
+                assert all(allowed.reachable(part, k) for j in range(k) for part in itertools.combinations(s, j))

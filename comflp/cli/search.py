@@ -183,6 +183,33 @@ def _fine_search(args: argparse.Namespace, stack: str = "encoder"):
                       prompt=resolve_prompt(args))
 
 
+def _expressible(model_dir, stack: str):
+    """The layer sets ``model_dir``'s model can prune from ``stack``, as a predicate (a Granite Speech model
+    refuses some, :func:`comflp.model.layers.expressible`), read from its config alone; None when it refuses none
+    or has no config here (a coarse-only search from a matrix). transformers is imported only for a family that
+    refuses sets."""
+    import json
+
+    from ..model.families import FAMILIES
+
+    config_file = Path(model_dir) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a model directory here: the fine search, if any, names the problem
+    family = FAMILIES.get(model_type)
+    stacks = family.stacks if family is not None else {}
+    if stack not in stacks or not stacks[stack].refuses_sets:
+        return None
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from ..model.layers import expressible
+
+    return expressible(SimpleNamespace(config=AutoConfig.from_pretrained(model_dir)), stack)
+
+
 @exit_on_error
 def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None) -> StrategyFile:
     args = (parser or search_parser()).parse_args(argv)
@@ -205,7 +232,8 @@ def search_main(argv: list[str] | None = None, *, parser: argparse.ArgumentParse
     if args.stack is not None and args.stack != stack:
         raise ComflpError(f"--stack {args.stack_name} but {matrix_path} was measured on the {stack} stack")
     log.info("Layer pruning %d of %d %s layers; %s search on %s", K, L, stack, mode, matrix_path)
-    found_coarse = coarse(matrix, K, mode=mode, top_n=args.topk_num, beam_size=args.beam_size, seed=args.seed)
+    found_coarse = coarse(matrix, K, mode=mode, top_n=args.topk_num, beam_size=args.beam_size, seed=args.seed,
+                          allowed=_expressible(args.model, stack))
     result = found_coarse.result
     if result.path:
         for i, step in enumerate(result.path, 1):

@@ -300,6 +300,7 @@ def _engine(run: Run, stack: str):
 def _search(run: Run) -> None:
     from ..artifacts import check_matrix_model
     from ..model import fingerprint
+    from ..model.layers import expressible
     from ..search import check_matrix
     from ..stages import coarse, fine
     from ..strategy import StrategyFile
@@ -313,7 +314,7 @@ def _search(run: Run) -> None:
         matrix = check_matrix(raw, depth, name=str(path))
         engine = _engine(run, stack)
         for method, mode in (("comflp", "exact"), ("linspace", "linspace")):
-            found = coarse(matrix, run.k, mode=mode, top_n=TOP_N)
+            found = coarse(matrix, run.k, mode=mode, top_n=TOP_N, allowed=expressible(run.loaded.model, stack))
             checked = fine(engine, found.candidates, racing=method == "comflp", seed=SEARCH_SEED)
             meta_out = {**found.meta(measure="dc" if method == "comflp" else "linspace", matrix=str(path), k=run.k),
                         **checked.meta(data=str(run.split("dev")), model=str(run.args.model))}

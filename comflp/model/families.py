@@ -57,6 +57,11 @@ class Stack:
     depth_copies: tuple[tuple[str, str], ...] = ()
     half_feedback: bool = False
 
+    @property
+    def refuses_sets(self) -> bool:
+        """Some layer sets cannot be pruned from the stack (``half_feedback``, ``state_indices``)."""
+        return bool(self.half_feedback or self.state_indices)
+
 
 @dataclass(frozen=True)
 class Pooling:

@@ -147,6 +147,49 @@ def index_fields(model, stack: str, kept: Sequence[int]) -> dict:
     return out
 
 
+class Expressible:
+    """The sets of 1-based layers of one stack the pruned model can express (those :func:`index_fields` does
+    not refuse), as a predicate; ``reachable`` tells a search building a set layer by layer whether a partial
+    set can still grow into one."""
+
+    def __init__(self, model, stack: str):
+        self.model, self.stack = model, stack
+        self.fields = stack_of(model, stack)
+        self.config = stack_config(model, stack)
+        self.depth = int(getattr(self.config, self.fields.depth_field))
+
+    def __call__(self, pruned: Sequence[int]) -> bool:
+        gone = set(pruned)
+        try:
+            index_fields(self.model, self.stack, [i for i in range(self.depth) if i + 1 not in gone])
+        except ComflpError:
+            return False
+        return True
+
+    def reachable(self, pruned: Sequence[int], k: int) -> bool:
+        """Whether some set of ``k`` layers holding ``pruned`` may be expressible (a necessary condition):
+        Granite's feedback point needs exactly depth // 2 - (depth - k) // 2 pruned layers at or below it,
+        and concatenated states i < j need a kept layer among i + 1..j, which adding layers cannot give back."""
+        gone = set(pruned)
+        if self.fields.half_feedback:
+            half = self.depth // 2
+            below = half - (self.depth - k) // 2
+            under = sum(1 for p in gone if p <= half)
+            if under > below or len(gone) - under > k - below:
+                return False
+        for key in self.fields.state_indices:
+            indices = sorted(int(i) for i in (getattr(self.config, key, None) or []))
+            if any(all(layer in gone for layer in range(i + 1, j + 1)) for i, j in zip(indices, indices[1:])):
+                return False
+        return True
+
+
+def expressible(model, stack: str = "encoder") -> Expressible | None:
+    """:class:`Expressible` of ``stack``, or None where the family table refuses no set. ``model`` may be
+    anything with the model's ``config``, so a coarse search can ask before loading weights."""
+    return Expressible(model, stack) if stack_of(model, stack).refuses_sets else None
+
+
 def _one_based_removed(kept: Sequence[int], depth: int) -> str:
     return ",".join(str(i + 1) for i in range(depth) if i not in set(kept))
 
