@@ -315,18 +315,50 @@ def instruction(model, processor, prompt: Prompt | None = None) -> str:
     return given or getattr(processor, "default_transcription_prompt", None) or family_of(model).instruction
 
 
+def _chat_template_error(err: Exception) -> ComflpError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ComflpError(f"the processor's chat template cannot render an audio turn ({type(err).__name__}: {first})")
+
+
+def _user_turn(model, processor, prompt: Prompt | None, audio: dict) -> list[dict]:
+    """One user turn: the audio (``audio``: the chat template's audio item), then the transcription request."""
+    return [{"role": "user", "content": [{"type": "audio", **audio},
+                                         {"type": "text", "text": instruction(model, processor, prompt)}]}]
+
+
 def chat_prompt(model, processor, prompt: Prompt | None = None) -> str:
     """The text of a speech-LLM's prompt: its chat template rendering one user turn (the audio, then the
     transcription request, :func:`instruction`) and opening the assistant's turn."""
-    conversation = [{"role": "user", "content": [{"type": "audio"},
-                                                 {"type": "text", "text": instruction(model, processor, prompt)}]}]
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
     try:
-        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(_user_turn(model, processor, prompt, {}), add_generation_prompt=True,
+                                             tokenize=False)
     except (ValueError, TypeError, KeyError, TemplateError) as err:
-        raise ComflpError(f"the processor's chat template cannot render an audio turn "
-                          f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+        raise _chat_template_error(err) from None
+
+
+def chat_row(model, processor, wave, prompt: Prompt | None = None) -> dict[str, torch.Tensor]:
+    """One utterance's prompt inputs [1, ...] from a processor that takes the audio inside the chat turn
+    (``Family.audio_in_chat``, Voxtral's): the waveform handed over as a 16-bit WAV file (base64), as its
+    tokenizer reads audio, at the feature extractor's rate."""
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    rate = int(processor.feature_extractor.sampling_rate)
+    encoded = io.BytesIO()
+    # float WAV: the samples as they are (16-bit PCM would round them); mistral_common decodes it with soundfile
+    sf.write(encoded, np.asarray(wave, dtype=np.float32), rate, format="WAV", subtype="FLOAT")
+    turn = _user_turn(model, processor, prompt, {"base64": base64.b64encode(encoded.getvalue()).decode("ascii")})
+    try:
+        row = processor.apply_chat_template(turn, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                            processor_kwargs=family_of(model).audio_in_chat(model))
+    except (ValueError, TypeError, KeyError) as err:
+        raise _chat_template_error(err) from None
+    return {key: torch.as_tensor(value) for key, value in row.items()}
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -349,9 +381,12 @@ def _speech_llm_rows(model, processor, batch: AudioBatch, tails: Sequence[Sequen
     ``prompt_lengths`` [B]: each row's prompt tokens."""
     if batch.waves is None:
         raise ComflpError("a speech-LLM's inputs are built from the waveforms, and this batch holds none")
-    text = chat_prompt(model, processor, prompt)
-    rate = int(processor.feature_extractor.sampling_rate)
-    rows = [processor(text=text, audio=[wave], sampling_rate=rate, return_tensors="pt") for wave in batch.waves]
+    if family_of(model).audio_in_chat is not None:
+        rows = [chat_row(model, processor, wave, prompt) for wave in batch.waves]
+    else:
+        text = chat_prompt(model, processor, prompt)
+        rate = int(processor.feature_extractor.sampling_rate)
+        rows = [processor(text=text, audio=[wave], sampling_rate=rate, return_tensors="pt") for wave in batch.waves]
     tokens = [r["input_ids"][0].tolist() + list(tails[i] if tails else []) for i, r in enumerate(rows)]
     pad = processor.tokenizer.pad_token_id
     pad = pad if pad is not None else processor.tokenizer.eos_token_id

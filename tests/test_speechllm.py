@@ -19,16 +19,28 @@ from tiny_speechllm import (AUDIO_TOKEN, FEATURE_MASK, VOCAB, WITH_PROCESSORS, q
                             tiny_speech_llm)
 
 
+def alone_inputs(model, processor, path: Path, request: str = "Transcribe the audio.") -> dict:
+    """Plain transformers' inputs for one audio file: the processor's chat prompt around its audio (Voxtral's
+    processor reads the file itself, inside the chat turn, in windows of its tower's size)."""
+    from comflp.data import load_audio
+
+    if model.config.model_type == "voxtral":
+        frames = 2 * model.config.audio_config.max_source_positions
+        turn = [{"role": "user", "content": [{"type": "audio", "path": str(path)}, {"type": "text", "text": request}]}]
+        return processor.apply_chat_template(turn, tokenize=True, return_dict=True, processor_kwargs={
+            "audio_kwargs": {"max_source_positions": frames, "pad_to_multiple_of": frames * 160}})
+    turn = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": request}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    return processor(text=text, audio=[load_audio(path, 16000)], sampling_rate=16000, return_tensors="pt")
+
+
 def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
     """Independent reference: plain transformers, one utterance at a time (the processor's prompt around its
     audio, greedy generation, the new tokens decoded)."""
-    from comflp.data import load_audio
-    from comflp.heads import chat_prompt
-
-    text = chat_prompt(model, processor)
+    request = getattr(processor, "default_transcription_prompt", None) or "Transcribe the audio."
     out = []
     for u in utts:
-        inputs = processor(text=text, audio=[load_audio(u.path, 16000)], sampling_rate=16000, return_tensors="pt")
+        inputs = alone_inputs(model, processor, u.path, request)
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         answer = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
         out.append(" ".join(answer.split()))  # one line per transcript, as comflp writes them
@@ -134,6 +146,7 @@ def test_stack_names_audio_and_llm_mean_a_speech_llms_tower_and_llm(tmp_path: Pa
 
 
 @pytest.mark.parametrize("family,stack", [("qwen2_audio", "encoder"), ("qwen2_audio", "decoder"), ("glmasr", "encoder"),
+                                          ("voxtral", "decoder"),
                                           ("qwen3_asr", "encoder"), ("qwen3_asr", "decoder")])
 def test_measure_each_stack_at_any_batch_size(family: str, stack: str, tmp_path: Path) -> None:
     """The LLM measured under teacher forcing inside the chat prompt, the audio tower at its real frames: the
@@ -250,21 +263,15 @@ def test_measure_search_prune_test_a_speech_llm(family: str, stack: str, tmp_pat
     assert report["error_rate"] == pytest.approx(written["candidates"][0]["cer"], abs=1e-12)
 
 
-def test_an_unmeasurable_tower_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
-    """A family whose audio frames the table does not count cannot have its tower measured (its LLM can): one
-    line, nothing written."""
-    import dataclasses
-
+def test_an_unmeasurable_tower_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A family whose audio frames the table does not count (Voxtral's windows hold no frame mask) cannot have
+    its tower measured (its LLM can): one line, nothing written."""
     from conftest import make_corpus, run_comflp
 
-    from comflp.model import families
-
-    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=3)
-    monkeypatch.setitem(families.FAMILIES, "qwen2_audio",
-                        dataclasses.replace(families.FAMILIES["qwen2_audio"], audio_frames=None))
+    model_dir, corpus = speech_llm_dir(tmp_path, "voxtral"), make_corpus(tmp_path / "corpus", n=3)
     result = run_comflp("measure", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "1",
                         "--iter_num", "3", "--measures", "cosine", "--no_plot", "--output", str(tmp_path / "x.npz"))
-    assert result.returncode == 2 and "measuring the audio tower of a qwen2_audio model is not offered" in result.stderr
+    assert result.returncode == 2 and "measuring the audio tower of a voxtral model is not offered" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.npz").exists()
 
 
@@ -416,3 +423,23 @@ def test_a_speech_llm_without_its_processor_or_with_a_broken_template_is_named_i
                             "--output_dir", str(tmp_path / "t"))
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "t" / "test_asr.json").exists()  # no report (the template fails at decoding)
+
+
+def test_a_processor_needing_a_missing_library_is_named_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """Voxtral's tokenizer needs mistral_common: without it, decoding ends in one line naming the library and
+    the extra that installs it, not an ImportError traceback."""
+    import transformers
+    from conftest import make_corpus, run_comflp
+
+    model_dir, corpus = speech_llm_dir(tmp_path, "voxtral"), make_corpus(tmp_path / "corpus", n=2)
+
+    def missing(*args, **kwargs):
+        raise ImportError("MistralCommonBackend requires the mistral-common library but it was not found in your "
+                          "environment.\nYou can install it with pip.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing)
+    result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(corpus), "--output_dir", str(tmp_path / "t"))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("error:") == 1
+    assert "requires the mistral-common library" in last and "comflp[voxtral]" in last, result.stderr
+    assert not (tmp_path / "t").exists()

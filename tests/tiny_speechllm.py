@@ -39,6 +39,13 @@ def speech_llm_config(family: str):
             audio_config=dict(model_type="voxtral_encoder", num_mel_bins=16, hidden_size=32, num_hidden_layers=4,
                               num_attention_heads=2, intermediate_size=128, max_source_positions=48, vocab_size=VOCAB),
             text_config=dict(model_type="llama", **_TEXT), audio_token_id=AUDIO_TOKEN)
+    if family == "voxtral-tekken":  # with its processor: a byte-level tekken vocabulary, windows of 2 s
+        return transformers.VoxtralConfig(
+            audio_config=dict(model_type="voxtral_encoder", num_mel_bins=16, hidden_size=32, num_hidden_layers=4,
+                              num_attention_heads=2, intermediate_size=128, max_source_positions=100,
+                              vocab_size=TEKKEN_VOCAB),
+            text_config=dict(model_type="llama", **{**_TEXT, "vocab_size": TEKKEN_VOCAB, "pad_token_id": 11}),
+            audio_token_id=24)
     if family == "qwen3_asr":  # windows of 100 frames
         return transformers.Qwen3ASRConfig(
             audio_config=dict(model_type="qwen3_asr_encoder", num_mel_bins=16, d_model=32, encoder_layers=4,
@@ -139,6 +146,42 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'
            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+# Voxtral's tokenizer (mistral_common's tekken): its special tokens first ([AUDIO] is 24, as VoxtralProcessor
+# assumes), then the 256 bytes
+TEKKEN_SPECIAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                  "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+                  "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]", "[AUDIO]", "[BEGIN_AUDIO]", "[TRANSCRIBE]",
+                  *[f"<SPECIAL_{i}>" for i in range(27, 32)]]
+TEKKEN_VOCAB = len(TEKKEN_SPECIAL) + 256
+# tiktoken's pattern of Mistral's tekken files
+_TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                   r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|"
+                   r"\s+(?!\S)|\s+")
+
+
+def voxtral_processor(tmp: Path):
+    """Voxtral's processor, tiny: a tekken tokenizer of the 256 bytes (mistral_common's format, written to
+    ``tmp``/tekken.json) whose audio config makes 12.5 audio tokens per second in windows of 2 s, and a Whisper
+    extractor of 16 mel bins."""
+    import base64
+    import json
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    tekken = {"config": {"pattern": _TEKKEN_PATTERN, "num_vocab_tokens": 256, "default_vocab_size": TEKKEN_VOCAB,
+                         "default_num_special_tokens": len(TEKKEN_SPECIAL), "version": "v7"},
+              "vocab": [{"rank": b, "token_bytes": base64.b64encode(bytes([b])).decode(), "token_str": None}
+                        for b in range(256)],
+              "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(TEKKEN_SPECIAL)],
+              "version": 1, "type": "Tekken",
+              "audio": {"sampling_rate": 16000, "frame_rate": 12.5, "chunk_length_s": 2.0,
+                        "audio_encoding_config": {"num_mel_bins": 16, "hop_length": 160, "window_size": 400}}}
+    (tmp / "tekken.json").write_text(json.dumps(tekken), encoding="utf-8")
+    tokenizer = transformers.MistralCommonBackend.from_pretrained(str(tmp))
+    features = transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=2)
+    return transformers.VoxtralProcessor(feature_extractor=features, tokenizer=tokenizer)
+
+
 def speech_llm_processor(family: str = "qwen2_audio"):
     """The family's processor, tiny: a Whisper window of 16 mel bins (1 s for Qwen2-Audio, 2 s for GLM-ASR,
     whose projector merges 4 frames; Qwen3-ASR's own extractor, padding to its 100-frame chunks), the character
@@ -158,12 +201,18 @@ def speech_llm_processor(family: str = "qwen2_audio"):
 
 
 def speech_llm_dir(tmp: Path, family: str = "qwen2_audio", seed: int = 3) -> Path:
-    """A tiny speech-LLM saved with its processor, generating until Qwen's end of turn."""
+    """A tiny speech-LLM saved with its processor, generating until Qwen's end of turn (Voxtral: until </s>)."""
     out = tmp / family
-    model = tiny_speech_llm(family, seed)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
+    if family == "voxtral":
+        model = tiny_speech_llm("voxtral-tekken", seed)
+        model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=11)
+        processor = voxtral_processor(tmp / "tekken")
+    else:
+        model = tiny_speech_llm(family, seed)
+        model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
+        processor = speech_llm_processor(family)
     model.save_pretrained(out)
-    speech_llm_processor(family).save_pretrained(out)
+    processor.save_pretrained(out)
     return out
 
 
@@ -171,4 +220,4 @@ def qwen2_audio_dir(tmp: Path, seed: int = 3) -> Path:
     return speech_llm_dir(tmp, "qwen2_audio", seed)
 
 
-WITH_PROCESSORS = ["qwen2_audio", "glmasr", "qwen3_asr"]
+WITH_PROCESSORS = ["qwen2_audio", "glmasr", "qwen3_asr", "voxtral"]

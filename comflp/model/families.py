@@ -181,6 +181,9 @@ class Family:
     (:class:`TowerFrames`; None: not known, its measuring refused).
     ``stack_aliases``: the :data:`STACK_ALIASES` the family's stacks also answer to (a speech-LLM's ``audio``
     and ``llm``).
+    ``audio_in_chat``: a speech-LLM whose processor takes the audio inside the chat turn (Voxtral's: its
+    tokenizer, mistral_common, counts the audio tokens) rather than beside the rendered prompt text: model ->
+    the ``processor_kwargs`` of its ``apply_chat_template`` (None: the audio goes beside the text).
     """
 
     encoder: Stack = field(default_factory=Stack)
@@ -213,6 +216,7 @@ class Family:
     instruction: str = "Transcribe the audio."
     audio_frames: TowerFrames | None = None
     stack_aliases: tuple[str, ...] = ()
+    audio_in_chat: Callable[[nn.Module], dict] | None = None
 
     @property
     def stacks(self) -> dict[str, Stack]:
@@ -275,8 +279,16 @@ def _llm(layers: str = "language_model.layers") -> Stack:
                  prefix_counts=("max_window_layers",))
 
 
+def _voxtral_chat_kwargs(model: nn.Module) -> dict:
+    """Voxtral's processor cuts the mel frames into windows of its tower's 2 x ``max_source_positions`` frames
+    after padding the audio to whole windows; its defaults are the released checkpoints' 30 s, so the window
+    is given from the model's config (a smaller model's own)."""
+    frames = 2 * int(model.config.audio_config.max_source_positions)
+    return {"audio_kwargs": {"max_source_positions": frames, "pad_to_multiple_of": frames * 160}}
+
+
 def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM",
-                audio_frames: TowerFrames | None = None) -> Family:
+                audio_frames: TowerFrames | None = None, audio_in_chat: Callable | None = None) -> Family:
     """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
     audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
     Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
@@ -284,7 +296,7 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
                   feature_encoder=front_end, per_batch=(), front_end_exact=True, default_features=features,
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
                   input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings",
-                  audio_frames=audio_frames, stack_aliases=("audio", "llm"))
+                  audio_frames=audio_frames, stack_aliases=("audio", "llm"), audio_in_chat=audio_in_chat)
 
 
 # speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a
@@ -294,7 +306,8 @@ FAMILIES.update({
                                front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
                                audio_frames=TowerFrames("feature_attention_mask", _whisper_tower_frames)),
     "voxtral": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
-                           front_end="audio_tower.conv1", features="WhisperFeatureExtractor"),
+                           front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
+                           audio_in_chat=_voxtral_chat_kwargs),
     "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
                              front_end="audio_tower.conv2d1", features="Qwen3ASRFeatureExtractor",
                              audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, packed=True)),

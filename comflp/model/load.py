@@ -220,14 +220,18 @@ def _processor(source: str):
 
     try:
         processor = AutoProcessor.from_pretrained(source)
+    except ImportError as err:  # e.g. Voxtral's tokenizer is mistral_common's, an optional library
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ComflpError(f"{source}: its processor needs a library that is not installed ({first}); Voxtral's: "
+                          "pip install 'comflp[voxtral]' (mistral_common)") from None
     except (OSError, ValueError, TypeError, KeyError):
         return None
     if not hasattr(processor, "tokenizer"):
         return None
     if not hasattr(processor, "feature_extractor"):  # Granite Speech's is an ``audio_processor``
         raise ComflpError(f"{source}: comflp reads a speech-LLM's audio through its processor's feature extractor, "
-                          f"and {type(processor).__name__} has none (Granite Speech's audio processor is not "
-                          "supported yet); it can still be pruned (comflp prune)")
+                          f"and {type(processor).__name__} has none (Granite Speech's audio processor, which "
+                          "needs torchaudio, is not supported yet); it can still be pruned (comflp prune)")
     return processor
 
 
