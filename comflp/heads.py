@@ -355,7 +355,7 @@ def chat_row(model, processor, wave, prompt: Prompt | None = None) -> dict[str, 
     turn = _user_turn(model, processor, prompt, {"base64": base64.b64encode(encoded.getvalue()).decode("ascii")})
     try:
         row = processor.apply_chat_template(turn, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                            processor_kwargs=family_of(model).audio_in_chat(model))
+                                            processor_kwargs=family_of(model).audio_in_chat(model, processor))
     except (ValueError, TypeError, KeyError) as err:
         raise _chat_template_error(err) from None
     return {key: torch.as_tensor(value) for key, value in row.items()}
@@ -465,6 +465,27 @@ def teacher_forced_inputs(model, processor, batch: AudioBatch, prompt: Prompt | 
     return out, transcript, labels
 
 
+def tower_rows(states: Sequence[torch.Tensor], lengths: torch.Tensor, layout: str) -> list[torch.Tensor]:
+    """An audio tower's captured states as [B, T, D] rows, one per utterance (``lengths`` [B]: each one's real
+    frames; ``layout``: how the tower holds them, :class:`comflp.model.families.TowerFrames`): ``rows`` as they
+    are; ``packed`` [N, D] split by the lengths; ``windows`` [C, T, D], each utterance's ceil(length / T)
+    consecutive windows joined. Zero-padded at the end."""
+    if layout == "rows":
+        return list(states)
+    counts = lengths.tolist()
+    if layout == "windows":
+        width = states[0].shape[1]
+        counts = [max(1, -(-n // width)) for n in counts]
+        if sum(counts) != states[0].shape[0]:
+            raise ComflpError(f"the audio tower ran {states[0].shape[0]} windows of {width} frames where the "
+                              f"utterances' lengths make {sum(counts)}")
+        return [torch.nn.utils.rnn.pad_sequence([w.reshape(-1, w.shape[-1]) for w in s.split(counts)], batch_first=True)
+                for s in states]
+    if layout != "packed":
+        raise ValueError(f"unknown tower layout {layout!r}")
+    return [torch.nn.utils.rnn.pad_sequence(list(s.split(counts)), batch_first=True) for s in states]
+
+
 class SpeechLlmHead(HeadKind):
     """A speech-LLM: an audio tower and a projector turn the audio into the LLM's audio-token embeddings, and
     the LLM, prompted by its chat template, writes the transcript. Its "tokenizer" is the model's processor.
@@ -542,10 +563,9 @@ class SpeechLlmHead(HeadKind):
         if counted is None:
             raise ComflpError(f"measuring the audio tower of a {model.config.model_type} model is not offered yet "
                               "(the family table does not count its frames); --stack decoder measures its LLM")
-        lengths = counted.lengths(base_model(model), inputs[counted.mask]).to(states[0].device)
-        if counted.packed:  # one [N, D] sequence of every row's frames: back to [B, T, D] rows, zero-padded
-            states[:] = [torch.nn.utils.rnn.pad_sequence(list(s.split(lengths.tolist())), batch_first=True)
-                         for s in states]
+        counted_from = inputs[counted.mask] if counted.mask else torch.tensor([len(w) for w in batch.waves])
+        lengths = counted.lengths(base_model(model), counted_from, tokenizer.feature_extractor).to(states[0].device)
+        states[:] = tower_rows(states, lengths, counted.layout)
         return torch.arange(states[0].shape[1], device=lengths.device)[None, :] < lengths[:, None]
 
     def shared_prefix(self, model, tokenizer, batch, stack, prompt=None):

@@ -146,7 +146,7 @@ def test_stack_names_audio_and_llm_mean_a_speech_llms_tower_and_llm(tmp_path: Pa
 
 
 @pytest.mark.parametrize("family,stack", [("qwen2_audio", "encoder"), ("qwen2_audio", "decoder"), ("glmasr", "encoder"),
-                                          ("voxtral", "decoder"),
+                                          ("voxtral", "encoder"), ("voxtral", "decoder"),
                                           ("qwen3_asr", "encoder"), ("qwen3_asr", "decoder")])
 def test_measure_each_stack_at_any_batch_size(family: str, stack: str, tmp_path: Path) -> None:
     """The LLM measured under teacher forcing inside the chat prompt, the audio tower at its real frames: the
@@ -197,16 +197,16 @@ def test_captured_states_are_the_models_own_at_the_transcripts_tokens(tmp_path: 
             assert enc[0].shape[1] == 50
 
 
-@pytest.mark.parametrize("family", ["glmasr", "qwen3_asr"])
+@pytest.mark.parametrize("family", ["glmasr", "qwen3_asr", "voxtral"])
 def test_captured_tower_states_are_the_towers_own_at_its_real_frames(family: str, tmp_path: Path) -> None:
     """The audio tower's states comflp pools, in a batch of utterances of different lengths, are plain
     transformers' tower states of each utterance alone at its real frames (Qwen3-ASR's tower packs every
-    utterance's frames into one sequence: comflp splits them back); padding frames are not counted.
+    utterance's frames into one sequence, Voxtral's runs windows of 0.64 s here: comflp joins each utterance's
+    back); padding frames are not counted.
     (Qwen2-Audio's: test_captured_states_are_the_models_own_at_the_transcripts_tokens.)"""
     from conftest import make_corpus
 
     from comflp.data import collate, read_corpus_dir
-    from comflp.heads import chat_prompt
     from comflp.hidden import capture_layer_states, forward_stack
     from comflp.model import load_model
 
@@ -215,30 +215,36 @@ def test_captured_tower_states_are_the_towers_own_at_its_real_frames(family: str
     utts = read_corpus_dir(make_corpus(tmp_path / "corpus", n=3))
     batch = collate(utts, loaded.feature_extractor)
     assert len({len(w) for w in batch.waves}) == 3
-    mask_key = FEATURE_MASK[family]
+    mask_key = FEATURE_MASK.get(family)
     with torch.no_grad():
         with capture_layer_states(model, "encoder") as states:
             frames = forward_stack(model, batch, states, "encoder", tokenizer=processor)
             enc = list(states)
-        for i in range(len(utts)):
-            alone = processor(text=chat_prompt(model, processor), audio=[batch.waves[i]], sampling_rate=16000,
-                              return_tensors="pt")
+        windows = []
+        for i, u in enumerate(utts):
+            alone = alone_inputs(model, processor, u.path)
             tower_inputs = {"input_features": alone["input_features"]}
             if family == "qwen3_asr":  # its tower takes the frame mask (the others read the whole window)
                 tower_inputs[mask_key] = alone[mask_key]
             own = model.model.audio_tower(**tower_inputs, output_hidden_states=True).hidden_states
             real = int(frames[i].sum())
-            # the real frames: those the projector hands the LLM (one audio token per frame, or per 4 for GLM-ASR)
-            tokens = int((alone["input_ids"] == AUDIO_TOKEN).sum())
-            assert real // 4 == tokens if family == "glmasr" else real == tokens
-            for layer in range(4):
+            if family == "voxtral":  # the mel frames centred inside the audio, through a stride-2 conv
+                assert real == (-(-len(batch.waves[i]) // 160) - 1) // 2 + 1
+                windows.append(alone["input_features"].shape[0])
+            else:  # those the projector hands the LLM (one audio token per frame, or per 4 for GLM-ASR)
+                tokens = int((alone["input_ids"] == AUDIO_TOKEN).sum())
+                assert real // 4 == tokens if family == "glmasr" else real == tokens
+            for layer in range(4):  # a packed or windowed tower's frames in order, then those of padding
                 mine = enc[layer][i][frames[i]]
-                theirs = own[layer].reshape(-1, own[layer].shape[-1])[:real] if family == "qwen3_asr" else \
+                theirs = own[layer].reshape(-1, own[layer].shape[-1])[:real] if family != "glmasr" else \
                     own[layer][0, :real]
                 torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+        if family == "voxtral":  # utterances of one window and of several
+            assert min(windows) == 1 and max(windows) > 1
 
 
-@pytest.mark.parametrize("family,stack", [("qwen2_audio", "llm"), ("glmasr", "audio"), ("qwen3_asr", "llm")])
+@pytest.mark.parametrize("family,stack", [("qwen2_audio", "llm"), ("glmasr", "audio"), ("qwen3_asr", "llm"),
+                                          ("voxtral", "audio")])
 def test_measure_search_prune_test_a_speech_llm(family: str, stack: str, tmp_path: Path) -> None:
     """measure either stack -> coarse and fine search by generated CER -> prune -> test: the CER the search
     measured."""
@@ -263,15 +269,21 @@ def test_measure_search_prune_test_a_speech_llm(family: str, stack: str, tmp_pat
     assert report["error_rate"] == pytest.approx(written["candidates"][0]["cer"], abs=1e-12)
 
 
-def test_an_unmeasurable_tower_is_refused_in_one_line(tmp_path: Path) -> None:
-    """A family whose audio frames the table does not count (Voxtral's windows hold no frame mask) cannot have
-    its tower measured (its LLM can): one line, nothing written."""
+def test_an_unmeasurable_tower_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A family whose audio frames the table does not count cannot have its tower measured (its LLM can): one
+    line, nothing written."""
+    import dataclasses
+
     from conftest import make_corpus, run_comflp
 
-    model_dir, corpus = speech_llm_dir(tmp_path, "voxtral"), make_corpus(tmp_path / "corpus", n=3)
+    from comflp.model import families
+
+    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=3)
+    monkeypatch.setitem(families.FAMILIES, "qwen2_audio",
+                        dataclasses.replace(families.FAMILIES["qwen2_audio"], audio_frames=None))
     result = run_comflp("measure", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "1",
                         "--iter_num", "3", "--measures", "cosine", "--no_plot", "--output", str(tmp_path / "x.npz"))
-    assert result.returncode == 2 and "measuring the audio tower of a voxtral model is not offered" in result.stderr
+    assert result.returncode == 2 and "measuring the audio tower of a qwen2_audio model is not offered" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.npz").exists()
 
 

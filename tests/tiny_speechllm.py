@@ -39,10 +39,10 @@ def speech_llm_config(family: str):
             audio_config=dict(model_type="voxtral_encoder", num_mel_bins=16, hidden_size=32, num_hidden_layers=4,
                               num_attention_heads=2, intermediate_size=128, max_source_positions=48, vocab_size=VOCAB),
             text_config=dict(model_type="llama", **_TEXT), audio_token_id=AUDIO_TOKEN)
-    if family == "voxtral-tekken":  # with its processor: a byte-level tekken vocabulary, windows of 2 s
+    if family == "voxtral-tekken":  # with its processor: a byte-level tekken vocabulary, windows of 0.64 s
         return transformers.VoxtralConfig(
             audio_config=dict(model_type="voxtral_encoder", num_mel_bins=16, hidden_size=32, num_hidden_layers=4,
-                              num_attention_heads=2, intermediate_size=128, max_source_positions=100,
+                              num_attention_heads=2, intermediate_size=128, max_source_positions=32,
                               vocab_size=TEKKEN_VOCAB),
             text_config=dict(model_type="llama", **{**_TEXT, "vocab_size": TEKKEN_VOCAB, "pad_token_id": 11}),
             audio_token_id=24)
@@ -162,8 +162,9 @@ _TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p
 
 def voxtral_processor(tmp: Path):
     """Voxtral's processor, tiny: a tekken tokenizer of the 256 bytes (mistral_common's format, written to
-    ``tmp``/tekken.json) whose audio config makes 12.5 audio tokens per second in windows of 2 s, and a Whisper
-    extractor of 16 mel bins."""
+    ``tmp``/tekken.json) whose audio config makes 12.5 audio tokens per second in windows of 0.64 s (8 tokens:
+    the tower's 32 positions, 4 per token), so an utterance spans several, and a Whisper extractor of 16 mel
+    bins."""
     import base64
     import json
 
@@ -174,7 +175,7 @@ def voxtral_processor(tmp: Path):
                         for b in range(256)],
               "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(TEKKEN_SPECIAL)],
               "version": 1, "type": "Tekken",
-              "audio": {"sampling_rate": 16000, "frame_rate": 12.5, "chunk_length_s": 2.0,
+              "audio": {"sampling_rate": 16000, "frame_rate": 12.5, "chunk_length_s": 0.64,
                         "audio_encoding_config": {"num_mel_bins": 16, "hop_length": 160, "window_size": 400}}}
     (tmp / "tekken.json").write_text(json.dumps(tekken), encoding="utf-8")
     tokenizer = transformers.MistralCommonBackend.from_pretrained(str(tmp))

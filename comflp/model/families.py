@@ -83,32 +83,47 @@ class Pooling:
 class TowerFrames:
     """How many real frames each utterance has in a speech-LLM audio tower's layers.
 
-    ``mask``: the model input holding the audio frames' mask, [B, T_in] (1: a real input frame);
-    ``lengths``: (base model, that mask) -> [B] real frames at the layers, by the model's own arithmetic;
-    ``packed``: the layers see every utterance's real frames packed end to end as one [N, D] sequence
-    (Qwen3-ASR), which the measuring splits back into [B, T, D] rows by those lengths.
+    ``mask``: the model input holding the audio frames' mask, [B, T_in] (1: a real input frame); None: the
+    frames are counted from each utterance's audio samples, [B];
+    ``lengths``: (base model, that mask or those samples, the processor's feature extractor) -> [B] real
+    frames at the layers, by the model's own arithmetic;
+    ``layout``: how the layers hold the frames, which the measuring turns into [B, T, D] rows: ``"rows"``,
+    one row per utterance; ``"packed"`` (Qwen3-ASR), every utterance's real frames end to end as one [N, D]
+    sequence, split by the lengths; ``"windows"`` (Voxtral), rows of fixed windows of T frames, each
+    utterance's ceil(frames / T) consecutive windows joined.
     """
 
-    mask: str
-    lengths: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    packed: bool = False
+    mask: str | None
+    lengths: Callable[[nn.Module, torch.Tensor, object], torch.Tensor]
+    layout: str = "rows"
 
 
-def _whisper_tower_frames(base: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+def _whisper_tower_frames(base: nn.Module, mask: torch.Tensor, features=None) -> torch.Tensor:
     """Qwen2-Audio: its tower's own output-length method (the first of the pair it returns)."""
     return base.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))[0]
 
 
-def _padded_conv_tower_frames(base: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """GLM-ASR: the tower's two padded convs, each n -> floor((n + 2p - d(k - 1) - 1) / s) + 1."""
-    lengths = mask.sum(-1).long()
+def _padded_conv_lengths(base: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
+    """[B] mel frames through the audio tower's two padded convs, each n -> floor((n + 2p - d(k - 1) - 1) / s) + 1."""
     for conv in (base.audio_tower.conv1, base.audio_tower.conv2):
         span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
         lengths = torch.div(lengths + 2 * conv.padding[0] - span, conv.stride[0], rounding_mode="floor") + 1
     return lengths.clamp(min=0)
 
 
-def _chunked_tower_frames(base: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+def _padded_conv_tower_frames(base: nn.Module, mask: torch.Tensor, features=None) -> torch.Tensor:
+    """GLM-ASR: the real mel frames through the tower's two padded convs."""
+    return _padded_conv_lengths(base, mask.sum(-1).long())
+
+
+def _windowed_tower_frames(base: nn.Module, samples: torch.Tensor, features) -> torch.Tensor:
+    """Voxtral: ceil(n / hop) mel frames (those centred inside the audio, as for Whisper), through the tower's
+    two padded convs; the windows after the last real frame are padding."""
+    hop = int(features.hop_length)
+    return _padded_conv_lengths(base, torch.div(samples.long() + hop - 1, hop, rounding_mode="floor"))
+
+
+def _chunked_tower_frames(base: nn.Module, mask: torch.Tensor, features=None) -> torch.Tensor:
     """Qwen3-ASR: the mel frames cut in chunks of 2 x ``n_window``, each chunk's real frames through the three
     strided convs (the tower's own ``_post_cnn_length``), summed over the utterance's chunks."""
     tower = base.audio_tower
@@ -182,8 +197,9 @@ class Family:
     ``stack_aliases``: the :data:`STACK_ALIASES` the family's stacks also answer to (a speech-LLM's ``audio``
     and ``llm``).
     ``audio_in_chat``: a speech-LLM whose processor takes the audio inside the chat turn (Voxtral's: its
-    tokenizer, mistral_common, counts the audio tokens) rather than beside the rendered prompt text: model ->
-    the ``processor_kwargs`` of its ``apply_chat_template`` (None: the audio goes beside the text).
+    tokenizer, mistral_common, counts the audio tokens) rather than beside the rendered prompt text: (model,
+    processor) -> the ``processor_kwargs`` of its ``apply_chat_template`` (None: the audio goes beside the
+    text).
     """
 
     encoder: Stack = field(default_factory=Stack)
@@ -216,7 +232,7 @@ class Family:
     instruction: str = "Transcribe the audio."
     audio_frames: TowerFrames | None = None
     stack_aliases: tuple[str, ...] = ()
-    audio_in_chat: Callable[[nn.Module], dict] | None = None
+    audio_in_chat: Callable[[nn.Module, object], dict] | None = None
 
     @property
     def stacks(self) -> dict[str, Stack]:
@@ -279,12 +295,13 @@ def _llm(layers: str = "language_model.layers") -> Stack:
                  prefix_counts=("max_window_layers",))
 
 
-def _voxtral_chat_kwargs(model: nn.Module) -> dict:
+def _voxtral_chat_kwargs(model: nn.Module, processor) -> dict:
     """Voxtral's processor cuts the mel frames into windows of its tower's 2 x ``max_source_positions`` frames
     after padding the audio to whole windows; its defaults are the released checkpoints' 30 s, so the window
     is given from the model's config (a smaller model's own)."""
     frames = 2 * int(model.config.audio_config.max_source_positions)
-    return {"audio_kwargs": {"max_source_positions": frames, "pad_to_multiple_of": frames * 160}}
+    hop = int(processor.feature_extractor.hop_length)
+    return {"audio_kwargs": {"max_source_positions": frames, "pad_to_multiple_of": frames * hop}}
 
 
 def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM",
@@ -307,10 +324,11 @@ FAMILIES.update({
                                audio_frames=TowerFrames("feature_attention_mask", _whisper_tower_frames)),
     "voxtral": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                            front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
-                           audio_in_chat=_voxtral_chat_kwargs),
+                           audio_in_chat=_voxtral_chat_kwargs,
+                           audio_frames=TowerFrames(None, _windowed_tower_frames, layout="windows")),
     "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
                              front_end="audio_tower.conv2d1", features="Qwen3ASRFeatureExtractor",
-                             audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, packed=True)),
+                             audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, layout="packed")),
     "glmasr": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                           front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
                           audio_frames=TowerFrames("input_features_mask", _padded_conv_tower_frames)),
