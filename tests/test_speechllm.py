@@ -427,9 +427,11 @@ def test_a_speech_llm_without_its_processor_or_with_a_broken_template_is_named_i
 
     corpus = make_corpus(tmp_path / "corpus", n=3)
     tiny_speech_llm("qwen2_audio").save_pretrained(tmp_path / "bare")
+    # Granite's extractor needs torchaudio (its default, built for a model saved without one, too)
+    tiny_speech_llm("granite_speech").save_pretrained(tmp_path / "granite")
     broken = qwen2_audio_dir(tmp_path)
     (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] ", encoding="utf-8")
-    for model, message in ((tmp_path / "bare", "has no processor"),
+    for model, message in ((tmp_path / "bare", "has no processor"), (tmp_path / "granite", "has no processor"),
                            (broken, "chat template cannot render an audio turn (TemplateSyntaxError")):
         result = run_comflp("test", "--model", str(model), "--data_dir", str(corpus),
                             "--output_dir", str(tmp_path / "t"))

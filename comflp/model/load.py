@@ -185,12 +185,11 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
         fe = AutoFeatureExtractor.from_pretrained(source)
     except (OSError, ValueError):
         fe = None
-        if need_features:
-            fe = default_feature_extractor(model)
-            log.warning("%s has no preprocessor_config.json: using the family's default feature extractor (%s, "
-                        "16 kHz); save the right one beside the model to silence this", source, type(fe).__name__)
-    if fe is not None and need_features:  # commands that only touch weights do not feed it
-        _check_window(model, fe, source)
+    except ImportError as err:  # an extractor needing a library not installed here (Granite's: torchaudio)
+        fe = None
+        if need_features and family.kind != "speechllm":  # a speech-LLM's processor says it below
+            raise ComflpError(f"{source}: its feature extractor needs a library that is not installed "
+                              f"({_first_line(err)})") from None
     if family.kind == "speechllm":  # its processor builds the prompt around the audio and decodes the text
         try:
             tok = _processor(source)
@@ -209,6 +208,16 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
             tok = None
         if tok is None and need_tokenizer:
             raise ComflpError(f"{source} has no tokenizer (vocab.json); decoding needs one")
+    if fe is None and need_features:
+        try:
+            fe = default_feature_extractor(model)
+        except ImportError as err:
+            raise ComflpError(f"{source} has no preprocessor_config.json, and the family's default feature "
+                              f"extractor needs a library that is not installed ({_first_line(err)})") from None
+        log.warning("%s has no preprocessor_config.json: using the family's default feature extractor (%s, "
+                    "16 kHz); save the right one beside the model to silence this", source, type(fe).__name__)
+    if fe is not None and need_features:  # commands that only touch weights do not feed it
+        _check_window(model, fe, source)
     stack_layers(model)  # fail early on an unsupported architecture
     model.eval().to(device)
     return LoadedModel(model, fe, tok, source, has_head)
