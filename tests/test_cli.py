@@ -117,3 +117,20 @@ def test_comflp_commands_write_default_outputs_below_the_working_dir(tiny_model_
     assert paths.output_root() == paths.REPO_ROOT  # outside the dispatcher: the paper's layout
     with paths.outputs_in_working_dir():
         assert paths.dump_dir() == Path.cwd() / "dump"
+
+
+def test_quiet_shows_no_progress_bar_not_even_transformers_weight_loading(tiny_model_dir: Path, corpus: Path,
+                                                                           tmp_path: Path) -> None:
+    """`--quiet` promises no progress bars: transformers' weight-loading bar is silenced too (a fresh process,
+    as a user runs it); without it the bar is there."""
+    def stderr(*flags: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "comflp", "measure", "--model", str(tiny_model_dir), "--data_dir",
+                              str(corpus), "--batch_size", "2", "--iter_num", "1", "--measures", "cosine",
+                              "--no_plot", "--overwrite", "--output", str(tmp_path / "m.npz"), *flags],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    assert "Loading weights" in stderr()
+    quiet = stderr("--quiet")
+    assert "Loading weights" not in quiet and "it/s]" not in quiet, quiet

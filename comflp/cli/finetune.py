@@ -19,7 +19,7 @@ from .argtypes import (epoch_or_last, fraction, non_negative_float, non_negative
 from ..model import load_model
 from ..prompt import Prompt
 from ..demo.corpus import ensure_demo_corpus
-from .options import (DEMO_DATA_HELP, ArgumentParser, add_prompt, add_repair, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, command_line, positive_float,
+from .options import (add_quiet, DEMO_DATA_HELP, ArgumentParser, add_prompt, add_repair, corpus_split, add_dataset_arguments, add_pad_audio, add_threads, command_line, positive_float,
                       positive_int, str2bool)
 
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(p, split="train", replaces=[train_dir, valid_dir])
     p.add_argument("--valid_dataset_split",
                    help="the split of --dataset that replaces --valid_data_dir (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p, "no progress bar")
     add_repair(p, healing=True)
     p.set_defaults(**asdict(FinetuneConfig()))  # one source of defaults for the command and the stage
     p.set_defaults(train_data_dir=None, valid_data_dir=None)  # chosen by the model's language (main)

@@ -26,7 +26,7 @@ from ..logs import setup_logging
 from ..model import load_model, num_layers
 from ..heads import check_prompt
 from .argtypes import open_unit_upper, seed
-from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_stack, add_threads, apply_threads, model_stack,
+from .options import (add_quiet, DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_stack, add_threads, apply_threads, model_stack,
                       resolve_prompt, add_overwrite, add_pad_audio, check_num_layers, data_label, positive_float, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
@@ -74,7 +74,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, iter_nu
     p.add_argument("--dump_dir", type=Path, default=dump_dir(), help="where matrices go (default: %(default)s)")
     p.add_argument("--figure_dir", type=Path, default=figure_dir(), help="where heatmaps go (default: %(default)s)")
     p.add_argument("--no_plot", action="store_true", help="skip the heatmap PNGs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p, "no progress bar")
 
 
 def _accelerator():

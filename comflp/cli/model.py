@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import exit_on_error
 from ..paths import DEMO_MODEL_DIR
 from .argtypes import positive_int
-from .options import (ArgumentParser, add_device, add_overwrite, add_pad_audio, add_prompt, add_repair, add_threads,
+from .options import (add_quiet, ArgumentParser, add_device, add_overwrite, add_pad_audio, add_prompt, add_repair, add_threads,
                       apply_threads, command_line, fit_repair_from_flags, resolve_device, resolve_prompt)
 
 
@@ -58,7 +58,7 @@ def prune_parser() -> argparse.ArgumentParser:
     add_pad_audio(p)
     add_device(p)
     add_threads(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar while calibrating")
+    add_quiet(p, "no progress bar while calibrating")
     return p
 
 

@@ -95,6 +95,25 @@ def add_prompt(p: argparse.ArgumentParser) -> None:
                         "default request where it has one, else \"Transcribe the audio.\")")
 
 
+class _QuietAction(argparse.Action):
+    """``--quiet``: no progress bars, transformers' own (the weight-loading bar) included."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import os
+
+        setattr(namespace, self.dest, True)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+        if "transformers" in sys.modules:  # imported already (a command run in-process): tell it directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def add_quiet(p: argparse.ArgumentParser, help: str = "no progress bars") -> None:
+    p.add_argument("--quiet", action=_QuietAction, help=help + " (transformers' weight-loading bar included)")
+
+
 class _StackAction(argparse.Action):
     """``--stack``: ``args.stack`` is the stack meant (encoder or decoder), ``args.stack_name`` the name given
     (a speech-LLM's ``audio``/``llm`` too), checked against the model by :func:`model_stack`."""

@@ -13,7 +13,7 @@ from ..artifacts import (check_matrix_model, claim_file, is_matrix_set, load_mat
 from ..errors import ComflpError, exit_on_error
 from ..logs import setup_logging
 from .argtypes import seed
-from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
+from .options import (add_quiet, DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_threads, apply_threads,
                       resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, positive_int,
                       read_corpus_or_dataset,
                       resolve_device)
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(p)
     add_prompt(p)
     add_overwrite(p, "report")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p)
     return p
 
 

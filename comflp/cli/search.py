@@ -14,7 +14,7 @@ from ..artifacts import (check_matrix_model, claim_file, dc_dump_name, glp_log_n
                          svcca_dump_name)
 from ..errors import ComflpError, exit_on_error
 from .argtypes import confidence, open_unit_upper, seed
-from .options import (DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_repair, add_stack, add_threads, apply_threads, model_stack,
+from .options import (add_quiet, DEMO_DATA_HELP, ArgumentParser, corpus_split, add_dataset_arguments, add_device, add_prompt, add_repair, add_stack, add_threads, apply_threads, model_stack,
                       resolve_prompt, add_front_end_cache, add_overwrite, add_pad_audio, check_num_layers, fit_repair_from_flags, positive_int, read_corpus_or_dataset,
                       resolve_device, str2bool)
 from ..logs import setup_logging
@@ -47,7 +47,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     add_prompt(p)
     add_overwrite(p, "strategy file")
     p.add_argument("--log_dir", type=Path, default=search_log_dir(), help="where the paper-style log goes (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p)
 
 
 PAPER_MEASURE = "dc"
