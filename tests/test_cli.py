@@ -123,11 +123,16 @@ def test_quiet_shows_no_progress_bar_not_even_transformers_weight_loading(tiny_m
                                                                            tmp_path: Path) -> None:
     """`--quiet` promises no progress bars: transformers' weight-loading bar is silenced too (a fresh process,
     as a user runs it); without it the bar is there."""
+    import os
+
+    # the environment of a user's shell (an in-process --quiet earlier in this worker set the variable)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+
     def stderr(*flags: str) -> str:
         out = subprocess.run([sys.executable, "-m", "comflp", "measure", "--model", str(tiny_model_dir), "--data_dir",
                               str(corpus), "--batch_size", "2", "--iter_num", "1", "--measures", "cosine",
                               "--no_plot", "--overwrite", "--output", str(tmp_path / "m.npz"), *flags],
-                             capture_output=True, text=True, cwd=tmp_path)
+                             capture_output=True, text=True, cwd=tmp_path, env=env)
         assert out.returncode == 0, out.stderr
         return out.stderr
 
