@@ -465,6 +465,17 @@ def teacher_forced_inputs(model, processor, batch: AudioBatch, prompt: Prompt | 
     return out, transcript, labels
 
 
+def transcripts(model, processor, ids: torch.Tensor) -> list[str]:
+    """The transcript in each row of generated ``ids`` [B, N]: the processor's decoding, special tokens
+    skipped, the family's own output format stripped (``Family.transcript_decoding``: Qwen3-ASR's language tag,
+    GLM-ASR's framing sentence), on one line (an LLM may break its answer into lines, which hyp.txt and
+    scoring read as spaces)."""
+    extra = dict(family_of(model).transcript_decoding)
+    texts = (processor.decode(ids, skip_special_tokens=True, **extra) if extra
+             else processor.batch_decode(ids, skip_special_tokens=True))
+    return [" ".join(t.split()) for t in texts]
+
+
 def tower_rows(states: Sequence[torch.Tensor], lengths: torch.Tensor, layout: str) -> list[torch.Tensor]:
     """An audio tower's captured states as [B, T, D] rows, one per utterance (``lengths`` [B]: each one's real
     frames; ``layout``: how the tower holds them, :class:`comflp.model.families.TowerFrames`): ``rows`` as they
@@ -584,8 +595,7 @@ class SpeechLlmHead(HeadKind):
         with quiet_generation():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens or self.generation_limit(model, tokenizer),
                                  do_sample=False, num_beams=1)
-        # a transcript is one line: an LLM may break its answer into lines, which hyp.txt and scoring read as spaces
-        return [" ".join(t.split()) for t in tokenizer.batch_decode(ids[:, start:], skip_special_tokens=True)]
+        return transcripts(model, tokenizer, ids[:, start:])
 
 
 HEADS: dict[str, HeadKind] = {head.name: head for head in (CtcHead(), Seq2SeqHead(), SpeechLlmHead())}

@@ -34,6 +34,17 @@ def alone_inputs(model, processor, path: Path, request: str = "Transcribe the au
     return processor(text=text, audio=[load_audio(path, 16000)], sampling_rate=16000, return_tensors="pt")
 
 
+def _decoded(model, processor, ids) -> list[str]:
+    """The transcripts as each model card says to read them: Qwen3-ASR's after its language tag, GLM-ASR's
+    without its framing sentence, the others' as decoded."""
+    family = model.config.model_type
+    if family == "qwen3_asr":
+        return processor.decode(ids, return_format="transcription_only")
+    if family == "glmasr":
+        return processor.decode(ids, skip_special_tokens=True, strip_prefix=True)
+    return processor.batch_decode(ids, skip_special_tokens=True)
+
+
 def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
     """Independent reference: plain transformers, one utterance at a time (the processor's prompt around its
     audio, greedy generation, the new tokens decoded)."""
@@ -42,7 +53,7 @@ def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
     for u in utts:
         inputs = alone_inputs(model, processor, u.path, request)
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        answer = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        answer = _decoded(model, processor, ids[:, inputs["input_ids"].shape[1]:])[0]
         out.append(" ".join(answer.split()))  # one line per transcript, as comflp writes them
     return out
 
@@ -72,6 +83,22 @@ def test_a_speech_llm_decodes_what_it_decodes_alone_at_any_batch_size(family: st
     expected = _alone(loaded.model, loaded.tokenizer, utts, limit)
     got = dict(line.partition(" ")[::2] for line in hyps[0].splitlines())  # "utt text" (text may be empty)
     assert [got[u.utt_id].strip() for u in utts] == expected and len(set(expected)) > 1
+
+
+@pytest.mark.parametrize("family,answer", [
+    ("qwen3_asr", "language Chinese<asr_text>你好 世界"), ("glmasr", 'The spoken content of the audio is "你好 世界".'),
+    ("qwen2_audio", "你好 世界")])
+def test_transcripts_are_read_without_the_models_own_output_format(family: str, answer: str, tmp_path: Path) -> None:
+    """An answer in the model's own format is scored as its transcript: Qwen3-ASR's language tag and GLM-ASR's
+    framing sentence stripped by their processors (as their model cards read them), the end of turn skipped."""
+    from comflp.heads import transcripts
+    from comflp.model import load_model
+
+    loaded = load_model(speech_llm_dir(tmp_path, family), allow_encoder_decoder=True, need_tokenizer=True)
+    spelled = loaded.tokenizer.tokenizer(answer, add_special_tokens=False).input_ids
+    assert loaded.tokenizer.tokenizer.unk_token_id not in spelled
+    ids = torch.tensor([spelled + [2], spelled + [2]])  # each ends with Qwen's end of turn
+    assert transcripts(loaded.model, loaded.tokenizer, ids) == ["你好 世界", "你好 世界"]
 
 
 @pytest.mark.parametrize("family,stack", [(f, s) for f in WITH_PROCESSORS for s in ("encoder", "decoder")])

@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 # the tiny processor's tokenizer: Qwen's chat and audio tokens first, then a character vocabulary
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>", "<unk>"]
-CHARS = [*"你好世界我们是的人", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:,\n"]
+CHARS = [*"你好世界我们是的人", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:,\n", *"<>_\""]
 VOCAB = 96
 AUDIO_TOKEN = 4
 _TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,

@@ -196,6 +196,9 @@ class Family:
     (:class:`TowerFrames`; None: not known, its measuring refused).
     ``stack_aliases``: the :data:`STACK_ALIASES` the family's stacks also answer to (a speech-LLM's ``audio``
     and ``llm``).
+    ``transcript_decoding``: the keyword arguments of the processor's ``decode`` that strip the family's own
+    output format from a generated answer (Qwen3-ASR's ``language <LANG><asr_text>`` tag, GLM-ASR's framing
+    sentence); empty: its plain ``batch_decode``.
     ``audio_in_chat``: a speech-LLM whose processor takes the audio inside the chat turn (Voxtral's: its
     tokenizer, mistral_common, counts the audio tokens) rather than beside the rendered prompt text: (model,
     processor) -> the ``processor_kwargs`` of its ``apply_chat_template`` (None: the audio goes beside the
@@ -232,6 +235,7 @@ class Family:
     instruction: str = "Transcribe the audio."
     audio_frames: TowerFrames | None = None
     stack_aliases: tuple[str, ...] = ()
+    transcript_decoding: tuple[tuple[str, object], ...] = ()
     audio_in_chat: Callable[[nn.Module, object], dict] | None = None
 
     @property
@@ -305,7 +309,8 @@ def _voxtral_chat_kwargs(model: nn.Module, processor) -> dict:
 
 
 def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM",
-                audio_frames: TowerFrames | None = None, audio_in_chat: Callable | None = None) -> Family:
+                audio_frames: TowerFrames | None = None, audio_in_chat: Callable | None = None,
+                transcript_decoding: tuple[tuple[str, object], ...] = ()) -> Family:
     """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
     audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
     Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
@@ -313,7 +318,8 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
                   feature_encoder=front_end, per_batch=(), front_end_exact=True, default_features=features,
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
                   input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings",
-                  audio_frames=audio_frames, stack_aliases=("audio", "llm"), audio_in_chat=audio_in_chat)
+                  audio_frames=audio_frames, stack_aliases=("audio", "llm"), audio_in_chat=audio_in_chat,
+                  transcript_decoding=transcript_decoding)
 
 
 # speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a
@@ -328,10 +334,12 @@ FAMILIES.update({
                            audio_frames=TowerFrames(None, _windowed_tower_frames, layout="windows")),
     "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
                              front_end="audio_tower.conv2d1", features="Qwen3ASRFeatureExtractor",
-                             audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, layout="packed")),
+                             audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, layout="packed"),
+                             transcript_decoding=(("return_format", "transcription_only"),)),
     "glmasr": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                           front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
-                          audio_frames=TowerFrames("input_features_mask", _padded_conv_tower_frames)),
+                          audio_frames=TowerFrames("input_features_mask", _padded_conv_tower_frames),
+                          transcript_decoding=(("strip_prefix", True),)),
     # the conformer feeds its mid-stack CTC output back after layer depth // 2, and its encoder module keeps
     # its own copy of the depth; the layer cache would be written in place by that feedback, so it is off
     "granite_speech": _speech_llm(Stack("encoder.layers", "num_layers", config="encoder_config", cacheable=False,
