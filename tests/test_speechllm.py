@@ -172,9 +172,7 @@ def test_stack_names_audio_and_llm_mean_a_speech_llms_tower_and_llm(tmp_path: Pa
         assert "names a speech-LLM's stack" in last and last.endswith("has: encoder"), result.stderr
 
 
-@pytest.mark.parametrize("family,stack", [("qwen2_audio", "encoder"), ("qwen2_audio", "decoder"), ("glmasr", "encoder"),
-                                          ("voxtral", "encoder"), ("voxtral", "decoder"),
-                                          ("qwen3_asr", "encoder"), ("qwen3_asr", "decoder")])
+@pytest.mark.parametrize("family,stack", [(f, s) for f in WITH_PROCESSORS for s in ("encoder", "decoder")])
 def test_measure_each_stack_at_any_batch_size(family: str, stack: str, tmp_path: Path) -> None:
     """The LLM measured under teacher forcing inside the chat prompt, the audio tower at its real frames: the
     same matrices at batch 3 and 1."""
