@@ -328,9 +328,18 @@ def _user_turn(model, processor, prompt: Prompt | None, audio: dict) -> list[dic
 
 def chat_prompt(model, processor, prompt: Prompt | None = None) -> str:
     """The text of a speech-LLM's prompt: its chat template rendering one user turn (the audio, then the
-    transcription request, :func:`instruction`) and opening the assistant's turn."""
+    transcription request, :func:`instruction`) and opening the assistant's turn; or the family's own request
+    (``Family.transcription_prompt``: Qwen3-ASR's, the language forced by ``prompt.language``)."""
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
+    own = family_of(model).transcription_prompt
+    if own is not None:
+        language = (prompt or Prompt()).language
+        try:
+            return own(processor, language)
+        except (ValueError, TypeError, KeyError, TemplateError) as err:
+            what = f"--language {language}" if language else "its transcription request"
+            raise ComflpError(f"{model.config.model_type}: {what}: {str(err).strip().splitlines()[0]}") from None
     try:
         return processor.apply_chat_template(_user_turn(model, processor, prompt, {}), add_generation_prompt=True,
                                              tokenize=False)
@@ -510,13 +519,19 @@ class SpeechLlmHead(HeadKind):
     supports = frozenset({"measure", "train"})
 
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
+        """--instruction for a chat-template request; --language for a family whose own request forces one
+        (Qwen3-ASR); --task never."""
         prompt = prompt or Prompt()
-        if prompt.language or prompt.task:
+        own = family_of(model).transcription_prompt is not None
+        if prompt.task or (prompt.language and not own):
             raise ComflpError("--language/--task set Whisper's prompt tokens; a speech-LLM is prompted by its chat "
                               "template with a transcription request (--instruction): leave them out")
+        if own and prompt.instruction is not None:
+            raise ComflpError(f"{model.config.model_type} is prompted by its processor's own transcription request "
+                              "(the audio alone; --language forces the language): leave --instruction out")
         if prompt.instruction is not None and not prompt.instruction.strip():
             raise ComflpError("--instruction is empty: give the request the model transcribes by, or leave it out")
-        return Prompt(instruction=prompt.instruction)
+        return Prompt(language=prompt.language, instruction=prompt.instruction)
 
     def labels(self, model, tokenizer, texts, *, prompt=None, languages=None, batch=None) -> torch.Tensor:
         """The teacher-forced rows' labels: the transcript's tokens and the end token, inside the chat prompt
@@ -557,7 +572,7 @@ class SpeechLlmHead(HeadKind):
         """:func:`teacher_forced_inputs` of ``batch``, built once for the student, the teacher and the mask of a
         training step (the last batch's are kept, keyed by what they are made of)."""
         key = (id(processor), tuple(batch.utt_ids), tuple(batch.texts), str(next(model.parameters()).device),
-               instruction(model, processor, prompt))
+               instruction(model, processor, prompt), (prompt or Prompt()).language)
         if getattr(self, "_last", (None,))[0] != key:
             self._last = (key, teacher_forced_inputs(model, processor, batch, prompt))
         return self._last[1]

@@ -19,11 +19,15 @@ from tiny_speechllm import (AUDIO_TOKEN, FEATURE_MASK, VOCAB, WITH_PROCESSORS, q
                             tiny_speech_llm)
 
 
-def alone_inputs(model, processor, path: Path, request: str = "Transcribe the audio.") -> dict:
+def alone_inputs(model, processor, path: Path, request: str = "Transcribe the audio.", language: str | None = None
+                 ) -> dict:
     """Plain transformers' inputs for one audio file: the processor's chat prompt around its audio (Voxtral's
-    processor reads the file itself, inside the chat turn, in windows of its tower's size)."""
+    processor reads the file itself, inside the chat turn, in windows of its tower's size; Qwen3-ASR's makes
+    its own transcription request)."""
     from comflp.data import load_audio
 
+    if model.config.model_type == "qwen3_asr":
+        return processor.apply_transcription_request(load_audio(path, 16000), language=language)
     if model.config.model_type == "voxtral":
         frames = 2 * model.config.audio_config.max_source_positions
         turn = [{"role": "user", "content": [{"type": "audio", "path": str(path)}, {"type": "text", "text": request}]}]
@@ -45,13 +49,13 @@ def _decoded(model, processor, ids) -> list[str]:
     return processor.batch_decode(ids, skip_special_tokens=True)
 
 
-def _alone(model, processor, utts, max_new_tokens: int) -> list[str]:
+def _alone(model, processor, utts, max_new_tokens: int, language: str | None = None) -> list[str]:
     """Independent reference: plain transformers, one utterance at a time (the processor's prompt around its
     audio, greedy generation, the new tokens decoded)."""
     request = getattr(processor, "default_transcription_prompt", None) or "Transcribe the audio."
     out = []
     for u in utts:
-        inputs = alone_inputs(model, processor, u.path, request)
+        inputs = alone_inputs(model, processor, u.path, request, language)
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         answer = _decoded(model, processor, ids[:, inputs["input_ids"].shape[1]:])[0]
         out.append(" ".join(answer.split()))  # one line per transcript, as comflp writes them
@@ -482,3 +486,40 @@ def test_a_processor_needing_a_missing_library_is_named_in_one_line(tmp_path: Pa
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("error:") == 1
     assert "requires the mistral-common library" in last and "comflp[voxtral]" in last, result.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_qwen3_asr_is_prompted_by_its_own_request_and_language(tmp_path: Path) -> None:
+    """Qwen3-ASR: the processor's own transcription request (the audio alone in the user's turn); --language
+    prefills the answer with its tag, in decoding (== plain transformers' apply_transcription_request with that
+    language) and in teacher forcing (the transcript right after the tag). --instruction is refused for it,
+    --language for a chat-template family, each in one line."""
+    from conftest import make_corpus, run_comflp
+
+    from comflp.data import collate, read_corpus_dir
+    from comflp.heads import chat_prompt, head_of, teacher_forced_inputs
+    from comflp.model import load_model
+    from comflp.prompt import Prompt
+
+    model_dir, corpus = speech_llm_dir(tmp_path, "qwen3_asr"), make_corpus(tmp_path / "corpus", n=4)
+    loaded = load_model(model_dir, allow_encoder_decoder=True, need_tokenizer=True)
+    model, processor = loaded.model, loaded.tokenizer
+    assert "Transcribe" not in chat_prompt(model, processor)
+    assert chat_prompt(model, processor, Prompt(language="zh")).endswith("language Chinese<asr_text>")
+    result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3",
+                        "--language", "zh", "--output_dir", str(tmp_path / "t"))
+    assert result.returncode == 0, result.stderr
+    utts = read_corpus_dir(corpus)
+    limit = head_of(model).generation_limit(model, processor, [u.text for u in utts])
+    got = dict(line.partition(" ")[::2] for line in (tmp_path / "t" / "hyp.txt").read_text(encoding="utf-8").splitlines())
+    assert [got[u.utt_id].strip() for u in utts] == _alone(model, processor, utts, limit, language="zh")
+    inputs, transcript, _ = teacher_forced_inputs(model, processor, collate(utts[:1], loaded.feature_extractor),
+                                                  Prompt(language="zh"))
+    start = int(transcript[0].nonzero()[0])
+    tag = processor.tokenizer("language Chinese<asr_text>", add_special_tokens=False).input_ids
+    assert inputs["input_ids"][0, start - len(tag): start].tolist() == tag
+    for argv, message in ((["--model", str(model_dir), "--instruction", "Write it down."], "leave --instruction out"),
+                          (["--model", str(qwen2_audio_dir(tmp_path)), "--language", "zh"], "leave them out"),
+                          (["--model", str(model_dir), "--language", "xx"], "--language xx")):
+        result = run_comflp("test", *argv, "--data_dir", str(corpus), "--output_dir", str(tmp_path / "bad"))
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr

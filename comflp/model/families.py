@@ -196,6 +196,10 @@ class Family:
     (:class:`TowerFrames`; None: not known, its measuring refused).
     ``stack_aliases``: the :data:`STACK_ALIASES` the family's stacks also answer to (a speech-LLM's ``audio``
     and ``llm``).
+    ``transcription_prompt``: (processor, ``--language`` or None) -> the text of the prompt, for a family whose
+    processor builds its own transcription request (Qwen3-ASR's: the audio alone in the user's turn, the
+    language forced by prefilling the answer with its tag); None: the chat template renders the audio and the
+    request (``instruction``), and ``--language`` is refused.
     ``transcript_decoding``: the keyword arguments of the processor's ``decode`` that strip the family's own
     output format from a generated answer (Qwen3-ASR's ``language <LANG><asr_text>`` tag, GLM-ASR's framing
     sentence); empty: its plain ``batch_decode``.
@@ -235,6 +239,7 @@ class Family:
     instruction: str = "Transcribe the audio."
     audio_frames: TowerFrames | None = None
     stack_aliases: tuple[str, ...] = ()
+    transcription_prompt: Callable[[object, str | None], str] | None = None
     transcript_decoding: tuple[tuple[str, object], ...] = ()
     audio_in_chat: Callable[[nn.Module, object], dict] | None = None
 
@@ -308,9 +313,20 @@ def _voxtral_chat_kwargs(model: nn.Module, processor) -> dict:
     return {"audio_kwargs": {"max_source_positions": frames, "pad_to_multiple_of": frames * hop}}
 
 
+def _qwen3_asr_prompt(processor, language: str | None) -> str:
+    """Qwen3-ASR's own transcription request (its processor's ``apply_transcription_request``, untokenized: the
+    audio placeholder alone in the user's turn; with a language, the answer prefilled with ``language
+    <NAME><asr_text>``, so the model writes the transcript only)."""
+    import numpy as np
+
+    # untokenized, the request does not read the audio: a placeholder sample stands for it
+    return processor.apply_transcription_request(np.zeros(1, dtype=np.float32), language=language, tokenize=False)[0]
+
+
 def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM",
                 audio_frames: TowerFrames | None = None, audio_in_chat: Callable | None = None,
-                transcript_decoding: tuple[tuple[str, object], ...] = ()) -> Family:
+                transcript_decoding: tuple[tuple[str, object], ...] = (),
+                transcription_prompt: Callable | None = None) -> Family:
     """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
     audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
     Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
@@ -319,7 +335,7 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
                   input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings",
                   audio_frames=audio_frames, stack_aliases=("audio", "llm"), audio_in_chat=audio_in_chat,
-                  transcript_decoding=transcript_decoding)
+                  transcript_decoding=transcript_decoding, transcription_prompt=transcription_prompt)
 
 
 # speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a
@@ -335,7 +351,8 @@ FAMILIES.update({
     "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
                              front_end="audio_tower.conv2d1", features="Qwen3ASRFeatureExtractor",
                              audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, layout="packed"),
-                             transcript_decoding=(("return_format", "transcription_only"),)),
+                             transcript_decoding=(("return_format", "transcription_only"),),
+                             transcription_prompt=_qwen3_asr_prompt),
     "glmasr": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                           front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
                           audio_frames=TowerFrames("input_features_mask", _padded_conv_tower_frames),
