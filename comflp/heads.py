@@ -328,18 +328,9 @@ def _user_turn(model, processor, prompt: Prompt | None, audio: dict) -> list[dic
 
 def chat_prompt(model, processor, prompt: Prompt | None = None) -> str:
     """The text of a speech-LLM's prompt: its chat template rendering one user turn (the audio, then the
-    transcription request, :func:`instruction`) and opening the assistant's turn; or the family's own request
-    (``Family.transcription_prompt``: Qwen3-ASR's, the language forced by ``prompt.language``)."""
+    transcription request, :func:`instruction`) and opening the assistant's turn."""
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
-    own = family_of(model).transcription_prompt
-    if own is not None:
-        language = (prompt or Prompt()).language
-        try:
-            return own(processor, language)
-        except (ValueError, TypeError, KeyError, TemplateError) as err:
-            what = f"--language {language}" if language else "its transcription request"
-            raise ComflpError(f"{model.config.model_type}: {what}: {str(err).strip().splitlines()[0]}") from None
     try:
         return processor.apply_chat_template(_user_turn(model, processor, prompt, {}), add_generation_prompt=True,
                                              tokenize=False)
@@ -362,11 +353,24 @@ def chat_row(model, processor, wave, prompt: Prompt | None = None) -> dict[str, 
     # float WAV: the samples as they are (16-bit PCM would round them); mistral_common decodes it with soundfile
     sf.write(encoded, np.asarray(wave, dtype=np.float32), rate, format="WAV", subtype="FLOAT")
     turn = _user_turn(model, processor, prompt, {"base64": base64.b64encode(encoded.getvalue()).decode("ascii")})
+    audio_kwargs = family_of(model).audio_in_chat(model, processor)
     try:
         row = processor.apply_chat_template(turn, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                            processor_kwargs=family_of(model).audio_in_chat(model, processor))
+                                            processor_kwargs={"audio_kwargs": audio_kwargs})
     except (ValueError, TypeError, KeyError) as err:
         raise _chat_template_error(err) from None
+    return {key: torch.as_tensor(value) for key, value in row.items()}
+
+
+def request_row(model, processor, wave, prompt: Prompt | None = None) -> dict[str, torch.Tensor]:
+    """One utterance's prompt inputs [1, ...] from the family's own transcription request
+    (``Family.transcription_request``), its language ``prompt.language``; one line for a language it refuses."""
+    language = (prompt or Prompt()).language
+    try:
+        row = family_of(model).transcription_request(model, processor, wave, language)
+    except (ValueError, TypeError, KeyError) as err:
+        what = f"--language {language}" if language else "its transcription request"
+        raise ComflpError(f"{model.config.model_type}: {what}: {str(err).strip().splitlines()[0]}") from None
     return {key: torch.as_tensor(value) for key, value in row.items()}
 
 
@@ -390,7 +394,10 @@ def _speech_llm_rows(model, processor, batch: AudioBatch, tails: Sequence[Sequen
     ``prompt_lengths`` [B]: each row's prompt tokens."""
     if batch.waves is None:
         raise ComflpError("a speech-LLM's inputs are built from the waveforms, and this batch holds none")
-    if family_of(model).audio_in_chat is not None:
+    family = family_of(model)
+    if family.transcription_request is not None and (prompt or Prompt()).instruction is None:
+        rows = [request_row(model, processor, wave, prompt) for wave in batch.waves]
+    elif family.audio_in_chat is not None:
         rows = [chat_row(model, processor, wave, prompt) for wave in batch.waves]
     else:
         text = chat_prompt(model, processor, prompt)
@@ -519,16 +526,19 @@ class SpeechLlmHead(HeadKind):
     supports = frozenset({"measure", "train"})
 
     def check_prompt(self, model, prompt: Prompt | None) -> Prompt:
-        """--instruction for a chat-template request; --language for a family whose own request forces one
-        (Qwen3-ASR); --task never."""
+        """--instruction for a chat turn; --language for a family whose own transcription request takes one
+        (Qwen3-ASR, Voxtral), not both; --task never."""
         prompt = prompt or Prompt()
-        own = family_of(model).transcription_prompt is not None
+        family = family_of(model)
+        own = family.transcription_request is not None
         if prompt.task or (prompt.language and not own):
             raise ComflpError("--language/--task set Whisper's prompt tokens; a speech-LLM is prompted by its chat "
                               "template with a transcription request (--instruction): leave them out")
-        if own and prompt.instruction is not None:
+        if own and prompt.instruction is not None and (prompt.language or family.audio_in_chat is None):
             raise ComflpError(f"{model.config.model_type} is prompted by its processor's own transcription request "
-                              "(the audio alone; --language forces the language): leave --instruction out")
+                              "(--language forces its language)" + (
+                                  "; --instruction asks in a chat turn instead, which takes no --language: give one"
+                                  if family.audio_in_chat is not None else ": leave --instruction out"))
         if prompt.instruction is not None and not prompt.instruction.strip():
             raise ComflpError("--instruction is empty: give the request the model transcribes by, or leave it out")
         return Prompt(language=prompt.language, instruction=prompt.instruction)

@@ -28,11 +28,15 @@ def alone_inputs(model, processor, path: Path, request: str = "Transcribe the au
 
     if model.config.model_type == "qwen3_asr":
         return processor.apply_transcription_request(load_audio(path, 16000), language=language)
-    if model.config.model_type == "voxtral":
-        frames = 2 * model.config.audio_config.max_source_positions
+    if model.config.model_type == "voxtral":  # its transcription mode; with a request of one's own, a chat turn
+        window = {"max_source_positions": 2 * model.config.audio_config.max_source_positions,
+                  "pad_to_multiple_of": 2 * model.config.audio_config.max_source_positions * 160}
+        if request == "Transcribe the audio.":
+            return processor.apply_transcription_request(audio=str(path), model_id="voxtral", language=language,
+                                                         audio_kwargs=window)
         turn = [{"role": "user", "content": [{"type": "audio", "path": str(path)}, {"type": "text", "text": request}]}]
-        return processor.apply_chat_template(turn, tokenize=True, return_dict=True, processor_kwargs={
-            "audio_kwargs": {"max_source_positions": frames, "pad_to_multiple_of": frames * 160}})
+        return processor.apply_chat_template(turn, tokenize=True, return_dict=True,
+                                             processor_kwargs={"audio_kwargs": window})
     turn = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": request}]}]
     text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     return processor(text=text, audio=[load_audio(path, 16000)], sampling_rate=16000, return_tensors="pt")
@@ -496,15 +500,13 @@ def test_qwen3_asr_is_prompted_by_its_own_request_and_language(tmp_path: Path) -
     from conftest import make_corpus, run_comflp
 
     from comflp.data import collate, read_corpus_dir
-    from comflp.heads import chat_prompt, head_of, teacher_forced_inputs
+    from comflp.heads import head_of, teacher_forced_inputs
     from comflp.model import load_model
     from comflp.prompt import Prompt
 
     model_dir, corpus = speech_llm_dir(tmp_path, "qwen3_asr"), make_corpus(tmp_path / "corpus", n=4)
     loaded = load_model(model_dir, allow_encoder_decoder=True, need_tokenizer=True)
     model, processor = loaded.model, loaded.tokenizer
-    assert "Transcribe" not in chat_prompt(model, processor)
-    assert chat_prompt(model, processor, Prompt(language="zh")).endswith("language Chinese<asr_text>")
     result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3",
                         "--language", "zh", "--output_dir", str(tmp_path / "t"))
     assert result.returncode == 0, result.stderr
@@ -517,9 +519,49 @@ def test_qwen3_asr_is_prompted_by_its_own_request_and_language(tmp_path: Path) -
     start = int(transcript[0].nonzero()[0])
     tag = processor.tokenizer("language Chinese<asr_text>", add_special_tokens=False).input_ids
     assert inputs["input_ids"][0, start - len(tag): start].tolist() == tag
+    assert "Transcribe" not in processor.tokenizer.decode(inputs["input_ids"][0, :start])  # the audio alone
     for argv, message in ((["--model", str(model_dir), "--instruction", "Write it down."], "leave --instruction out"),
                           (["--model", str(qwen2_audio_dir(tmp_path)), "--language", "zh"], "leave them out"),
                           (["--model", str(model_dir), "--language", "xx"], "--language xx")):
         result = run_comflp("test", *argv, "--data_dir", str(corpus), "--output_dir", str(tmp_path / "bad"))
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_voxtral_is_prompted_by_its_transcription_mode_unless_asked_in_a_chat_turn(tmp_path: Path) -> None:
+    """Voxtral: its processor's transcription request (`lang:xx[TRANSCRIBE]` with --language), == plain
+    transformers' apply_transcription_request; --instruction asks in a chat turn instead (== its chat
+    template); both at once are refused in one line."""
+    from conftest import make_corpus, run_comflp
+
+    from comflp.data import collate, read_corpus_dir
+    from comflp.heads import head_of, teacher_forced_inputs
+    from comflp.model import load_model
+    from comflp.prompt import Prompt
+
+    model_dir, corpus = speech_llm_dir(tmp_path, "voxtral"), make_corpus(tmp_path / "corpus", n=4)
+    loaded = load_model(model_dir, allow_encoder_decoder=True, need_tokenizer=True)
+    model, processor = loaded.model, loaded.tokenizer
+    utts = read_corpus_dir(corpus)
+    limit = head_of(model).generation_limit(model, processor, [u.text for u in utts])
+    for flags, request, language in ((["--language", "en"], "Transcribe the audio.", "en"),
+                                     (["--instruction", "Write down what is said."], "Write down what is said.", None)):
+        out = tmp_path / flags[0].strip("-")
+        result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(corpus), "--batch_size", "3",
+                            *flags, "--output_dir", str(out))
+        assert result.returncode == 0, result.stderr
+        got = dict(line.partition(" ")[::2] for line in (out / "hyp.txt").read_text(encoding="utf-8").splitlines())
+        expected = []
+        for u in utts:
+            inputs = alone_inputs(model, processor, u.path, request, language)
+            ids = model.generate(**inputs, max_new_tokens=limit, do_sample=False, num_beams=1)
+            expected.append(" ".join(_decoded(model, processor, ids[:, inputs["input_ids"].shape[1]:])[0].split()))
+        assert [got[u.utt_id].strip() for u in utts] == expected
+    inputs, transcript, _ = teacher_forced_inputs(model, processor, collate(utts[:1], loaded.feature_extractor),
+                                                  Prompt(language="en"))
+    start = int(transcript[0].nonzero()[0])
+    tail = processor.tokenizer.decode(inputs["input_ids"][0, :start].tolist()[-10:])
+    assert "lang:en" in tail and tail.endswith("[TRANSCRIBE]"), tail
+    result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(corpus), "--language", "en",
+                        "--instruction", "Write it.", "--output_dir", str(tmp_path / "both"))
+    assert result.returncode == 2 and "takes no --language" in result.stderr.strip().splitlines()[-1], result.stderr

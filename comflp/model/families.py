@@ -196,17 +196,20 @@ class Family:
     (:class:`TowerFrames`; None: not known, its measuring refused).
     ``stack_aliases``: the :data:`STACK_ALIASES` the family's stacks also answer to (a speech-LLM's ``audio``
     and ``llm``).
-    ``transcription_prompt``: (processor, ``--language`` or None) -> the text of the prompt, for a family whose
-    processor builds its own transcription request (Qwen3-ASR's: the audio alone in the user's turn, the
-    language forced by prefilling the answer with its tag); None: the chat template renders the audio and the
-    request (``instruction``), and ``--language`` is refused.
+    ``transcription_request``: (model, processor, one waveform, ``--language`` or None) -> that utterance's
+    inputs [1, ...], for a family whose processor makes its own transcription request
+    (``apply_transcription_request``: Qwen3-ASR's, the audio alone in the user's turn, a language prefilled as
+    the answer's tag; Voxtral's transcription mode, ``lang:xx[TRANSCRIBE]``), used unless ``--instruction``
+    asks for a chat turn; None: the chat template renders the audio and the request (``instruction``), and
+    ``--language`` is refused.
     ``transcript_decoding``: the keyword arguments of the processor's ``decode`` that strip the family's own
     output format from a generated answer (Qwen3-ASR's ``language <LANG><asr_text>`` tag, GLM-ASR's framing
     sentence); empty: its plain ``batch_decode``.
     ``audio_in_chat``: a speech-LLM whose processor takes the audio inside the chat turn (Voxtral's: its
     tokenizer, mistral_common, counts the audio tokens) rather than beside the rendered prompt text: (model,
-    processor) -> the ``processor_kwargs`` of its ``apply_chat_template`` (None: the audio goes beside the
-    text).
+    processor) -> the audio keyword arguments its processor needs (None: the audio goes beside the text; a
+    family with a ``transcription_request`` and no ``audio_in_chat`` has no chat turn: ``--instruction`` is
+    refused).
     """
 
     encoder: Stack = field(default_factory=Stack)
@@ -239,7 +242,7 @@ class Family:
     instruction: str = "Transcribe the audio."
     audio_frames: TowerFrames | None = None
     stack_aliases: tuple[str, ...] = ()
-    transcription_prompt: Callable[[object, str | None], str] | None = None
+    transcription_request: Callable[[nn.Module, object, object, str | None], dict] | None = None
     transcript_decoding: tuple[tuple[str, object], ...] = ()
     audio_in_chat: Callable[[nn.Module, object], dict] | None = None
 
@@ -304,29 +307,36 @@ def _llm(layers: str = "language_model.layers") -> Stack:
                  prefix_counts=("max_window_layers",))
 
 
-def _voxtral_chat_kwargs(model: nn.Module, processor) -> dict:
+def _voxtral_audio_kwargs(model: nn.Module, processor) -> dict:
     """Voxtral's processor cuts the mel frames into windows of its tower's 2 x ``max_source_positions`` frames
     after padding the audio to whole windows; its defaults are the released checkpoints' 30 s, so the window
     is given from the model's config (a smaller model's own)."""
     frames = 2 * int(model.config.audio_config.max_source_positions)
     hop = int(processor.feature_extractor.hop_length)
-    return {"audio_kwargs": {"max_source_positions": frames, "pad_to_multiple_of": frames * hop}}
+    return {"max_source_positions": frames, "pad_to_multiple_of": frames * hop}
 
 
-def _qwen3_asr_prompt(processor, language: str | None) -> str:
-    """Qwen3-ASR's own transcription request (its processor's ``apply_transcription_request``, untokenized: the
-    audio placeholder alone in the user's turn; with a language, the answer prefilled with ``language
-    <NAME><asr_text>``, so the model writes the transcript only)."""
-    import numpy as np
+def _voxtral_request(model: nn.Module, processor, wave, language: str | None) -> dict:
+    """Voxtral's transcription mode (its processor's ``apply_transcription_request``: ``[INST]`` the audio
+    ``[/INST]``, ``lang:xx`` when a language is given, ``[TRANSCRIBE]``); the audio handed over as a WAV file
+    (16-bit, as the processor writes it)."""
+    return processor.apply_transcription_request(
+        audio=[wave], model_id=str(getattr(model, "name_or_path", "") or "voxtral"), language=language,
+        sampling_rate=int(processor.feature_extractor.sampling_rate), format=["wav"],
+        audio_kwargs=_voxtral_audio_kwargs(model, processor))
 
-    # untokenized, the request does not read the audio: a placeholder sample stands for it
-    return processor.apply_transcription_request(np.zeros(1, dtype=np.float32), language=language, tokenize=False)[0]
+
+def _qwen3_asr_request(model: nn.Module, processor, wave, language: str | None) -> dict:
+    """Qwen3-ASR's transcription request (its processor's ``apply_transcription_request``: the audio alone in
+    the user's turn; with a language, the answer prefilled with ``language <NAME><asr_text>``, so the model
+    writes the transcript only)."""
+    return processor.apply_transcription_request(wave, language=language)
 
 
 def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str = "AutoModelForMultimodalLM",
                 audio_frames: TowerFrames | None = None, audio_in_chat: Callable | None = None,
                 transcript_decoding: tuple[tuple[str, object], ...] = (),
-                transcription_prompt: Callable | None = None) -> Family:
+                transcription_request: Callable | None = None) -> Family:
     """A speech-LLM: an audio tower (the ``encoder`` stack) whose outputs a projector turns into the LLM's
     audio-token embeddings, and the LLM's decoder layers (the ``decoder`` stack), prompted to transcribe.
     Repair and LayerDrop are not offered (their sites differ between the two stacks)."""
@@ -335,7 +345,7 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
                   input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings",
                   audio_frames=audio_frames, stack_aliases=("audio", "llm"), audio_in_chat=audio_in_chat,
-                  transcript_decoding=transcript_decoding, transcription_prompt=transcription_prompt)
+                  transcript_decoding=transcript_decoding, transcription_request=transcription_request)
 
 
 # speech-LLMs: the audio tower is a Whisper-style encoder (Qwen2-Audio, Voxtral, Qwen3-ASR, GLM-ASR) or a
@@ -346,13 +356,13 @@ FAMILIES.update({
                                audio_frames=TowerFrames("feature_attention_mask", _whisper_tower_frames)),
     "voxtral": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                            front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
-                           audio_in_chat=_voxtral_chat_kwargs,
+                           audio_in_chat=_voxtral_audio_kwargs, transcription_request=_voxtral_request,
                            audio_frames=TowerFrames(None, _windowed_tower_frames, layout="windows")),
     "qwen3_asr": _speech_llm(Stack("audio_tower.layers", "encoder_layers", config="audio_config"),
                              front_end="audio_tower.conv2d1", features="Qwen3ASRFeatureExtractor",
                              audio_frames=TowerFrames("input_features_mask", _chunked_tower_frames, layout="packed"),
                              transcript_decoding=(("return_format", "transcription_only"),),
-                             transcription_prompt=_qwen3_asr_prompt),
+                             transcription_request=_qwen3_asr_request),
     "glmasr": _speech_llm(Stack("audio_tower.layers", "num_hidden_layers", config="audio_config"),
                           front_end="audio_tower.conv1", features="WhisperFeatureExtractor",
                           audio_frames=TowerFrames("input_features_mask", _padded_conv_tower_frames),
