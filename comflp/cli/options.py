@@ -86,13 +86,16 @@ def add_prompt(p: argparse.ArgumentParser) -> None:
                    help="Whisper: the language of the speech (en, english or <|en|>), given to generation, to the "
                         "teacher-forced decoder and to the fine-tuning labels alike (default: what the checkpoint's "
                         "generation config forces; if it forces none, detected from each utterance's audio: by the "
-                        "full model, once, when measuring, searching or training, by the model itself when testing)")
+                        "full model, once, when measuring, searching or training, by the model itself when testing). "
+                        "Qwen3-ASR and Voxtral: the language their transcription request forces (default: none, "
+                        "the model identifies it)")
     p.add_argument("--task", choices=["transcribe", "translate"], default=None,
                    help="Whisper: the task token of the prompt (default: the checkpoint's, else transcribe)")
     p.add_argument("--instruction", default=None,
                    help="speech-LLMs: the transcription request sent after the audio in the user's turn of the chat "
                         "template, the same in decoding, measuring and training (default: the processor's own "
-                        "default request where it has one, else \"Transcribe the audio.\")")
+                        "default request where it has one, else \"Transcribe the audio.\"); Voxtral: asks in a chat "
+                        "turn instead of its transcription mode; refused for Qwen3-ASR, prompted by its own request")
 
 
 class _QuietAction(argparse.Action):
