@@ -1,4 +1,5 @@
-"""Fine-tune ("heal") a pruned CTC or Whisper model: ``clip_finetune_train.py`` / ``comflp finetune``.
+"""Fine-tune ("heal") a pruned CTC, encoder-decoder or speech-LLM model: ``clip_finetune_train.py`` /
+``comflp finetune``.
 
 The starting point is the source model pruned by a strategy file
 (``--strategy FILE --rank N``) or ``--layers``; with ``--distill`` the unpruned

@@ -1,6 +1,6 @@
 """``comflp finetune`` / ``clip_finetune_train.py``: the flags of :class:`comflp.finetune.FinetuneConfig`.
 
-Fine-tune ("heal") a pruned CTC or Whisper model (:func:`comflp.finetune.train`, whose docstring says what
+Fine-tune ("heal") a pruned CTC, encoder-decoder or speech-LLM model (:func:`comflp.finetune.train`, whose docstring says what
 one update is and what the output dir holds).
 """
 

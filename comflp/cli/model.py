@@ -38,8 +38,9 @@ def info_main(argv: list[str] | None = None) -> None:
 def prune_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="comflp prune",
-        description="Remove transformer layers from a CTC or Whisper model and save it in HuggingFace format "
-                    "(config + model.safetensors + processor files); plain transformers loads the result.")
+        description="Remove transformer layers from a CTC, encoder-decoder (Whisper, Moonshine) or speech-LLM "
+                    "model and save it in HuggingFace format (config + model.safetensors + processor files); plain "
+                    "transformers loads the result.")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="source model dir or hub id (default: the demo model)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--layers", help="1-based layers to remove, e.g. 1,3,5 or 2-4 (of an encoder-decoder model: "

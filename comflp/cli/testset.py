@@ -1,4 +1,5 @@
-"""Decode a labelled corpus with a CTC or Whisper model: CER/WER over the whole set, real-time factor, parameters.
+"""Decode a labelled corpus with a CTC, encoder-decoder (Whisper, Moonshine) or speech-LLM model: CER/WER over
+the whole set, real-time factor, parameters.
 
 Writes ``test_asr.log`` and ``test_asr.json`` to the output dir.
 """
