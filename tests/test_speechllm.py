@@ -320,15 +320,17 @@ def test_an_unmeasurable_tower_is_refused_in_one_line(tmp_path: Path, monkeypatc
     assert "Traceback" not in result.stderr and not (tmp_path / "x.npz").exists()
 
 
-def test_heal_a_pruned_speech_llm_and_test_it(tmp_path: Path) -> None:
-    """Healing a speech-LLM: cross-entropy on the transcript's tokens inside the chat prompt plus distillation
-    from the unpruned teacher; the checkpoints are plain and `comflp test` decodes them."""
+@pytest.mark.parametrize("family", ["qwen2_audio", "voxtral"])
+def test_heal_a_pruned_speech_llm_and_test_it(family: str, tmp_path: Path) -> None:
+    """Healing a speech-LLM: cross-entropy on the transcript's tokens inside its prompt (Qwen2-Audio's chat
+    template, Voxtral's transcription request) plus distillation from the unpruned teacher; the checkpoints
+    are plain and `comflp test` decodes them."""
     from conftest import make_corpus
 
     from comflp.cli import finetune, testset as testset_cli
 
     texts = ["你好世界", "我们是人", "你好", "世界的人", "我是你", "好的"]
-    model_dir, corpus = qwen2_audio_dir(tmp_path), make_corpus(tmp_path / "corpus", n=6, texts=texts)
+    model_dir, corpus = speech_llm_dir(tmp_path, family), make_corpus(tmp_path / "corpus", n=6, texts=texts)
     out = tmp_path / "ft"
     finetune.main(["--model", str(model_dir), "--layers", "4", "--decoder_layers", "2,3", "--batch_size", "3",
                    "--epochs", "3", "--lr", "3e-3", "--test_num_batch", "2", "--valid_batch_size", "3",
@@ -341,7 +343,9 @@ def test_heal_a_pruned_speech_llm_and_test_it(tmp_path: Path) -> None:
     assert settings["pruned"] == [4] and settings["decoder_pruned"] == [2, 3]
     healed, info = AutoModelForMultimodalLM.from_pretrained(out / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert (healed.config.audio_config.encoder_layers, healed.config.text_config.num_hidden_layers) == (3, 2)
+    tower_depth = getattr(healed.config.audio_config, "encoder_layers", None) or \
+        healed.config.audio_config.num_hidden_layers
+    assert (tower_depth, healed.config.text_config.num_hidden_layers) == (3, 2)
     report = testset_cli.main(["--model", str(out / "final"), "--data_dir", str(corpus), "--batch_size", "2",
                                "--output_dir", str(tmp_path / "test")])
     assert report["error_rate"] == pytest.approx(rows[3]["valid_cer"], abs=1e-12)
