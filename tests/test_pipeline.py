@@ -117,9 +117,9 @@ def test_speech_llm_demo_prunes_the_audio_tower_and_the_llm_and_heals(tmp_path: 
     from tiny_speechllm import qwen2_audio_dir
 
     exp, table = _tiny_demo(qwen2_audio_dir(tmp_path), tmp_path, capsys)[1:3]
-    for row in ("full model", "encoder: CoMFLP pick, before healing", "encoder: CoMFLP pick, after healing",
-                "decoder: CoMFLP pick, after healing", "decoder: linspace pick"):
+    for row in ("full model", "audio tower: CoMFLP pick, before healing", "audio tower: CoMFLP pick, after healing",
+                "LLM: CoMFLP pick, after healing", "LLM: linspace pick"):
         assert row in table, table
-    assert "repaired" not in table.split("full model")[1]
+    assert "repaired" not in table.split("full model")[1] and "encoder:" not in table
     pruned = AutoModelForMultimodalLM.from_pretrained(exp / "finetune_decoder" / "final")
     assert pruned.config.text_config.num_hidden_layers == 2 and pruned.config.audio_config.encoder_layers == 4

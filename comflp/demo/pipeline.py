@@ -117,9 +117,10 @@ class Variant:
     stack: str
     method: str  # "comflp", "linspace", or "repaired" (CoMFLP's pick with its cuts repaired, not healed)
 
-    def label(self, two_stacks: bool) -> str:
+    def label(self, two_stacks: bool, titles: dict[str, str] | None = None) -> str:
+        """The variant's row name; with two stacks, prefixed by the stack's title (``Family.stack_titles``)."""
         name = {"comflp": "CoMFLP pick", "linspace": "linspace pick", "repaired": "CoMFLP pick repaired"}[self.method]
-        return f"{self.stack}: {name}" if two_stacks else name
+        return f"{(titles or {}).get(self.stack, self.stack)}: {name}" if two_stacks else name
 
 
 @dataclass
@@ -131,6 +132,13 @@ class Run:
     loaded: object  # comflp.model.LoadedModel
     stacks: tuple[str, ...]
     k: int
+
+    @property
+    def stack_titles(self) -> dict[str, str]:
+        """What the tables call each stack (the family table's ``stack_titles``)."""
+        from ..model import family_of
+
+        return dict(family_of(self.loaded.model).stack_titles)
 
     @property
     def prompt(self):
@@ -404,7 +412,7 @@ def _prune(run: Run) -> None:
         out = prune(run.loaded, plan["layers"], run.exp.pruned(v.stack, v.method, run.k),
                     decoder_layers=plan["decoder_layers"], overwrite=True, repair=fitted,
                     strategy=strategy_source(StrategyFile.load(path), path, 1))
-        log.info("%s: pruned %s -> %s", v.label(len(run.stacks) > 1), layers, out.path)
+        log.info("%s: pruned %s -> %s", v.label(len(run.stacks) > 1, run.stack_titles), layers, out.path)
 
 
 def _repair(run: Run, plan: dict):
@@ -464,7 +472,7 @@ def _finetune(run: Run) -> None:
                        instruction=run.args.instruction,
                        test_num_batch=4, valid_batch_size=50, resume_epoch=-1, quiet=False,  # a bar with an ETA
                        train_data_dir=run.split("train"), valid_data_dir=run.split("dev")))
-        log.info("%s healed -> %s", v.label(len(run.stacks) > 1), exp.final)
+        log.info("%s healed -> %s", v.label(len(run.stacks) > 1, run.stack_titles), exp.final)
     _healing_curves(run)
 
 
@@ -492,7 +500,7 @@ def _healing_curves(run: Run) -> None:
         rows = run.exp.finetune(v.stack, v.method).read_metrics()
         reference = next((r["source_valid_cer"] for r in rows if r["epoch"] == 0 and "source_valid_cer" in r),
                          reference)
-        lines[f"{v.label(len(run.stacks) > 1)}, dev CER"] = ([r["epoch"] for r in rows],
+        lines[f"{v.label(len(run.stacks) > 1, run.stack_titles)}, dev CER"] = ([r["epoch"] for r in rows],
                                                              [100 * r["valid_cer"] for r in rows])
     curves(lines, claim_file(run.exp.healing_plot(), overwrite=True),
            xlabel="fine-tuning epoch (0 = pruned, before healing)", ylabel="dev CER (%)",
@@ -531,7 +539,7 @@ def _summary(run: Run, seconds: float) -> None:
         same = run.same_as_comflp(v)
         healed_dir = exp.test_healed(v.stack, "comflp" if same else v.method)
         after = exp.test_result(healed_dir)
-        name = v.label(two) + (" (= CoMFLP's)" if same else "")
+        name = v.label(two, run.stack_titles) + (" (= CoMFLP's)" if same else "")
         if before and v.method == "repaired":
             record = json.loads((exp.pruned(v.stack, v.method, run.k) / REPAIR_FILE).read_text())
             folded = any(c.get("site") for c in record["cuts"])

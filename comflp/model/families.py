@@ -195,7 +195,8 @@ class Family:
     ``audio_frames``: where a speech-LLM's audio tower's real frames are, for measuring it
     (:class:`TowerFrames`; None: not known, its measuring refused).
     ``stack_aliases``: the :data:`STACK_ALIASES` the family's stacks also answer to (a speech-LLM's ``audio``
-    and ``llm``).
+    and ``llm``); ``stack_titles``: what reports call each stack (a speech-LLM's "audio tower" and "LLM"; by
+    default its name).
     ``transcription_request``: (model, processor, one waveform, ``--language`` or None) -> that utterance's
     inputs [1, ...], for a family whose processor makes its own transcription request
     (``apply_transcription_request``: Qwen3-ASR's, the audio alone in the user's turn, a language prefilled as
@@ -242,6 +243,7 @@ class Family:
     instruction: str = "Transcribe the audio."
     audio_frames: TowerFrames | None = None
     stack_aliases: tuple[str, ...] = ()
+    stack_titles: tuple[tuple[str, str], ...] = ()
     transcription_request: Callable[[nn.Module, object, object, str | None], dict] | None = None
     transcript_decoding: tuple[tuple[str, object], ...] = ()
     audio_in_chat: Callable[[nn.Module, object], dict] | None = None
@@ -345,6 +347,7 @@ def _speech_llm(audio: Stack, *, front_end: str, features: str, auto_class: str 
                   auto_class=auto_class, layerdrop=(), end_norm=None, ffn_output=None, pre_norm_field=None,
                   input_norm=None, ffn_extra=None, export_format="", decoder_positions="max_position_embeddings",
                   audio_frames=audio_frames, stack_aliases=("audio", "llm"), audio_in_chat=audio_in_chat,
+                  stack_titles=(("encoder", "audio tower"), ("decoder", "LLM")),
                   transcript_decoding=transcript_decoding, transcription_request=transcription_request)
 
 
