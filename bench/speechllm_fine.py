@@ -1,5 +1,6 @@
-"""Fine search of a speech-LLM's LLM layers: one audio-tower pass per batch shared by every candidate (comflp)
-vs each pruned model decoding alone (its own tower pass per batch), side by side in one run.
+"""Fine search of a speech-LLM's LLM layers: one audio-tower pass per batch shared by every candidate and the
+prompt's prefill shared along kept-layer prefixes (comflp) vs each pruned model decoding alone (its own tower
+pass and whole prefill), side by side in one run.
 
     python bench/speechllm_fine.py [--model models/demo-speechllm] [--verify_data_dir DIR] [--test_num_batch 4]
                                    [--verify_batch_size 16] [--threads N]
@@ -25,6 +26,7 @@ from comflp.data import iter_batches
 from comflp.demo.corpus import read_corpus
 from comflp.heads import decode_batch
 from comflp.model import load_model, num_layers, prune
+from comflp import prefill
 from comflp.paths import REPO_ROOT, demo_split
 from comflp.verify import FineSearch, verify_subset
 
@@ -45,10 +47,21 @@ def main() -> None:
     sets = [list(s) for k in (1, 2) for s in itertools.combinations(range(1, depth + 1), k)]
     utts = verify_subset(read_corpus(args.verify_data_dir), args.test_num_batch, args.verify_batch_size)
 
+    prefills: list[prefill.PromptPrefills] = []  # one per batch: how many prefill layers were replayed
+    made = prefill.PromptPrefills.__init__
+
+    def counted(self, *a, **k):
+        made(self, *a, **k)
+        prefills.append(self)
+
+    prefill.PromptPrefills.__init__ = counted
     t = time.perf_counter()
     fine = FineSearch(loaded, utts, batch_size=args.verify_batch_size, progress=False, stack="decoder")
     shared = fine.transcribe(sets)
     shared_s = time.perf_counter() - t
+    prefill.PromptPrefills.__init__ = made
+    replayed = sum(p.replayed_layers for p in prefills)
+    computed = sum(p.computed_layers for p in prefills)
 
     t = time.perf_counter()
     alone = []
@@ -68,11 +81,14 @@ def main() -> None:
     print(f"{'':<38} {'tower passes':>12} {'seconds':>9}")
     print(f"{'one tower pass per batch (comflp)':<38} {batches:>12} {shared_s:>9.2f}")
     print(f"{'each pruned model alone':<38} {batches * len(sets):>12} {alone_s:>9.2f}")
+    print(f"prompt prefill layer applications: {computed} computed, {replayed} replayed "
+          f"(of {computed + replayed})")
     print(f"time ratio {shared_s / alone_s:.3f}; transcripts identical: {identical}")
     write_json(args.output, {
         "model": args.model, "candidates": sets, "utterances": len(utts), "batch_size": args.verify_batch_size,
         "max_new_tokens": fine.max_new_tokens, "shared_seconds": shared_s, "alone_seconds": alone_s,
-        "ratio": shared_s / alone_s, "identical": identical, "threads": torch.get_num_threads(),
+        "ratio": shared_s / alone_s, "identical": identical, "prefill_layers_computed": computed,
+        "prefill_layers_replayed": replayed, "threads": torch.get_num_threads(),
         "machine": platform.platform()})
     if not identical:
         raise SystemExit("the shared-prefix fine search transcribed differently from the separately pruned models")

@@ -607,17 +607,22 @@ class SpeechLlmHead(HeadKind):
     def shared_prefix(self, model, tokenizer, batch, stack, prompt=None):
         """Every candidate of either stack decodes from the same prompt and audio inputs; the LLM's candidates
         from the same input embeddings too (the audio tower and projector's output in the prompt's), computed
-        once per batch."""
+        once per batch, and the prompt's prefill through the kept layers they share
+        (:class:`comflp.prefill.PromptPrefills`)."""
         inputs = prompt_inputs(model, tokenizer, batch, prompt)
-        if stack == "decoder":
-            inputs = {"inputs_embeds": llm_input_embeddings(model, inputs), "attention_mask": inputs["attention_mask"]}
-        return {"prompt_inputs": inputs}
+        if stack != "decoder":
+            return {"prompt_inputs": inputs}
+        from .prefill import PromptPrefills
+
+        inputs = {"inputs_embeds": llm_input_embeddings(model, inputs), "attention_mask": inputs["attention_mask"]}
+        return {"prompt_inputs": inputs, "prefills": PromptPrefills(model)}
 
     def decode(self, model, tokenizer, batch, *, max_new_tokens=None, prompt=None, languages=None, **shared):
         inputs = shared.get("prompt_inputs") or prompt_inputs(model, tokenizer, batch, prompt)
         # generate returns the prompt's ids before the new ones, unless it was given embeddings only
         start = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
-        with quiet_generation():
+        prefills = shared.get("prefills")
+        with quiet_generation(), (prefills.replayed(model) if prefills is not None else contextlib.nullcontext()):
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens or self.generation_limit(model, tokenizer),
                                  do_sample=False, num_beams=1)
         return transcripts(model, tokenizer, ids[:, start:])

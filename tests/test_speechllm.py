@@ -110,10 +110,13 @@ def test_transcripts_are_read_without_the_models_own_output_format(family: str, 
 
 
 @pytest.mark.parametrize("family,stack", [(f, s) for f in WITH_PROCESSORS for s in ("encoder", "decoder")])
-def test_fine_search_equals_separately_pruned_models(family: str, stack: str, tmp_path: Path) -> None:
-    """Switching layers of either stack off decodes what each pruned model decodes alone (plain transformers)."""
+def test_fine_search_equals_separately_pruned_models(family: str, stack: str, tmp_path: Path, monkeypatch) -> None:
+    """Switching layers of either stack off decodes what each pruned model decodes alone (plain transformers);
+    the LLM's candidates share the audio tower's pass and the prompt's prefill through the kept layers they
+    share, replayed, not recomputed."""
     from conftest import make_corpus
 
+    from comflp import prefill
     from comflp.data import read_corpus_dir
     from comflp.model import load_model
     from comflp.strategy import Candidate
@@ -124,7 +127,14 @@ def test_fine_search_equals_separately_pruned_models(family: str, stack: str, tm
     sets = [[1], [2, 3], [4], [1, 4]]
     engine = FineSearch(loaded, utts, batch_size=2, progress=False, stack=stack)
     report = verify(engine, [Candidate(s) for s in sets])
-    towers = []
+    towers, prefills = [], []
+    made = prefill.PromptPrefills.__init__
+
+    def recorded(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        prefills.append(self)
+
+    monkeypatch.setattr(prefill.PromptPrefills, "__init__", recorded)
     handle = loaded.model.model.audio_tower.register_forward_hook(lambda *a: towers.append(1))
     try:
         transcribed = engine.transcribe(sets)
@@ -132,6 +142,8 @@ def test_fine_search_equals_separately_pruned_models(family: str, stack: str, tm
         handle.remove()
     # the LLM's candidates share the audio tower's output: it runs once per batch (3 batches of 5 utterances)
     assert len(towers) == (3 if stack == "decoder" else 3 * len(sets))
+    # kept (0, 1, 2), (0, 3), (1, 2), (1, 2, 3) in turn: (0, 3) replays layer 0, (1, 2, 3) layers 1 and 2
+    assert [(p.replayed_layers, p.computed_layers) for p in prefills] == ([(3, 7)] * 3 if stack == "decoder" else [])
     distinct = set()
     for s, hyps in zip(sets, transcribed):
         model = prune(loaded.model, s if stack == "encoder" else [], decoder_pruned=s if stack == "decoder" else [])
