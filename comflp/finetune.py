@@ -350,14 +350,19 @@ def train(args: FinetuneConfig) -> Path:
     out = Path(args.output_dir or finetune_output(exp_dir(), total, len(pruned)))
     afresh = args.overwrite or args.resume_epoch == 0
     lock = output_lock(out) if accelerator.is_main_process else contextlib.nullcontext()
-    with lock:
-        if accelerator.is_main_process:
-            ExperimentDir.open(out, settings=run_settings(args, pruned, decoder_pruned), kind="finetune",
-                               afresh=afresh)
-        accelerator.wait_for_everyone()
-        exp = ExperimentDir(out)
-        with logging_to(exp.command_log("train") if accelerator.is_main_process else None):
-            return _train(args, accelerator, loaded, teacher, exp, card)
+    try:
+        with lock:
+            if accelerator.is_main_process:
+                ExperimentDir.open(out, settings=run_settings(args, pruned, decoder_pruned), kind="finetune",
+                                   afresh=afresh)
+            accelerator.wait_for_everyone()
+            exp = ExperimentDir(out)
+            with logging_to(exp.command_log("train") if accelerator.is_main_process else None):
+                return _train(args, accelerator, loaded, teacher, exp, card)
+    finally:
+        # several processes: close their group, so that its threads end before the interpreter does (left to
+        # exit, a gloo group can abort the process: "terminate called without an active exception")
+        accelerator.end_training()
 
 
 def run_settings(args: FinetuneConfig, pruned: list[int], decoder_pruned: Sequence[int] = ()) -> dict:

@@ -111,9 +111,13 @@ def run(args: argparse.Namespace, settings: MeasureSettings) -> Measured | None:
         loaded = replace(loaded, model=type(loaded.model)(loaded.model.config).eval().to(device))
     prompt = resolve_prompt(args)
     check_prompt(loaded.model, prompt)  # a CTC model has no prompt: refused rather than ignored
-    measured = measure_stage(loaded, utts, settings, stack=args.stack, data=data_label(args, args.data_dir),
-                             accelerator=accelerator, progress=not args.quiet, moment_memory_gb=args.moment_memory_gb,
-                             prompt=prompt)
+    try:
+        measured = measure_stage(loaded, utts, settings, stack=args.stack, data=data_label(args, args.data_dir),
+                                 accelerator=accelerator, progress=not args.quiet,
+                                 moment_memory_gb=args.moment_memory_gb, prompt=prompt)
+    finally:
+        if accelerator is not None:  # close the processes' group so that its threads end before the interpreter
+            accelerator.end_training()  # does (left to exit, gloo can abort: "terminate called without ...")
     if not is_main:
         return None
     measured = replace(measured, model=source_id(args.model), record={
