@@ -24,6 +24,12 @@ class ComflpError(Exception):
 _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def describe_os_error(err: OSError) -> str:
     """One line for an ``OSError``: what could not be done, the path, the system's reason."""
     where = f" {err.filename}" if err.filename else ""

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data import AudioBatch, Utterance, num_samples
-from .errors import ComflpError
+from .errors import ComflpError, first_line
 from .metrics import greedy_decode, guess_unit
 from .model import base_model, call, encoder_frames, family_of, forward, frame_mask, padding_exact, stack_config
 from .model.families import get_module
@@ -316,8 +316,8 @@ def instruction(model, processor, prompt: Prompt | None = None) -> str:
 
 
 def _chat_template_error(err: Exception) -> ComflpError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return ComflpError(f"the processor's chat template cannot render an audio turn ({type(err).__name__}: {first})")
+    return ComflpError(f"the processor's chat template cannot render an audio turn ({type(err).__name__}: "
+                       f"{first_line(err)})")
 
 
 def _user_turn(model, processor, prompt: Prompt | None, audio: dict) -> list[dict]:
@@ -340,8 +340,8 @@ def chat_prompt(model, processor, prompt: Prompt | None = None) -> str:
 
 def chat_row(model, processor, wave, prompt: Prompt | None = None) -> dict[str, torch.Tensor]:
     """One utterance's prompt inputs [1, ...] from a processor that takes the audio inside the chat turn
-    (``Family.audio_in_chat``, Voxtral's): the waveform handed over as a 16-bit WAV file (base64), as its
-    tokenizer reads audio, at the feature extractor's rate."""
+    (``Family.audio_in_chat``, Voxtral's): the waveform handed over as a WAV file of float samples (base64),
+    as its tokenizer reads audio, at the feature extractor's rate."""
     import base64
     import io
 
@@ -370,7 +370,7 @@ def request_row(model, processor, wave, prompt: Prompt | None = None) -> dict[st
         row = family_of(model).transcription_request(model, processor, wave, language)
     except (ValueError, TypeError, KeyError) as err:
         what = f"--language {language}" if language else "its transcription request"
-        raise ComflpError(f"{model.config.model_type}: {what}: {str(err).strip().splitlines()[0]}") from None
+        raise ComflpError(f"{model.config.model_type}: {what}: {first_line(err)}") from None
     return {key: torch.as_tensor(value) for key, value in row.items()}
 
 

@@ -108,9 +108,10 @@ class _QuietAction(argparse.Action):
         import os
 
         setattr(namespace, self.dest, True)
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
         if "transformers" in sys.modules:  # imported already (a command run in-process): tell it directly
             sys.modules["transformers"].utils.logging.disable_progress_bar()
+        else:  # read when transformers is imported (importing it here would slow a coarse-only search)
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def add_quiet(p: argparse.ArgumentParser, help: str = "no progress bars") -> None:

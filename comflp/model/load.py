@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, PreTrainedModel
 from transformers import Wav2Vec2ForCTC
 
-from ..errors import ComflpError
+from ..errors import ComflpError, first_line
 from ..paths import DEMO_MODEL_DIR, missing_local_path
 from .families import base_model, encoder_config, family_of, family_of_config, stack_config
 from .frames import default_feature_extractor
@@ -110,11 +110,6 @@ def has_layernorm_head(source: str) -> bool:
     return set(LAYERNORM_HEAD_KEYS) <= _weight_keys(source)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _weights_error(source: str, err: BaseException) -> ComflpError:
     """One line for weights that cannot be read: corrupt safetensors, or a pickle the safe loader refuses."""
     import pickle
@@ -122,7 +117,7 @@ def _weights_error(source: str, err: BaseException) -> ComflpError:
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
         return ComflpError(f"the weights in {source} are a pickle that the safe loader refuses for safety "
                            "(torch.load weights_only=True); convert them to safetensors from a trusted copy")
-    return ComflpError(f"cannot read the weights in {source}: {_first_line(err)} (corrupt or truncated file?)")
+    return ComflpError(f"cannot read the weights in {source}: {first_line(err)} (corrupt or truncated file?)")
 
 
 def _check_window(model: PreTrainedModel, fe, source: str) -> None:
@@ -156,7 +151,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ComflpError(f"cannot load model config from {source}: {_first_line(err)}") from None
+        raise ComflpError(f"cannot load model config from {source}: {first_line(err)}") from None
     family = family_of_config(config)
     if "decoder" in family.stacks and not allow_encoder_decoder:
         raise ComflpError(f"{source} is an encoder-decoder model ({config.model_type}): this step handles CTC "
@@ -172,7 +167,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
         raise
     except (OSError, ValueError) as err:
         raise ComflpError(f"cannot load {'CTC model' if 'decoder' not in family.stacks else 'model'} from {source}: "
-                          f"{_first_line(err)}") from None
+                          f"{first_line(err)}") from None
     except Exception as err:  # safetensors and pickle raise their own types for bad files
         raise _weights_error(source, err) from None
     _check_weights_match_config(model, info, source)
@@ -189,7 +184,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
         fe = None
         if need_features and family.kind != "speechllm":  # a speech-LLM's processor says it below
             raise ComflpError(f"{source}: its feature extractor needs a library that is not installed "
-                              f"({_first_line(err)})") from None
+                              f"({first_line(err)})") from None
     if family.kind == "speechllm":  # its processor builds the prompt around the audio and decodes the text
         try:
             tok = _processor(source)
@@ -213,7 +208,7 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
             fe = default_feature_extractor(model)
         except ImportError as err:
             raise ComflpError(f"{source} has no preprocessor_config.json, and the family's default feature "
-                              f"extractor needs a library that is not installed ({_first_line(err)})") from None
+                              f"extractor needs a library that is not installed ({first_line(err)})") from None
         log.warning("%s has no preprocessor_config.json: using the family's default feature extractor (%s, "
                     "16 kHz); save the right one beside the model to silence this", source, type(fe).__name__)
     if fe is not None and need_features:  # commands that only touch weights do not feed it
@@ -230,9 +225,8 @@ def _processor(source: str):
     try:
         processor = AutoProcessor.from_pretrained(source)
     except ImportError as err:  # e.g. Voxtral's tokenizer is mistral_common's, an optional library
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ComflpError(f"{source}: its processor needs a library that is not installed ({first}); Voxtral's: "
-                          "pip install 'comflp[voxtral]' (mistral_common)") from None
+        raise ComflpError(f"{source}: its processor needs a library that is not installed ({first_line(err)}); "
+                          "Voxtral's: pip install 'comflp[voxtral]' (mistral_common)") from None
     except (OSError, ValueError, TypeError, KeyError):
         return None
     if not hasattr(processor, "tokenizer"):
