@@ -701,3 +701,17 @@ def _english_tokenizer():
     from comflp.demo.recipes import build_whisper_processor
 
     return build_whisper_processor("abcdefghi")[1]
+
+
+def test_a_whisper_saved_without_its_tokenizer_is_refused_in_one_line(tmp_path: Path) -> None:
+    """transformers 5 builds an empty WhisperTokenizer when no tokenizer file is there: every transcript would
+    be empty and score 100%, exit 0. comflp refuses it in one line, writing nothing."""
+    from conftest import make_corpus, run_comflp
+
+    model_dir = _whisper_dir(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json"):
+        (model_dir / name).unlink(missing_ok=True)
+    result = run_comflp("test", "--model", str(model_dir), "--data_dir", str(make_corpus(tmp_path / "corpus", n=2)),
+                        "--output_dir", str(tmp_path / "t"))
+    assert result.returncode == 2 and "has no tokenizer" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not (tmp_path / "t").exists()

@@ -201,8 +201,16 @@ def load_model(source: str | os.PathLike = DEMO_MODEL_DIR, *, device: str | torc
             tok = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError):
             tok = None
+        outputs = getattr(model.config, "vocab_size", None)
+        if tok is not None and isinstance(outputs, int) and len(tok) < outputs / 2:
+            # transformers 5 builds an empty tokenizer of the config's class when no tokenizer file is there:
+            # every token would decode to nothing (a 100% error rate that looks like a result)
+            log.warning("%s: its tokenizer knows %d tokens for the model's %d outputs: no tokenizer files?",
+                        source, len(tok), outputs)
+            tok = None
         if tok is None and need_tokenizer:
-            raise ComflpError(f"{source} has no tokenizer (vocab.json); decoding needs one")
+            raise ComflpError(f"{source} has no tokenizer (vocab.json or tokenizer.json) for its {outputs} outputs; "
+                              "decoding needs one")
     if fe is None and need_features:
         try:
             fe = default_feature_extractor(model)
