@@ -480,8 +480,11 @@ def test_a_speech_llm_without_its_processor_or_with_a_broken_template_is_named_i
     tiny_speech_llm("granite_speech").save_pretrained(tmp_path / "granite")
     broken = qwen2_audio_dir(tmp_path)
     (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] ", encoding="utf-8")
+    corrupt = speech_llm_dir(tmp_path, "voxtral")
+    (corrupt / "tekken.json").write_text('{"config": {', encoding="utf-8")  # a truncated tokenizer file
     for model, message in ((tmp_path / "bare", "has no processor"), (tmp_path / "granite", "has no processor"),
-                           (broken, "chat template cannot render an audio turn (TemplateSyntaxError")):
+                           (broken, "chat template cannot render an audio turn (TemplateSyntaxError"),
+                           (corrupt, "cannot load its processor (JSONDecodeError")):
         result = run_comflp("test", "--model", str(model), "--data_dir", str(corpus),
                             "--output_dir", str(tmp_path / "t"))
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

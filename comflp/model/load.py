@@ -235,7 +235,9 @@ def _processor(source: str):
     except ImportError as err:  # e.g. Voxtral's tokenizer is mistral_common's, an optional library
         raise ComflpError(f"{source}: its processor needs a library that is not installed ({first_line(err)}); "
                           "Voxtral's: pip install 'comflp[voxtral]' (mistral_common)") from None
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        if (Path(source) / "processor_config.json").is_file():  # there, but unreadable: say why
+            raise ComflpError(f"{source}: cannot load its processor ({type(err).__name__}: {first_line(err)})") from None
         return None
     if not hasattr(processor, "tokenizer"):
         return None
