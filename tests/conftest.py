@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig, HubertForCTC, LasrCTCConfig,
                           LasrFeatureExtractor, LasrForCTC, LasrTokenizer, ParakeetCTCConfig,
@@ -17,6 +19,13 @@ from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, HubertConfig
                           UniSpeechSatConfig, UniSpeechSatForCTC, Wav2Vec2BertConfig, Wav2Vec2BertForCTC,
                           Wav2Vec2Config, Wav2Vec2ConformerConfig, Wav2Vec2ConformerForCTC, Wav2Vec2CTCTokenizer,
                           Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, WavLMConfig, WavLMForCTC)
+
+# dcor (the reference for DC) compiles its numba functions on its first import and caches them beside its own
+# sources: two pytest-xdist workers compiling at once in a fresh environment (CI's) wrote an inconsistent cache,
+# after which every import aborted ("LLVM ERROR: Symbol not found") and no test ran. One worker at a time
+# imports it here; the others then load what it cached.
+with FileLock(Path(tempfile.gettempdir()) / "comflp-tests-dcor-import.lock"):
+    import dcor  # noqa: F401
 
 TINY_VOCAB = ["<pad>", "<unk>", "|", "你", "好", "世", "界", "我", "们", "是", "的", "人"]
 
